@@ -1,0 +1,70 @@
+"""Shared config pieces: model size presets and `parse_arg`. Imports only ml_collections.
+
+Model presets are the keyword arguments of `mplug_jax.models.mplug.MPLUG`.
+"""
+import ml_collections
+
+# Fields shared by every preset (official BERT/CLIP constants).
+_COMMON = dict(
+    vocab_size=30522,
+    max_len=512,
+    type_vocab_size=2,
+    embed_dim=256,
+    dtype="float32",
+    param_dtype="float32",
+    remat_policy="none",
+    scan_layers=False,
+    attention_impl="xla",
+)
+
+MODEL_PRESETS = {
+    # Official mPLUG-B/16 (config_bert_stride3.json + ViT-B-16): 6 running fusion layers, stride 3.
+    "base": dict(
+        hidden_size=768, num_heads=12, mlp_dim=3072, text_layers=6, fusion_layers=6,
+        fusion_stride=3, fusion_layout="skip", decoder_layers=12, image_size=256,
+        patch_size=16, vision_width=768, vision_layers=12, vision_heads=12),
+    # Official mPLUG-L/14 (config_bert.json + ViT-L-14): stride 6 (no connected layer), visn_fc.
+    "large": dict(
+        hidden_size=768, num_heads=12, mlp_dim=3072, text_layers=6, fusion_layers=6,
+        fusion_stride=6, fusion_layout="skip", decoder_layers=12, image_size=224,
+        patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16),
+    # A few-MB model for CPU tests and the README main job.
+    "tiny": dict(
+        hidden_size=64, num_heads=2, mlp_dim=256, text_layers=2, fusion_layers=3,
+        fusion_stride=2, fusion_layout="skip", decoder_layers=2, image_size=64,
+        patch_size=16, vision_width=64, vision_layers=2, vision_heads=2, embed_dim=32),
+}
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+    """The MPLUG keyword arguments of a preset ('tiny', 'base', 'large')."""
+    if variant not in MODEL_PRESETS:
+        raise ValueError(f"unknown model variant {variant!r}; valid: {sorted(MODEL_PRESETS)}")
+    return ml_collections.ConfigDict({**_COMMON, **MODEL_PRESETS[variant]})
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+    """Parse a config argument: a bare value sets `variant`, `key=value` pairs the rest.
+
+    Example: ``"tiny,mode=smoke"`` -> variant='tiny', mode='smoke'. Values are converted to
+    the type of their default (bool/int/float/str).
+    """
+    out = dict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        if "=" in part:
+            key, value = part.split("=", 1)
+        else:
+            key, value = "variant", part
+        if key not in out:
+            raise ValueError(f"unknown config argument {key!r}; valid: {sorted(out)}")
+        default = out[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{key} must be true/false, got {value!r}")
+            value = value.lower() in ("true", "1")
+        elif isinstance(default, int):
+            value = int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        out[key] = value
+    return ml_collections.ConfigDict(out)

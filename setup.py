@@ -1,0 +1,37 @@
+"""mplug-jax: mPLUG / mPLUG-2 vision-language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mplug-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of mPLUG (cross-modal skip-connections) and mPLUG-2",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mplug_jax", "mplug_jax.*"]),
+    package_data={"mplug_jax": ["assets/*"]},
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "ml-collections>=1.0",
+        "einops>=0.8",
+        "numpy>=1.26",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.6",
+        "scikit-image>=0.22",
+    ],
+    extras_require={
+        # torch: only for .pth import/export and parity tests; 2.13.0 is the CPU wheel we test with.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40"],
+    },
+    entry_points={"console_scripts": ["mplug-jax=mplug_jax.cli:main"]},
+)

@@ -1,0 +1,34 @@
+"""Shared test setup: 8 fake CPU devices (set once, before JAX initialises) and fixtures."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+def fixture_dirs():
+    """Every official parity fixture folder under ../shared/fixtures (empty if absent)."""
+    if not FIXTURES.is_dir():
+        return []
+    return sorted(p for p in FIXTURES.iterdir() if (p / "expected.npz").is_file())
+
+
+@pytest.fixture
+def rng():
+    return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    assert len(jax.devices()) == 8, "tests expect 8 fake CPU devices"
+    return jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))
