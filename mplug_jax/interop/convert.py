@@ -1,0 +1,129 @@
+"""High-level conversion: official files -> (model, params) and our checkpoints <-> official."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from mplug_jax import params as P
+from mplug_jax.interop import official
+from mplug_jax.models.mplug import MPLUG
+
+
+@dataclasses.dataclass
+class Converted:
+    """An official checkpoint loaded into our model."""
+    model: MPLUG
+    model_cfg: dict
+    start_layer: int
+    params: Any            # boxed param tree in the model's layout
+    momentum: Any | None   # boxed tree or None when the checkpoint has no `*_m` copies
+    extras: dict[str, np.ndarray]
+    missing: list[str]
+    notes: list[str]
+
+
+def read_official_configs(config_bert: str, config_yaml: str | None) -> tuple[dict, dict]:
+    """Read official config_bert.json and task yaml (yaml optional: image_res then required
+    via overrides)."""
+    with open(config_bert) as f:
+        bert = json.load(f)
+    cfg_yaml = {}
+    if config_yaml:
+        with open(config_yaml) as f:
+            cfg_yaml = yaml.safe_load(f) or {}
+    return bert, cfg_yaml
+
+
+def load_official(checkpoint: str, config_bert: str, config_yaml: str | None = None,
+                  overrides: dict | None = None, seed: int = 0,
+                  allow_missing: str | None = official.HEADS_ABSENT_IN_TASK_CHECKPOINTS
+                  ) -> Converted:
+    """Load an official `.pth`/`.safetensors` with its config files into our model.
+
+    Params absent from the checkpoint and allowed by `allow_missing` keep their fresh init
+    (seeded) and are listed in `missing`.
+    """
+    state = official.load_state_dict(checkpoint)
+    bert, cfg_yaml = read_official_configs(config_bert, config_yaml)
+    if "image_res" not in cfg_yaml and not (overrides and "image_size" in overrides):
+        raise official.CheckpointError("image resolution unknown: pass the task yaml "
+                                       "(image_res) or override image_size")
+    cfg_yaml.setdefault("image_res", (overrides or {}).get("image_size"))
+    model_cfg, start = official.config_from_official(bert, cfg_yaml, state)
+    model_cfg.update(overrides or {})
+    model = MPLUG.from_config(model_cfg)
+    loop_model = model.clone(scan_layers=False)
+    shapes = {k: v.shape for k, v in P.flatten(P.abstract_params(loop_model)).items()}
+    imp = official.import_state_dict(state, model_cfg, start, shapes, allow_missing)
+    init = P.init_params(model, jax.random.PRNGKey(seed))
+    params = P.merge_into(init, P.to_model_layout(imp.params, model))
+    momentum = None
+    if imp.momentum:
+        mom_flat = dict(P.flatten(params))
+        mom_flat.update(P.to_model_layout(imp.momentum, model))
+        momentum = P.merge_into(init, mom_flat)
+    return Converted(model, model_cfg, start, params, momentum, imp.extras, imp.missing,
+                     imp.notes)
+
+
+def export_official(params: Any, model: MPLUG, momentum: Any | None = None,
+                    extras: dict | None = None, start_layer: int = 0) -> dict[str, np.ndarray]:
+    """Our (boxed or plain) params -> official state dict (numpy)."""
+    def loop_flat(tree):
+        flat = {k: np.asarray(jax.device_get(v)) for k, v in P.flatten(tree).items()}
+        return P.scan_to_loop(flat) if model.scan_layers else flat
+    cfg = {f.name: getattr(model, f.name) for f in dataclasses.fields(MPLUG)
+           if f.name not in ("parent", "name")}
+    mom = loop_flat(momentum) if momentum is not None else None
+    return official.export_state_dict(loop_flat(params), cfg, start_layer, mom, extras)
+
+
+def model_kwargs(model: MPLUG) -> dict:
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(MPLUG)
+            if f.name not in ("parent", "name")}
+
+
+def save_converted(conv: Converted, out_dir: str) -> None:
+    """Write an orbax checkpoint directory: params (+ momentum), model config, extras."""
+    import orbax.checkpoint as ocp
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    tree = {"params": P.flatten(conv.params)}
+    if conv.momentum is not None:
+        tree["momentum"] = P.flatten(conv.momentum)
+    tree = jax.tree.map(np.asarray, tree)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, "state"), tree, force=True)
+    with open(os.path.join(out_dir, "mplug_config.json"), "w") as f:
+        json.dump({"model": model_kwargs(conv.model), "start_layer": conv.start_layer,
+                   "missing_from_official": conv.missing, "notes": conv.notes}, f, indent=2)
+    if conv.extras:
+        official.save_state_dict(conv.extras, os.path.join(out_dir, "official_extras.safetensors"))
+
+
+def load_converted(ckpt_dir: str) -> Converted:
+    """Read a directory written by `save_converted`."""
+    import orbax.checkpoint as ocp
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    meta_path = os.path.join(ckpt_dir, "mplug_config.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{ckpt_dir} is not an mplug-jax converted checkpoint "
+                                "(no mplug_config.json)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    model = MPLUG.from_config(meta["model"])
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(os.path.join(ckpt_dir, "state"))
+    init = P.init_params(model, jax.random.PRNGKey(0))
+    params = P.merge_into(init, tree["params"])
+    momentum = P.merge_into(init, tree["momentum"]) if "momentum" in tree else None
+    extras_path = os.path.join(ckpt_dir, "official_extras.safetensors")
+    extras = official.load_state_dict(extras_path) if os.path.isfile(extras_path) else {}
+    return Converted(model, meta["model"], meta["start_layer"], params, momentum, extras,
+                     meta.get("missing_from_official", []), meta.get("notes", []))

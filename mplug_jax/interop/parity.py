@@ -1,0 +1,155 @@
+"""Official-fixture parity check (`mplug-jax parity --fixture DIR`).
+
+A fixture (see ../shared/fixtures/FORMAT.md) holds official configs, an official state dict,
+raw images and strings, the official preprocessing results and the official model outputs.
+We load it through the real import path, re-run tokenisation and image preprocessing, run our
+model in float32 with the highest matmul precision, and compare every expected array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mplug_jax.data import text as text_norm
+from mplug_jax.data.tokenizer import get_tokenizer
+from mplug_jax.data.transforms import load_image
+from mplug_jax.interop.convert import load_official
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    shape: tuple
+    max_err: float
+    tol: float
+    ok: bool
+    note: str = ""
+
+
+def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next-token NLL float32[N, L-1] of logits[:, :-1] vs labels[:, 1:] and its validity mask
+    (labels of -100 are ignored, as the official loss)."""
+    targets = labels[:, 1:]
+    valid = targets != -100
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    return jnp.where(valid, nll, 0.0), valid
+
+
+def official_forward(model, params, inputs: dict, task: str) -> dict[str, np.ndarray]:
+    """The official eval-mode forward (FORMAT.md section 5) on fixture inputs."""
+    image = jnp.asarray(inputs["image"]).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    ids, mask = jnp.asarray(inputs["text_input_ids"], jnp.int32), jnp.asarray(
+        inputs["text_attention_mask"], jnp.int32)
+    tgt, tgt_mask = jnp.asarray(inputs["target_input_ids"], jnp.int32), jnp.asarray(
+        inputs["target_attention_mask"], jnp.int32)
+    labels = jnp.asarray(inputs["target_labels"], jnp.int32)
+    v = {"params": params}
+    out = {}
+    ln_post = model.apply(v, image, method=lambda m, x: m.vision(x))
+    img = model.apply(v, image, method="encode_image")
+    if model.has_visn_fc:
+        out["visual_ln_post"] = ln_post
+    txt = model.apply(v, ids, mask, method="encode_text")
+    f_img, f_txt = model.apply(v, img, txt, mask, method="fuse")
+    out.update(image_embeds=img, text_embeds=txt, fusion_image=f_img, fusion_text=f_txt)
+    if task == "vqa":
+        rows = np.repeat(np.arange(img.shape[0]), np.asarray(inputs["k"]))
+        states = jnp.concatenate([f_img, f_txt], 1)[rows]
+        states_mask = jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask], 1)[rows]
+    elif task == "caption":
+        states, states_mask = img, jnp.ones(img.shape[:2], jnp.int32)
+    else:
+        raise ValueError(f"unknown fixture task {task!r} (expected 'vqa' or 'caption')")
+    logits = model.apply(v, tgt, tgt_mask, states, states_mask, method="decode")
+    nll, valid = token_nll(logits, labels)
+    out["decoder_logits"] = logits
+    if task == "vqa":
+        answer_nll = nll.sum(1)
+        out["answer_nll"] = answer_nll
+        out["loss"] = (jnp.asarray(inputs["weights"]) * answer_nll).sum() / img.shape[0]
+    else:
+        out["loss"] = nll.sum() / valid.sum()
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _check_text(fx: str, meta_text: dict) -> list[Row]:
+    tok = get_tokenizer()
+    rows = []
+    calls = meta_text.get("tokenizer_calls", {})
+    for group, items in meta_text.items():
+        if not isinstance(items, list) or not items or "input_ids" not in items[0]:
+            continue
+        call = calls.get(group.rstrip("s"), "")
+        m = re.search(r"max_length=(\d+)", call)
+        max_len = int(m.group(1)) if m else None
+        bad = 0
+        for it in items:
+            ids, _ = tok.encode([it["fed_to_tokenizer"]], max_length=max_len)
+            bad += ids[0].tolist() != it["input_ids"]
+            if "pre_question" in it:
+                bad += text_norm.pre_question(it["raw"]) != it["pre_question"]
+                if "input_ids_of_pre_question" in it:
+                    ids, _ = tok.encode([it["pre_question"]], max_length=max_len)
+                    bad += ids[0].tolist() != it["input_ids_of_pre_question"]
+            if "pre_caption" in it:
+                bad += text_norm.pre_caption(it["raw"]) != it["pre_caption"]
+                if "input_ids_of_pre_caption_plus_eos" in it:
+                    ids, _ = tok.encode([it["pre_caption"] + "[SEP]"], max_length=max_len)
+                    bad += ids[0].tolist() != it["input_ids_of_pre_caption_plus_eos"]
+        rows.append(Row(f"tokenizer:{group}", (len(items),), float(bad), 0.0, bad == 0,
+                        "mismatching strings"))
+    return rows
+
+
+def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
+    """Run every check of a fixture folder; returns one Row per compared output."""
+    def path(*p):
+        return os.path.join(fixture, *p)
+    with open(path("meta.json")) as f:
+        meta = json.load(f)
+    inputs = dict(np.load(path("inputs.npz")))
+    expected = dict(np.load(path("expected.npz")))
+    with open(path("text.json")) as f:
+        rows = _check_text(fixture, json.load(f))
+
+    res = inputs["image"].shape[-1]
+    images = meta.get("images") or [{"file": f"images/{n}"} for n in
+                                     sorted(os.listdir(path("images")))]
+    errs = [np.abs(load_image(path(e["file"]), res).transpose(2, 0, 1) - inputs["image"][i]).max()
+            for i, e in enumerate(images[: inputs["image"].shape[0]])]
+    rows.append(Row("preprocess:image", tuple(inputs["image"].shape), float(max(errs)),
+                    image_atol, max(errs) <= image_atol))
+
+    cfg_yaml = path("config.yaml") if os.path.isfile(path("config.yaml")) else None
+    conv = load_official(path("model.safetensors"), path("config_bert.json"), cfg_yaml)
+    with jax.default_matmul_precision("highest"):
+        got = official_forward(conv.model, conv.params, inputs, meta.get("task", "vqa"))
+    tols = meta["float64_check"]["suggested_atol"]
+    for name, want in expected.items():
+        tol = float(tols.get(name, 1e-5))
+        if name not in got:
+            rows.append(Row(name, tuple(want.shape), float("inf"), tol, False, "not computed"))
+            continue
+        g = got[name]
+        if g.shape != want.shape:
+            rows.append(Row(name, tuple(want.shape), float("inf"), tol, False,
+                            f"shape {g.shape}"))
+            continue
+        err = float(np.abs(g.astype(np.float64) - want).max()) if want.size else 0.0
+        rows.append(Row(name, tuple(want.shape), err, tol, bool(err <= tol)))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'output':<22} {'shape':<20} {'max abs err':>12} {'tolerance':>10}  ok"]
+    for r in rows:
+        lines.append(f"{r.name:<22} {str(r.shape):<20} {r.max_err:>12.3g} {r.tol:>10.3g}  "
+                     f"{'yes' if r.ok else 'NO ' + r.note}")
+    return "\n".join(lines)

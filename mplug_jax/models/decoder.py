@@ -1,0 +1,68 @@
+"""Prefix-LM text decoder (official `BertLMHeadModel` / `BertPrefixModel`).
+
+BERT embeddings -> layers of [causal self-attention -> cross-attention to encoder states -> FFN]
+-> LM head: LN(gelu(dense(h)), eps 1e-12) @ word_embeddings^T + bias (output tied to the
+decoder's own word embeddings).
+Call: ids int32[B, L], mask int[B, L], states float[B, S, D], states_mask int[B, S]
+-> logits float32[B, L, V] (position t predicts token t + 1).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mplug_jax.models import layers
+from mplug_jax.models.bert import BertStack, Embeddings, check_text
+from mplug_jax.models.layers import Dtype
+
+
+class TextDecoder(nn.Module):
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    depth: int = 12
+    max_len: int = 512
+    type_vocab_size: int = 2
+    eps: float = 1e-12
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embeddings = Embeddings(self.vocab_size, self.hidden_size, self.max_len,
+                                     self.type_vocab_size, self.eps, self.dropout_rate,
+                                     self.deterministic, **kw)
+        self.decoder = BertStack(self.num_heads, self.mlp_dim, self.depth, True, self.eps,
+                                 self.dropout_rate, self.deterministic, self.attention_impl,
+                                 self.remat_policy, self.scan_layers, **kw)
+        self.lm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), name="lm_transform",
+                                         **kw)
+        self.lm_ln = layers.layer_norm(self.eps, name="lm_ln", **kw)
+        self.lm_bias = self.param("lm_bias", layers.partitioned(nn.initializers.zeros,
+                                                                ("vocab",)),
+                                  (self.vocab_size,), self.param_dtype)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array, states: jax.Array,
+                 states_mask: jax.Array) -> jax.Array:
+        return self.lm_logits(self.hidden(ids, mask, states, states_mask))
+
+    def hidden(self, ids, mask, states, states_mask) -> jax.Array:
+        """Decoder states float[B, L, D] before the LM head."""
+        check_text(ids, mask)
+        if states.shape[:2] != states_mask.shape or states.shape[0] != ids.shape[0]:
+            raise ValueError(f"decoder states {tuple(states.shape)} / mask "
+                             f"{tuple(states_mask.shape)} do not match ids {tuple(ids.shape)}")
+        return self.decoder(self.embeddings(ids), layers.causal_padding_mask(mask), states,
+                            layers.padding_mask(states_mask))
+
+    def lm_logits(self, h: jax.Array) -> jax.Array:
+        """float[B, L, D] -> float32[B, L, V]."""
+        h = self.lm_ln(layers.gelu(self.lm_transform(h)))
+        return self.embeddings.attend(h) + self.lm_bias.astype(jnp.float32)

@@ -1,0 +1,178 @@
+"""MPLUG: visual encoder + text encoder + skip-connected fusion + prefix-LM decoder + heads.
+
+Mirrors the official `models/model_*_mplug.py` MPLUG classes. Stages are methods so every task
+uses the same module:
+  encode_image  float32[B, R, R, 3] -> img float[B, N, D]   (CLIP ViT; large: + visn_fc + LN)
+  encode_text   ids/mask int32[B, L] -> txt float[B, L, D]
+  fuse          (img, txt, txt_mask) -> (img float[B, N, D], txt float[B, L, D])
+  decode        (ids, mask, states float[B, S, D], states_mask) -> logits float32[B, L, V]
+  itc_project   (img_cls, txt_cls) -> L2-normalised float32[B, E] pair
+  itm_logits    fused text [CLS] float[B, D] -> float32[B, 2]
+  mlm_logits    fused text float[B, L, D] -> float32[B, L, V] (tied to the text embeddings)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mplug_jax.models import layers
+from mplug_jax.models.bert import TextEncoder
+from mplug_jax.models.decoder import TextDecoder
+from mplug_jax.models.fusion import FusionEncoder, fusion_pattern
+from mplug_jax.models.vit import VisionEncoder
+
+
+class MPLUG(nn.Module):
+    """The mPLUG network. Fields are the model config (configs/common.py presets)."""
+    # Text / BERT (shared by text encoder, fusion and decoder, as the official config_bert.json).
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    max_len: int = 512
+    type_vocab_size: int = 2
+    text_layers: int = 6
+    fusion_layers: int = 6
+    fusion_stride: int = 3
+    fusion_layout: str = "skip"
+    decoder_layers: int = 12
+    text_ln_eps: float = 1e-12
+    # Vision / CLIP.
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_ln_eps: float = 1e-5
+    # Heads.
+    embed_dim: int = 256
+    temp_init: float = 0.07
+    # Numerics and memory.
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    attention_impl: str = "xla"
+    deterministic: bool = True
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "MPLUG":
+        """Build from a mapping of fields; unknown keys or bad values give a readable error."""
+        kwargs = {**dict(cfg), **overrides}
+        valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(valid)}")
+        model = cls(**kwargs)
+        model.validate()
+        return model
+
+    def validate(self) -> None:
+        """Check the config before any tracing; raises ValueError naming the bad field."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid model config: {msg}")
+        need(self.hidden_size % self.num_heads == 0,
+             f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        need(self.vision_width % self.vision_heads == 0,
+             f"vision_width {self.vision_width} not divisible by vision_heads "
+             f"{self.vision_heads}")
+        need(self.image_size % self.patch_size == 0,
+             f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        need(self.remat_policy in layers.REMAT_POLICIES,
+             f"remat_policy {self.remat_policy!r} not in {sorted(layers.REMAT_POLICIES)}")
+        need(self.attention_impl in ("xla", "cudnn", "auto"),
+             f"attention_impl {self.attention_impl!r} not in ('xla', 'cudnn', 'auto')")
+        for f in ("dtype", "param_dtype"):
+            need(getattr(self, f) in ("float32", "bfloat16", "float16"),
+                 f"{f} {getattr(self, f)!r} not in ('float32', 'bfloat16', 'float16')")
+        fusion_pattern(self.fusion_layout, self.fusion_layers, self.fusion_stride)
+
+    @property
+    def pattern(self) -> str:
+        return fusion_pattern(self.fusion_layout, self.fusion_layers, self.fusion_stride)
+
+    @property
+    def has_visn_fc(self) -> bool:
+        """Official rule: a vision width different from the text width means the large model."""
+        return self.vision_width != self.hidden_size
+
+    def setup(self):
+        dt, pdt = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+        common = dict(dropout_rate=self.dropout_rate, deterministic=self.deterministic,
+                      attention_impl=self.attention_impl, remat_policy=self.remat_policy,
+                      dtype=dt, param_dtype=pdt)
+        bert = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len,
+                    type_vocab_size=self.type_vocab_size, eps=self.text_ln_eps,
+                    scan_layers=self.scan_layers, **common)
+        self.vision = VisionEncoder(self.image_size, self.patch_size, self.vision_width,
+                                    self.vision_layers, self.vision_heads, self.vision_ln_eps,
+                                    scan_layers=self.scan_layers, **common)
+        if self.has_visn_fc:
+            self.visn_fc = layers.dense(self.hidden_size, ("mlp", "embed"), dt, pdt, "visn_fc")
+            self.visn_ln = layers.layer_norm(1e-12, dt, pdt, "visn_ln")  # official eps 1e-12
+        self.text = TextEncoder(depth=self.text_layers, **bert)
+        self.fusion = FusionEncoder(self.pattern, self.num_heads, self.mlp_dim, self.text_ln_eps,
+                                    **common)
+        self.decoder = TextDecoder(depth=self.decoder_layers, **bert)
+        self.vision_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "vision_proj")
+        self.text_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "text_proj")
+        self.itm_head = layers.dense(2, ("embed", None), dt, pdt, "itm_head")
+        self.mlm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), dt, pdt,
+                                          "mlm_transform")
+        self.mlm_ln = layers.layer_norm(self.text_ln_eps, dt, pdt, "mlm_ln")
+        self.mlm_bias = self.param("mlm_bias", layers.partitioned(nn.initializers.zeros,
+                                                                  ("vocab",)),
+                                   (self.vocab_size,), pdt)
+        self.temp = self.param("temp", layers.partitioned(
+            nn.initializers.constant(self.temp_init), ()), (), pdt)
+
+    def __call__(self, image, text_ids, text_mask, dec_ids, dec_mask) -> dict:
+        """Full forward touching every parameter (used by `init`); VQA-style decoding over
+        [fused image; fused text]. Returns a dict of the stage outputs."""
+        img = self.encode_image(image)
+        txt = self.encode_text(text_ids, text_mask)
+        img_feat, txt_feat = self.itc_project(img[:, 0], txt[:, 0])
+        f_img, f_txt = self.fuse(img, txt, text_mask)
+        states = jnp.concatenate([f_img, f_txt], 1)
+        states_mask = jnp.concatenate([jnp.ones(f_img.shape[:2], text_mask.dtype), text_mask], 1)
+        return dict(image_embeds=img, text_embeds=txt, fusion_image=f_img, fusion_text=f_txt,
+                    img_feat=img_feat, txt_feat=txt_feat,
+                    itm_logits=self.itm_logits(f_txt[:, 0]), mlm_logits=self.mlm_logits(f_txt),
+                    decoder_logits=self.decode(dec_ids, dec_mask, states, states_mask),
+                    temp=self.temp)
+
+    def encode_image(self, image: jax.Array) -> jax.Array:
+        """float32[B, R, R, 3] -> float[B, N, D] (after visn_fc + LN for the large model)."""
+        x = self.vision(image)
+        if self.has_visn_fc:
+            x = self.visn_ln(self.visn_fc(x))
+        return x
+
+    def encode_text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.text(ids, mask)
+
+    def fuse(self, img: jax.Array, txt: jax.Array, txt_mask: jax.Array):
+        return self.fusion(img, txt, txt_mask)
+
+    def decode(self, ids, mask, states, states_mask) -> jax.Array:
+        return self.decoder(ids, mask, states, states_mask)
+
+    def itc_project(self, img_cls: jax.Array, txt_cls: jax.Array):
+        def norm(x):
+            x = x.astype(jnp.float32)
+            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return norm(self.vision_proj(img_cls)), norm(self.text_proj(txt_cls))
+
+    def itm_logits(self, fused_cls: jax.Array) -> jax.Array:
+        return self.itm_head(fused_cls).astype(jnp.float32)
+
+    def mlm_logits(self, fused_txt: jax.Array) -> jax.Array:
+        h = self.mlm_ln(layers.gelu(self.mlm_transform(fused_txt)))
+        return self.text.embeddings.attend(h) + self.mlm_bias.astype(jnp.float32)
+

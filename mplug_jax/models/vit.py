@@ -1,0 +1,113 @@
+"""CLIP ViT visual encoder (OpenAI `VisualTransformer`, `skip_last_layer=True`).
+
+image float32[B, R, R, 3] (channels last, CLIP-normalised) -> float[B, N, Wv], N = 1 + (R/P)^2,
+taken after `ln_post` (applied to every token), with no projection; LayerNorm eps 1e-5.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mplug_jax.models import layers
+from mplug_jax.models.layers import Dtype
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)) with QuickGELU and a 4x MLP."""
+    num_heads: int
+    eps: float = 1e-5
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.layer_norm(self.eps, name="ln_1", **kw)(x)
+        x = x + layers.Attention(self.num_heads, "self", self.dropout_rate, self.deterministic,
+                                 self.attention_impl, name="attn", **kw)(h)
+        h = layers.layer_norm(self.eps, name="ln_2", **kw)(x)
+        x = x + layers.Mlp(4 * x.shape[-1], layers.quick_gelu, name="mlp", **kw)(h)
+        return x, None
+
+
+class VisionEncoder(nn.Module):
+    """CLIP visual tower: patch conv (no bias) -> [CLS; patches] + posemb -> ln_pre -> blocks ->
+    ln_post. Call: float32[B, R, R, 3] -> float[B, 1 + (R/P)^2, width]."""
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    eps: float = 1e-5
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @nn.compact
+    def __call__(self, image: jax.Array) -> jax.Array:
+        if image.ndim != 4 or image.shape[-1] != 3:
+            raise ValueError(f"image must be float[B, H, W, 3] (channels last, RGB), got shape "
+                             f"{tuple(image.shape)}")
+        if image.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but the model expects "
+                             f"{self.image_size}x{self.image_size} (config image_size)")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Conv(self.width, (self.patch_size, self.patch_size),
+                    strides=(self.patch_size, self.patch_size), padding="VALID", use_bias=False,
+                    kernel_init=layers.partitioned(nn.initializers.normal(layers.INIT_STD),
+                                                   (None, None, None, "embed")),
+                    name="patch_embed", **kw)(image.astype(self.dtype))
+        b = x.shape[0]
+        x = x.reshape(b, -1, self.width)  # row-major patch order, as torch flatten(2)
+        scale = self.width ** -0.5
+        cls = self.param("cls_token", layers.partitioned(nn.initializers.normal(scale),
+                                                         ("embed",)),
+                         (self.width,), self.param_dtype)
+        pos = self.param("pos_embed", layers.partitioned(nn.initializers.normal(scale),
+                                                         (None, "embed")),
+                         (self.grid ** 2 + 1, self.width), self.param_dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
+        x = x + pos.astype(self.dtype)
+        x = layers.layer_norm(self.eps, name="ln_pre", **kw)(x)
+        block_kwargs = dict(num_heads=self.num_heads, eps=self.eps,
+                            dropout_rate=self.dropout_rate, deterministic=self.deterministic,
+                            attention_impl=self.attention_impl, **kw)
+        x = layers.layer_stack(ResidualBlock, self.depth, name="blocks", scan=self.scan_layers,
+                               remat_policy=self.remat_policy, block_kwargs=block_kwargs,
+                               x=x, args=())
+        return layers.layer_norm(self.eps, name="ln_post", **kw)(x)
+
+
+def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:
+    """Resize a CLIP positional embedding float[1 + G^2, W] to float[1 + new_grid^2, W].
+
+    The class row is kept; the G x G patch grid is resized bilinearly with half-pixel centres
+    and no antialiasing, as the official loader's `F.interpolate(mode='bilinear')`.
+    """
+    posemb = np.asarray(posemb)
+    n, width = posemb.shape
+    grid = int(round((n - 1) ** 0.5))
+    if grid * grid + 1 != n:
+        raise ValueError(f"positional embedding has {n} rows, not 1 + a square grid")
+    if grid == new_grid:
+        return posemb
+    patches = jnp.asarray(posemb[1:].reshape(grid, grid, width), jnp.float32)
+    resized = jax.image.scale_and_translate(
+        patches, (new_grid, new_grid, width), (0, 1),
+        jnp.array([new_grid / grid] * 2, jnp.float32), jnp.zeros(2, jnp.float32),
+        method="linear", antialias=False)
+    out = np.concatenate([posemb[:1], np.asarray(resized).reshape(-1, width)], 0)
+    return out.astype(posemb.dtype)
