@@ -31,4 +31,5 @@ def rng():
 @pytest.fixture(scope="session")
 def mesh8():
     assert len(jax.devices()) == 8, "tests expect 8 fake CPU devices"
-    return jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))
+    from mplug_jax.sharding import make_mesh
+    return make_mesh({"data": 8, "fsdp": 1, "tensor": 1})

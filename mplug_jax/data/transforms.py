@@ -1,11 +1,47 @@
-"""Image transforms matching the official torchvision pipelines (PIL bicubic, CLIP mean/std)."""
+"""Image decoding and transforms matching the official torchvision pipelines.
+
+Official `dataset/__init__.py`: PIL bicubic resizes and CLIP mean/std everywhere; training adds
+RandomResizedCrop -> RandomHorizontalFlip -> RandomAugment (see `randaugment.py`). All randomness
+comes from a ``np.random.Generator`` passed in, so a record's augmentation is a pure function of
+its seed. Outputs are channels last, ``float32[R, R, 3]``.
+
+`decode_image` is the one place that turns a record's ``image`` field (array, PIL image, encoded
+bytes or a path) into an RGB PIL image; every bad input raises :class:`BadRecord` with a reason
+from :data:`SKIP_REASONS`, which the pipeline counts and logs.
+"""
 from __future__ import annotations
 
+import io
+import math
+import os
+import warnings
+from typing import Any
+
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+
+# Why a record was skipped; pipeline and source skip counters use these keys.
+SKIP_REASONS = ("missing_file", "empty_file", "truncated", "bad_image", "too_large",
+                "bad_caption", "bad_record")
+# Decoded images above this many pixels are reduced (JPEG DCT scaling) or skipped.
+MAX_PIXELS = 64_000_000
+
+
+class DataError(RuntimeError):
+    """Input data is unusable as a whole (e.g. too many skipped records)."""
+
+
+class BadRecord(ValueError):
+    """One record cannot be used; `reason` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; valid: {SKIP_REASONS}")
+        super().__init__(message)
+        self.reason = reason
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -20,8 +56,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def normalize(img: Image.Image) -> np.ndarray:
-    """uint8 RGB PIL image -> float32[H, W, 3] in CLIP mean/std units."""
+def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
+    """uint8 RGB PIL image (or uint8[H, W, 3]) -> float32[H, W, 3] in CLIP mean/std units."""
     x = np.asarray(img, dtype=np.float32) / 255.0
     return (x - CLIP_MEAN) / CLIP_STD
 
@@ -42,3 +78,127 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     with Image.open(path) as img:
         img.load()
         return eval_transform(img, image_size)
+
+
+def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Turn a record's image field into a loaded 8-bit RGB PIL image.
+
+    Args:
+      image: uint8[H, W, 3] / uint8[H, W] array, PIL image, encoded bytes, or a file path.
+      max_pixels: larger JPEGs are decoded at a reduced scale (``Image.draft``, then
+        ``reduce``) to fit; other formats above it are rejected before decoding. Files above
+        PIL's own decompression-bomb limit are always rejected.
+    Returns:
+      An RGB PIL image (grayscale, palette, RGBA, CMYK and 16-bit inputs are converted).
+    Raises:
+      BadRecord: missing/empty/truncated/undecodable/too large input. Truncated files are
+        skipped on purpose: the official code sets ``LOAD_TRUNCATED_IMAGES`` and trains on the
+        gray-filled remainder, which is a process-wide PIL switch we do not flip.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+                image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
+            raise BadRecord("bad_image", f"unsupported array {image.dtype}{list(image.shape)}")
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        return to_rgb(Image.fromarray(image))
+    name = "<bytes>"
+    if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        try:
+            with open(name, "rb") as f:
+                image = f.read()
+        except FileNotFoundError as e:
+            raise BadRecord("missing_file", f"{name}: file not found") from e
+        except OSError as e:
+            raise BadRecord("missing_file", f"{name}: cannot read ({e})") from e
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise BadRecord("bad_record", f"image field of type {type(image).__name__}")
+    if len(image) == 0:
+        raise BadRecord("empty_file", f"{name}: zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(image))
+            w, h = img.size
+            if w * h > max_pixels and img.format != "JPEG":
+                raise BadRecord("too_large", f"{name}: {w}x{h} {img.format} image exceeds "
+                                             f"max_pixels={max_pixels}")
+            if w * h > max_pixels:
+                # DCT-domain downscale by the smallest power of 2 (at most 8) that fits.
+                factor = 1
+                while factor < 8 and (w // factor) * (h // factor) > max_pixels:
+                    factor *= 2
+                img.draft(img.mode, (math.ceil(w / factor), math.ceil(h / factor)))
+            img.load()
+            if img.size[0] * img.size[1] > max_pixels:
+                factor = math.ceil(math.sqrt(img.size[0] * img.size[1] / max_pixels))
+                img = img.reduce(factor)
+    except Image.DecompressionBombError as e:
+        raise BadRecord("too_large", f"{name}: {e}") from e
+    except UnidentifiedImageError as e:
+        raise BadRecord("bad_image", f"{name}: not a recognised image") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, BadRecord):
+            raise
+        reason = "truncated" if "truncated" in str(e).lower() else "bad_image"
+        raise BadRecord(reason, f"{name}: {e}") from e
+    return to_rgb(img)
+
+
+def resized_crop_params(width: int, height: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params: (top, left, h, w); 10 tries, then centre crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision RandomResizedCrop: crop by :func:`resized_crop_params`, bicubic resize."""
+    top, left, h, w = resized_crop_params(img.size[0], img.size[1], rng, scale, ratio)
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+
+
+def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator, *,
+                    crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
+                    randaug_n: int = 2, randaug_m: int = 7) -> np.ndarray:
+    """Official training transform: RandomResizedCrop -> flip p=0.5 -> RandAugment -> normalise.
+
+    Args:
+      img: any-mode PIL image.
+      image_size: output side R.
+      rng: the only source of randomness.
+      crop_scale: (0.2, 1.0) for pretraining, (0.5, 1.0) for fine-tuning (official).
+      hflip: apply the random horizontal flip.
+      randaug_n, randaug_m: RandAugment ops per image and magnitude (0 ops disables it).
+    Returns:
+      float32[R, R, 3] in CLIP mean/std units.
+    """
+    from mplug_jax.data import randaugment
+
+    img = random_resized_crop(to_rgb(img), image_size, rng, scale=tuple(crop_scale))
+    if hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return normalize(randaugment.rand_augment(np.asarray(img), rng, n=randaug_n, m=randaug_m))

@@ -73,11 +73,17 @@ def load_official(checkpoint: str, config_bert: str, config_yaml: str | None = N
 
 
 def export_official(params: Any, model: MPLUG, momentum: Any | None = None,
-                    extras: dict | None = None, start_layer: int = 0) -> dict[str, np.ndarray]:
-    """Our (boxed or plain) params -> official state dict (numpy)."""
+                    extras: dict | None = None, start_layer: int = 0,
+                    exclude: list[str] | tuple = ()) -> dict[str, np.ndarray]:
+    """Our (boxed or plain) params -> official state dict (numpy).
+
+    `exclude`: our param paths not to write (e.g. heads that were not in the imported
+    checkpoint, so that import -> export gives back exactly the original keys).
+    """
     def loop_flat(tree):
         flat = {k: np.asarray(jax.device_get(v)) for k, v in P.flatten(tree).items()}
-        return P.scan_to_loop(flat) if model.scan_layers else flat
+        flat = P.scan_to_loop(flat) if model.scan_layers else flat
+        return {k: v for k, v in flat.items() if k not in exclude}
     cfg = {f.name: getattr(model, f.name) for f in dataclasses.fields(MPLUG)
            if f.name not in ("parent", "name")}
     mom = loop_flat(momentum) if momentum is not None else None

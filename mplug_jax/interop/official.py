@@ -359,7 +359,7 @@ def export_state_dict(params: Mapping[str, np.ndarray], model_cfg: Mapping, star
             if any(k is None for k in keys):
                 continue
             for k, arr in zip(keys, e.to_official(np.asarray(src[e.ours]))):
-                out[k] = np.ascontiguousarray(arr)
+                out[k] = np.asarray(arr, order="C")
     out.update(_regenerated(params))
     if momentum:
         out.update(_regenerated(momentum, "_m"))
@@ -409,14 +409,14 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str) -> None:
     """Write `.safetensors`, or `.pth` ({"model": state_dict}, needs torch)."""
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+        save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path)
         return
     try:
         import torch
     except ImportError as err:
         raise CheckpointError("writing .pth needs torch (pip install 'mplug-jax[torch]'); "
                               "use a .safetensors path instead") from err
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v))
+    torch.save({"model": {k: torch.from_numpy(np.array(v, order="C"))
                           for k, v in state.items()}}, path)
 
 
@@ -455,6 +455,10 @@ def config_from_official(config_bert: Mapping, config_yaml: Mapping,
         vision_layers=layers,
         vision_heads=int(width) // 64,
     )
+    if "vision_proj.weight" in state:  # ITC projection width (yaml `embed_dim`, default 256)
+        cfg["embed_dim"] = int(state["vision_proj.weight"].shape[0])
+    elif "embed_dim" in config_yaml:
+        cfg["embed_dim"] = int(config_yaml["embed_dim"])
     if config_bert.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"hidden_act {config_bert['hidden_act']!r} is not supported "
                               "(official mPLUG uses exact 'gelu')")
@@ -486,5 +490,5 @@ def official_config_files(model_cfg: Mapping, start_layer: int = 0) -> tuple[dic
                               "equivalent (the official code only knows the stride rule)")
     yaml = {"image_res": c["image_size"], "vision_width": c["vision_width"],
             "clip_name": "ViT-B-16" if c["patch_size"] == 16 else "ViT-L-14",
-            "eos": "[SEP]", "bos": "[CLS]"}
+            "eos": "[SEP]", "bos": "[CLS]", "embed_dim": c["embed_dim"]}
     return bert, yaml

@@ -1,0 +1,151 @@
+"""`mplug-jax prepare`: official annotations + images -> TFDS array_record dataset (no TF).
+
+Library use::
+
+    report = prepare("vqa", ["vqa_train_ocr.json", "vg_qa.json"], "img_root/coco_2014",
+                     "data/tfds", roots={"vg": "img_root/visual_genome"})
+    sources = tfds_builders.load_prepared("data/tfds", "vqa")   # {'train': data source}
+
+CLI (the lead's `cli.py` only calls :func:`add_prepare_args` and :func:`run_prepare`)::
+
+    mplug-jax prepare --format vqa --annotations a.json b.json --image-root IMG --out DIR \
+        [--split train] [--root vg=VG_DIR] [--eval] [--max-pixels N] [--max-skip-rate R]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+from typing import Any, Sequence
+
+from mplug_jax.data import sources, tfds_builders, transforms
+
+logger = logging.getLogger(__name__)
+
+FORMATS = tuple(tfds_builders.BUILDERS)
+
+
+def _reader(format: str, annotations: list[str], image_root: str, *, train: bool,
+            roots: dict[str, str] | None, flickr: bool, max_skip_rate: float):
+    """Zero-argument reader of one split for the builder."""
+    kw: dict[str, Any] = {"max_skip_rate": max_skip_rate}
+    if format == "pretrain":
+        return functools.partial(sources.pretrain, annotations, image_root, **kw)
+    if format == "vqa":
+        all_roots = {"vqa": image_root, **(roots or {})}
+        return functools.partial(sources.vqa, annotations, all_roots, train=train, **kw)
+    if format == "coco_caption":
+        return functools.partial(sources.coco_caption, annotations, image_root, train=train, **kw)
+    if format == "retrieval":
+        return functools.partial(sources.retrieval, annotations, image_root, train=train, **kw)
+    single = {"grounding", "snli_ve"}
+    if format in single and len(annotations) != 1:
+        raise ValueError(f"{format} takes exactly one annotation file per split, "
+                         f"got {len(annotations)}")
+    if format == "grounding":
+        return functools.partial(sources.grounding, annotations[0], image_root, flickr=flickr,
+                                 **kw)
+    if format == "nlvr2":
+        return functools.partial(sources.nlvr2, annotations, image_root, **kw)
+    if format == "snli_ve":
+        return functools.partial(sources.snli_ve, annotations[0], image_root, **kw)
+    raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
+
+
+def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[str]],
+            image_root: str, out_dir: str, *, split: str = "train", train: bool | None = None,
+            roots: dict[str, str] | None = None, flickr: bool = False,
+            max_pixels: int = transforms.MAX_PIXELS, max_skip_rate: float = 0.05
+            ) -> dict[str, Any]:
+    """Build a TFDS array_record dataset from official annotation files.
+
+    Args:
+      format: one of :data:`FORMATS`.
+      annotations: file(s) of one split named `split`, or {split name: files}.
+      image_root: root joined to relative image paths (vqa: the 'vqa' root).
+      out_dir: TFDS data_dir; the dataset lands in ``out_dir/mplug_<format>/1.0.0``.
+      train: training-style records (one per caption/sentence, answer weights); default:
+        True for a split named 'train'.
+      roots: extra VQA roots by dataset tag, e.g. {'vg': ..., 'gqa': ...}.
+      flickr: grounding tuples in the flickr layout (file, x1y1x2y2, phrase).
+      max_pixels: image size guard (larger JPEGs are reduced, other formats skipped).
+      max_skip_rate: a split skipping more raises DataError and writes nothing.
+    Returns:
+      Report dict: format, path, and per split records written and skipped by reason.
+    """
+    if format not in tfds_builders.BUILDERS:
+        raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
+    if not isinstance(annotations, dict):
+        annotations = {split: annotations}
+    splits = {}
+    for name, files in annotations.items():
+        files = [files] if isinstance(files, str) else list(files)
+        is_train = (name == "train") if train is None else train
+        splits[name] = _reader(format, files, image_root, train=is_train, roots=roots,
+                               flickr=flickr, max_skip_rate=max_skip_rate)
+    builder = tfds_builders.BUILDERS[format](
+        data_dir=out_dir, splits=splits, max_pixels=max_pixels, max_skip_rate=max_skip_rate)
+    builder.download_and_prepare()
+    report = {"format": format, "path": tfds_builders.dataset_dir(out_dir, format), "splits": {
+        name: {"written": builder.written.get(name, 0),
+               "skipped": {k: v for k, v in builder.skipped.get(name, {}).items() if v}}
+        for name in splits}}
+    if not builder.written:
+        logger.warning("%s already prepared at %s; nothing regenerated", format, report["path"])
+        report["already_prepared"] = True
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable summary of a :func:`prepare` report."""
+    lines = [f"{report['format']} -> {report['path']}"]
+    if report.get("already_prepared"):
+        lines.append("  already prepared; delete the folder to rebuild")
+    for name, s in report["splits"].items():
+        why = ", ".join(f"{k}={v}" for k, v in s["skipped"].items()) or "none"
+        lines.append(f"  {name}: {s['written']} records written, "
+                     f"{sum(s['skipped'].values())} skipped ({why})")
+    return "\n".join(lines)
+
+
+def add_prepare_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `prepare` subcommand's arguments to `parser`."""
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--annotations", required=True, nargs="+",
+                        help="annotation json/jsonl file(s) of one split")
+    parser.add_argument("--image-root", required=True)
+    parser.add_argument("--out", required=True, help="TFDS data_dir")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluation-style records (default: training-style records only "
+                             "for a split named train)")
+    parser.add_argument("--root", action="append", default=[], metavar="TAG=DIR",
+                        help="extra VQA image roots, e.g. vg=img_root/visual_genome")
+    parser.add_argument("--flickr", action="store_true", help="flickr grounding tuples")
+    parser.add_argument("--max-pixels", type=int, default=transforms.MAX_PIXELS)
+    parser.add_argument("--max-skip-rate", type=float, default=0.05)
+    parser.add_argument("--report-json", help="also write the report here")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Run `prepare` from parsed CLI args, print the report; returns the exit code."""
+    roots = {}
+    for item in args.root:
+        tag, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--root expects TAG=DIR, got {item!r}")
+        roots[tag] = path
+    train = False if args.eval else None
+    try:
+        report = prepare(args.format, args.annotations, args.image_root, args.out,
+                         split=args.split, train=train, roots=roots, flickr=args.flickr,
+                         max_pixels=args.max_pixels, max_skip_rate=args.max_skip_rate)
+    except transforms.DataError as e:
+        print(f"prepare failed: {e}")
+        return 1
+    print(format_report(report))
+    if args.report_json:
+        with open(args.report_json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

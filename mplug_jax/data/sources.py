@@ -1,0 +1,477 @@
+"""Readers for the official mPLUG / mPLUG-2 annotation formats (official-formats.md 1.4-1.11).
+
+Each reader parses its annotation files once and returns a :class:`RecordSource`: a random-access
+list of plain dict records with absolute image paths (images are decoded later by the pipeline).
+Malformed records (not an object, missing or mistyped fields) are skipped, counted by reason in
+``source.skipped``, and logged with file name and position; a :class:`DataError` is raised when
+they exceed `max_skip_rate` of a file set, and for files that are not valid JSON at all.
+
+Record fields per format (paths absolute):
+- pretrain: image, caption (str or list of str, raw: the pipeline applies ``pre_caption``)
+- vqa: image, question (raw, as official v1), question_id, dataset, answers + weights (train),
+  ocr, object_label (when present)
+- coco_caption: image, image_id (file name); train: caption; eval: gold_captions
+- retrieval: train: image, caption, image_index; eval: image, image_index (+ `texts`, `txt2img`,
+  `img2txt` on the source)
+- grounding: image, bbox (x, y, w, h pixels), phrase
+- nlvr2: images (2 paths), sentence, label; snli_ve: image, sentence, label
+- video_qa: video, question, answer, question_id; video_caption: video, caption | gold_captions
+"""
+from __future__ import annotations
+
+import collections
+import collections.abc
+import json
+import logging
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from mplug_jax.data import text
+from mplug_jax.data.transforms import SKIP_REASONS, BadRecord, DataError
+
+logger = logging.getLogger(__name__)
+
+SNLI_VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
+_FRAME_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class RecordSource(collections.abc.Sequence):
+    """A list of parsed records plus the skip counts of parsing (random access, picklable)."""
+
+    def __init__(self, records: list[dict], skipped: dict[str, int] | None = None,
+                 name: str = ""):
+        self.records, self.name = records, name
+        self.skipped = dict(skipped or dict.fromkeys(SKIP_REASONS, 0))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name}: {len(self)} records, "
+                f"{sum(self.skipped.values())} skipped)")
+
+
+def _as_list(paths: str | os.PathLike | Sequence) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    return [os.fspath(p) for p in paths]
+
+
+def read_annotations(path: str) -> list[Any]:
+    """A JSON array file, or JSON lines (``.jsonl``; a bad line becomes ``None``).
+
+    Raises:
+      DataError: the file is missing, or a ``.json`` file is not a valid JSON array.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"annotation file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            out = []
+            for n, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    logger.warning("%s line %d: invalid JSON (%s)", path, n + 1, e)
+                    out.append(None)
+            return out
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    return data
+
+
+def _build(items: Iterable[tuple[str, int, Any]], parse: Callable[[Any, int], list[dict]],
+           name: str, max_skip_rate: float, kind: type = dict) -> RecordSource:
+    """Parse (file, position, raw) items; each raw record of type `kind` yields records."""
+    records: list[dict] = []
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    total = 0
+    for path, pos, raw in items:
+        total += 1
+        try:
+            if not isinstance(raw, kind):
+                raise BadRecord("bad_record", f"not a {kind.__name__}: {raw!r:.60}")
+            records.extend(parse(raw, pos))
+        except BadRecord as e:
+            skipped[e.reason] += 1
+            logger.warning("%s record %d skipped (%s): %s", path, pos, e.reason, e)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            skipped["bad_record"] += 1
+            logger.warning("%s record %d skipped (bad_record): %r", path, pos, e)
+    n_skipped = sum(skipped.values())
+    if total and n_skipped / total > max_skip_rate:
+        raise DataError(f"{name}: {n_skipped} of {total} annotation records malformed "
+                        f"(> max_skip_rate={max_skip_rate}): "
+                        + ", ".join(f"{k}={v}" for k, v in skipped.items() if v))
+    if n_skipped:
+        logger.warning("%s: skipped %d of %d annotation records", name, n_skipped, total)
+    return RecordSource(records, skipped, name)
+
+
+def _items(files: list[str]) -> Iterable[tuple[str, int, Any]]:
+    for path in files:
+        for pos, raw in enumerate(read_annotations(path)):
+            yield path, pos, raw
+
+
+def _str(raw: dict, key: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRecord("bad_record", f"field {key!r} missing or not a non-empty string")
+    return value
+
+
+def _caption_field(value: Any) -> str | list[str]:
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list):
+        caps = [c for c in value if isinstance(c, str) and c.strip()]
+        if caps:
+            return caps
+    raise BadRecord("bad_caption", f"caption missing, empty or not text: {value!r:.60}")
+
+
+# -- 1.4 pretraining -------------------------------------------------------------------------
+
+def pretrain(annotations: str | Sequence[str], image_root: str = "", *,
+             max_skip_rate: float = 0.01) -> RecordSource:
+    """Pretraining json files (records concatenated): image path, caption str or list."""
+    def parse(raw, pos):
+        return [{"image": os.path.join(image_root, _str(raw, "image")),
+                 "caption": _caption_field(raw.get("caption"))}]
+
+    files = _as_list(annotations)
+    return _build(_items(files), parse, f"pretrain{files}", max_skip_rate)
+
+
+# -- 1.5 VQA ---------------------------------------------------------------------------------
+
+def vqa_answer_weights(record: dict) -> tuple[list[str], list[float]]:
+    """Official train targets: vqa -> distinct answers weighted count/len; vg/gqa -> weight 0.5."""
+    answer = record.get("answer")
+    if record.get("dataset", "vqa") == "vqa":
+        if isinstance(answer, str):
+            answer = [answer]
+        if not isinstance(answer, list) or not answer or not all(isinstance(a, str)
+                                                                 for a in answer):
+            raise BadRecord("bad_record", f"vqa answers must be a list of strings: {answer!r:.60}")
+        counts = collections.Counter(answer)
+        return list(counts), [n / len(answer) for n in counts.values()]
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    if not isinstance(answer, str):
+        raise BadRecord("bad_record", f"{record.get('dataset')} answer must be a string")
+    return [answer], [0.5]
+
+
+def vqa_question_text(record: dict, add_ocr: bool = True, add_object: bool = True) -> str:
+    """Question fed to the tokenizer: raw question [+ " [SEP] " OCR] [+ " [SEP] " objects]."""
+    question = record["question"]
+    ocr = record.get("ocr")
+    if add_ocr and ocr:
+        tokens = " ".join(str(t[1]) for t in ocr if isinstance(t, (list, tuple)) and len(t) > 1)
+        question = question + " [SEP] " + text.pre_question(tokens, 30)
+    labels = record.get("object_label")
+    if add_object and labels:
+        question = question + " [SEP] " + " ".join(labels.split("&&"))
+    return question
+
+
+def vqa(annotations: str | Sequence[str], roots: dict[str, str], *, train: bool = True,
+        max_skip_rate: float = 0.01) -> RecordSource:
+    """VQA / VG / GQA json: image under ``roots[record['dataset']]`` (official vqa/vg/gqa_root)."""
+    def parse(raw, pos):
+        tag = raw.get("dataset", "vqa")
+        if tag not in roots:
+            raise BadRecord("bad_record",
+                            f"dataset tag {tag!r} has no root; roots: {sorted(roots)}")
+        rec = {"image": os.path.join(roots[tag], _str(raw, "image")),
+               "question": _str(raw, "question"), "dataset": tag}
+        if "question_id" in raw:
+            rec["question_id"] = raw["question_id"]
+        elif not train:
+            raise BadRecord("bad_record", "evaluation record without question_id")
+        if train:
+            rec["answers"], rec["weights"] = vqa_answer_weights(raw)
+        for key in ("ocr", "object_label"):
+            if raw.get(key):
+                rec[key] = raw[key]
+        return [rec]
+
+    files = _as_list(annotations)
+    return _build(_items(files), parse, f"vqa{files}", max_skip_rate)
+
+
+# -- 1.6 COCO caption (Karpathy) -------------------------------------------------------------
+
+def _coco_folder(filepath: str) -> str:
+    # Official quirk: train2014/val2014 images live in `train2014_img` / `val2014_img`.
+    return {"train2014": "train2014_img", "val2014": "val2014_img"}.get(filepath, filepath)
+
+
+def coco_caption(annotations: str | Sequence[str], coco_root: str, *, train: bool = True,
+                 max_skip_rate: float = 0.01) -> RecordSource:
+    """Karpathy-split entries: train = one record per sentence, eval = one per image."""
+    def parse(raw, pos):
+        filename = _str(raw, "filename")
+        image = os.path.join(coco_root, _coco_folder(_str(raw, "filepath")), filename)
+        sents = raw.get("sentences")
+        if not isinstance(sents, list):
+            raise BadRecord("bad_caption", "sentences missing")
+        caps = [s["raw"].lower() for s in sents
+                if isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip()]
+        if not caps:
+            raise BadRecord("bad_caption", "no usable sentence")
+        base = {"image": image, "image_id": filename}
+        if isinstance(raw.get("object_label"), str):
+            base["object_labels"] = " ".join(dict.fromkeys(raw["object_label"].split("&&")))
+        if train:
+            return [{**base, "caption": c} for c in caps]
+        return [{**base, "gold_captions": caps}]
+
+    files = _as_list(annotations)
+    return _build(_items(files), parse, f"coco_caption{files}", max_skip_rate)
+
+
+# -- 1.7 retrieval ---------------------------------------------------------------------------
+
+def retrieval(annotations: str | Sequence[str], image_root: str, *, train: bool = True,
+              max_words: int = 30, max_skip_rate: float = 0.01) -> RecordSource:
+    """COCO / Flickr30k retrieval (ALBEF format).
+
+    Train: ``image_index`` is ``image_id`` mapped to 0..K-1 in order of first appearance (the
+    ITC positive id). Eval: one record per image; the returned source also carries ``texts``
+    (pre_caption'ed), ``txt2img`` (int per text) and ``img2txt`` (list of text indices per image).
+    """
+    files = _as_list(annotations)
+    if train:
+        ids: dict[Any, int] = {}
+
+        def parse(raw, pos):
+            image_id = raw.get("image_id")
+            if image_id is None or isinstance(image_id, (list, dict)):
+                raise BadRecord("bad_record", "image_id missing or not hashable")
+            cap = raw.get("caption")
+            if not isinstance(cap, str) or not text.pre_caption(cap, max_words):
+                raise BadRecord("bad_caption", f"caption {cap!r:.60}")
+            image = os.path.join(image_root, _str(raw, "image"))
+            index = ids.setdefault(image_id, len(ids))
+            return [{"image": image, "caption": text.pre_caption(cap, max_words),
+                     "image_index": index}]
+
+        return _build(_items(files), parse, f"retrieval{files}", max_skip_rate)
+
+    texts: list[str] = []
+    txt2img: list[int] = []
+    img2txt: list[list[int]] = []
+
+    def parse_eval(raw, pos):
+        image = os.path.join(image_root, _str(raw, "image"))
+        caps = _caption_field(raw.get("caption"))
+        caps = [caps] if isinstance(caps, str) else caps
+        img_index = len(img2txt)
+        img2txt.append([])
+        for cap in caps:
+            img2txt[img_index].append(len(texts))
+            texts.append(text.pre_caption(cap, max_words))
+            txt2img.append(img_index)
+        return [{"image": image, "image_index": img_index}]
+
+    src = _build(_items(files), parse_eval, f"retrieval{files}", max_skip_rate)
+    src.texts, src.txt2img, src.img2txt = texts, txt2img, img2txt
+    return src
+
+
+# -- 1.8 RefCOCO grounding -------------------------------------------------------------------
+
+def _load_split_file(path: str) -> list:
+    if path.endswith(".pth"):
+        try:
+            import torch
+        except ImportError as e:
+            raise DataError(f"{path} is a torch file and torch is not installed; install torch "
+                            "or convert it to a json list of the same tuples") from e
+        return list(torch.load(path, weights_only=False))
+    return read_annotations(path)
+
+
+def grounding(split_file: str, image_dir: str, *, flickr: bool = False,
+              max_skip_rate: float = 0.01) -> RecordSource:
+    """TransVG split tuples: (file, _, [x, y, w, h], phrase, attrs) or flickr (file, x1y1x2y2,
+    phrase). Boxes are returned as [x, y, w, h] pixels; phrases lower-cased (official)."""
+    def parse(raw, pos):
+        if flickr:
+            file, box, phrase = raw[0], raw[1], raw[2]
+            x1, y1, x2, y2 = (float(v) for v in box)
+            bbox = [x1, y1, x2 - x1, y2 - y1]
+        else:
+            file, box, phrase = raw[0], raw[2], raw[3]
+            bbox = [float(v) for v in box]
+        if len(bbox) != 4 or bbox[2] <= 0 or bbox[3] <= 0:
+            raise BadRecord("bad_record", f"degenerate box {box!r}")
+        if not isinstance(phrase, str) or not isinstance(file, str):
+            raise BadRecord("bad_record", "file or phrase is not a string")
+        return [{"image": os.path.join(image_dir, file), "bbox": bbox, "phrase": phrase.lower()}]
+
+    # torch.load gives tuples, json gives lists.
+    items = ((split_file, i, tuple(raw) if isinstance(raw, list) else raw)
+             for i, raw in enumerate(_load_split_file(split_file)))
+    return _build(items, parse, f"grounding[{split_file}]", max_skip_rate, kind=tuple)
+
+
+# -- 1.9 NLVR2, 1.10 SNLI-VE -----------------------------------------------------------------
+
+def nlvr2(annotations: str | Sequence[str], image_root: str, *, max_words: int = 30,
+          max_skip_rate: float = 0.01) -> RecordSource:
+    """NLVR2: two images, sentence (pre_caption), label 1 iff the string "True"."""
+    def parse(raw, pos):
+        images = raw.get("images")
+        if not (isinstance(images, list) and len(images) == 2
+                and all(isinstance(p, str) for p in images)):
+            raise BadRecord("bad_record", "images must be a list of two paths")
+        if "train" in images[0]:  # official: flatten the train sub-folders
+            images = [f"train/{os.path.basename(p)}" for p in images]
+        return [{"images": [os.path.join(image_root, p) for p in images],
+                 "sentence": text.pre_caption(_str(raw, "sentence"), max_words),
+                 "label": int(raw.get("label") == "True")}]
+
+    files = _as_list(annotations)
+    return _build(_items(files), parse, f"nlvr2{files}", max_skip_rate)
+
+
+def snli_ve(annotation: str, image_root: str, *, max_words: int = 30,
+            max_skip_rate: float = 0.01) -> RecordSource:
+    """SNLI-VE: image = root/<id>.jpg, sentence (pre_caption), label 2/1/0."""
+    def parse(raw, pos):
+        label = raw.get("label")
+        if label not in SNLI_VE_LABELS:
+            raise BadRecord("bad_record", f"label {label!r} not in {sorted(SNLI_VE_LABELS)}")
+        return [{"image": os.path.join(image_root, f"{_str(raw, 'image')}.jpg"),
+                 "sentence": text.pre_caption(_str(raw, "sentence"), max_words),
+                 "label": SNLI_VE_LABELS[label]}]
+
+    return _build(_items([os.fspath(annotation)]), parse, f"snli_ve[{annotation}]",
+                  max_skip_rate)
+
+
+# -- 1.11 video ------------------------------------------------------------------------------
+
+def _video_path(video_root: str, video_id: str) -> str:
+    """A frame folder ``root/<id>/`` if present, else the official file naming rules."""
+    folder = os.path.join(video_root, video_id)
+    if os.path.isdir(folder):
+        return folder
+    if video_id.startswith("tumblr"):
+        return folder + ".gif"
+    mp4 = folder + ".mp4"
+    return mp4 if os.path.exists(mp4) or not os.path.exists(folder + ".avi") else folder + ".avi"
+
+
+def video_qa(annotation: str, video_root: str, *, max_skip_rate: float = 0.01) -> RecordSource:
+    """MSRVTT/MSVD/TGIF QA jsonl: video_id, question, answer; question_id = line index."""
+    def parse(raw, pos):
+        return [{"video": _video_path(video_root, _str(raw, "video_id")),
+                 "question": _str(raw, "question"), "answer": _str(raw, "answer"),
+                 "question_id": pos}]
+
+    return _build(_items([os.fspath(annotation)]), parse, f"video_qa[{annotation}]",
+                  max_skip_rate)
+
+
+def video_caption(annotation: str, video_root: str, *, train: bool = True,
+                  max_skip_rate: float = 0.01) -> RecordSource:
+    """mPLUG-2 video caption jsonl: train {video_id, caption}; test {video_id, golden_captions}."""
+    def parse(raw, pos):
+        rec = {"video": _video_path(video_root, _str(raw, "video_id"))}
+        if train:
+            rec["caption"] = _str(raw, "caption")
+        else:
+            golds = raw.get("golden_captions")
+            if not isinstance(golds, list) or not golds:
+                raise BadRecord("bad_caption", "golden_captions missing")
+            rec["gold_captions"] = [g for g in golds if isinstance(g, str)]
+        return [rec]
+
+    return _build(_items([os.fspath(annotation)]), parse, f"video_caption[{annotation}]",
+                  max_skip_rate)
+
+
+def frame_indices(num_total: int, num_frames: int, *, train: bool = False,
+                  rng: np.random.Generator | None = None) -> list[int]:
+    """Uniform sampling (mPLUG-2): one frame per equal segment, random ('rand', train) or the
+    segment middle (eval); videos shorter than `num_frames` repeat their last frame."""
+    if num_total <= 0:
+        raise BadRecord("bad_image", "video has no frames")
+    edges = np.linspace(0, num_total, num_frames + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        lo_i, hi_i = int(lo), max(int(lo) + 1, int(hi))
+        if train:
+            if rng is None:
+                raise ValueError("train sampling needs rng")
+            idx = int(rng.integers(lo_i, hi_i))
+        else:
+            idx = (lo_i + hi_i - 1) // 2
+        out.append(min(idx, num_total - 1))
+    return out
+
+
+def load_frames(video: str, num_frames: int, *, train: bool = False,
+                rng: np.random.Generator | None = None) -> list[Image.Image]:
+    """`num_frames` RGB frames of a frame folder (sorted file names) or a video file.
+
+    Video files need PyAV (``av``) or OpenCV (``cv2``); without them a DataError says so.
+    """
+    if os.path.isdir(video):
+        names = sorted(n for n in os.listdir(video) if n.lower().endswith(_FRAME_EXTS))
+        picks = frame_indices(len(names), num_frames, train=train, rng=rng)
+        from mplug_jax.data.transforms import decode_image
+        return [decode_image(os.path.join(video, names[i])) for i in picks]
+    if not os.path.exists(video):
+        raise BadRecord("missing_file", f"{video}: not found")
+    frames = _decode_video(video)
+    picks = frame_indices(len(frames), num_frames, train=train, rng=rng)
+    return [frames[i] for i in picks]
+
+
+def _decode_video(path: str) -> list[Image.Image]:
+    try:
+        import av
+    except ImportError:
+        av = None
+    if av is not None:
+        with av.open(path) as container:
+            return [f.to_image().convert("RGB") for f in container.decode(video=0)]
+    try:
+        import cv2
+    except ImportError as e:
+        raise DataError(f"cannot decode {path}: install PyAV (`pip install av`) or OpenCV, or "
+                        "extract frames into a folder named like the video id") from e
+    cap = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(Image.fromarray(bgr[:, :, ::-1].copy()))
+    cap.release()
+    return frames
+
+
+FORMATS: dict[str, Callable[..., RecordSource]] = {
+    "pretrain": pretrain, "vqa": vqa, "coco_caption": coco_caption, "retrieval": retrieval,
+    "grounding": grounding, "nlvr2": nlvr2, "snli_ve": snli_ve, "video_qa": video_qa,
+    "video_caption": video_caption,
+}
