@@ -184,6 +184,9 @@ def mapping(model_cfg: Mapping, start_layer: int = 0) -> list[Entry]:
         _bert_layer(out, f"text/encoder/layer_{i}", f"text_encoder.encoder.layer.{i}", heads,
                     cross=False)
 
+    # Official quirk: only the LAST `fusion_layers` of `num_hidden_layers` fusion modules run,
+    # so our fusion layer i is official module `start_layer + i`; the stride rule counts from
+    # the first running module (`layer_nums = i - start_layer`), see `fusion_pattern`.
     pattern = fusion_pattern(c["fusion_layout"], c["fusion_layers"], c["fusion_stride"])
     for i, kind in enumerate(pattern):
         off = f"fusion_encoder.encoder.layer.{start_layer + i}"
@@ -453,7 +456,9 @@ def config_from_official(config_bert: Mapping, config_yaml: Mapping,
         patch_size=int(patch),
         vision_width=int(width),
         vision_layers=layers,
-        vision_heads=int(width) // 64,
+        # CLIP's rule is width // 64 heads; tiny fixtures record theirs under `clip_tiny`.
+        vision_heads=int((config_yaml.get("clip_tiny") or {}).get("vision_heads")
+                         or max(1, int(width) // 64)),
     )
     if "vision_proj.weight" in state:  # ITC projection width (yaml `embed_dim`, default 256)
         cfg["embed_dim"] = int(state["vision_proj.weight"].shape[0])

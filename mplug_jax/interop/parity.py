@@ -70,6 +70,8 @@ def official_forward(model, params, inputs: dict, task: str) -> dict[str, np.nda
     logits = model.apply(v, tgt, tgt_mask, states, states_mask, method="decode")
     nll, valid = token_nll(logits, labels)
     out["decoder_logits"] = logits
+    # Official quirk: VQA loss is a per-answer SUM of token NLLs, weighted and divided by the
+    # number of images; the caption loss is a token MEAN.
     if task == "vqa":
         answer_nll = nll.sum(1)
         out["answer_nll"] = answer_nll

@@ -39,14 +39,14 @@ class MPLUG(nn.Module):
     fusion_stride: int = 3
     fusion_layout: str = "skip"
     decoder_layers: int = 12
-    text_ln_eps: float = 1e-12
+    text_ln_eps: float = 1e-12  # official: every BERT-side LayerNorm uses 1e-12 ...
     # Vision / CLIP.
     image_size: int = 224
     patch_size: int = 16
     vision_width: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
-    vision_ln_eps: float = 1e-5
+    vision_ln_eps: float = 1e-5  # ... and every CLIP LayerNorm 1e-5
     # Heads.
     embed_dim: int = 256
     temp_init: float = 0.07
