@@ -27,6 +27,20 @@ class Converted:
     missing: list[str]
     notes: list[str]
 
+    def queues(self) -> dict[str, np.ndarray]:
+        """ITC feature queues of official retrieval/pretraining checkpoints in our layout:
+        'image_queue'/'text_queue' float32[Q, E] (official stores [E, Q]), 'idx_queue' [Q],
+        'queue_ptr' scalar. Empty when the checkpoint has none."""
+        out = {}
+        for name in ("image_queue", "text_queue"):
+            if name in self.extras:
+                out[name] = np.asarray(self.extras[name], np.float32).T
+        if "idx_queue" in self.extras:
+            out["idx_queue"] = np.asarray(self.extras["idx_queue"]).reshape(-1)
+        if "queue_ptr" in self.extras:
+            out["queue_ptr"] = np.asarray(self.extras["queue_ptr"]).reshape(())
+        return out
+
 
 def read_official_configs(config_bert: str, config_yaml: str | None) -> tuple[dict, dict]:
     """Read official config_bert.json and task yaml (yaml optional: image_res then required

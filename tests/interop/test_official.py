@@ -125,6 +125,23 @@ def test_checkpoint_from_unimodal_config_loads(tmp_path):
     assert conv.model.has_visn_fc and conv.model.pattern == "acc" and not conv.missing
 
 
+def test_queues_and_temperature_are_imported(tmp_path):
+    state = _tiny_official(tmp_path)
+    rng = np.random.default_rng(0)
+    state["image_queue"] = rng.normal(size=(16, 64)).astype(np.float32)  # official [E, Q]
+    state["text_queue"] = rng.normal(size=(16, 64)).astype(np.float32)
+    state["idx_queue"] = np.arange(64)[None].astype(np.int64)
+    state["queue_ptr"] = np.array([8])
+    state["temp"] = np.array(0.05, np.float32)
+    conv = _load(tmp_path, state)
+    q = conv.queues()
+    np.testing.assert_array_equal(q["image_queue"], state["image_queue"].T)
+    assert q["text_queue"].shape == (64, 16) and int(q["queue_ptr"]) == 8
+    assert float(P.flatten(conv.params)["temp"]) == pytest.approx(0.05)
+    back = convert.export_official(conv.params, conv.model, extras=conv.extras)
+    np.testing.assert_array_equal(back["image_queue"], state["image_queue"])
+
+
 def test_vocab_mismatch_names_the_key(tmp_path):
     state = _tiny_official(tmp_path)
     state["text_encoder.embeddings.word_embeddings.weight"] = np.zeros((30523, 64), np.float32)
