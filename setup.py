@@ -31,7 +31,9 @@ setup(
     extras_require={
         # torch: only for .pth import/export and parity tests; 2.13.0 is the CPU wheel we test with.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40"],
+        # video: decode .mp4/.avi/.gif for video QA / captioning (frame folders need nothing).
+        "video": ["av>=12"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.40", "av>=12"],
     },
     entry_points={"console_scripts": ["mplug-jax=mplug_jax.cli:main"]},
 )

@@ -10,6 +10,11 @@ CLI (the lead's `cli.py` only calls :func:`add_prepare_args` and :func:`run_prep
 
     mplug-jax prepare --format vqa --annotations a.json b.json --image-root IMG --out DIR \
         [--split train] [--root vg=VG_DIR] [--eval] [--max-pixels N] [--max-skip-rate R]
+    mplug-jax prepare --format video_qa --annotations msrvtt_qa/test.jsonl --video-root VIDEOS \
+        --out DIR --split test [--num-frames 16]
+
+Video formats sample `num_frames` frames per record (segment middles, as the official test
+loader) from ``<root>/<video_id>/`` frame folders or video files (PyAV: the `video` extra).
 """
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ import argparse
 import functools
 import json
 import logging
+import os
 from typing import Any, Sequence
+
+import tensorflow_datasets as tfds
 
 from mplug_jax.data import sources, tfds_builders, transforms
 
@@ -39,7 +47,7 @@ def _reader(format: str, annotations: list[str], image_root: str, *, train: bool
         return functools.partial(sources.coco_caption, annotations, image_root, train=train, **kw)
     if format == "retrieval":
         return functools.partial(sources.retrieval, annotations, image_root, train=train, **kw)
-    single = {"grounding", "snli_ve"}
+    single = {"grounding", "snli_ve", "video_qa", "video_caption"}
     if format in single and len(annotations) != 1:
         raise ValueError(f"{format} takes exactly one annotation file per split, "
                          f"got {len(annotations)}")
@@ -50,20 +58,26 @@ def _reader(format: str, annotations: list[str], image_root: str, *, train: bool
         return functools.partial(sources.nlvr2, annotations, image_root, **kw)
     if format == "snli_ve":
         return functools.partial(sources.snli_ve, annotations[0], image_root, **kw)
+    if format == "video_qa":
+        return functools.partial(sources.video_qa, annotations[0], image_root, **kw)
+    if format == "video_caption":
+        return functools.partial(sources.video_caption, annotations[0], image_root, train=train,
+                                 **kw)
     raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
 
 
 def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[str]],
             image_root: str, out_dir: str, *, split: str = "train", train: bool | None = None,
             roots: dict[str, str] | None = None, flickr: bool = False,
-            max_pixels: int = transforms.MAX_PIXELS, max_skip_rate: float = 0.05
-            ) -> dict[str, Any]:
+            max_pixels: int = transforms.MAX_PIXELS, max_skip_rate: float = 0.05,
+            num_frames: int = 16) -> dict[str, Any]:
     """Build a TFDS array_record dataset from official annotation files.
 
     Args:
       format: one of :data:`FORMATS`.
       annotations: file(s) of one split named `split`, or {split name: files}.
-      image_root: root joined to relative image paths (vqa: the 'vqa' root).
+      image_root: root joined to relative image paths (vqa: the 'vqa' root; video formats:
+        the folder of ``<video_id>/`` frame folders and video files).
       out_dir: TFDS data_dir; the dataset lands in ``out_dir/mplug_<format>/1.0.0``.
       train: training-style records (one per caption/sentence, answer weights); default:
         True for a split named 'train'.
@@ -71,6 +85,7 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
       flickr: grounding tuples in the flickr layout (file, x1y1x2y2, phrase).
       max_pixels: image size guard (larger JPEGs are reduced, other formats skipped).
       max_skip_rate: a split skipping more raises DataError and writes nothing.
+      num_frames: frames sampled per video (video formats only).
     Returns:
       Report dict: format, path, and per split records written and skipped by reason.
     """
@@ -84,8 +99,13 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
         is_train = (name == "train") if train is None else train
         splits[name] = _reader(format, files, image_root, train=is_train, roots=roots,
                                flickr=flickr, max_skip_rate=max_skip_rate)
+    extra: dict[str, Any] = {}
+    if format in tfds_builders.VIDEO_FORMATS:
+        _check_num_frames(out_dir, format, num_frames)
+        extra["num_frames"] = num_frames
     builder = tfds_builders.BUILDERS[format](
-        data_dir=out_dir, splits=splits, max_pixels=max_pixels, max_skip_rate=max_skip_rate)
+        data_dir=out_dir, splits=splits, max_pixels=max_pixels, max_skip_rate=max_skip_rate,
+        **extra)
     builder.download_and_prepare()
     report = {"format": format, "path": tfds_builders.dataset_dir(out_dir, format), "splits": {
         name: {"written": builder.written.get(name, 0),
@@ -95,6 +115,17 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
         logger.warning("%s already prepared at %s; nothing regenerated", format, report["path"])
         report["already_prepared"] = True
     return report
+
+
+def _check_num_frames(out_dir: str, format: str, num_frames: int) -> None:
+    """Refuse to report an existing video dataset with another frame count as prepared."""
+    path = tfds_builders.dataset_dir(out_dir, format)
+    if not os.path.isfile(os.path.join(path, "features.json")):
+        return
+    stored = tfds.builder_from_directory(path).info.features["frames"].shape[0]
+    if stored != num_frames:
+        raise transforms.DataError(f"{path} holds {stored} frames per video, not {num_frames}; "
+                                   "delete it or prepare into another --out")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -109,12 +140,22 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     """Add the `prepare` subcommand's arguments to `parser`."""
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--annotations", required=True, nargs="+",
                         help="annotation json/jsonl file(s) of one split")
-    parser.add_argument("--image-root", required=True)
+    parser.add_argument("--image-root", "--video-root", dest="image_root", required=True,
+                        metavar="DIR",
+                        help="image root (video formats: folder of <video_id>/ frame folders "
+                             "and video files)")
     parser.add_argument("--out", required=True, help="TFDS data_dir")
     parser.add_argument("--split", default="train")
     parser.add_argument("--eval", action="store_true",
@@ -125,6 +166,8 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flickr", action="store_true", help="flickr grounding tuples")
     parser.add_argument("--max-pixels", type=int, default=transforms.MAX_PIXELS)
     parser.add_argument("--max-skip-rate", type=float, default=0.05)
+    parser.add_argument("--num-frames", type=_positive_int, default=16,
+                        help="frames sampled per video (video_qa, video_caption)")
     parser.add_argument("--report-json", help="also write the report here")
 
 
@@ -140,7 +183,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     try:
         report = prepare(args.format, args.annotations, args.image_root, args.out,
                          split=args.split, train=train, roots=roots, flickr=args.flickr,
-                         max_pixels=args.max_pixels, max_skip_rate=args.max_skip_rate)
+                         max_pixels=args.max_pixels, max_skip_rate=args.max_skip_rate,
+                         num_frames=args.num_frames)
     except transforms.DataError as e:
         print(f"prepare failed: {e}")
         return 1

@@ -7,12 +7,19 @@ to `max_pixels`) is re-encoded (JPEG q95 if it was a JPEG, else PNG). Unusable r
 skipped, logged and counted in ``builder.skipped[split]``. Text is stored as UTF-8 and comes
 back as ``bytes``; images come back decoded as uint8[H, W, 3] (TFDS decodes with PIL).
 
+Video formats store `num_frames` frames per record, sampled as the official mPLUG-2 test loader
+does (the middle frame of equal segments, :func:`sources.frame_indices`), each as encoded bytes
+(frame-folder files like images above, frames decoded from video files as JPEG q95), plus the
+sampled `frame_indices`; `frames` comes back as a list of T uint8[H, W, 3] arrays of one size
+(``np.stack`` gives uint8[T, H, W, 3]). Unreadable videos are skipped and counted like bad images.
+
 Read back with :func:`load_prepared` (``tfds.builder_from_directory(...).as_data_source()``); a
 split can be fed straight to :func:`pipeline.pretrain_dataset`. TensorFlow is never imported.
 """
 from __future__ import annotations
 
 import abc
+import collections
 import io
 import logging
 import os
@@ -236,11 +243,99 @@ class MplugSnliVe(_MplugBuilder):
                 "label": record["label"]}
 
 
+def encode_frame(frame: Image.Image, quality: int = 95) -> bytes:
+    """A decoded RGB video frame -> JPEG bytes."""
+    out = io.BytesIO()
+    frame.convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+class _MplugVideoBuilder(_MplugBuilder, skip_registration=True):
+    """Shared frame sampling for the video formats; subclasses add the text fields."""
+
+    # Consecutive records often share a video (several questions per clip): keep the encoded
+    # frames (or the skip reason) of the last few videos instead of decoding them again.
+    FRAME_CACHE_SIZE = 16
+
+    def __init__(self, *, num_frames: int = 16, **kwargs):
+        """Like :class:`_MplugBuilder`; `num_frames` frames are sampled per video."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.num_frames = num_frames
+        self._frame_cache: collections.OrderedDict[str, tuple[list[int], list[bytes]]
+                                                   | BadRecord] = collections.OrderedDict()
+        super().__init__(**kwargs)
+
+    def _video_features(self) -> dict:
+        return {"frames": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)),
+                                                 length=self.num_frames),
+                "frame_indices": tfds.features.Tensor(shape=(self.num_frames,),
+                                                      dtype=np.int64),
+                "video_id": _text()}
+
+    def _encode_frames(self, video: str) -> tuple[list[int], list[bytes]]:
+        picks, frames = sources.sample_frames(video, self.num_frames)
+        encoded = [self._image(f) if isinstance(f, str) else encode_frame(f) for f in frames]
+        sizes = set()
+        for data in encoded:
+            with Image.open(io.BytesIO(data)) as header:
+                sizes.add(header.size)
+        if len(sizes) > 1:
+            raise BadRecord("bad_image", f"{video}: frames differ in size {sorted(sizes)}")
+        return picks, encoded
+
+    def _frames(self, video: str) -> dict:
+        """Frame features of one video; raises BadRecord when it cannot be used."""
+        cached = self._frame_cache.get(video)
+        if cached is None:
+            try:
+                cached = self._encode_frames(video)
+            except BadRecord as e:
+                cached = e
+            self._frame_cache[video] = cached
+            while len(self._frame_cache) > self.FRAME_CACHE_SIZE:
+                self._frame_cache.popitem(last=False)
+        else:
+            self._frame_cache.move_to_end(video)
+        if isinstance(cached, BadRecord):
+            raise BadRecord(cached.reason, str(cached))
+        picks, encoded = cached
+        return {"frames": encoded, "frame_indices": np.asarray(picks, np.int64)}
+
+
+class MplugVideoQa(_MplugVideoBuilder):
+    """MSRVTT-QA / MSVD-QA / TGIF-QA: sampled frames, question, answer, question_id."""
+
+    def _features(self):
+        return {**self._video_features(), "question": _text(), "answer": _text(),
+                "question_id": np.int64}
+
+    def _example(self, record, source, index):
+        return {**self._frames(record["video"]), "video_id": record["video_id"],
+                "question": record["question"], "answer": record["answer"],
+                "question_id": record["question_id"]}
+
+
+class MplugVideoCaption(_MplugVideoBuilder):
+    """mPLUG-2 video captions: train one record per caption, eval the golden captions."""
+
+    def _features(self):
+        return {**self._video_features(), "captions": _texts()}
+
+    def _example(self, record, source, index):
+        caps = record["gold_captions"] if "gold_captions" in record else [record["caption"]]
+        if not caps:
+            raise BadRecord("bad_caption", "no golden caption is a string")
+        return {**self._frames(record["video"]), "video_id": record["video_id"],
+                "captions": caps}
+
+
 BUILDERS: dict[str, type[_MplugBuilder]] = {
     "pretrain": MplugPretrain, "vqa": MplugVqa, "coco_caption": MplugCocoCaption,
     "retrieval": MplugRetrieval, "grounding": MplugGrounding, "nlvr2": MplugNlvr2,
-    "snli_ve": MplugSnliVe,
+    "snli_ve": MplugSnliVe, "video_qa": MplugVideoQa, "video_caption": MplugVideoCaption,
 }
+VIDEO_FORMATS = ("video_qa", "video_caption")
 
 
 def dataset_dir(out_dir: str, format: str) -> str:
@@ -260,5 +355,6 @@ def load_prepared(out_dir: str, format: str) -> dict[str, object]:
     return dict(builder.as_data_source())
 
 
-__all__ = ["BUILDERS", "encode_image", "dataset_dir", "load_prepared"] + [
+__all__ = ["BUILDERS", "VIDEO_FORMATS", "encode_image", "encode_frame", "dataset_dir",
+           "load_prepared"] + [
     cls.__name__ for cls in BUILDERS.values()]

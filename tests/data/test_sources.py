@@ -158,7 +158,7 @@ def test_video_frames_folder_sampling(tmp_path):
     frames = sources.load_frames(rec["video"], 5)
     shades = [int(np.asarray(f).mean() / 20 + 0.5) for f in frames]
     assert shades == [0, 2, 4, 6, 8] == sources.frame_indices(10, 5)
-    assert sources.frame_indices(3, 5) == [0, 0, 1, 1, 2]  # short videos repeat frames
+    assert sources.frame_indices(3, 5) == [0, 1, 2, 2, 2]  # short videos repeat the last frame
     rng = np.random.default_rng(0)
     picks = sources.frame_indices(100, 4, train=True, rng=rng)
     assert all(25 * k <= p < 25 * (k + 1) for k, p in enumerate(picks))
