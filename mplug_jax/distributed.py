@@ -1,0 +1,59 @@
+"""Multi-process start-up: `jax.distributed.initialize` only when the run spans processes.
+
+Single-process runs need nothing. A multi-process run is detected from, in order:
+  1. explicit settings: env MPLUG_COORDINATOR (host:port), MPLUG_NUM_PROCESSES, MPLUG_PROCESS_ID
+     (what `launch/` scripts and the 2-process test set);
+  2. SLURM with more than one task (SLURM_NTASKS > 1; JAX reads SLURM_* itself);
+  3. a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts; JAX reads the metadata).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+logger = logging.getLogger(__name__)
+_initialized = False
+
+
+def _explicit() -> dict | None:
+    addr = os.environ.get("MPLUG_COORDINATOR")
+    if not addr:
+        return None
+    try:
+        return dict(coordinator_address=addr,
+                    num_processes=int(os.environ["MPLUG_NUM_PROCESSES"]),
+                    process_id=int(os.environ["MPLUG_PROCESS_ID"]))
+    except KeyError as err:
+        raise RuntimeError(f"MPLUG_COORDINATOR is set but {err.args[0]} is not: set "
+                           "MPLUG_NUM_PROCESSES and MPLUG_PROCESS_ID too") from err
+
+
+def needs_initialize() -> bool:
+    """Whether this process is one of several (see module docstring)."""
+    if _explicit():
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h]) > 1
+
+
+def maybe_initialize() -> None:
+    """Call `jax.distributed.initialize` once if the run spans processes; else do nothing.
+
+    Must run before anything touches a JAX device.
+    """
+    global _initialized
+    if _initialized or not needs_initialize():
+        return
+    kwargs = _explicit() or {}
+    if kwargs and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU multi-process runs (tests, debugging) need a cross-process collectives backend.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    _initialized = True
+    logger.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                jax.process_index(), jax.process_count(), jax.local_device_count(),
+                jax.device_count())
