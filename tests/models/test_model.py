@@ -52,7 +52,7 @@ def test_every_fusion_network_runs(layout):
     model = tiny(fusion_layout=layout)
     x = inputs(model)
     params = P.init_params(model, jax.random.PRNGKey(0))
-    out = model.apply({"params": params}, *x)
+    out = jax.jit(model.apply)({"params": params}, *x)
     img = out["image_embeds"]
     assert out["fusion_image"].shape == img.shape
     assert out["fusion_text"].shape == (2, 6, model.hidden_size)
@@ -69,7 +69,7 @@ def test_connected_layer_adds_image_residual():
     c, m = tiny(fusion_layout="c", fusion_layers=1), tiny(fusion_layout="m", fusion_layers=1)
     params = P.init_params(c, jax.random.PRNGKey(1))
     x = inputs(c)
-    oc, om = c.apply({"params": params}, *x), m.apply({"params": params}, *x)
+    oc, om = jax.jit(c.apply)({"params": params}, *x), jax.jit(m.apply)({"params": params}, *x)
     np.testing.assert_allclose(oc["fusion_image"], om["fusion_image"] + oc["image_embeds"],
                                atol=1e-5)
     np.testing.assert_allclose(oc["fusion_text"], om["fusion_text"], atol=1e-6)
@@ -82,7 +82,8 @@ def test_scan_layout_matches_loop_layout():
     scan_params = P.merge_into(P.init_params(scan, jax.random.PRNGKey(0)), P.loop_to_scan(flat))
     assert P.scan_to_loop(P.loop_to_scan(flat)).keys() == flat.keys()
     x = inputs(loop)
-    a, b = loop.apply({"params": params}, *x), scan.apply({"params": scan_params}, *x)
+    a = jax.jit(loop.apply)({"params": params}, *x)
+    b = jax.jit(scan.apply)({"params": scan_params}, *x)
     for k in ("fusion_text", "decoder_logits", "mlm_logits"):
         np.testing.assert_allclose(a[k], b[k], atol=2e-5)
 
@@ -94,8 +95,8 @@ def test_remat_gives_same_values_and_grads():
 
     def loss(m, p):
         return m.apply({"params": p}, *x)["decoder_logits"].mean()
-    g1 = jax.grad(lambda p: loss(plain, p))(params)
-    g2 = jax.grad(lambda p: loss(remat, p))(params)
+    g1 = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+    g2 = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -105,7 +106,8 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     params = P.init_params(bf16, jax.random.PRNGKey(4))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(P.flatten(params)))
     x = inputs(f32)
-    a, b = f32.apply({"params": params}, *x), bf16.apply({"params": params}, *x)
+    a = jax.jit(f32.apply)({"params": params}, *x)
+    b = jax.jit(bf16.apply)({"params": params}, *x)
     assert b["fusion_text"].dtype == jnp.bfloat16
     assert b["decoder_logits"].dtype == jnp.float32 and b["img_feat"].dtype == jnp.float32
     np.testing.assert_allclose(b["decoder_logits"], a["decoder_logits"], atol=0.1)
