@@ -7,6 +7,7 @@ derived once from `jax.eval_shape` of the init via `nn.logical_to_mesh_sharding`
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
@@ -40,7 +41,9 @@ def rules(name: str) -> tuple:
 
 
 def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
-    """Mesh over `devices` (default all) from {data, fsdp, tensor} sizes; one size may be -1.
+    """Mesh over `devices` (default all) from {data, fsdp, tensor} sizes; one size may be -1
+    (the rest of the devices). A fully explicit shape smaller than the device count uses the
+    first devices (with a warning).
 
     Args:
       shape: e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}.
@@ -58,9 +61,13 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
         if len(devices) % fixed:
             raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(shape)}")
         sizes[sizes.index(-1)] = len(devices) // fixed
-    if math.prod(sizes) != len(devices):
+    if math.prod(sizes) > len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"have {len(devices)}")
+    if math.prod(sizes) < len(devices):  # an explicit smaller shape uses the first devices
+        logging.warning("mesh %s uses %d of %d devices", dict(zip(MESH_AXES, sizes)),
+                        math.prod(sizes), len(devices))
+        devices = devices[:math.prod(sizes)]
     # Auto axes: GSPMD propagates shardings (jax >= 0.7 defaults make_mesh to Explicit axes).
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)

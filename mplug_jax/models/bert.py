@@ -23,11 +23,12 @@ class Embeddings(nn.Module):
     eps: float = 1e-12
     dropout_rate: float = 0.0
     deterministic: bool = True
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        init = nn.initializers.normal(layers.INIT_STD)
+        init = nn.initializers.normal(self.init_std)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.word = nn.Embed(self.vocab_size, self.hidden_size,
                              embedding_init=layers.partitioned(init, ("vocab", "embed")), **kw)
@@ -64,6 +65,7 @@ class BertLayer(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     attention_impl: str = "xla"
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -71,7 +73,7 @@ class BertLayer(nn.Module):
     def __call__(self, x, mask, kv=None, kv_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_kw = dict(dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-                       attention_impl=self.attention_impl, **kw)
+                       attention_impl=self.attention_impl, init_std=self.init_std, **kw)
         drop = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)
         h = layers.Attention(self.num_heads, "self", name="self_attn", **attn_kw)(x, mask=mask)
         x = layers.layer_norm(self.eps, name="self_ln", **kw)(x + drop(h))
@@ -79,7 +81,7 @@ class BertLayer(nn.Module):
             h = layers.Attention(self.num_heads, "cross", name="cross_attn", **attn_kw)(
                 x, kv.astype(self.dtype), mask=kv_mask)
             x = layers.layer_norm(self.eps, name="cross_ln", **kw)(x + drop(h))
-        h = layers.Mlp(self.mlp_dim, layers.gelu, name="mlp", **kw)(x)
+        h = layers.Mlp(self.mlp_dim, layers.gelu, self.init_std, name="mlp", **kw)(x)
         x = layers.layer_norm(self.eps, name="mlp_ln", **kw)(x + drop(h))
         return x, None
 
@@ -96,6 +98,7 @@ class BertStack(nn.Module):
     attention_impl: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = False
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -104,7 +107,8 @@ class BertStack(nn.Module):
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, cross=self.cross,
                             eps=self.eps, dropout_rate=self.dropout_rate,
                             deterministic=self.deterministic, attention_impl=self.attention_impl,
-                            dtype=self.dtype, param_dtype=self.param_dtype)
+                            init_std=self.init_std, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
         return layers.layer_stack(BertLayer, self.depth, name="layer", scan=self.scan_layers,
                                   remat_policy=self.remat_policy, block_kwargs=block_kwargs,
                                   x=x, args=args)
@@ -125,16 +129,18 @@ class TextEncoder(nn.Module):
     attention_impl: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = False
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         self.embeddings = Embeddings(self.vocab_size, self.hidden_size, self.max_len,
                                      self.type_vocab_size, self.eps, self.dropout_rate,
-                                     self.deterministic, self.dtype, self.param_dtype)
+                                     self.deterministic, self.init_std, self.dtype,
+                                     self.param_dtype)
         self.encoder = BertStack(self.num_heads, self.mlp_dim, self.depth, False, self.eps,
                                  self.dropout_rate, self.deterministic, self.attention_impl,
-                                 self.remat_policy, self.scan_layers, self.dtype,
+                                 self.remat_policy, self.scan_layers, self.init_std, self.dtype,
                                  self.param_dtype)
 
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:

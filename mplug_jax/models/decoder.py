@@ -31,6 +31,7 @@ class TextDecoder(nn.Module):
     attention_impl: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = False
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -38,12 +39,12 @@ class TextDecoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = Embeddings(self.vocab_size, self.hidden_size, self.max_len,
                                      self.type_vocab_size, self.eps, self.dropout_rate,
-                                     self.deterministic, **kw)
+                                     self.deterministic, self.init_std, **kw)
         self.decoder = BertStack(self.num_heads, self.mlp_dim, self.depth, True, self.eps,
                                  self.dropout_rate, self.deterministic, self.attention_impl,
-                                 self.remat_policy, self.scan_layers, **kw)
+                                 self.remat_policy, self.scan_layers, self.init_std, **kw)
         self.lm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), name="lm_transform",
-                                         **kw)
+                                         init_std=self.init_std, **kw)
         self.lm_ln = layers.layer_norm(self.eps, name="lm_ln", **kw)
         self.lm_bias = self.param("lm_bias", layers.partitioned(nn.initializers.zeros,
                                                                 ("vocab",)),

@@ -64,6 +64,7 @@ class FusionLayer(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     attention_impl: str = "xla"
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -71,7 +72,7 @@ class FusionLayer(nn.Module):
     def __call__(self, img: jax.Array, txt: jax.Array, txt_mask: jax.Array):
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, eps=self.eps,
                   dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-                  attention_impl=self.attention_impl, dtype=self.dtype,
+                  attention_impl=self.attention_impl, init_std=self.init_std, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         text_mask = layers.padding_mask(txt_mask)
         if self.kind == "a":
@@ -103,6 +104,7 @@ class FusionEncoder(nn.Module):
     deterministic: bool = True
     attention_impl: str = "xla"
     remat_policy: str = "none"
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -116,6 +118,6 @@ class FusionEncoder(nn.Module):
             cls = nn.remat(FusionLayer, policy=layers.REMAT_POLICIES[self.remat_policy])
         for i, kind in enumerate(self.pattern):
             img, txt = cls(kind, self.num_heads, self.mlp_dim, self.eps, self.dropout_rate,
-                           self.deterministic, self.attention_impl, self.dtype, self.param_dtype,
-                           name=f"layer_{i}")(img, txt, txt_mask)
+                           self.deterministic, self.attention_impl, self.init_std, self.dtype,
+                           self.param_dtype, name=f"layer_{i}")(img, txt, txt_mask)
         return img, txt

@@ -29,10 +29,10 @@ def partitioned(init: Callable, names: tuple) -> Callable:
 
 
 def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
-          name: str, use_bias: bool = True) -> nn.Dense:
-    """nn.Dense whose kernel has logical axes `names` and bias `names[1:]`."""
+          name: str, use_bias: bool = True, init_std: float = INIT_STD) -> nn.Dense:
+    """nn.Dense whose kernel (N(0, init_std)) has logical axes `names` and bias `names[1:]`."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=partitioned(nn.initializers.normal(INIT_STD), names),
+                    kernel_init=partitioned(nn.initializers.normal(init_std), names),
                     bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
 
 
@@ -77,12 +77,14 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     attention_impl: str = "xla"
+    init_std: float = INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def _proj(self, features: tuple, names: tuple, name: str) -> nn.DenseGeneral:
         return nn.DenseGeneral(features, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
-                               kernel_init=partitioned(nn.initializers.normal(INIT_STD), names),
+                               kernel_init=partitioned(nn.initializers.normal(self.init_std),
+                                                       names),
                                bias_init=partitioned(nn.initializers.zeros, names[1:]),
                                name=name)
 
@@ -114,7 +116,7 @@ class Attention(nn.Module):
             raise ValueError(f"attention_impl must be 'xla', 'cudnn' or 'auto', "
                              f"got {self.attention_impl!r}")
         out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=partitioned(nn.initializers.normal(INIT_STD),
+                              kernel_init=partitioned(nn.initializers.normal(self.init_std),
                                                       ("heads", "kv", "embed")),
                               bias_init=partitioned(nn.initializers.zeros, ("embed",)),
                               name="out")
@@ -139,14 +141,15 @@ class Mlp(nn.Module):
     """fc1 -> activation -> fc2: float[..., D] -> float[..., D] via float[..., F]."""
     mlp_dim: int
     activation: Callable = gelu
+    init_std: float = INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
-        h = self.activation(h)
-        return dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(h)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+        h = self.activation(dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x))
+        return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 def layer_stack(block_cls: type[nn.Module], num: int, *, name: str, scan: bool, remat_policy: str,

@@ -51,6 +51,8 @@ class MPLUG(nn.Module):
     embed_dim: int = 256
     temp_init: float = 0.07
     # Numerics and memory.
+    init_std: float = 0.02  # BERT initializer_range (official); tiny models train far better
+    # from scratch with a fan-in scale (about width ** -0.5), see configs/common.py.
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -105,7 +107,7 @@ class MPLUG(nn.Module):
         dt, pdt = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         common = dict(dropout_rate=self.dropout_rate, deterministic=self.deterministic,
                       attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-                      dtype=dt, param_dtype=pdt)
+                      init_std=self.init_std, dtype=dt, param_dtype=pdt)
         bert = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len,
                     type_vocab_size=self.type_vocab_size, eps=self.text_ln_eps,
@@ -113,18 +115,22 @@ class MPLUG(nn.Module):
         self.vision = VisionEncoder(self.image_size, self.patch_size, self.vision_width,
                                     self.vision_layers, self.vision_heads, self.vision_ln_eps,
                                     scan_layers=self.scan_layers, **common)
+        heads = dict(init_std=self.init_std)
         if self.has_visn_fc:
-            self.visn_fc = layers.dense(self.hidden_size, ("mlp", "embed"), dt, pdt, "visn_fc")
+            self.visn_fc = layers.dense(self.hidden_size, ("mlp", "embed"), dt, pdt, "visn_fc",
+                                        **heads)
             self.visn_ln = layers.layer_norm(1e-12, dt, pdt, "visn_ln")  # official eps 1e-12
         self.text = TextEncoder(depth=self.text_layers, **bert)
         self.fusion = FusionEncoder(self.pattern, self.num_heads, self.mlp_dim, self.text_ln_eps,
                                     **common)
         self.decoder = TextDecoder(depth=self.decoder_layers, **bert)
-        self.vision_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "vision_proj")
-        self.text_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "text_proj")
-        self.itm_head = layers.dense(2, ("embed", None), dt, pdt, "itm_head")
+        self.vision_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "vision_proj",
+                                        **heads)
+        self.text_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "text_proj",
+                                      **heads)
+        self.itm_head = layers.dense(2, ("embed", None), dt, pdt, "itm_head", **heads)
         self.mlm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), dt, pdt,
-                                          "mlm_transform")
+                                          "mlm_transform", **heads)
         self.mlm_ln = layers.layer_norm(self.text_ln_eps, dt, pdt, "mlm_ln")
         self.mlm_bias = self.param("mlm_bias", layers.partitioned(nn.initializers.zeros,
                                                                   ("vocab",)),

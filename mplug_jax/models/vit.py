@@ -21,6 +21,7 @@ class ResidualBlock(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     attention_impl: str = "xla"
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -29,9 +30,10 @@ class ResidualBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layers.layer_norm(self.eps, name="ln_1", **kw)(x)
         x = x + layers.Attention(self.num_heads, "self", self.dropout_rate, self.deterministic,
-                                 self.attention_impl, name="attn", **kw)(h)
+                                 self.attention_impl, self.init_std, name="attn", **kw)(h)
         h = layers.layer_norm(self.eps, name="ln_2", **kw)(x)
-        x = x + layers.Mlp(4 * x.shape[-1], layers.quick_gelu, name="mlp", **kw)(h)
+        x = x + layers.Mlp(4 * x.shape[-1], layers.quick_gelu, self.init_std, name="mlp",
+                           **kw)(h)
         return x, None
 
 
@@ -49,6 +51,7 @@ class VisionEncoder(nn.Module):
     attention_impl: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = False
+    init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -67,7 +70,7 @@ class VisionEncoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                     strides=(self.patch_size, self.patch_size), padding="VALID", use_bias=False,
-                    kernel_init=layers.partitioned(nn.initializers.normal(layers.INIT_STD),
+                    kernel_init=layers.partitioned(nn.initializers.normal(self.init_std),
                                                    (None, None, None, "embed")),
                     name="patch_embed", **kw)(image.astype(self.dtype))
         b = x.shape[0]
@@ -84,7 +87,7 @@ class VisionEncoder(nn.Module):
         x = layers.layer_norm(self.eps, name="ln_pre", **kw)(x)
         block_kwargs = dict(num_heads=self.num_heads, eps=self.eps,
                             dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-                            attention_impl=self.attention_impl, **kw)
+                            attention_impl=self.attention_impl, init_std=self.init_std, **kw)
         x = layers.layer_stack(ResidualBlock, self.depth, name="blocks", scan=self.scan_layers,
                                remat_policy=self.remat_policy, block_kwargs=block_kwargs,
                                x=x, args=())

@@ -1,0 +1,121 @@
+r"""python -m mplug_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/mplug_pretrain_tiny
+
+mPLUG pretraining (ITC + ITM + MLM + prefix LM, paper section 3.3) on the built-in synthetic
+dataset. Variants: `tiny` (2-core CPU, about 7 minutes with the held-out zero-shot evaluation),
+`base` (ViT-B/16 at 256 px, fusion stride 3), `large` (ViT-L/14 at 224 px, stride 6):
+
+  python -m mplug_jax.main --config=configs/pretrain.py:base --workdir=DIR
+  python -m mplug_jax.main --config=configs/pretrain.py:large --workdir=DIR
+  python -m mplug_jax.main --config=configs/pretrain.py:tiny,mode=smoke --workdir=DIR
+
+Every field can be overridden, e.g. `--config.optim.lr=2e-4 --config.task.loss_weights.itm=0`
+(a loss weight of 0 removes that loss and its compute: the ablation rows are configs).
+Values from the official `pretrain_mplug_{base,large}.yaml` (official-formats.md section 2/4):
+lr1/lr2 1e-4/1e-5 (base), 5e-5/5e-6 (large), wd 0.02, queue 65536, momentum 0.995, temp 0.07,
+alpha 0.4 ramped over epoch 0, mask probability 0.15, min lr 1e-6, 30 epochs.
+"""
+import ml_collections
+
+from configs import common
+
+# Global batch, warm-up steps and base lr per variant.
+_VARIANTS = {
+    # tiny trains from scratch: no feature queue (stale features of a fast-changing model are a
+    # shortcut: ITC then separates "old vs new" instead of pairs), faster momentum, and the same
+    # lr for the visual encoder (the official 0.1x assumes a pretrained CLIP).
+    "tiny": dict(batch_size=32, lr=5e-4, warmup_steps=50, queue_size=0, train_size=20_000,
+                 max_tokens=24, total_steps=600, momentum=0.99, vision_lr_mult=1.0),
+    "base": dict(batch_size=1024, lr=1e-4, warmup_steps=1000, queue_size=65536,
+                 train_size=1_000_000, max_tokens=32, total_steps=0, momentum=0.995,
+                 vision_lr_mult=0.1),
+    "large": dict(batch_size=1024, lr=5e-5, warmup_steps=1000, queue_size=65536,
+                  train_size=1_000_000, max_tokens=32, total_steps=0, momentum=0.995,
+                  vision_lr_mult=0.1),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Pretraining config; `arg` is `VARIANT[,mode=smoke]`."""
+    arg = common.parse_arg(arg, variant="base", mode="full")
+    if arg.variant not in _VARIANTS:
+        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
+    if arg.mode not in ("full", "smoke"):
+        raise ValueError(f"unknown mode {arg.mode!r}; valid: full, smoke")
+    v = _VARIANTS[arg.variant]
+    tiny = arg.variant == "tiny"
+    c = ml_collections.ConfigDict()
+    c.variant, c.mode = arg.variant, arg.mode
+    c.seed = 0
+    # Exactly one of total_steps / total_epochs is > 0.
+    c.total_steps = v["total_steps"]
+    c.total_epochs = 0.0 if v["total_steps"] else 30.0
+
+    c.model = common.model_config(arg.variant)
+    c.model.dropout_rate = 0.0 if tiny else 0.1  # official BERT hidden/attention dropout
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "pretrain"
+    c.task.loss_weights = dict(itc=1.0, itm=1.0, mlm=1.0, prefix_lm=1.0)
+    # queue_size: a multiple of input.batch_size; 0 = in-batch negatives only (no queue).
+    c.task.itc = dict(temp_min=0.001, temp_max=0.5, queue_size=v["queue_size"], momentum=v["momentum"],
+                      distill_alpha=0.4, alpha_warmup_epochs=1.0)
+    # capacity: the MLM head runs on capacity * mask_prob * B * L gathered tokens (texts are
+    # mostly shorter than L, so 1.25 leaves a wide margin; picks beyond it are dropped).
+    c.task.mlm = dict(mask_prob=0.15, capacity=1.25)
+    # The decoder's LM head runs on capacity x B x (L - 1) gathered next-token targets: a random
+    # split leaves about half of a caption, and captions rarely fill L.
+    c.task.prefix_lm = dict(capacity=0.5)
+
+    c.input = ml_collections.ConfigDict()
+    c.input.dataset = "synthetic"  # the built-in `SyntheticShapes` (train / heldout splits)
+    c.input.train_size = v["train_size"]
+    c.input.batch_size = v["batch_size"]  # global
+    c.input.max_words = 30
+    c.input.max_tokens = v["max_tokens"]
+    # Official pretrain augmentation; off for tiny (flips would contradict "left of" captions).
+    c.input.augment = dict(enabled=not tiny, crop_scale=(0.2, 1.0), randaug_n=2, randaug_m=7,
+                           hflip=True)
+    c.input.workers = 0
+    c.input.shuffle_seed = 0
+    c.input.max_skip_rate = 0.01
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = v["lr"]  # lr1: everything but the visual encoder
+    # lr2 = 0.1 * lr1 for a pretrained visual encoder (official); 1.0 from scratch (tiny).
+    c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/", mult=v["vision_lr_mult"]))
+    c.optim.wd = 0.02
+    # Biases (incl. `mlm_bias`) and LayerNorm scales: no decay.
+    c.optim.no_wd = r"(?i)(bias$)|((ln|norm)[^/]*/scale$)"
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.warmup_steps = v["warmup_steps"]
+    c.optim.schedule = "cosine"
+    c.optim.end_lr = 1e-6
+    c.optim.clip_norm = 0.0  # 0 = no clipping (the official pretraining yaml has none)
+    c.optim.accum_steps = 1
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh.sharding = "dp"
+
+    c.resume = ""  # another run's workdir to continue from when this workdir has no checkpoint
+    c.log_every_steps = 25 if tiny else 100
+    c.ckpt_every_steps = 300 if tiny else 2000
+    c.keep_ckpts = 2
+    c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
+    c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.heldout = dict(type="pretrain_zeroshot", every_steps=0, num_examples=512,
+                           batch_size=64, num_captions=5, max_decode_len=v["max_tokens"])
+
+    if arg.mode == "smoke":
+        c.total_steps, c.total_epochs = 20, 0.0
+        c.input.batch_size = 16
+        c.input.train_size = 1024
+        c.optim.warmup_steps = 5
+        c.log_every_steps = 5
+        c.ckpt_every_steps = 10
+        c.evals.heldout.num_examples = 64
+        c.evals.heldout.batch_size = 32
+        c.evals.heldout.num_captions = 2
+    return c

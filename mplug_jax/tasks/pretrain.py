@@ -1,0 +1,295 @@
+"""mPLUG pretraining task: ITC + ITM + MLM + prefix LM with momentum distillation and queues.
+
+The official release has no pretraining code (official-formats.md section 0); this follows the
+paper (section 3.3) and the ALBEF forward it builds on: a momentum copy of the whole model,
+image/text feature queues, hard negatives for ITM drawn from the ITC similarities, momentum
+distillation for ITC and MLM, and prefix LM through the decoder attending to
+[fused image; fused prefix]. Each loss weight of `config.task.loss_weights` set to 0 removes that
+loss and its compute. All losses, softmaxes and queues are float32.
+
+Batch: {'image': float32[B, R, R, 3], 'text_ids': int32[B, L], 'text_mask': int32[B, L]}.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mplug_jax import losses
+from mplug_jax.models.mplug import MPLUG
+from mplug_jax.train_state import enqueue, momentum_update
+
+LOSSES = ("itc", "itm", "mlm", "prefix_lm")
+
+
+def _decoder_hidden(model: MPLUG, *args):
+    """`MPLUG.decode` without the LM head: float[B, L, D] (so the head runs on targets only)."""
+    return model.decoder.hidden(*args)
+
+
+def _decoder_head(model: MPLUG, h):
+    return model.decoder.lm_logits(h)
+
+
+class PretrainTask:
+    """Pretraining task (see module docstring).
+
+    Args:
+      config: full run config (`model`, `task`, `input.batch_size`).
+      steps_per_epoch: train steps per epoch, for the linear ramp of the distillation weight.
+    """
+
+    name = "pretrain"
+
+    def __init__(self, config, steps_per_epoch: int = 1):
+        self.model = MPLUG.from_config(config.model)
+        self.train_model = self.model.clone(deterministic=config.model.get("dropout_rate", 0) == 0)
+        t = config.task
+        unknown = set(t.loss_weights) - set(LOSSES)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; valid: {LOSSES}")
+        self.weights = {k: float(t.loss_weights.get(k, 0.0)) for k in LOSSES}
+        if not any(self.weights.values()):
+            raise ValueError("task.loss_weights: at least one loss weight must be > 0")
+        self.itc = t.itc
+        self.mask_prob = float(t.mlm.mask_prob)
+        self.mlm_capacity = float(t.mlm.capacity)
+        self.lm_capacity = float(t.prefix_lm.capacity)
+        self.batch_size = int(config.input.batch_size)
+        if self.weights["itc"] and self.itc.queue_size % self.batch_size:
+            raise ValueError(f"task.itc.queue_size={self.itc.queue_size} must be a multiple of the "
+                             f"global batch size input.batch_size={self.batch_size}")
+        self.alpha_warmup_steps = int(round(self.itc.alpha_warmup_epochs * steps_per_epoch))
+        self.max_len = int(config.input.max_tokens)
+
+    # ---- shapes and initialisation ------------------------------------------------------
+
+    def dummy_batch(self, batch_size: int) -> dict:
+        """Zero batch with the task's shapes (for init and compilation)."""
+        r, length = self.model.image_size, self.max_len
+        return {"image": np.zeros((batch_size, r, r, 3), np.float32),
+                "text_ids": np.zeros((batch_size, length), np.int32),
+                "text_mask": np.ones((batch_size, length), np.int32)}
+
+    def init_params(self, rng: jax.Array):
+        """Boxed (logically partitioned) params from `MPLUG.init`."""
+        b = self.dummy_batch(2)
+        k_params, k_drop = jax.random.split(rng)
+        ids, mask = b["text_ids"], b["text_mask"]
+        return self.model.init({"params": k_params, "dropout": k_drop}, b["image"], ids, mask,
+                               ids, mask)["params"]
+
+    def init_extra(self, params, rng: jax.Array) -> dict:
+        """Momentum params (a copy; keeps the boxes of `params`) and the ITC queues.
+
+        Queues start as random unit vectors, like ALBEF's `normalize(randn(E, Q))`.
+        """
+        extra = {}
+        if self._needs_momentum:
+            extra["params_m"] = jax.tree.map(lambda x: x, params)
+        if self.weights["itc"] and self.itc.queue_size:
+            q, e = int(self.itc.queue_size), self.model.embed_dim
+            k_img, k_txt = jax.random.split(rng)
+
+            def unit(k):
+                x = jax.random.normal(k, (q, e), jnp.float32)
+                return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+            extra.update(image_queue=unit(k_img), text_queue=unit(k_txt),
+                         queue_ptr=jnp.zeros((), jnp.int32))
+        return extra
+
+    @property
+    def _distill(self) -> bool:
+        return float(self.itc.distill_alpha) > 0
+
+    @property
+    def _needs_momentum(self) -> bool:
+        return bool(self.weights["itc"] or (self.weights["mlm"] and self._distill))
+
+    # ---- model calls --------------------------------------------------------------------
+
+    def _apply(self, params, method, *args, rng: jax.Array | None = None):
+        if rng is None:
+            return self.model.apply({"params": params}, *args, method=method)
+        return self.train_model.apply({"params": params}, *args, method=method,
+                                      rngs={"dropout": rng})
+
+    def alpha(self, step: jax.Array) -> jax.Array:
+        """Distillation weight: `distill_alpha`, ramped linearly over the first epoch(s)."""
+        a = jnp.asarray(self.itc.distill_alpha, jnp.float32)
+        if self.alpha_warmup_steps <= 0:
+            return a
+        return a * jnp.minimum(1.0, step.astype(jnp.float32) / self.alpha_warmup_steps)
+
+    # ---- loss ---------------------------------------------------------------------------
+
+    def loss(self, params, extra: dict, batch: dict, rng: jax.Array, step: jax.Array):
+        """Weighted sum of the enabled losses on one global batch.
+
+        Args:
+          params: online params.
+          extra: {'params_m', 'image_queue', 'text_queue', 'queue_ptr'} (as enabled).
+          batch: see module docstring.
+          rng: step key; streams 'dropout', 'negatives', 'mask', 'prefix' are folded from it.
+          step: int32[] train step (distillation ramp).
+        Returns:
+          (float32[] loss, (metrics dict of float32[], new extra)).
+        """
+        w = self.weights
+        k_drop, k_neg, k_mask, k_prefix = jax.random.split(rng, 4)
+        drop = iter(jax.random.split(k_drop, 8))
+        image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+        b = ids.shape[0]
+        alpha = self.alpha(step)
+        temp = losses.clamp_temp(params["temp"], self.itc.temp_min, self.itc.temp_max)
+        metrics = {"temp": temp, "alpha": alpha}
+        new_extra = dict(extra)
+        total = jnp.zeros((), jnp.float32)
+        if self._needs_momentum:
+            params_m = momentum_update(extra["params_m"], params, self.itc.momentum)
+            new_extra["params_m"] = params_m
+            img_m = self._apply(params_m, "encode_image", image)
+
+        img = self._apply(params, "encode_image", image, rng=next(drop))
+        if w["itc"] or w["itm"]:
+            txt = self._apply(params, "encode_text", ids, mask, rng=next(drop))
+            img_feat, txt_feat = self._apply(params, "itc_project", img[:, 0], txt[:, 0])
+        if w["itc"]:
+            txt_m = self._apply(params_m, "encode_text", ids, mask)
+            img_feat_m, txt_feat_m = self._apply(params_m, "itc_project", img_m[:, 0],
+                                                 txt_m[:, 0])
+            # queue_size 0: in-batch negatives only (no queue state).
+            empty = jnp.zeros((0, img_feat.shape[-1]), jnp.float32)
+            loss_itc, sims = losses.itc_loss(
+                img_feat, txt_feat, img_feat_m, txt_feat_m, extra.get("image_queue", empty),
+                extra.get("text_queue", empty), temp, alpha if self._distill else 0.0)
+            metrics["loss_itc"] = loss_itc
+            total += w["itc"] * loss_itc
+            if "queue_ptr" in extra:
+                ptr = extra["queue_ptr"]
+                new_extra["image_queue"], new_extra["queue_ptr"] = enqueue(
+                    extra["image_queue"], ptr, img_feat_m)
+                new_extra["text_queue"], _ = enqueue(extra["text_queue"], ptr, txt_feat_m)
+        if w["itm"]:
+            if w["itc"]:
+                sim_i2t, sim_t2i = sims["sim_i2t"], sims["sim_t2i"]
+            else:  # no momentum model: sample from online similarities
+                sim_i2t = img_feat @ txt_feat.T / temp
+                sim_t2i = sim_i2t.T
+            # Identical captions (frequent in small-vocabulary data) are matches, not negatives.
+            same_text = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+            neg_txt, neg_img = losses.sample_hard_negatives(k_neg, sim_i2t, sim_t2i, same_text)
+            # Pairs: b positives, (hard image, text j), (image i, hard text).
+            img_all = jnp.concatenate([img, img[neg_img], img], 0)
+            txt_all = jnp.concatenate([txt, txt, txt[neg_txt]], 0)
+            mask_all = jnp.concatenate([mask, mask, mask[neg_txt]], 0)
+            _, fused = self._apply(params, "fuse", img_all, txt_all, mask_all, rng=next(drop))
+            logits = self._apply(params, "itm_logits", fused[:, 0])
+            labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+            loss_itm, metrics["itm_acc"] = losses.itm_loss(logits, labels)
+            metrics["loss_itm"] = loss_itm
+            total += w["itm"] * loss_itm
+        if w["mlm"]:
+            masked, picked = losses.mask_tokens(k_mask, ids, mask, self.model.vocab_size,
+                                                self.mask_prob)
+            txt_mlm = self._apply(params, "encode_text", masked, mask, rng=next(drop))
+            _, fused = self._apply(params, "fuse", img, txt_mlm, mask, rng=next(drop))
+            # Only picked tokens need the V-way head: gather them (static capacity).
+            pos, valid = losses.picked_positions(picked, self._mlm_capacity(b, ids.shape[1]))
+
+            def head(p, states):
+                h = states.reshape(-1, states.shape[-1])[pos][None]
+                return self._apply(p, "mlm_logits", h)
+
+            logits = head(params, fused)
+            logits_m = None
+            if self._distill:
+                txt_mlm_m = self._apply(params_m, "encode_text", masked, mask)
+                _, fused_m = self._apply(params_m, "fuse", img_m, txt_mlm_m, mask)
+                logits_m = head(params_m, fused_m)
+            loss_mlm, metrics["mlm_acc"] = losses.mlm_loss(
+                logits, ids.reshape(-1)[pos][None], valid[None], logits_m, alpha)
+            metrics["loss_mlm"] = loss_mlm
+            total += w["mlm"] * loss_mlm
+        if w["prefix_lm"]:
+            p_ids, p_mask, d_ids, d_mask = losses.split_prefix(k_prefix, ids, mask)
+            txt_p = self._apply(params, "encode_text", p_ids, p_mask, rng=next(drop))
+            f_img, f_txt = self._apply(params, "fuse", img, txt_p, p_mask, rng=next(drop))
+            states = jnp.concatenate([f_img, f_txt], 1)
+            smask = jnp.concatenate([jnp.ones(f_img.shape[:2], p_mask.dtype), p_mask], 1)
+            h = self._apply(params, _decoder_hidden, d_ids, d_mask, states, smask, rng=next(drop))
+            # The V-way LM head only where a real next token is predicted (static capacity).
+            tgt = d_mask[:, 1:] > 0
+            pos, valid = losses.picked_positions(tgt, self._lm_capacity(b, ids.shape[1] - 1))
+            logits = self._apply(params, _decoder_head,
+                                 h[:, :-1].reshape(-1, h.shape[-1])[pos][None])
+            loss_lm, metrics["lm_acc"] = losses.mlm_loss(
+                logits, d_ids[:, 1:].reshape(-1)[pos][None], valid[None])
+            metrics["loss_prefix_lm"] = loss_lm
+            total += w["prefix_lm"] * loss_lm
+        metrics["loss"] = total
+        return total, (metrics, new_extra)
+
+    def _mlm_capacity(self, b: int, length: int) -> int:
+        """Gathered MLM positions: `mlm.capacity` x the expected picks of full-length texts."""
+        return max(1, min(b * length, int(np.ceil(self.mlm_capacity * self.mask_prob * b
+                                                  * length))))
+
+    def _lm_capacity(self, b: int, length: int) -> int:
+        """Gathered decoder targets: `prefix_lm.capacity` x the B * (L - 1) next-token slots."""
+        return max(1, min(b * length, int(np.ceil(self.lm_capacity * b * length))))
+
+    # ---- predict fns (used by evaluators) ------------------------------------------------
+
+    def embed(self, params, image: jax.Array, ids: jax.Array, mask: jax.Array):
+        """-> (float32[B, E] image features, float32[B, E] text features), unit norm."""
+        img = self._apply(params, "encode_image", image)
+        txt = self._apply(params, "encode_text", ids, mask)
+        return self._apply(params, "itc_project", img[:, 0], txt[:, 0])
+
+    def itm_logits(self, params, image: jax.Array, ids: jax.Array, mask: jax.Array):
+        """-> float32[B, 2] matching logits of (image i, text i)."""
+        img = self._apply(params, "encode_image", image)
+        txt = self._apply(params, "encode_text", ids, mask)
+        _, fused = self._apply(params, "fuse", img, txt, mask)
+        return self._apply(params, "itm_logits", fused[:, 0])
+
+    def mlm_logits(self, params, image: jax.Array, ids: jax.Array, mask: jax.Array):
+        """-> float32[B, L, V] masked-LM logits of (possibly corrupted) `ids` given `image`."""
+        img = self._apply(params, "encode_image", image)
+        txt = self._apply(params, "encode_text", ids, mask)
+        _, fused = self._apply(params, "fuse", img, txt, mask)
+        return self._apply(params, "mlm_logits", fused)
+
+    def greedy_decode(self, params, image: jax.Array, max_len: int) -> jax.Array:
+        """Caption by greedy decoding from [CLS] until [SEP] (empty text prefix).
+
+        Args:
+          image: float32[B, R, R, 3].
+          max_len: T, length of the output buffer ([CLS] included).
+        Returns:
+          int32[B, T]: [CLS] w1 .. [SEP] then [PAD].
+        """
+        b = image.shape[0]
+        img = self._apply(params, "encode_image", image)
+        prefix = jnp.full((b, 1), losses.CLS_ID, jnp.int32)
+        pmask = jnp.ones((b, 1), jnp.int32)
+        txt = self._apply(params, "encode_text", prefix, pmask)
+        f_img, f_txt = self._apply(params, "fuse", img, txt, pmask)
+        states = jnp.concatenate([f_img, f_txt], 1)
+        smask = jnp.ones(states.shape[:2], jnp.int32)
+        ids0 = jnp.zeros((b, max_len), jnp.int32).at[:, 0].set(losses.CLS_ID)
+        # Causal self-attention: positions after t do not change the logits at t.
+        dmask = jnp.ones((b, max_len), jnp.int32)
+
+        def body(t, carry):
+            ids, done = carry
+            logits = self._apply(params, "decode", ids, dmask, states, smask)
+            nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, False), -1)
+            nxt = jnp.where(done, losses.PAD_ID, nxt).astype(jnp.int32)
+            ids = jax.lax.dynamic_update_index_in_dim(ids, nxt, t + 1, 1)
+            return ids, done | (nxt == losses.SEP_ID)
+
+        ids, _ = jax.lax.fori_loop(0, max_len - 1, body, (ids0, jnp.zeros((b,), bool)))
+        return ids

@@ -1,0 +1,312 @@
+"""The one training loop for every task (big_vision `train.py` main, split into functions).
+
+mesh -> data -> task -> abstract state + shardings (logical axes) -> jit(init, out_shardings)
+-> resume (workdir checkpoint > `config.resume` > scratch) -> AOT-compiled step (state donated,
+explicit in/out shardings) -> loop (metrics fetched on log steps; checkpoints; SIGTERM save)
+-> wait for checkpoints -> evaluators -> loss-curve PNG.
+
+The step is generic: value_and_grad of `task.loss`, optax update, non-finite steps skipped
+(params, optimizer state and task extras kept) and counted; global norms as metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mplug_jax import checkpoint as ckpt_lib
+from mplug_jax import metrics as mlib
+from mplug_jax import optim
+from mplug_jax import sharding as shd
+from mplug_jax import train_state as ts
+from mplug_jax.tasks.pretrain import PretrainTask
+
+TASKS = {"pretrain": PretrainTask}
+
+
+def _evaluators():
+    from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
+    return {"pretrain_zeroshot": PretrainZeroShot}
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after `max_nonfinite_steps` consecutive steps with a non-finite loss or grads."""
+
+
+def make_train_step(task, tx: optax.GradientTransformation, schedules: dict, accum_steps: int):
+    """The generic step: (TrainState, batch) -> (TrainState, metrics of float32[])."""
+
+    def step_fn(state: ts.TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            return task.loss(params, state.extra, batch, rng, state.step)
+
+        (loss, (aux, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        l2_grads = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(l2_grads)
+
+        def keep(new, old):  # skip the whole update when anything is non-finite
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        bad = (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state), extra=keep(new_extra, state.extra),
+            nonfinite_total=state.nonfinite_total + bad,
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+        out = {f"train/{k}": v for k, v in aux.items()}
+        out.update({"train/l2_grads": l2_grads, "train/l2_params": optax.tree.norm(
+            new_state.params), "train/l2_updates": optax.tree.norm(updates),
+            "train/nonfinite_total": new_state.nonfinite_total,
+            "train/nonfinite_streak": new_state.nonfinite_streak})
+        for k, v in optim.learning_rates(schedules, state.step, accum_steps).items():
+            out[f"train/{k}"] = jnp.asarray(v, jnp.float32)
+        return new_state, out
+
+    return step_fn
+
+
+def make_source(input_cfg, split: str, size: int, image_size: int, seed: int):
+    """Random-access records of `input.dataset` (only the built-in 'synthetic' for now)."""
+    if input_cfg.dataset != "synthetic":
+        raise ValueError(f"unknown input.dataset {input_cfg.dataset!r}; valid: synthetic")
+    from mplug_jax.data.synthetic import SyntheticShapes
+    return SyntheticShapes(split, size, image_size=image_size, seed=seed)
+
+
+def make_train_iter(config, image_size: int):
+    """(grain iterator of process-local batches, records per epoch)."""
+    from mplug_jax.data.pipeline import pretrain_dataset
+    inp = config.input
+    nproc = jax.process_count()
+    if inp.batch_size % nproc:
+        raise ValueError(f"input.batch_size {inp.batch_size} not divisible by {nproc} processes")
+    source = make_source(inp, "train", inp.train_size, image_size, config.seed)
+    aug = {k: v for k, v in inp.augment.items() if k != "enabled"} if inp.augment.enabled else None
+    ds = pretrain_dataset(source, image_size=image_size, batch_size=inp.batch_size // nproc,
+                          max_words=inp.max_words, max_tokens=inp.max_tokens,
+                          seed=inp.shuffle_seed, train=True, augment=aug, workers=inp.workers,
+                          shard_index=jax.process_index(), shard_count=nproc,
+                          max_skip_rate=inp.max_skip_rate)
+    return iter(ds), len(source)
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+    if (config.total_steps > 0) == (config.total_epochs > 0):
+        raise ValueError("set exactly one of total_steps / total_epochs to a value > 0, got "
+                         f"{config.total_steps} / {config.total_epochs}")
+    return int(config.total_steps or round(config.total_epochs * steps_per_epoch))
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built before the loop (returned by `setup` for tests and benchmarks)."""
+    mesh: Any
+    task: Any
+    tx: Any
+    schedules: dict
+    abstract: ts.TrainState
+    shardings: ts.TrainState
+    total_steps: int
+    steps_per_epoch: int
+    init: Any = None  # jitted rng -> TrainState with `shardings`
+
+
+def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
+    """Mesh, task, optimizer and the state's shapes and shardings (no compute)."""
+    mesh = mesh if mesh is not None else shd.make_mesh(config.mesh.shape)
+    rule_set = shd.rules(config.mesh.sharding)
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.input.batch_size % n_batch:
+        raise ValueError(f"input.batch_size {config.input.batch_size} not divisible by the "
+                         f"{n_batch} batch shards of mesh {dict(mesh.shape)}")
+    steps = total_steps(config, steps_per_epoch)
+    task = TASKS[config.task.name](config, steps_per_epoch=steps_per_epoch) \
+        if config.task.name in TASKS else _unknown("task", config.task.name, TASKS)
+    rng = jax.random.PRNGKey(config.seed)
+    params_shape = _unbox(jax.eval_shape(task.init_params, rng))
+    tx, schedules = optim.make_optimizer(config.optim, params_shape, steps)
+    abstract, shardings = ts.abstract_state(task.init_params, task.init_extra, tx, rng, mesh,
+                                            rule_set)
+    init = jax.jit(functools.partial(ts.init_state, task.init_params, task.init_extra, tx),
+                   out_shardings=shardings)
+    return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init)
+
+
+def _unbox(tree):
+    return nn.meta.unbox(tree)
+
+
+def _unknown(kind: str, name: str, registry: dict):
+    raise ValueError(f"unknown {kind} {name!r}; valid: {sorted(registry)}")
+
+
+def init_state(s: Setup, seed: int) -> ts.TrainState:
+    """Fresh state, created directly with its shardings."""
+    return s.init(jax.random.PRNGKey(seed))
+
+
+def compile_step(s: Setup, config, batch_abstract: dict):
+    """AOT-compiled train step with donated state and explicit shardings."""
+    step_fn = make_train_step(s.task, s.tx, s.schedules, config.optim.accum_steps)
+    bsh = shd.batch_sharding(s.mesh)
+    jitted = jax.jit(step_fn, in_shardings=(s.shardings, bsh),
+                     out_shardings=(s.shardings, shd.replicated(s.mesh)), donate_argnums=0)
+    state_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                             s.abstract, s.shardings)
+    batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=bsh),
+                             batch_abstract)
+    return jitted.lower(state_abs, batch_abs).compile()
+
+
+class _Stop:
+    """SIGTERM flag: the loop saves a checkpoint and returns at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *_):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+_PREPARED: dict = {}  # compiled steps of earlier `run`s in this process, by config
+
+
+def prepare(config, n_train: int):
+    """(Setup, compiled step, its FLOPs/memory); reused by later runs of the same config."""
+    key = (config.to_json_best_effort(sort_keys=True), n_train, tuple(
+        d.id for d in jax.devices()))
+    if key not in _PREPARED:
+        s = setup(config, max(n_train // config.input.batch_size, 1))
+        b = config.input.batch_size
+        batch_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype),
+                                 s.task.dummy_batch(1))
+        batch_abs["idx"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+        step_c = compile_step(s, config, batch_abs)
+        _PREPARED[key] = (s, step_c, mlib.compiled_stats(step_c))
+    return _PREPARED[key]
+
+
+def run(config, workdir: str) -> dict:
+    """Train (resuming from `workdir` if it holds a checkpoint), then evaluate.
+
+    Returns:
+      {'step': last step, 'evals': {name: metrics}, 'stopped': 'done'|'sigterm',
+       'state': the final TrainState}.
+    """
+    from mplug_jax.data.pipeline import make_global_batch
+    config = config.copy_and_resolve_references()
+    workdir = os.path.abspath(workdir)
+    ckpt_lib.write_config(workdir, config)
+    it, n_train = make_train_iter(config, config.model.image_size)
+    t0 = time.perf_counter()
+    s, step_c, stats = prepare(config, n_train)
+    writer = mlib.MetricWriter(workdir)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep_ckpts)
+    found = ckpt_lib.find_resume(workdir, config.resume or None)
+    if found is None:
+        state = init_state(s, config.seed)
+    else:
+        root, step = found
+        src = ckpt if root == ckpt.directory else ckpt_lib.Checkpointer(root, async_save=False)
+        state = src.restore(step, s.abstract, s.shardings, it)
+        print(f"resumed from {root} at step {step}", flush=True)
+    first = int(jax.device_get(state.step))
+    b = config.input.batch_size
+    peak, how = mlib.peak_flops_per_device(config.peak_flops)
+    n_dev = s.mesh.size
+    print(f"ready in {time.perf_counter() - t0:.1f}s: {stats['flops'] / 1e9:.2f} GFLOP/device, "
+          f"peak memory {stats['peak_bytes'] / 2**20:.0f} MiB/device; peak {peak / 1e9:.1f} "
+          f"GFLOP/s/device ({how}) x {n_dev}; {s.total_steps} steps of {b}", flush=True)
+    chrono = mlib.Chrono(first, s.total_steps, b)
+    evaluators = {}  # built on first use
+    stopped, step, prev = "done", first, None
+    with _Stop() as stop:
+        for step in range(first + 1, s.total_steps + 1):
+            batch = make_global_batch(next(it), s.mesh)
+            state, out = step_c(state, batch)
+            if prev is not None and int(prev["train/nonfinite_streak"]) >= \
+                    config.max_nonfinite_steps:
+                ckpt.save(step, state, it, force=True)
+                ckpt.close()
+                raise NonFiniteError(
+                    f"{int(prev['train/nonfinite_streak'])} consecutive steps with a non-finite "
+                    f"loss or gradients (up to step {step - 1}); updates were skipped; "
+                    f"checkpoint saved at step {step} in {ckpt.directory}")
+            prev = out
+            if step % config.log_every_steps == 0 or step == s.total_steps or step == first + 1:
+                row = mlib.to_floats(out)
+                row.update(chrono.tick(step))
+                if "step_time_s" in row:
+                    row["mfu"] = stats["flops"] / (row["step_time_s"] * peak)  # per device
+                writer.write(step, row)
+            if any(e.every_steps and step % e.every_steps == 0 and step < s.total_steps
+                   for e in config.evals.values()):
+                run_evals(config, s, state.params, step, writer, evaluators, periodic=True)
+                chrono.restart(step)  # eval time is not step time
+            if step % config.ckpt_every_steps == 0 or step == s.total_steps or stop.requested:
+                ckpt.save(step, state, it, force=True)
+            if stop.requested:
+                stopped = "sigterm"
+                print(f"SIGTERM: checkpoint saved at step {step}; rerun to resume", flush=True)
+                break
+    ckpt.close()
+    results = {"step": step, "stopped": stopped, "evals": {}, "state": state}
+    if stopped == "done":
+        results["evals"] = run_evals(config, s, state.params, step, writer, evaluators)
+    writer.close()
+    png = mlib.plot_losses(workdir)
+    if png:
+        print(f"loss curves: {png}", flush=True)
+    return results
+
+
+def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
+              evaluators: dict, periodic: bool = False) -> dict:
+    """Run `config.evals` entries (periodic: those due at `step`); writes `<name>/<metric>`.
+
+    `evaluators` caches the built evaluators between calls.
+    """
+    registry = _evaluators()
+    out = {}
+    for name, ecfg in config.evals.items():
+        if periodic and not (ecfg.every_steps and step % ecfg.every_steps == 0):
+            continue
+        if ecfg.type not in registry:
+            _unknown("evaluator", ecfg.type, registry)
+        if name not in evaluators:
+            evaluators[name] = registry[ecfg.type](s.task, ecfg, config)
+        ev = evaluators[name]
+        t = time.perf_counter()
+        res = ev.run(params)
+        scalars = {f"{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
+        writer.write(step, scalars, console=False)
+        if jax.process_index() == 0:
+            print(f"== eval '{name}' at step {step} ({time.perf_counter() - t:.0f}s)")
+            print(ev.report(res), flush=True)
+        out[name] = res
+    return out

@@ -1,0 +1,180 @@
+"""The jitted pretraining step: 1 vs 8 devices per sharding preset, non-finite skip, ablations."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain as pretrain_config
+from mplug_jax import losses, trainer
+from mplug_jax import sharding as shd
+from mplug_jax.data.pipeline import make_global_batch
+
+B, L, V = 16, 8, 128
+
+
+def small_config(**loss_weights):
+    """`tiny,mode=smoke` with a 1-2 layer, 32-wide model over a 128-token vocabulary."""
+    c = pretrain_config.get_config("tiny,mode=smoke")
+    c.model.update(vocab_size=V, hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1,
+                   fusion_layers=2, fusion_stride=1, decoder_layers=1, image_size=32,
+                   patch_size=16, vision_width=32, vision_layers=1, vision_heads=2,
+                   embed_dim=16, max_len=L)
+    c.input.batch_size, c.input.max_tokens = B, L
+    c.task.itc.queue_size = 2 * B
+    c.task.prefix_lm.capacity = 1.0  # random lengths up to L: room for every target
+    c.task.itc.alpha_warmup_epochs = 0.0  # full distillation from step 0: exercised at once
+    c.task.loss_weights.update(loss_weights)
+    # Adam with a large eps: an update is smooth in the gradient, so float noise between device
+    # layouts cannot flip the sign of a near-zero gradient into a full-lr difference.
+    c.optim.update(eps=1e-3, warmup_steps=0, lr=1e-3)
+    return c
+
+
+def make_batch(seed: int) -> dict:
+    r = np.random.default_rng(seed)
+    lengths = r.integers(3, L + 1, size=B)
+    ids = r.integers(losses.MASK_ID + 1, V, size=(B, L)).astype(np.int32)
+    ids[:, 0] = losses.CLS_ID
+    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
+    return {"image": r.normal(size=(B, 32, 32, 3)).astype(np.float32),
+            "text_ids": np.where(mask > 0, ids, 0).astype(np.int32), "text_mask": mask,
+            "idx": np.arange(B, dtype=np.int32)}
+
+
+def build(config, mesh):
+    s = trainer.setup(config, steps_per_epoch=10, mesh=mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(0))
+    return s, trainer.compile_step(s, config, abstract)
+
+
+def run_steps(s, step, mesh, batches):
+    state = trainer.init_state(s, 0)
+    outs = []
+    for b in batches:
+        state, m = step(state, make_global_batch(b, mesh))
+        outs.append(jax.device_get(m))
+    return state, outs
+
+
+@functools.cache
+def one_device():
+    """(setup, compiled step, mesh) on a single device, shared by the tests below."""
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    return (*build(small_config(), mesh), mesh)
+
+
+@functools.cache
+def reference_run():
+    """Two steps on one device (shared by the sharding tests)."""
+    state, outs = run_steps(*one_device(), [make_batch(0), make_batch(1)])
+    return jax.device_get(state), outs
+
+
+@pytest.mark.parametrize("preset,shape", [
+    ("dp", {"data": 8, "fsdp": 1, "tensor": 1}),
+    ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2}),
+])
+def test_eight_devices_match_one(preset, shape):
+    ref_state, ref_outs = reference_run()
+    config = small_config()
+    config.mesh.sharding = preset
+    mesh = shd.make_mesh(shape)
+    state, outs = run_steps(*build(config, mesh), mesh, [make_batch(0), make_batch(1)])
+    # The declared layout is really used (and not silently replicated).
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+    if preset != "dp":
+        assert any("fsdp" in sp for sp in specs), specs
+    if preset == "fsdp_tp":
+        assert any("tensor" in sp for sp in specs), specs
+    for ref, got in zip(ref_outs, outs):
+        for k in ("train/loss", "train/loss_itc", "train/loss_itm", "train/loss_mlm",
+                  "train/loss_prefix_lm", "train/l2_grads"):
+            np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, err_msg=k)
+    got = jax.device_get(state)
+    # float32 reductions in another order: differences of ~1e-6 relative.
+    for name, a, b in [("params", ref_state.params, got.params),
+                       ("extra", ref_state.extra, got.extra),
+                       ("opt_state", ref_state.opt_state, got.opt_state)]:
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6,
+                                       err_msg=name)
+    assert int(got.extra["queue_ptr"]) == (2 * B) % (2 * B)
+    assert int(got.step) == 2
+
+
+def test_step_updates_queue_momentum_and_skips_nonfinite():
+    s, step, mesh = one_device()
+    state = trainer.init_state(s, 0)
+    before = jax.device_get(state)
+    state, m = step(state, make_global_batch(make_batch(0), mesh))
+    after = jax.device_get(state)
+    # Momentum params: m * p_m + (1 - m) * p with the pre-update params (ALBEF order).
+    w0, wm0 = before.params["text_proj"]["kernel"], before.extra["params_m"]["text_proj"]["kernel"]
+    np.testing.assert_allclose(after.extra["params_m"]["text_proj"]["kernel"],
+                               0.995 * wm0 + 0.005 * w0, rtol=1e-6)
+    assert int(after.extra["queue_ptr"]) == B
+    assert not np.allclose(after.extra["image_queue"][:B], before.extra["image_queue"][:B])
+    np.testing.assert_array_equal(after.extra["image_queue"][B:], before.extra["image_queue"][B:])
+    norms = np.linalg.norm(after.extra["text_queue"][:B], axis=-1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)  # momentum features are unit vectors
+    assert int(m["train/nonfinite_total"]) == 0
+    # A NaN in the batch: nothing but the counters and the step moves.
+    bad = make_batch(1)
+    bad["image"][0, 0, 0, 0] = np.nan
+    state, m = step(state, make_global_batch(bad, mesh))
+    skipped = jax.device_get(state)
+    assert int(m["train/nonfinite_total"]) == 1 and int(m["train/nonfinite_streak"]) == 1
+    assert int(skipped.step) == 2
+    for x, y in zip(jax.tree.leaves((after.params, after.opt_state, after.extra)),
+                    jax.tree.leaves((skipped.params, skipped.opt_state, skipped.extra))):
+        np.testing.assert_array_equal(x, y)
+    state, m = step(state, make_global_batch(make_batch(2), mesh))
+    assert int(m["train/nonfinite_total"]) == 1 and int(m["train/nonfinite_streak"]) == 0
+
+
+def _count_dots(config) -> tuple[int, set]:
+    task = trainer.TASKS["pretrain"](config, steps_per_epoch=10)
+    rng = jax.random.PRNGKey(0)
+    boxed = jax.eval_shape(task.init_params, rng)
+    import flax.linen as nn
+    params = nn.meta.unbox(boxed)
+    extra = nn.meta.unbox(jax.eval_shape(task.init_extra, boxed, rng))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(0))
+    jaxpr = jax.make_jaxpr(lambda p, e, b: task.loss(p, e, b, rng, np.int32(0)))(
+        params, extra, batch)
+    keys = jax.eval_shape(lambda p, e, b: task.loss(p, e, b, rng, np.int32(0)), params, extra,
+                          batch)[1][0].keys()
+    return str(jaxpr).count("dot_general"), set(keys), set(extra)
+
+
+def test_zero_loss_weight_removes_loss_and_compute():
+    full, keys, extra = _count_dots(small_config())
+    assert {"loss_itc", "loss_itm", "loss_mlm", "loss_prefix_lm"} <= keys
+    assert {"params_m", "image_queue", "text_queue", "queue_ptr"} == extra
+    for name in ("itc", "itm", "mlm", "prefix_lm"):
+        n, keys, extra = _count_dots(small_config(**{name: 0.0}))
+        assert f"loss_{name}" not in keys and n < full, name
+    # Without ITC (and with MLM distillation still on) no queues are kept.
+    _, _, extra = _count_dots(small_config(itc=0.0))
+    assert extra == {"params_m"}
+    _, _, extra = _count_dots(small_config(itc=0.0, mlm=0.0))
+    assert extra == set()
+    no_queue = small_config()
+    no_queue.task.itc.queue_size = 0  # in-batch negatives only
+    _, keys, extra = _count_dots(no_queue)
+    assert "loss_itc" in keys and extra == {"params_m"}
+
+
+def test_config_errors():
+    c = small_config()
+    c.task.itc.queue_size = 3 * B + 1
+    with pytest.raises(ValueError, match="multiple of the global batch size"):
+        trainer.TASKS["pretrain"](c)
+    with pytest.raises(ValueError, match="at least one loss weight"):
+        trainer.TASKS["pretrain"](small_config(itc=0.0, itm=0.0, mlm=0.0, prefix_lm=0.0))
+    with pytest.raises(ValueError, match="unknown sharding preset"):
+        shd.rules("zero3")
+    assert shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}).size == 2
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        shd.make_mesh({"data": 16, "fsdp": 1, "tensor": 1})
