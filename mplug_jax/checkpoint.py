@@ -95,3 +95,41 @@ def find_resume(workdir: str, resume: str | None) -> tuple[str, int] | None:
     if resume:
         raise FileNotFoundError(f"config.resume={resume!r} has no checkpoint under {resume}/ckpt")
     return None
+
+
+def load_for_export(workdir: str, step: int | None = None):
+    """Params of a training workdir for `mplug-jax export`.
+
+    Args:
+      workdir: a run directory (`config.json` + `ckpt/<step>/`).
+      step: checkpoint step; default the latest.
+    Returns:
+      (model, params, momentum params or None), restored on one device.
+    """
+    import ml_collections
+
+    from mplug_jax import sharding as shd
+    from mplug_jax import trainer
+
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{workdir} is neither a converted checkpoint (mplug_config.json)"
+                                " nor a training workdir (config.json)")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    root = os.path.join(workdir, "ckpt")
+    available = sorted(int(d) for d in os.listdir(root) if d.isdigit()) \
+        if os.path.isdir(root) else []
+    step = latest_step(root) if step is None else step
+    if step is None or step not in available:
+        raise FileNotFoundError(f"no checkpoint at step {step} in {root}; available: {available}")
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    config.mesh.sharding = "dp"
+    config.input.batch_size = 1  # shapes of the state do not depend on the batch
+    s = trainer.setup(config, steps_per_epoch=1, mesh=mesh)
+    ckpt = Checkpointer(root, keep=None, async_save=False)
+    try:
+        state = ckpt.restore(step, s.abstract, s.shardings, None)
+    finally:
+        ckpt.close()
+    return s.task.model, state.params, state.extra.get("params_m")

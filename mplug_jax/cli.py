@@ -75,9 +75,65 @@ def _export(args) -> int:
     return 0
 
 
-def _train(args, rest) -> int:
+def _train(rest: list[str]) -> int:
     from mplug_jax import main as train_main
-    return train_main.cli([sys.argv[0]] + rest) or 0
+    train_main.cli(["mplug-jax train"] + rest)  # absl app: exits with the run's status
+    return 0
+
+
+class _ConfigOverridesParser(argparse.ArgumentParser):
+    """Subcommand parser that keeps `--config.a.b=value` overrides (ml_collections syntax) in
+    `args.overrides` and the subcommand's raw arguments in `args.argv` (for re-exec)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        overrides = [a for a in args if a.startswith("--config.")]
+        ns, rest = super().parse_known_args([a for a in args if a not in overrides], namespace)
+        ns.overrides, ns.argv = overrides, args
+        return ns, rest
+
+
+def _reexec_with_cpu_devices(args) -> None:
+    """Re-run this subcommand with `args.devices` fake CPU devices, unless already done.
+
+    XLA reads the device count once, when the backend starts, so a fresh process is the only
+    reliable way (the caller may have imported and started JAX already). The fake-device
+    program is compiled, never run: -O0 codegen (memory and FLOPs are fixed before LLVM runs;
+    same numbers on `tiny`) makes planning `large` minutes faster.
+    """
+    n = str(args.devices)
+    if os.environ.get("MPLUG_FAKE_DEVICES") == n:
+        return
+    env = dict(os.environ, MPLUG_FAKE_DEVICES=n, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    fast = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+    flags += [f for f in fast if f.split("=")[0] not in env.get("XLA_FLAGS", "")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "mplug_jax.cli", args.command, *args.argv],
+              env)
+
+
+def _shardings(args) -> int:
+    if args.devices:
+        _reexec_with_cpu_devices(args)
+    from mplug_jax import plan
+    config = plan.load_config(args.config, args.overrides)
+    print("# mplug-jax shardings " + " ".join(args.argv))
+    print(plan.state_table(config), end="")
+    return 0
+
+
+def _plan(args) -> int:
+    if args.devices:
+        _reexec_with_cpu_devices(args)
+    from mplug_jax import plan
+    config = plan.load_config(args.config, args.overrides)
+    print("# mplug-jax plan " + " ".join(args.argv))
+    result = plan.plan(config, device_memory_gb=args.device_memory_gb)
+    print(plan.format_plan(result), end="", flush=True)
+    return 0 if result.fits else 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     s.set_defaults(fn=None)
 
+    for name, fn, help_ in (
+            ("shardings", _shardings, "print the sharding of every train-state leaf"),
+            ("plan", _plan, "compile the train step ahead of time: per-device memory, FLOPs, "
+                            "fits or not")):
+        s = sub.add_parser(name, help=help_, description=help_ + ". Config fields can be "
+                           "overridden with --config.a.b=value (ml_collections syntax).")
+        s.__class__ = _ConfigOverridesParser  # keep the --config.x=y overrides
+        s.add_argument("--config", required=True, help="config file[:arg], e.g. "
+                       "configs/pretrain.py:large")
+        s.add_argument("--devices", type=int, help="plan for this many fake CPU devices "
+                       "(default: the devices JAX sees)")
+        if name == "plan":
+            s.add_argument("--device-memory-gb", type=float, default=40.0,
+                           help="memory of one target device in GB (default 40); exit code 3 "
+                                "when the step does not fit")
+        s.set_defaults(fn=fn)
+
     s = sub.add_parser("prepare", help="build a TFDS (array_record) dataset from official "
                                        "annotations")
     try:
@@ -128,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
-        return _train(None, argv[1:])
+        return _train(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)

@@ -20,6 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint stage at INFO
+    from mplug_jax import distributed
+    distributed.maybe_initialize()  # no-op for single-process runs
     from mplug_jax import trainer
     result = trainer.run(_CONFIG.value, _WORKDIR.value)
     if result["stopped"] != "done":

@@ -21,7 +21,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
 
 def measure_peak_flops(device=None, n: int = 1024, reps: int = 5) -> float:
     """Measured float32 matmul FLOP/s of one device (used as the CPU 'peak')."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # jax.devices()[0] is process 0's
     x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
@@ -41,7 +41,7 @@ def peak_flops_per_device(given: float = 0.0) -> tuple[float, str]:
         if name.lower() in kind.lower():
             return flops, f"table ({kind})"
     # XLA host devices share the CPU's cores: each gets its share of the measured throughput.
-    n = len(jax.devices())
+    n = jax.local_device_count()  # this host's devices (all processes': jax.devices())
     return measure_peak_flops() / n, f"measured f32 matmul / {n} host devices ({kind})"
 
 

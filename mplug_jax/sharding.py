@@ -2,7 +2,7 @@
 
 Mesh axes are `data`, `fsdp`, `tensor`; the batch is split over ('data', 'fsdp'). Parameters
 carry logical axes (`embed`, `mlp`, `heads`, `kv`, `vocab`, `norm`, `layers`, see
-`models/layers.py`); a rule preset maps them to mesh axes (MaxText style). State shardings are
+`models/layers.py`); the ITC feature queues `float32[Q, E]` carry (`queue`, None); a rule preset maps them to mesh axes (MaxText style). State shardings are
 derived once from `jax.eval_shape` of the init via `nn.logical_to_mesh_sharding`.
 """
 from __future__ import annotations
@@ -23,13 +23,15 @@ _ACT = (("batch", BATCH_AXES), ("length", None), ("act_embed", None), ("act_mlp"
 RULES: dict[str, tuple] = {
     # Pure data parallelism: every parameter replicated.
     "dp": _ACT + (("embed", None), ("mlp", None), ("heads", None), ("kv", None),
-                  ("vocab", None), ("norm", None), ("layers", None)),
-    # ZeRO-3 style: parameters and optimizer state split along `embed` over `fsdp`.
+                  ("vocab", None), ("norm", None), ("layers", None), ("queue", None)),
+    # ZeRO-3 style: parameters, optimizer state, momentum params (same logical axes) split
+    # along `embed`, and the ITC queues along `queue`, over `fsdp`.
     "fsdp": _ACT + (("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None),
-                    ("vocab", None), ("norm", None), ("layers", None)),
+                    ("vocab", None), ("norm", None), ("layers", None), ("queue", "fsdp")),
     # FSDP + Megatron tensor parallelism over heads / MLP / vocabulary.
     "fsdp_tp": _ACT + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
-                       ("vocab", "tensor"), ("norm", None), ("layers", None)),
+                       ("vocab", "tensor"), ("norm", None), ("layers", None),
+                       ("queue", "fsdp")),
 }
 
 

@@ -145,6 +145,12 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
     return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init)
 
 
+def _log(msg: str) -> None:
+    """Console line from process 0 only (every process runs the same loop)."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
 def _unbox(tree):
     return nn.meta.unbox(tree)
 
@@ -234,14 +240,14 @@ def run(config, workdir: str) -> dict:
         root, step = found
         src = ckpt if root == ckpt.directory else ckpt_lib.Checkpointer(root, async_save=False)
         state = src.restore(step, s.abstract, s.shardings, it)
-        print(f"resumed from {root} at step {step}", flush=True)
+        _log(f"resumed from {root} at step {step}")
     first = int(jax.device_get(state.step))
     b = config.input.batch_size
     peak, how = mlib.peak_flops_per_device(config.peak_flops)
     n_dev = s.mesh.size
-    print(f"ready in {time.perf_counter() - t0:.1f}s: {stats['flops'] / 1e9:.2f} GFLOP/device, "
-          f"peak memory {stats['peak_bytes'] / 2**20:.0f} MiB/device; peak {peak / 1e9:.1f} "
-          f"GFLOP/s/device ({how}) x {n_dev}; {s.total_steps} steps of {b}", flush=True)
+    _log(f"ready in {time.perf_counter() - t0:.1f}s: {stats['flops'] / 1e9:.2f} GFLOP/device, "
+         f"peak memory {stats['peak_bytes'] / 2**20:.0f} MiB/device; peak {peak / 1e9:.1f} "
+         f"GFLOP/s/device ({how}) x {n_dev}; {s.total_steps} steps of {b}")
     chrono = mlib.Chrono(first, s.total_steps, b)
     evaluators = {}  # built on first use
     stopped, step, prev = "done", first, None
@@ -272,7 +278,7 @@ def run(config, workdir: str) -> dict:
                 ckpt.save(step, state, it, force=True)
             if stop.requested:
                 stopped = "sigterm"
-                print(f"SIGTERM: checkpoint saved at step {step}; rerun to resume", flush=True)
+                _log(f"SIGTERM: checkpoint saved at step {step}; rerun to resume")
                 break
     ckpt.close()
     results = {"step": step, "stopped": stopped, "evals": {}, "state": state}

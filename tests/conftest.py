@@ -1,7 +1,9 @@
 """Shared test setup: 8 fake CPU devices (set once, before JAX initialises) and fixtures."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# -O0 codegen: the suite is dominated by XLA compiles of tiny programs; the numbers are the same.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402

@@ -496,4 +496,10 @@ def official_config_files(model_cfg: Mapping, start_layer: int = 0) -> tuple[dic
     yaml = {"image_res": c["image_size"], "vision_width": c["vision_width"],
             "clip_name": "ViT-B-16" if c["patch_size"] == 16 else "ViT-L-14",
             "eos": "[SEP]", "bos": "[CLS]", "embed_dim": c["embed_dim"]}
+    if c["vision_heads"] != c["vision_width"] // 64:
+        # Not CLIP's width // 64 rule: record the dims as the fixtures do (`clip_tiny`, a key
+        # the official code ignores and our importer reads).
+        yaml["clip_tiny"] = {"vision_layers": c["vision_layers"],
+                             "vision_patch_size": c["patch_size"],
+                             "vision_heads": c["vision_heads"]}
     return bert, yaml

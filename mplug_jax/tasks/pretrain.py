@@ -11,6 +11,7 @@ Batch: {'image': float32[B, R, R, 3], 'text_ids': int32[B, L], 'text_mask': int3
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,7 +83,8 @@ class PretrainTask:
     def init_extra(self, params, rng: jax.Array) -> dict:
         """Momentum params (a copy; keeps the boxes of `params`) and the ITC queues.
 
-        Queues start as random unit vectors, like ALBEF's `normalize(randn(E, Q))`.
+        Queues start as random unit vectors, like ALBEF's `normalize(randn(E, Q))`; they carry
+        the logical axes ('queue', None), so the `fsdp` presets shard them like parameters.
         """
         extra = {}
         if self._needs_momentum:
@@ -93,7 +95,8 @@ class PretrainTask:
 
             def unit(k):
                 x = jax.random.normal(k, (q, e), jnp.float32)
-                return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+                return nn.LogicallyPartitioned(
+                    x / jnp.linalg.norm(x, axis=-1, keepdims=True), ("queue", None))
 
             extra.update(image_queue=unit(k_img), text_queue=unit(k_txt),
                          queue_ptr=jnp.zeros((), jnp.int32))

@@ -1,0 +1,165 @@
+"""Two local processes (2 fake CPU devices each, gloo collectives over loopback) train `tiny`.
+
+Phase 1: both processes start (`distributed.maybe_initialize` from MPLUG_* env), train under
+the `fsdp` preset (params, optimizer state and queues split across the processes' devices),
+get a SIGTERM after step 2 and checkpoint (orbax: every process writes its shards and its own
+grain iterator state). Phase 2: both restart in the same workdir, resume, and stop after step
+4. The losses of steps 1-4 (written by process 0 only) equal one process running the same
+global batches (process 0's local batch, then process 1's: `make_global_batch` order) on 1
+device.
+
+This file is also the worker: `python tests/test_multihost.py WORKDIR STOP_AT_STEP`.
+"""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STOP_AT, STEPS, LOCAL_DEVICES, PROCESSES = 2, 4, 2, 2
+
+
+def mh_config():
+    """The strategy tests' config on synthetic records; only loop settings differ, so the
+    1-device step compiled there is the reference here (same schedule: total_steps 20)."""
+    from test_sharding_strategies import small_config
+    c = small_config("fsdp", {"data": 2, "fsdp": 2, "tensor": 1})  # 4 devices in 2 processes
+    c.input.train_size = 64
+    c.log_every_steps, c.ckpt_every_steps = 1, 100
+    c.peak_flops = 1e9  # no matmul benchmark at start-up
+    c.evals = {}
+    return c
+
+
+def worker(workdir: str, stop_at: int) -> None:
+    from mplug_jax import distributed
+    distributed.maybe_initialize()  # from MPLUG_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+    import jax
+    from mplug_jax import metrics, trainer
+    assert jax.process_count() == PROCESSES and jax.device_count() == PROCESSES * LOCAL_DEVICES
+    write = metrics.MetricWriter.write
+
+    def write_then_stop(self, step, scalars, console=True):  # same step on every process
+        write(self, step, scalars, console)
+        if step == stop_at:
+            signal.raise_signal(signal.SIGTERM)  # the trainer's handler: save, then stop
+
+    metrics.MetricWriter.write = write_then_stop
+    result = trainer.run(mh_config(), workdir)
+    print("RESULT " + json.dumps({"process": jax.process_index(), "step": result["step"],
+                                  "stopped": result["stopped"]}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    worker(sys.argv[1], int(sys.argv[2]))
+    sys.exit(0)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mplug_jax import metrics  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir: pathlib.Path, stop_at: int, cache: pathlib.Path, timeout: int = 300):
+    """Run both processes to completion; returns their stdout texts."""
+    port = _free_port()
+    procs, logs = [], []
+    for pid in range(PROCESSES):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MPLUG_", "SLURM_"))}
+        env.update(
+            MPLUG_COORDINATOR=f"127.0.0.1:{port}", MPLUG_NUM_PROCESSES=str(PROCESSES),
+            MPLUG_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+            # -O0 codegen (compile time on 2 cores); the resume compiles hit the cache.
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+            JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        log = open(workdir.parent / f"{workdir.name}_stop{stop_at}_p{pid}.log", "w+")
+        procs.append(subprocess.Popen([sys.executable, __file__, str(workdir), str(stop_at)],
+                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        logs.append(log)
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    for pid, (p, text) in enumerate(zip(procs, texts)):
+        assert p.returncode == 0, f"process {pid} exited with {p.returncode}:\n{text[-4000:]}"
+    return texts
+
+
+def _result(text: str) -> dict:
+    return json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def reference_losses() -> list[dict]:
+    """One process, one device, the same global batches: [p0 local batch; p1 local batch]."""
+    from test_sharding_strategies import one_device_step
+    from mplug_jax import trainer
+    from mplug_jax.data.pipeline import make_global_batch, pretrain_dataset
+    config = mh_config()
+    inp = config.input
+    source = trainer.make_source(inp, "train", inp.train_size, config.model.image_size,
+                                 config.seed)
+    shards = [iter(pretrain_dataset(source, image_size=config.model.image_size,
+                                    batch_size=inp.batch_size // PROCESSES,
+                                    max_words=inp.max_words, max_tokens=inp.max_tokens,
+                                    seed=inp.shuffle_seed, train=True, augment=None,
+                                    shard_index=i, shard_count=PROCESSES))
+              for i in range(PROCESSES)]
+    s, step, mesh = one_device_step()
+    state = trainer.init_state(s, config.seed)
+    out = []
+    for _ in range(STEPS):
+        local = [next(it) for it in shards]
+        batch = {k: np.concatenate([b[k] for b in local]) for k in local[0]}
+        state, m = step(state, make_global_batch(batch, mesh))
+        out.append(metrics.to_floats(m))
+    return out
+
+
+def test_two_processes_train_checkpoint_resume(tmp_path):
+    if not jax.config.values.get("jax_cpu_collectives_implementation"):
+        pytest.skip("this jax build has no CPU cross-process collectives (gloo)")
+    workdir, cache = tmp_path / "run", tmp_path / "xla_cache"
+    texts = _launch(workdir, STOP_AT, cache)
+    assert [_result(t) for t in texts] == [
+        {"process": i, "step": STOP_AT, "stopped": "sigterm"} for i in range(PROCESSES)]
+    ckpt = workdir / "ckpt" / str(STOP_AT)
+    assert {f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)} <= set(
+        os.listdir(ckpt / "data_iter"))  # one grain iterator state per process
+    texts = _launch(workdir, STEPS, cache)
+    assert [_result(t) for t in texts] == [
+        {"process": i, "step": STEPS, "stopped": "sigterm"} for i in range(PROCESSES)]
+    assert "resumed from" in texts[0]
+    # Only process 0 writes metrics and console rows.
+    assert "step 3 |" in texts[0] and "step 3 |" not in texts[1]
+    rows = [r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    ref = reference_losses()
+    for r, want in zip(rows, ref):
+        for k in ("train/loss", "train/loss_itc", "train/loss_itm", "train/loss_mlm",
+                  "train/loss_prefix_lm", "train/l2_grads"):
+            # float32 reductions split over 4 devices vs 1: ~1e-6 relative.
+            np.testing.assert_allclose(r[k], want[k], rtol=2e-5, err_msg=f"step {r['step']} {k}")
