@@ -97,6 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
     c.mesh.sharding = "dp"
 
+    # Paper initialisation (base/large): OpenAI CLIP ViT + bert-base-uncased checkpoints
+    # (.pt/.pth/.safetensors); empty = from scratch. Used only when the run starts fresh.
+    c.init = dict(clip="", bert="")
     c.resume = ""  # another run's workdir to continue from when this workdir has no checkpoint
     c.log_every_steps = 25 if tiny else 100
     c.ckpt_every_steps = 300 if tiny else 2000

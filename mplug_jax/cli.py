@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Config files (configs/*.py) import `configs.common`: resolve them from the working
+    # directory, as `python -m mplug_jax.main` does.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv and argv[0] == "train":
         return _train(argv[1:])
     args = build_parser().parse_args(argv)

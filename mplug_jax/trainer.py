@@ -217,6 +217,42 @@ def prepare(config, n_train: int):
     return _PREPARED[key]
 
 
+def init_from_pretrained(state: ts.TrainState, s: Setup, init_cfg) -> ts.TrainState:
+    """Overwrite a fresh state's params (and momentum copy) from unimodal checkpoints, as the
+    paper initialises pretraining: `init.clip` (OpenAI CLIP or HF CLIPVisionModel) -> visual
+    encoder; `init.bert` (BERT, 12 layers for base/large) -> text encoder, fusion
+    self-attention/FFN, decoder, MLM head. Cross-attention and the heads stay fresh."""
+    if not init_cfg or not (init_cfg.get("clip") or init_cfg.get("bert")):
+        return state
+    import flax
+
+    from mplug_jax import params as P
+    from mplug_jax.interop import convert, unimodal
+    kw = convert.model_kwargs(s.task.model)
+    flat = {}
+    if init_cfg.get("clip"):
+        flat.update(unimodal.clip_params(unimodal.load_unimodal(init_cfg.clip), kw))
+    if init_cfg.get("bert"):
+        flat.update(unimodal.bert_params(unimodal.load_unimodal(init_cfg.bert), kw))
+    if s.task.model.scan_layers:
+        flat = P.loop_to_scan(flat)
+
+    def put(tree):
+        leaves = flax.traverse_util.flatten_dict(tree, sep="/")
+        for k, v in flat.items():
+            if k not in leaves or leaves[k].shape != v.shape:
+                raise ValueError(f"init: {k} {v.shape} does not fit the model "
+                                 f"({leaves[k].shape if k in leaves else 'no such param'})")
+            leaves[k] = jax.device_put(jnp.asarray(v, leaves[k].dtype), leaves[k].sharding)
+        return flax.traverse_util.unflatten_dict(leaves, sep="/")
+
+    extra = dict(state.extra)
+    if "params_m" in extra:
+        extra["params_m"] = put(extra["params_m"])
+    _log(f"initialised {len(flat)} params from {dict(init_cfg)}")
+    return state.replace(params=put(state.params), extra=extra)
+
+
 def run(config, workdir: str) -> dict:
     """Train (resuming from `workdir` if it holds a checkpoint), then evaluate.
 
@@ -235,7 +271,7 @@ def run(config, workdir: str) -> dict:
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep_ckpts)
     found = ckpt_lib.find_resume(workdir, config.resume or None)
     if found is None:
-        state = init_state(s, config.seed)
+        state = init_from_pretrained(init_state(s, config.seed), s, config.get("init"))
     else:
         root, step = found
         src = ckpt if root == ckpt.directory else ckpt_lib.Checkpointer(root, async_save=False)
