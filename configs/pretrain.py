@@ -67,7 +67,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.prefix_lm = dict(capacity=0.5)
 
     c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # the built-in `SyntheticShapes` (train / heldout splits)
+    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'json' | 'tfds' (trainer.make_source)
+    # 'json': official pretraining lists, e.g. ['data/mscoco_train.json', 'data/vgnococo.json',
+    # 'data/google_cc.json', 'data/sbu.json'] with their image root; 'tfds': `prepare` output.
+    c.input.annotations = []
+    c.input.eval_annotations = []
+    c.input.image_root = ""
+    c.input.tfds_dir = ""
+    c.input.eval_split = "validation"
     c.input.train_size = v["train_size"]
     c.input.batch_size = v["batch_size"]  # global
     c.input.max_words = 30

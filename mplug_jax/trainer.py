@@ -79,11 +79,35 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict, acc
 
 
 def make_source(input_cfg, split: str, size: int, image_size: int, seed: int):
-    """Random-access records of `input.dataset` (only the built-in 'synthetic' for now)."""
-    if input_cfg.dataset != "synthetic":
-        raise ValueError(f"unknown input.dataset {input_cfg.dataset!r}; valid: synthetic")
-    from mplug_jax.data.synthetic import SyntheticShapes
-    return SyntheticShapes(split, size, image_size=image_size, seed=seed)
+    """Random-access records of `input.dataset`.
+
+    'synthetic': the built-in `SyntheticShapes` ('train' / 'heldout' splits of `size` records).
+    'json': official pretraining json lists (`input.annotations`, images under
+      `input.image_root`); the 'heldout' split reads `input.eval_annotations`.
+    'tfds': a dataset written by `mplug-jax prepare --format pretrain` (`input.tfds_dir`); the
+      'heldout' split is `input.eval_split` of it.
+    """
+    kind = input_cfg.dataset
+    if kind == "synthetic":
+        from mplug_jax.data.synthetic import SyntheticShapes
+        return SyntheticShapes(split, size, image_size=image_size, seed=seed)
+    if kind == "json":
+        from mplug_jax.data import sources
+        files = input_cfg.get("annotations") if split == "train" else \
+            input_cfg.get("eval_annotations")
+        if not files:
+            raise ValueError(f"input.dataset='json' needs input."
+                             f"{'annotations' if split == 'train' else 'eval_annotations'}")
+        return sources.pretrain(list(files), input_cfg.get("image_root", ""),
+                                max_skip_rate=input_cfg.max_skip_rate)
+    if kind == "tfds":
+        from mplug_jax.data.tfds_builders import load_prepared
+        splits = load_prepared(input_cfg.tfds_dir, "pretrain")
+        name = "train" if split == "train" else input_cfg.get("eval_split", "validation")
+        if name not in splits:
+            raise ValueError(f"{input_cfg.tfds_dir} has splits {sorted(splits)}, not {name!r}")
+        return splits[name]
+    raise ValueError(f"unknown input.dataset {kind!r}; valid: synthetic, json, tfds")
 
 
 def make_train_iter(config, image_size: int):
