@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from no_tensorflow import BLOCK_TENSORFLOW
 from mplug_jax.data import pipeline, prepare, tfds_builders
 from mplug_jax.data.transforms import DataError
 
@@ -94,23 +95,8 @@ def test_cli_prepare_without_tensorflow(tmp_path):
     """Runs the CLI entry points in a fresh interpreter where `import tensorflow` fails."""
     root = _images(tmp_path / "img")
     ann = _pretrain_ann(tmp_path)
-    code = textwrap.dedent(f"""
-        import argparse, importlib.abc, importlib.machinery, sys
-
-        class NoTF(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-            # Found, but importing it fails: code that merely probes for TF keeps working,
-            # code that needs it breaks (even where TF is installed).
-            def find_spec(self, name, path, target=None):
-                if name == "tensorflow" or name.startswith("tensorflow."):
-                    return importlib.machinery.ModuleSpec(name, self)
-
-            def create_module(self, spec):
-                raise ImportError("tensorflow is blocked in this test")
-
-            def exec_module(self, module):
-                raise ImportError("tensorflow is blocked in this test")
-
-        sys.meta_path.insert(0, NoTF())
+    code = BLOCK_TENSORFLOW + textwrap.dedent(f"""
+        import argparse
         from mplug_jax.data import prepare, tfds_builders
         p = argparse.ArgumentParser()
         prepare.add_prepare_args(p)

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from no_tensorflow import BLOCK_TENSORFLOW
 from mplug_jax.data import prepare, sources, tfds_builders
 from mplug_jax.data.transforms import DataError
 
@@ -229,21 +230,8 @@ def test_cli_prepare_video_without_tensorflow(tmp_path):
         {"video_id": "clip_png", "question": "q?", "answer": "a"},
         {"video_id": "missing_clip", "question": "q?", "answer": "b"}])
     cap = _jsonl(tmp_path / "cap.jsonl", [{"video_id": "clip_jpg", "golden_captions": ["c"]}])
-    code = textwrap.dedent(f"""
-        import argparse, importlib.abc, importlib.machinery, sys
-
-        class NoTF(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-            def find_spec(self, name, path, target=None):
-                if name == "tensorflow" or name.startswith("tensorflow."):
-                    return importlib.machinery.ModuleSpec(name, self)
-
-            def create_module(self, spec):
-                raise ImportError("tensorflow is blocked in this test")
-
-            def exec_module(self, module):
-                raise ImportError("tensorflow is blocked in this test")
-
-        sys.meta_path.insert(0, NoTF())
+    code = BLOCK_TENSORFLOW + textwrap.dedent(f"""
+        import argparse
         from mplug_jax.data import prepare, tfds_builders
         p = argparse.ArgumentParser()
         prepare.add_prepare_args(p)
