@@ -98,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.schedule = "cosine"
     c.optim.end_lr = 1e-6
     c.optim.clip_norm = 0.0  # 0 = no clipping (the official pretraining yaml has none)
+    # k > 1: each step runs the global batch as k micro-batches (memory of one), then one
+    # update; ITC in-batch negatives and ITM hard negatives come from each micro-batch.
     c.optim.accum_steps = 1
 
     c.mesh = ml_collections.ConfigDict()

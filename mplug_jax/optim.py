@@ -6,7 +6,8 @@ biases / LayerNorm parameters get no weight decay. Unlike the official grouping 
 exempts names containing "bias" or "LayerNorm.weight", so CLIP's ln_1/ln_2 are decayed), every
 LayerNorm here is exempt, as the issue asks. Schedule: linear warm-up from 0 to the group's peak,
 then cosine to `end_lr` (shared by all groups, like timm's `lr_min`). Optional global-norm
-clipping and gradient accumulation (`optax.MultiSteps`).
+clipping. Gradient accumulation is not an optimizer wrapper here: the train step itself scans
+over micro-batches (`trainer.make_train_step`), so every step is one optimizer update.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def make_schedules(optim_cfg, total_steps: int) -> dict[str, Schedule]:
 
     Args:
       optim_cfg: the `optim` config block (lr, lr_groups, warmup_steps, end_lr, schedule).
-      total_steps: number of optimizer updates (train steps // accum_steps).
+      total_steps: number of optimizer updates (= train steps).
     """
     peaks = {BASE_GROUP: optim_cfg.lr}
     for name, g in optim_cfg.lr_groups.items():
@@ -79,16 +80,13 @@ def make_optimizer(optim_cfg, params, total_steps: int
 
     Args:
       optim_cfg: config block with lr, lr_groups{name: {pattern, mult}}, wd, no_wd, b1, b2,
-        eps, warmup_steps, schedule, end_lr, clip_norm (0 = off), accum_steps (1 = off).
+        eps, warmup_steps, schedule, end_lr, clip_norm (0 = off).
       params: the param pytree the optimizer will update.
-      total_steps: train steps of the run (each consumes one global batch).
+      total_steps: train steps of the run (each one optimizer update on one global batch).
     Returns:
       (transformation, {group: schedule over optimizer updates}).
     """
-    accum = int(optim_cfg.accum_steps)
-    if accum < 1:
-        raise ValueError(f"optim.accum_steps must be >= 1, got {accum}")
-    schedules = make_schedules(optim_cfg, max(total_steps // accum, 1))
+    schedules = make_schedules(optim_cfg, max(total_steps, 1))
     labels = group_labels(params, {n: g.pattern for n, g in optim_cfg.lr_groups.items()})
     chain = []
     if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
@@ -99,13 +97,9 @@ def make_optimizer(optim_cfg, params, total_steps: int
         optax.multi_transform(
             {name: optax.scale_by_learning_rate(s) for name, s in schedules.items()}, labels),
     ]
-    tx = optax.chain(*chain)
-    if accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accum)
-    return tx, schedules
+    return optax.chain(*chain), schedules
 
 
-def learning_rates(schedules: dict[str, Schedule], step, accum_steps: int = 1) -> dict:
+def learning_rates(schedules: dict[str, Schedule], step) -> dict:
     """{'lr' (base group), 'lr_<group>': value} at train step `step`."""
-    upd = step // accum_steps
-    return {("lr" if n == BASE_GROUP else f"lr_{n}"): s(upd) for n, s in schedules.items()}
+    return {("lr" if n == BASE_GROUP else f"lr_{n}"): s(step) for n, s in schedules.items()}

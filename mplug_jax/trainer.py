@@ -5,8 +5,9 @@ mesh -> data -> task -> abstract state + shardings (logical axes) -> jit(init, o
 explicit in/out shardings) -> loop (metrics fetched on log steps; checkpoints; SIGTERM save)
 -> wait for checkpoints -> evaluators -> loss-curve PNG.
 
-The step is generic: value_and_grad of `task.loss`, optax update, non-finite steps skipped
-(params, optimizer state and task extras kept) and counted; global norms as metrics.
+The step is generic: `task.begin_step`, value_and_grad of `task.loss` (optionally accumulated
+over micro-batches), one optax update, non-finite steps skipped (params, optimizer state and
+task extras kept) and counted; global norms as metrics.
 """
 from __future__ import annotations
 
@@ -41,20 +42,59 @@ class NonFiniteError(RuntimeError):
     """Raised after `max_nonfinite_steps` consecutive steps with a non-finite loss or grads."""
 
 
-def make_train_step(task, tx: optax.GradientTransformation, schedules: dict, accum_steps: int):
-    """The generic step: (TrainState, batch) -> (TrainState, metrics of float32[])."""
+def split_microbatches(batch: dict, k: int) -> dict:
+    """[B, ...] leaves -> [k, B / k, ...]; micro-batch j holds rows j, j + k, j + 2k, ...
+
+    Strided (not contiguous) rows, so every device's shard of the batch contributes equally to
+    every micro-batch and the data-parallel split of each micro-batch needs no communication.
+    """
+    def split(x):
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
+                    accum_steps: int = 1):
+    """The generic step: (TrainState, batch) -> (TrainState, metrics of float32[]).
+
+    Per step: `task.begin_step` (e.g. the momentum update), gradients of `task.loss` on the
+    global batch, one optimizer update. With `accum_steps` k > 1 the batch is split into k
+    micro-batches (`split_microbatches`) run one after another in a `lax.scan` (activation
+    memory of one micro-batch); their gradients and metrics are averaged and the task extras
+    (e.g. feature queues) are threaded through them in order.
+    """
+
+    def grads(params, extra, batch, rng, step):
+        def loss_fn(p):
+            return task.loss(p, extra, batch, rng, step)
+
+        (loss, (aux, new_extra)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, aux, new_extra, g
+
+    def accumulated(params, extra, batch, rng, step):
+        def body(carry, xs):
+            g_sum, extra = carry
+            micro, i = xs
+            loss, aux, extra, g = grads(params, extra, micro, jax.random.fold_in(rng, i), step)
+            return (jax.tree.map(jnp.add, g_sum, g), extra), (loss, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (g_sum, new_extra), (loss, aux) = jax.lax.scan(
+            body, (zeros, extra), (split_microbatches(batch, accum_steps),
+                                   jnp.arange(accum_steps)))
+        mean = functools.partial(jnp.mean, axis=0)
+        return (mean(loss), jax.tree.map(mean, aux), new_extra,
+                jax.tree.map(lambda g: g / accum_steps, g_sum))
 
     def step_fn(state: ts.TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-
-        def loss_fn(params):
-            return task.loss(params, state.extra, batch, rng, state.step)
-
-        (loss, (aux, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        extra = task.begin_step(state.params, state.extra)
+        compute = grads if accum_steps == 1 else accumulated
+        loss, aux, new_extra, grads_ = compute(state.params, extra, batch, rng, state.step)
+        updates, new_opt = tx.update(grads_, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        l2_grads = optax.tree.norm(grads)
+        l2_grads = optax.tree.norm(grads_)
         finite = jnp.isfinite(loss) & jnp.isfinite(l2_grads)
 
         def keep(new, old):  # skip the whole update when anything is non-finite
@@ -71,7 +111,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict, acc
             new_state.params), "train/l2_updates": optax.tree.norm(updates),
             "train/nonfinite_total": new_state.nonfinite_total,
             "train/nonfinite_streak": new_state.nonfinite_streak})
-        for k, v in optim.learning_rates(schedules, state.step, accum_steps).items():
+        for k, v in optim.learning_rates(schedules, state.step).items():
             out[f"train/{k}"] = jnp.asarray(v, jnp.float32)
         return new_state, out
 
@@ -153,9 +193,14 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
     mesh = mesh if mesh is not None else shd.make_mesh(config.mesh.shape)
     rule_set = shd.rules(config.mesh.sharding)
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.input.batch_size % n_batch:
-        raise ValueError(f"input.batch_size {config.input.batch_size} not divisible by the "
-                         f"{n_batch} batch shards of mesh {dict(mesh.shape)}")
+    accum = int(config.optim.accum_steps)
+    if accum < 1:
+        raise ValueError(f"optim.accum_steps must be >= 1, got {accum}")
+    if config.input.batch_size % (n_batch * accum):
+        raise ValueError(
+            f"input.batch_size {config.input.batch_size} must be divisible by the {n_batch} "
+            f"batch shards of mesh {dict(mesh.shape)} times optim.accum_steps {accum} (each "
+            f"micro-batch is split over the batch shards)")
     steps = total_steps(config, steps_per_epoch)
     task = TASKS[config.task.name](config, steps_per_epoch=steps_per_epoch) \
         if config.task.name in TASKS else _unknown("task", config.task.name, TASKS)
@@ -202,13 +247,27 @@ def compile_step(s: Setup, config, batch_abstract: dict):
 
 
 class _Stop:
-    """SIGTERM flag: the loop saves a checkpoint and returns at the next step."""
+    """Stop-on-SIGTERM, at the same step on every process.
+
+    One process: a Python SIGTERM handler sets a flag, read after every step. Several processes
+    (after `jax.distributed.initialize`): JAX's preemption sync manager catches SIGTERM on any
+    host and agrees on the first step every process can still reach (`reached_preemption_sync_
+    point`, asked after every step by all processes); a Python handler here would replace its
+    C-level one, so none is installed. Either way the loop saves a checkpoint and returns.
+    """
 
     def __init__(self):
         self.requested = False
         self._old = None
+        self._sync = None
 
     def __enter__(self):
+        from jax._src import distributed as jdist
+        state = jdist.global_state
+        if state.client is not None and getattr(state, "preemption_sync_manager", None):
+            from jax.experimental import multihost_utils
+            self._sync = multihost_utils.reached_preemption_sync_point
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no signal handling
@@ -217,6 +276,12 @@ class _Stop:
 
     def _handle(self, *_):
         self.requested = True
+
+    def check(self, step: int) -> bool:
+        """Whether to save and stop after `step` (call once per step on every process)."""
+        if self._sync is not None:
+            self.requested = self.requested or bool(self._sync(step))
+        return self.requested
 
     def __exit__(self, *_):
         if self._old is not None:
@@ -334,9 +399,10 @@ def run(config, workdir: str) -> dict:
                    for e in config.evals.values()):
                 run_evals(config, s, state.params, step, writer, evaluators, periodic=True)
                 chrono.restart(step)  # eval time is not step time
-            if step % config.ckpt_every_steps == 0 or step == s.total_steps or stop.requested:
+            stopping = stop.check(step)
+            if step % config.ckpt_every_steps == 0 or step == s.total_steps or stopping:
                 ckpt.save(step, state, it, force=True)
-            if stop.requested:
+            if stopping:
                 stopped = "sigterm"
                 _log(f"SIGTERM: checkpoint saved at step {step}; rerun to resume")
                 break

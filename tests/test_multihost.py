@@ -1,14 +1,15 @@
 """Two local processes (2 fake CPU devices each, gloo collectives over loopback) train `tiny`.
 
-Phase 1: both processes start (`distributed.maybe_initialize` from MPLUG_* env), train under
-the `fsdp` preset (params, optimizer state and queues split across the processes' devices),
-get a SIGTERM after step 2 and checkpoint (orbax: every process writes its shards and its own
-grain iterator state). Phase 2: both restart in the same workdir, resume, and stop after step
-4. The losses of steps 1-4 (written by process 0 only) equal one process running the same
-global batches (process 0's local batch, then process 1's: `make_global_batch` order) on 1
-device.
+Phase 1: both processes start (`distributed.maybe_initialize` from MPLUG_* env) and train under
+the `fsdp` preset (params, optimizer state and queues split across the processes' devices).
+Only process 1 gets a SIGTERM (after step 2), as when a scheduler preempts one host: both
+processes must stop at the same step and checkpoint (orbax: every process writes its shards and
+its own grain iterator state). Phase 2: both restart in the same workdir, resume, and this time
+only process 0 gets a SIGTERM, two steps after the resume. The losses of every step (written by
+process 0 only) equal one process running the same global batches (process 0's local batch,
+then process 1's: `make_global_batch` order) on 1 device.
 
-This file is also the worker: `python tests/test_multihost.py WORKDIR STOP_AT_STEP`.
+This file is also the worker: `python tests/test_multihost.py WORKDIR SIGNAL_AT_STEP PROCESS`.
 """
 import json
 import os
@@ -19,7 +20,7 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STOP_AT, STEPS, LOCAL_DEVICES, PROCESSES = 2, 4, 2, 2
+STOP_AT, LOCAL_DEVICES, PROCESSES = 2, 2, 2
 
 
 def mh_config():
@@ -34,7 +35,7 @@ def mh_config():
     return c
 
 
-def worker(workdir: str, stop_at: int) -> None:
+def worker(workdir: str, stop_at: int, signalled: int) -> None:
     from mplug_jax import distributed
     distributed.maybe_initialize()  # from MPLUG_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
     import jax
@@ -42,10 +43,10 @@ def worker(workdir: str, stop_at: int) -> None:
     assert jax.process_count() == PROCESSES and jax.device_count() == PROCESSES * LOCAL_DEVICES
     write = metrics.MetricWriter.write
 
-    def write_then_stop(self, step, scalars, console=True):  # same step on every process
+    def write_then_stop(self, step, scalars, console=True):
         write(self, step, scalars, console)
-        if step == stop_at:
-            signal.raise_signal(signal.SIGTERM)  # the trainer's handler: save, then stop
+        if step == stop_at and jax.process_index() == signalled:
+            signal.raise_signal(signal.SIGTERM)  # this process only; both must stop together
 
     metrics.MetricWriter.write = write_then_stop
     result = trainer.run(mh_config(), workdir)
@@ -55,7 +56,7 @@ def worker(workdir: str, stop_at: int) -> None:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    worker(sys.argv[1], int(sys.argv[2]))
+    worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     sys.exit(0)
 
 import jax  # noqa: E402
@@ -71,7 +72,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: pathlib.Path, stop_at: int, cache: pathlib.Path, timeout: int = 300):
+def _launch(workdir: pathlib.Path, stop_at: int, signalled: int, cache: pathlib.Path,
+            timeout: int = 300):
     """Run both processes to completion; returns their stdout texts."""
     port = _free_port()
     procs, logs = [], []
@@ -86,7 +88,8 @@ def _launch(workdir: pathlib.Path, stop_at: int, cache: pathlib.Path, timeout: i
             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         log = open(workdir.parent / f"{workdir.name}_stop{stop_at}_p{pid}.log", "w+")
-        procs.append(subprocess.Popen([sys.executable, __file__, str(workdir), str(stop_at)],
+        procs.append(subprocess.Popen([sys.executable, __file__, str(workdir), str(stop_at),
+                                       str(signalled)],
                                       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     try:
@@ -113,7 +116,7 @@ def _result(text: str) -> dict:
     return json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def reference_losses() -> list[dict]:
+def reference_losses(steps: int) -> list[dict]:
     """One process, one device, the same global batches: [p0 local batch; p1 local batch]."""
     from test_sharding_strategies import one_device_step
     from mplug_jax import trainer
@@ -131,7 +134,7 @@ def reference_losses() -> list[dict]:
     s, step, mesh = one_device_step()
     state = trainer.init_state(s, config.seed)
     out = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         local = [next(it) for it in shards]
         batch = {k: np.concatenate([b[k] for b in local]) for k in local[0]}
         state, m = step(state, make_global_batch(batch, mesh))
@@ -143,22 +146,26 @@ def test_two_processes_train_checkpoint_resume(tmp_path):
     if not jax.config.values.get("jax_cpu_collectives_implementation"):
         pytest.skip("this jax build has no CPU cross-process collectives (gloo)")
     workdir, cache = tmp_path / "run", tmp_path / "xla_cache"
-    texts = _launch(workdir, STOP_AT, cache)
-    assert [_result(t) for t in texts] == [
-        {"process": i, "step": STOP_AT, "stopped": "sigterm"} for i in range(PROCESSES)]
-    ckpt = workdir / "ckpt" / str(STOP_AT)
+    texts = _launch(workdir, STOP_AT, 1, cache)
+    results = [_result(t) for t in texts]
+    stop1 = results[0]["step"]  # the agreed step: the signalled process's step or a later one
+    assert stop1 >= STOP_AT and results == [
+        {"process": i, "step": stop1, "stopped": "sigterm"} for i in range(PROCESSES)]
+    ckpt = workdir / "ckpt" / str(stop1)
     assert {f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)} <= set(
         os.listdir(ckpt / "data_iter"))  # one grain iterator state per process
-    texts = _launch(workdir, STEPS, cache)
-    assert [_result(t) for t in texts] == [
-        {"process": i, "step": STEPS, "stopped": "sigterm"} for i in range(PROCESSES)]
+    texts = _launch(workdir, stop1 + 2, 0, cache)
+    results = [_result(t) for t in texts]
+    stop2 = results[0]["step"]
+    assert stop2 >= stop1 + 2 and results == [
+        {"process": i, "step": stop2, "stopped": "sigterm"} for i in range(PROCESSES)]
     assert "resumed from" in texts[0]
     # Only process 0 writes metrics and console rows.
-    assert "step 3 |" in texts[0] and "step 3 |" not in texts[1]
+    assert f"step {stop1 + 1} |" in texts[0] and f"step {stop1 + 1} |" not in texts[1]
     rows = [r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in r]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    ref = reference_losses()
-    for r, want in zip(rows, ref):
+    assert [r["step"] for r in rows] == list(range(1, stop2 + 1))
+    ref = reference_losses(stop2)
+    for r, want in zip(rows, ref, strict=True):
         for k in ("train/loss", "train/loss_itc", "train/loss_itm", "train/loss_mlm",
                   "train/loss_prefix_lm", "train/l2_grads"):
             # float32 reductions split over 4 devices vs 1: ~1e-6 relative.

@@ -56,10 +56,13 @@ class PretrainTask:
         self.mask_prob = float(t.mlm.mask_prob)
         self.mlm_capacity = float(t.mlm.capacity)
         self.lm_capacity = float(t.prefix_lm.capacity)
-        self.batch_size = int(config.input.batch_size)
+        # One loss call sees a micro-batch: the global batch / optim.accum_steps.
+        accum = int(config.optim.get("accum_steps", 1))
+        self.batch_size = int(config.input.batch_size) // max(accum, 1)
         if self.weights["itc"] and self.itc.queue_size % self.batch_size:
-            raise ValueError(f"task.itc.queue_size={self.itc.queue_size} must be a multiple of the "
-                             f"global batch size input.batch_size={self.batch_size}")
+            raise ValueError(
+                f"task.itc.queue_size={self.itc.queue_size} must be a multiple of the batch one "
+                f"loss call sees: input.batch_size / optim.accum_steps = {self.batch_size}")
         self.alpha_warmup_steps = int(round(self.itc.alpha_warmup_epochs * steps_per_epoch))
         self.max_len = int(config.input.max_tokens)
 
@@ -127,12 +130,20 @@ class PretrainTask:
 
     # ---- loss ---------------------------------------------------------------------------
 
+    def begin_step(self, params, extra: dict) -> dict:
+        """Once per optimizer step, before the loss: momentum update of `params_m`."""
+        if "params_m" not in extra:
+            return extra
+        return {**extra, "params_m": momentum_update(extra["params_m"], params,
+                                                     self.itc.momentum)}
+
     def loss(self, params, extra: dict, batch: dict, rng: jax.Array, step: jax.Array):
         """Weighted sum of the enabled losses on one global batch.
 
         Args:
           params: online params.
-          extra: {'params_m', 'image_queue', 'text_queue', 'queue_ptr'} (as enabled).
+          extra: {'params_m', 'image_queue', 'text_queue', 'queue_ptr'} (as enabled), after
+            `begin_step` (momentum params already updated for this step).
           batch: see module docstring.
           rng: step key; streams 'dropout', 'negatives', 'mask', 'prefix' are folded from it.
           step: int32[] train step (distillation ramp).
@@ -150,8 +161,7 @@ class PretrainTask:
         new_extra = dict(extra)
         total = jnp.zeros((), jnp.float32)
         if self._needs_momentum:
-            params_m = momentum_update(extra["params_m"], params, self.itc.momentum)
-            new_extra["params_m"] = params_m
+            params_m = extra["params_m"]
             img_m = self._apply(params_m, "encode_image", image)
 
         img = self._apply(params, "encode_image", image, rng=next(drop))
