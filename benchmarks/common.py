@@ -5,6 +5,7 @@ client starts); the benchmark scripts call it at the top, before `import jax`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,6 +19,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+
+def model_bench_args(description: str, argv: list[str] | None = None,
+                     extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Parse the options the model benchmarks share (--out-dir, --repeats, --batch, --threads,
+    --smoke; `extra` adds a script's own) and set the CPU threads.
+
+    Returns:
+      (args, threads info, smoke-adjusted {'repeats', 'batch'}).
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out-dir", default=RESULTS)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls after 1 warm-up")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (set before jax import)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 1 repeat (for tests)")
+    p.add_argument("--tiny", dest="smoke", action="store_true", help=argparse.SUPPRESS)
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
+    threads = set_cpu_threads(args.threads)
+    run = {"repeats": 1 if args.smoke else args.repeats, "batch": 2 if args.smoke else args.batch}
+    return args, threads, run
 
 
 def set_cpu_threads(threads: int) -> dict[str, Any]:

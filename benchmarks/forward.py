@@ -188,20 +188,14 @@ def experiments(b: dict, res: dict, repeats: int, jit: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", default=common.RESULTS)
-    p.add_argument("--repeats", type=int, default=5, help="timed calls after 1 warm-up")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (set before jax import)")
-    p.add_argument("--smoke", action="store_true", help="tiny model, 1 repeat (for tests)")
-    p.add_argument("--tiny", dest="smoke", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--experiments", action=argparse.BooleanOptionalAction, default=None,
-                   help="profiling experiments (default: on, off with --smoke)")
-    args = p.parse_args(argv)
-    threads = common.set_cpu_threads(args.threads)
+    def experiments_flag(p):
+        p.add_argument("--experiments", action=argparse.BooleanOptionalAction, default=None,
+                       help="profiling experiments (default: on, off with --smoke)")
+
+    args, threads, run = common.model_bench_args(__doc__.splitlines()[0], argv,
+                                                 experiments_flag)
     dims = SMOKE if args.smoke else BASE
-    repeats = 1 if args.smoke else args.repeats
-    batch = 2 if args.smoke else args.batch
+    repeats, batch = run["repeats"], run["batch"]
     run_exp = (not args.smoke) if args.experiments is None else args.experiments
 
     res: dict = {"benchmark": "forward", "device": common.machine_info(), "threads": threads,

@@ -14,7 +14,6 @@ implied by the official PyTorch CPU timings (../shared/notes/official-cpu-timing
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -112,18 +111,9 @@ def print_tables(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", default=common.RESULTS)
-    p.add_argument("--repeats", type=int, default=5, help="timed calls after 1 warm-up")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (set before jax import)")
-    p.add_argument("--smoke", action="store_true", help="tiny dims, 1 repeat (for tests)")
-    p.add_argument("--tiny", dest="smoke", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    threads = common.set_cpu_threads(args.threads)
+    args, threads, run = common.model_bench_args(__doc__.splitlines()[0], argv)
     dims = SMOKE if args.smoke else BASE
-    repeats = 1 if args.smoke else args.repeats
-    batch = 2 if args.smoke else args.batch
+    repeats, batch = run["repeats"], run["batch"]
 
     res: dict = {"benchmark": "fusion", "device": common.machine_info(), "threads": threads,
                  "load_avg_start": common.load_average(),

@@ -1,7 +1,7 @@
 r"""python -m mplug_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/mplug_pretrain_tiny
 
 mPLUG pretraining (ITC + ITM + MLM + prefix LM, paper section 3.3) on the built-in synthetic
-dataset. Variants: `tiny` (2-core CPU, about 7 minutes with the held-out zero-shot evaluation),
+dataset. Variants: `tiny` (2-core CPU, about 6 minutes with the held-out zero-shot evaluation),
 `base` (ViT-B/16 at 256 px, fusion stride 3), `large` (ViT-L/14 at 224 px, stride 6):
 
   python -m mplug_jax.main --config=configs/pretrain.py:base --workdir=DIR
@@ -55,7 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "pretrain"
-    c.task.loss_weights = dict(itc=1.0, itm=1.0, mlm=1.0, prefix_lm=1.0)
+    c.task.loss_weights = dict(itc=1.0, itm=1.0, mlm=1.0, prefix_lm=1.0)  # paper: all equal
+    if tiny:
+        # Measured on the 64-wide tiny model from scratch (600 steps): with equal weights the
+        # MLM gradient on the shared text-fusion layers is ~6x ITM's and ITM never leaves its
+        # 1:2 prior (loss 0.636, train acc 0.667); itm=2, mlm=0.5 lets ITM learn (0.51) at the
+        # cost of MLM accuracy (49% vs 65% at step 600 in a 32-batch probe).
+        c.task.loss_weights.update(itm=2.0, mlm=0.5)
     # queue_size: a multiple of input.batch_size; 0 = in-batch negatives only (no queue).
     c.task.itc = dict(temp_min=0.001, temp_max=0.5, queue_size=v["queue_size"], momentum=v["momentum"],
                       distill_alpha=0.4, alpha_warmup_epochs=1.0)

@@ -18,18 +18,23 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-_ACT = (("batch", BATCH_AXES), ("length", None), ("act_embed", None), ("act_mlp", None),
-        ("act_heads", None))
+# Activations (`layers.constrain`): batch over the batch axes; heads / MLP hidden over `tensor`
+# where tensor parallelism is on (a mesh axis of size 1 makes any rule a no-op).
+_ACT = (("batch", BATCH_AXES), ("length", None), ("act_embed", None))
+_ACT_REPLICATED = _ACT + (("act_mlp", None), ("act_heads", None))
 RULES: dict[str, tuple] = {
     # Pure data parallelism: every parameter replicated.
-    "dp": _ACT + (("embed", None), ("mlp", None), ("heads", None), ("kv", None),
-                  ("vocab", None), ("norm", None), ("layers", None), ("queue", None)),
+    "dp": _ACT_REPLICATED + (("embed", None), ("mlp", None), ("heads", None), ("kv", None),
+                             ("vocab", None), ("norm", None), ("layers", None),
+                             ("queue", None)),
     # ZeRO-3 style: parameters, optimizer state, momentum params (same logical axes) split
     # along `embed`, and the ITC queues along `queue`, over `fsdp`.
-    "fsdp": _ACT + (("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None),
-                    ("vocab", None), ("norm", None), ("layers", None), ("queue", "fsdp")),
+    "fsdp": _ACT_REPLICATED + (("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None),
+                               ("vocab", None), ("norm", None), ("layers", None),
+                               ("queue", "fsdp")),
     # FSDP + Megatron tensor parallelism over heads / MLP / vocabulary.
-    "fsdp_tp": _ACT + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
+    "fsdp_tp": _ACT + (("act_mlp", "tensor"), ("act_heads", "tensor"), ("embed", "fsdp"),
+                       ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
                        ("vocab", "tensor"), ("norm", None), ("layers", None),
                        ("queue", "fsdp")),
 }

@@ -28,6 +28,7 @@ from mplug_jax import metrics as mlib
 from mplug_jax import optim
 from mplug_jax import sharding as shd
 from mplug_jax import train_state as ts
+from mplug_jax.models import layers
 from mplug_jax.tasks.pretrain import PretrainTask
 
 TASKS = {"pretrain": PretrainTask}
@@ -186,6 +187,7 @@ class Setup:
     total_steps: int
     steps_per_epoch: int
     init: Any = None  # jitted rng -> TrainState with `shardings`
+    rules: tuple = ()  # logical-axis rules of the sharding preset
 
 
 def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
@@ -211,7 +213,8 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
                                             rule_set)
     init = jax.jit(functools.partial(ts.init_state, task.init_params, task.init_extra, tx),
                    out_shardings=shardings)
-    return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init)
+    return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init,
+                 rule_set)
 
 
 def _log(msg: str) -> None:
@@ -233,8 +236,12 @@ def init_state(s: Setup, seed: int) -> ts.TrainState:
     return s.init(jax.random.PRNGKey(seed))
 
 
-def compile_step(s: Setup, config, batch_abstract: dict):
-    """AOT-compiled train step with donated state and explicit shardings."""
+def compile_step(s: Setup, config, batch_abstract: dict, compiler_options: dict | None = None):
+    """AOT-compiled train step with donated state and explicit shardings.
+
+    Traced under the mesh and the preset's logical-axis rules, so the activation constraints
+    of the model (`layers.constrain`) apply. `compiler_options`: XLA options (tests use -O0).
+    """
     step_fn = make_train_step(s.task, s.tx, s.schedules, config.optim.accum_steps)
     bsh = shd.batch_sharding(s.mesh)
     jitted = jax.jit(step_fn, in_shardings=(s.shardings, bsh),
@@ -243,7 +250,9 @@ def compile_step(s: Setup, config, batch_abstract: dict):
                              s.abstract, s.shardings)
     batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=bsh),
                              batch_abstract)
-    return jitted.lower(state_abs, batch_abs).compile()
+    with jax.set_mesh(s.mesh), layers.activation_sharding(s.rules):
+        lowered = jitted.lower(state_abs, batch_abs)
+    return lowered.compile(compiler_options)
 
 
 class _Stop:
@@ -431,7 +440,7 @@ def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
         if ecfg.type not in registry:
             _unknown("evaluator", ecfg.type, registry)
         if name not in evaluators:
-            evaluators[name] = registry[ecfg.type](s.task, ecfg, config)
+            evaluators[name] = registry[ecfg.type](s.task, ecfg, config, mesh=s.mesh)
         ev = evaluators[name]
         t = time.perf_counter()
         res = ev.run(params)

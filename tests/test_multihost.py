@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STOP_AT, LOCAL_DEVICES, PROCESSES = 2, 2, 2
+STOP_AT, EVAL_AT, LOCAL_DEVICES, PROCESSES = 2, 3, 2, 2
 
 
 def mh_config():
@@ -31,7 +31,9 @@ def mh_config():
     c.input.train_size = 64
     c.log_every_steps, c.ckpt_every_steps = 1, 100
     c.peak_flops = 1e9  # no matmul benchmark at start-up
-    c.evals = {}
+    # A periodic held-out evaluation at step 3 runs across both processes.
+    c.evals.heldout.update(every_steps=EVAL_AT, num_examples=16, batch_size=8, num_captions=2,
+                           max_decode_len=6)
     return c
 
 
@@ -116,8 +118,10 @@ def _result(text: str) -> dict:
     return json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def reference_losses(steps: int) -> list[dict]:
-    """One process, one device, the same global batches: [p0 local batch; p1 local batch]."""
+def reference_run(steps: int) -> tuple[list[dict], dict]:
+    """One process, one device, the same global batches: [p0 local batch; p1 local batch].
+    Returns (metrics of every step, held-out metrics at step EVAL_AT)."""
+    from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
     from test_sharding_strategies import one_device_step
     from mplug_jax import trainer
     from mplug_jax.data.pipeline import make_global_batch, pretrain_dataset
@@ -133,13 +137,16 @@ def reference_losses(steps: int) -> list[dict]:
               for i in range(PROCESSES)]
     s, step, mesh = one_device_step()
     state = trainer.init_state(s, config.seed)
-    out = []
-    for _ in range(steps):
+    out, evals = [], None
+    for i in range(steps):
         local = [next(it) for it in shards]
         batch = {k: np.concatenate([b[k] for b in local]) for k in local[0]}
         state, m = step(state, make_global_batch(batch, mesh))
         out.append(metrics.to_floats(m))
-    return out
+        if i + 1 == EVAL_AT:
+            evals = PretrainZeroShot(s.task, config.evals.heldout, config, mesh=mesh).run(
+                state.params)
+    return out, evals
 
 
 def test_two_processes_train_checkpoint_resume(tmp_path):
@@ -164,9 +171,15 @@ def test_two_processes_train_checkpoint_resume(tmp_path):
     assert f"step {stop1 + 1} |" in texts[0] and f"step {stop1 + 1} |" not in texts[1]
     rows = [r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in rows] == list(range(1, stop2 + 1))
-    ref = reference_losses(stop2)
+    ref, ref_evals = reference_run(stop2)
     for r, want in zip(rows, ref, strict=True):
         for k in ("train/loss", "train/loss_itc", "train/loss_itm", "train/loss_mlm",
                   "train/loss_prefix_lm", "train/l2_grads"):
             # float32 reductions split over 4 devices vs 1: ~1e-6 relative.
             np.testing.assert_allclose(r[k], want[k], rtol=2e-5, err_msg=f"step {r['step']} {k}")
+    # The periodic held-out evaluation ran on both processes' devices, like 1 device.
+    evals = [r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl"))
+             if "heldout/itm_acc" in r]
+    assert [r["step"] for r in evals] == list(range(EVAL_AT, stop2 + 1, EVAL_AT))
+    for k in ("i2t_r1", "t2i_r1", "itm_acc", "mlm_acc"):
+        assert evals[0][f"heldout/{k}"] == pytest.approx(ref_evals[k]), k

@@ -69,16 +69,9 @@ def make_batch(seed: int, b: int = B) -> dict:
 
 
 def compile_step(s: trainer.Setup, config):
-    """`trainer.compile_step` (same step, jit arguments and donation) at -O0 codegen."""
-    step_fn = trainer.make_train_step(s.task, s.tx, s.schedules, config.optim.accum_steps)
-    bsh = shd.batch_sharding(s.mesh)
-    jitted = jax.jit(step_fn, in_shardings=(s.shardings, bsh),
-                     out_shardings=(s.shardings, shd.replicated(s.mesh)), donate_argnums=0)
-    state_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                             s.abstract, s.shardings)
-    batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=bsh),
-                             make_batch(0))
-    return jitted.lower(state_abs, batch_abs).compile(FAST_COMPILE)
+    """`trainer.compile_step` at -O0 codegen."""
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), make_batch(0))
+    return trainer.compile_step(s, config, abstract, FAST_COMPILE)
 
 
 def run_steps(config, mesh, batches):
@@ -275,3 +268,34 @@ def test_fit_verdict():
     assert "fits in 40 GB per device (39.00 GB needed, 98%)" in plan.format_plan(p)
     p.device_memory_gb = 32
     assert not p.fits and "does NOT fit in 32 GB" in plan.format_plan(p)
+
+
+def test_activation_constraints_follow_the_preset(mesh8):
+    """Attention / MLP activations get sharding constraints only when traced under a preset's
+    rules (as `trainer.compile_step` does): batch over ('data', 'fsdp') and, for `fsdp_tp`,
+    heads and MLP hidden over `tensor`."""
+    from mplug_jax.models import layers
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x + layers.Attention(num_heads=2)(x)
+            return x + layers.Mlp(mlp_dim=64)(x)
+
+    x = np.zeros((8, 4, 32), np.float32)
+    params = Block().init(jax.random.PRNGKey(0), x)
+    mesh = shd.make_mesh(MESHES["fsdp_tp"])
+
+    def lowered_text(rules):
+        fn = jax.jit(lambda p, x: Block().apply(p, x))
+        with jax.set_mesh(mesh), layers.activation_sharding(rules):
+            return fn.lower(params, x).as_text()
+
+    assert "sharding_constraint" not in lowered_text(())
+    tp = lowered_text(shd.rules("fsdp_tp"))
+    dp = lowered_text(shd.rules("dp"))
+    # q, k, v, context (4) + attention out, MLP hidden, MLP out (3) = 7 per block.
+    assert tp.count("sharding_constraint") == dp.count("sharding_constraint") == 7
+    assert '[{"data", "fsdp"}, {}, {"tensor"}]' in tp  # MLP hidden
+    assert '[{"data", "fsdp"}, {}, {"tensor"}, {}]' in tp  # q / k / v / context
+    assert '{"tensor"}]' not in dp and '{"tensor"}, {}]' not in dp

@@ -6,6 +6,10 @@ On `num_examples` records of the held-out split (official test transform, no aug
 - MLM accuracy on 15% masked caption tokens (fixed seed); baseline = always predicting the
   most frequent masked token;
 - greedy captions from [CLS] to [SEP] for the first `num_captions` images, next to references.
+
+Multi-device / multi-process: every process reads the whole (small) held-out set; each eval
+batch is split over the mesh's batch axes (each process contributes its rows) and every output
+is replicated, so all processes compute the same metrics and no host gathers anything.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import losses
+from mplug_jax.data.pipeline import make_global_batch
+from mplug_jax.sharding import make_mesh, replicated
 
 
 class PretrainZeroShot:
@@ -23,9 +29,10 @@ class PretrainZeroShot:
       task: a `PretrainTask` (predict fns `embed`, `itm_logits`, `mlm_logits`, `greedy_decode`).
       ecfg: eval block (num_examples, batch_size, num_captions, max_decode_len).
       config: run config (input.max_words / max_tokens, model.image_size, seed).
+      mesh: the run's mesh; None = a 1-device mesh on this process's first device.
     """
 
-    def __init__(self, task, ecfg, config):
+    def __init__(self, task, ecfg, config, mesh=None):
         from mplug_jax.data.pipeline import pretrain_dataset
         from mplug_jax.trainer import make_source
         self.task, self.cfg = task, ecfg
@@ -40,28 +47,45 @@ class PretrainZeroShot:
                               num_epochs=1)
         self.batches = list(ds)
         self.vocab_size = task.model.vocab_size
-        self._embed = jax.jit(task.embed)
-        self._itm = jax.jit(task.itm_logits)
-        self._mlm = jax.jit(lambda p, im, i, m: jnp.argmax(task.mlm_logits(p, im, i, m), -1))
-        self._decode = jax.jit(task.greedy_decode, static_argnums=2)
+        if mesh is None:
+            mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+        self.mesh = mesh
+        self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if ecfg.batch_size % self.shards:
+            raise ValueError(f"eval batch_size {ecfg.batch_size} must be a multiple of the "
+                             f"{self.shards} batch shards of mesh {dict(mesh.shape)}")
+        out = replicated(mesh)
+        self._embed = jax.jit(task.embed, out_shardings=out)
+        self._itm = jax.jit(task.itm_logits, out_shardings=out)
+        self._mlm = jax.jit(lambda p, im, i, m: jnp.argmax(task.mlm_logits(p, im, i, m), -1),
+                            out_shardings=out)
+        self._decode = jax.jit(task.greedy_decode, static_argnums=2, out_shardings=out)
+
+    def _put(self, *arrays: np.ndarray):
+        """Whole-batch numpy arrays (the same on every process) -> global arrays split over the
+        batch axes: this process passes only the rows of its devices."""
+        n, pid = jax.process_count(), jax.process_index()
+        local = [np.asarray(a)[pid * len(a) // n:(pid + 1) * len(a) // n] for a in arrays]
+        return make_global_batch(local, self.mesh)
 
     def run(self, params) -> dict:
         """Metrics (floats) plus 'captions': [(generated, reference)]."""
         img_f, txt_f, itm_hits, mlm_hits, mlm_n, mlm_targets = [], [], 0, 0, 0, []
         key = jax.random.PRNGKey(1234)
         for i, b in enumerate(self.batches):
-            im, ids, mask = b["image"], b["text_ids"], b["text_mask"]
-            fi, ft = self._embed(params, im, ids, mask)
+            ids, mask = b["text_ids"], b["text_mask"]
+            im, ids_g, mask_g = self._put(b["image"], ids, mask)
+            fi, ft = self._embed(params, im, ids_g, mask_g)
             img_f.append(np.asarray(fi))
             txt_f.append(np.asarray(ft))
-            pos = np.asarray(self._itm(params, im, ids, mask)).argmax(-1)
-            neg = np.asarray(self._itm(params, im, np.roll(ids, 1, 0),
-                                       np.roll(mask, 1, 0))).argmax(-1)
+            pos = np.asarray(self._itm(params, im, ids_g, mask_g)).argmax(-1)
+            neg = np.asarray(self._itm(params, im, *self._put(np.roll(ids, 1, 0),
+                                                              np.roll(mask, 1, 0)))).argmax(-1)
             itm_hits += int((pos == 1).sum() + (neg == 0).sum())
             masked, picked = losses.mask_tokens(jax.random.fold_in(key, i), jnp.asarray(ids),
                                                 jnp.asarray(mask), self.vocab_size)
-            pred = np.asarray(self._mlm(params, im, masked, mask))
-            picked = np.asarray(picked)
+            masked, picked = np.asarray(masked), np.asarray(picked)
+            pred = np.asarray(self._mlm(params, im, *self._put(masked, mask)))
             mlm_hits += int((pred == ids)[picked].sum())
             mlm_n += int(picked.sum())
             mlm_targets.append(ids[picked])
@@ -81,7 +105,9 @@ class PretrainZeroShot:
         if k:
             from mplug_jax.data.tokenizer import get_tokenizer
             b0 = self.batches[0]
-            gen = np.asarray(self._decode(params, b0["image"][:k], int(self.cfg.max_decode_len)))
+            rows = min(-(-k // self.shards) * self.shards, len(b0["image"]))
+            image, = self._put(b0["image"][:rows])
+            gen = np.asarray(self._decode(params, image, int(self.cfg.max_decode_len)))[:k]
             refs = [self.source[int(j)]["caption"] for j in b0["idx"][:k]]
             out["captions"] = [(_decode_text(get_tokenizer(), g), r) for g, r in zip(gen, refs)]
         return out

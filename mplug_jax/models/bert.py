@@ -44,9 +44,13 @@ class Embeddings(nn.Module):
         if length > self.max_len:
             raise ValueError(f"text has {length} tokens, more than max_len={self.max_len} "
                              "position embeddings; truncate it (tokenizer max_length)")
-        x = self.word(ids) + self.position(jnp.arange(length))[None] + self.token_type(
-            jnp.zeros_like(ids))
-        return self.dropout(self.ln(x), deterministic=self.deterministic)
+        # Gather from a table whose rows may be split over `tensor` but whose width is whole:
+        # the partitioner then masks + all-reduces instead of replicating the output.
+        table = layers.constrain(self.word.embedding, ("vocab", None)).astype(self.dtype)
+        x = layers.constrain(jnp.take(table, ids, axis=0), layers.EMBED_AXES) + self.position(
+            jnp.arange(length))[None] + self.token_type(jnp.zeros_like(ids))
+        x = layers.constrain(self.ln(x), layers.EMBED_AXES)
+        return self.dropout(x, deterministic=self.deterministic)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """float[..., D] -> float32[..., V] logits against the (tied) word embeddings."""
@@ -114,8 +118,9 @@ class BertStack(nn.Module):
                                   x=x, args=args)
 
 
-class TextEncoder(nn.Module):
-    """BERT text encoder: ids int32[B, L], mask int[B, L] (1 = token) -> float[B, L, D]."""
+class TextStack(nn.Module):
+    """Fields shared by the BERT text encoder and the prefix-LM decoder (official
+    `BertConfig`): embeddings + `depth` layers of `hidden_size`."""
     vocab_size: int = 30522
     hidden_size: int = 768
     num_heads: int = 12
@@ -132,6 +137,10 @@ class TextEncoder(nn.Module):
     init_std: float = layers.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+
+class TextEncoder(TextStack):
+    """BERT text encoder: ids int32[B, L], mask int[B, L] (1 = token) -> float[B, L, D]."""
 
     def setup(self):
         self.embeddings = Embeddings(self.vocab_size, self.hidden_size, self.max_len,

@@ -13,27 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from mplug_jax.models import layers
-from mplug_jax.models.bert import BertStack, Embeddings, check_text
-from mplug_jax.models.layers import Dtype
+from mplug_jax.models.bert import BertStack, Embeddings, TextStack, check_text
 
 
-class TextDecoder(nn.Module):
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_heads: int = 12
-    mlp_dim: int = 3072
+class TextDecoder(TextStack):
+    """Prefix-LM decoder (module docstring); 12 layers like the official decoder."""
     depth: int = 12
-    max_len: int = 512
-    type_vocab_size: int = 2
-    eps: float = 1e-12
-    dropout_rate: float = 0.0
-    deterministic: bool = True
-    attention_impl: str = "xla"
-    remat_policy: str = "none"
-    scan_layers: bool = False
-    init_std: float = layers.INIT_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -3,10 +3,13 @@
 Numerics: parameters are `param_dtype` (float32); matmuls run in `dtype` (bf16 on accelerators);
 attention logits and softmax, and LayerNorm statistics, are always float32.
 Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `norm`,
-`layers`) that `mplug_jax.sharding` maps onto the mesh.
+`layers`) that `mplug_jax.sharding` maps onto the mesh; activations inside attention and MLPs
+carry `batch`/`length`/`act_*` names (`constrain`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -36,6 +39,35 @@ def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, par
                     bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
 
 
+_ACTIVATION_RULES: contextvars.ContextVar[tuple] = contextvars.ContextVar("activation_rules",
+                                                                         default=())
+
+
+@contextlib.contextmanager
+def activation_sharding(rules: tuple):
+    """Trace under this (and `jax.set_mesh`) to apply `constrain`'s activation constraints.
+
+    Separate from `nn.logical_axis_rules`, which would also constrain every parameter as it is
+    unboxed (the train step's params already arrive with their shardings).
+    """
+    token = _ACTIVATION_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+    """Activation sharding by logical axes (`batch`, `length`, `act_embed`, `act_heads`,
+    `act_mlp`); a no-op outside `activation_sharding`. Pins batch (and, with tensor
+    parallelism, heads / MLP hidden) sharding so XLA does not pick layouts that need
+    involuntary rematerialisation or extra all-gathers."""
+    rules = _ACTIVATION_RULES.get()
+    if not rules:
+        return x
+    return nn.with_logical_constraint(x, names, rules=rules)
+
+
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
     """LayerNorm with float32 statistics and the exact (two-pass) variance, as PyTorch."""
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
@@ -63,6 +95,10 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 def gelu(x: jax.Array) -> jax.Array:
     """BERT's exact erf GELU."""
     return jax.nn.gelu(x, approximate=False)
+
+
+_HEADS = ("batch", "length", "act_heads", None)  # q / k / v / context float[B, L, H, K]
+EMBED_AXES = ("batch", "length", "act_embed")  # the residual stream float[B, L, D]
 
 
 class Attention(nn.Module):
@@ -97,13 +133,14 @@ class Attention(nn.Module):
         heads, head_dim = self.num_heads, width // self.num_heads
         if self.kind == "self":
             qkv = self._proj((3, heads, head_dim), ("embed", None, "heads", "kv"), "qkv")(x)
-            q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+            q, k, v = (constrain(qkv[..., i, :, :], _HEADS) for i in range(3))
         elif self.kind == "cross":
             if kv is None:
                 raise ValueError("cross-attention needs key/value states")
-            q = self._proj((heads, head_dim), ("embed", "heads", "kv"), "query")(x)
+            q = constrain(self._proj((heads, head_dim), ("embed", "heads", "kv"), "query")(x),
+                          _HEADS)
             kvp = self._proj((2, heads, head_dim), ("embed", None, "heads", "kv"), "kv")(kv)
-            k, v = kvp[..., 0, :, :], kvp[..., 1, :, :]
+            k, v = constrain(kvp[..., 0, :, :], _HEADS), constrain(kvp[..., 1, :, :], _HEADS)
         else:
             raise ValueError(f"Attention.kind must be 'self' or 'cross', got {self.kind!r}")
 
@@ -120,7 +157,7 @@ class Attention(nn.Module):
                                                       ("heads", "kv", "embed")),
                               bias_init=partitioned(nn.initializers.zeros, ("embed",)),
                               name="out")
-        return out(ctx)
+        return constrain(out(constrain(ctx, _HEADS)), EMBED_AXES)
 
     def _xla_attention(self, q, k, v, mask):
         """Softmax attention; logits and softmax in float32 whatever the compute dtype."""
@@ -149,7 +186,8 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
         h = self.activation(dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x))
-        return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        return constrain(dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h), EMBED_AXES)
 
 
 def layer_stack(block_cls: type[nn.Module], num: int, *, name: str, scan: bool, remat_policy: str,
