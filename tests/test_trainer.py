@@ -75,23 +75,50 @@ def test_nonfinite_streak_stops_with_checkpoint(tmp_path):
     assert rows[-1]["train/nonfinite_total"] >= 2
 
 
+LEARN_OVERRIDES = {"total_steps": 300, "optim.lr": 1e-3, "optim.warmup_steps": 30,
+                   "input.train_size": 8000, "log_every_steps": 100, "ckpt_every_steps": 1000,
+                   "mesh.shape.data": 1, "evals.heldout.num_examples": 128,
+                   "evals.heldout.num_captions": 0}
+
+
 def test_pretraining_learns_above_chance(tmp_path):
-    """A short ITC-only run (its step is ~10x cheaper than the full one) beats its own step-0
-    held-out retrieval and chance; the full four-loss run is the README job."""
+    """The README job (`tiny`, all four losses, its loss weights), shortened to 300 steps at a
+    2x learning rate: held-out retrieval, ITM and MLM all beat their step-0 values and chance
+    (measured here: R@1 12.5% / 10.9% vs chance 0.8%, ITM 71.9%, MLM 31.9% vs the 21.3%
+    majority baseline). The run is the CLI in a subprocess with XLA's default optimisation
+    (the suite's -O0 codegen would make its 300 steps ~3x slower): ~3 minutes on 2 cores."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/pretrain.py:tiny",
+           f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in LEARN_OVERRIDES.items()]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+            if "heldout/itm_acc" in r]
+    assert [r["step"] for r in rows] == [300]
+    after = {k.split("/", 1)[1]: v for k, v in rows[0].items() if k.startswith("heldout/")}
+
     cfg = pretrain_config.get_config("tiny")
-    cfg.task.loss_weights.update(itm=0.0, mlm=0.0, prefix_lm=0.0)
-    cfg.total_steps, cfg.log_every_steps, cfg.ckpt_every_steps = 600, 100, 1000
-    cfg.input.train_size = 8000
-    cfg.mesh.shape = dict(data=1, fsdp=1, tensor=1)  # 8 fake devices on 2 cores: 6x slower
-    cfg.evals.heldout.update(num_examples=128, batch_size=64, num_captions=0)
+    for k, v in LEARN_OVERRIDES.items():
+        *path, leaf = k.split(".")
+        block = cfg
+        for name in path:
+            block = block[name]
+        block[leaf] = v
     from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
     s = trainer.setup(cfg, steps_per_epoch=250)  # = 8000 // 32, as run() computes
-    ev = PretrainZeroShot(s.task, cfg.evals.heldout, cfg)
-    before = ev.run(trainer.init_state(s, cfg.seed).params)
-    after = trainer.run(cfg, str(tmp_path))["evals"]["heldout"]
+    before = PretrainZeroShot(s.task, cfg.evals.heldout, cfg, mesh=s.mesh).run(
+        trainer.init_state(s, cfg.seed).params)
     for k in ("i2t_r1", "t2i_r1"):
-        assert after[k] > before[k], (k, before[k], after[k])
-        assert after[k] > 2 * after["retrieval_chance"], (k, after[k])
+        assert after[k] > before[k] and after[k] > 4 * after["retrieval_chance"], (
+            k, before[k], after[k])
+    assert after["itm_acc"] > max(before["itm_acc"], 0.6), (before["itm_acc"], after["itm_acc"])
+    assert after["mlm_acc"] > max(before["mlm_acc"], after["mlm_majority_baseline"] + 0.05), (
+        before["mlm_acc"], after["mlm_acc"], after["mlm_majority_baseline"])
 
 
 def test_evaluator_on_sharded_params_matches_one_device(mesh8):
