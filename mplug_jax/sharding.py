@@ -2,8 +2,9 @@
 
 Mesh axes are `data`, `fsdp`, `tensor`; the batch is split over ('data', 'fsdp'). Parameters
 carry logical axes (`embed`, `mlp`, `heads`, `kv`, `vocab`, `norm`, `layers`, see
-`models/layers.py`); the ITC feature queues `float32[Q, E]` carry (`queue`, None); a rule preset maps them to mesh axes (MaxText style). State shardings are
-derived once from `jax.eval_shape` of the init via `nn.logical_to_mesh_sharding`.
+`models/layers.py`); the ITC feature queues `float32[Q, E]` carry (`queue`, None); a rule
+preset maps them to mesh axes (MaxText style). State shardings are derived once from
+`jax.eval_shape` of the init via `nn.logical_to_mesh_sharding`.
 """
 from __future__ import annotations
 

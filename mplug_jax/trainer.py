@@ -404,9 +404,9 @@ def run(config, workdir: str) -> dict:
                 if "step_time_s" in row:
                     row["mfu"] = stats["flops"] / (row["step_time_s"] * peak)  # per device
                 writer.write(step, row)
-            if any(e.every_steps and step % e.every_steps == 0 and step < s.total_steps
-                   for e in config.evals.values()):
-                run_evals(config, s, state.params, step, writer, evaluators, periodic=True)
+            # The final step's evals run after the loop.
+            if step < s.total_steps and run_evals(config, s, state.params, step, writer,
+                                                  evaluators, periodic=True):
                 chrono.restart(step)  # eval time is not step time
             stopping = stop.check(step)
             if step % config.ckpt_every_steps == 0 or step == s.total_steps or stopping:
@@ -430,7 +430,8 @@ def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
               evaluators: dict, periodic: bool = False) -> dict:
     """Run `config.evals` entries (periodic: those due at `step`); writes `<name>/<metric>`.
 
-    `evaluators` caches the built evaluators between calls.
+    `evaluators` caches the built evaluators between calls. Returns {name: metrics} of the
+    evaluators that ran (empty when none was due).
     """
     registry = _evaluators()
     out = {}

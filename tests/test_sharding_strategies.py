@@ -38,7 +38,7 @@ def small_config(preset: str = "dp", shape: dict | None = None):
     """`tiny,mode=smoke` with one 32-wide layer per stack and a 2-batch ITC queue.
 
     The real vocabulary stays, so `test_multihost.py` feeds it tokenized synthetic records and
-    shares the compiled 1-device step (`one_device_step`).
+    shares the compiled 1-device step (`one_device_step`); `test_train_step.py` starts from it.
     """
     c = pretrain_config.get_config("tiny,mode=smoke")
     c.model.update(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1,
@@ -57,10 +57,12 @@ def small_config(preset: str = "dp", shape: dict | None = None):
     return c
 
 
-def make_batch(seed: int, b: int = B) -> dict:
+def make_batch(seed: int, b: int = B, max_id: int = 1000) -> dict:
+    """Random images and texts of random lengths (ids below `max_id`); shared with
+    `test_train_step.py`."""
     r = np.random.default_rng(seed)
     lengths = r.integers(3, L + 1, size=b)
-    ids = r.integers(losses.MASK_ID + 1, 1000, size=(b, L)).astype(np.int32)
+    ids = r.integers(losses.MASK_ID + 1, max_id, size=(b, L)).astype(np.int32)
     ids[:, 0] = losses.CLS_ID
     mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
     return {"image": r.normal(size=(b, 32, 32, 3)).astype(np.float32),

@@ -5,41 +5,24 @@ import jax
 import numpy as np
 import pytest
 
-from configs import pretrain as pretrain_config
-from mplug_jax import losses, trainer
+import test_sharding_strategies as strategies
+from mplug_jax import trainer
 from mplug_jax import sharding as shd
 from mplug_jax.data.pipeline import make_global_batch
 
-B, L, V = 16, 8, 128
+B, V = strategies.B, 128
 
 
 def small_config(**loss_weights):
-    """`tiny,mode=smoke` with a 1-2 layer, 32-wide model over a 128-token vocabulary."""
-    c = pretrain_config.get_config("tiny,mode=smoke")
-    c.model.update(vocab_size=V, hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1,
-                   fusion_layers=2, fusion_stride=1, decoder_layers=1, image_size=32,
-                   patch_size=16, vision_width=32, vision_layers=1, vision_heads=2,
-                   embed_dim=16, max_len=L)
-    c.input.batch_size, c.input.max_tokens = B, L
-    c.task.itc.queue_size = 2 * B
-    c.task.prefix_lm.capacity = 1.0  # random lengths up to L: room for every target
-    c.task.itc.alpha_warmup_epochs = 0.0  # full distillation from step 0: exercised at once
+    """The strategy tests' config over a 128-token vocabulary with 2 fusion layers."""
+    c = strategies.small_config()
+    c.model.update(vocab_size=V, fusion_layers=2)
     c.task.loss_weights.update(loss_weights)
-    # Adam with a large eps: an update is smooth in the gradient, so float noise between device
-    # layouts cannot flip the sign of a near-zero gradient into a full-lr difference.
-    c.optim.update(eps=1e-3, warmup_steps=0, lr=1e-3)
     return c
 
 
 def make_batch(seed: int) -> dict:
-    r = np.random.default_rng(seed)
-    lengths = r.integers(3, L + 1, size=B)
-    ids = r.integers(losses.MASK_ID + 1, V, size=(B, L)).astype(np.int32)
-    ids[:, 0] = losses.CLS_ID
-    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
-    return {"image": r.normal(size=(B, 32, 32, 3)).astype(np.float32),
-            "text_ids": np.where(mask > 0, ids, 0).astype(np.int32), "text_mask": mask,
-            "idx": np.arange(B, dtype=np.int32)}
+    return strategies.make_batch(seed, B, max_id=V)
 
 
 def build(config, mesh):

@@ -93,8 +93,10 @@ def test_pretraining_learns_above_chance(tmp_path):
     import sys
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/pretrain.py:tiny",
-           f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in LEARN_OVERRIDES.items()]
+    spec = "configs/pretrain.py:tiny"
+    overrides = [f"--config.{k}={v}" for k, v in LEARN_OVERRIDES.items()]
+    cmd = [sys.executable, "-m", "mplug_jax.main", f"--config={spec}",
+           f"--workdir={tmp_path}"] + overrides
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [r for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
@@ -102,13 +104,8 @@ def test_pretraining_learns_above_chance(tmp_path):
     assert [r["step"] for r in rows] == [300]
     after = {k.split("/", 1)[1]: v for k, v in rows[0].items() if k.startswith("heldout/")}
 
-    cfg = pretrain_config.get_config("tiny")
-    for k, v in LEARN_OVERRIDES.items():
-        *path, leaf = k.split(".")
-        block = cfg
-        for name in path:
-            block = block[name]
-        block[leaf] = v
+    from mplug_jax import plan
+    cfg = plan.load_config(str(repo / spec), overrides)  # the config the run parsed
     from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
     s = trainer.setup(cfg, steps_per_epoch=250)  # = 8000 // 32, as run() computes
     before = PretrainZeroShot(s.task, cfg.evals.heldout, cfg, mesh=s.mesh).run(
