@@ -1,10 +1,11 @@
-"""mplug-jax: mPLUG / mPLUG-2 vision-language models in JAX/Flax."""
+"""mplug-jax: the mPLUG vision-language model in JAX/Flax (mPLUG-2 planned, not implemented)."""
 from setuptools import find_packages, setup
 
 setup(
     name="mplug-jax",
     version="0.1.0",
-    description="JAX/Flax reimplementation of mPLUG (cross-modal skip-connections) and mPLUG-2",
+    description=("JAX/Flax reimplementation of mPLUG (cross-modal skip-connections); "
+                 "mPLUG-2 is planned, not implemented yet"),
     python_requires=">=3.10",
     packages=find_packages(include=["mplug_jax", "mplug_jax.*"]),
     package_data={"mplug_jax": ["assets/*"]},

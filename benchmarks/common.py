@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+QUICK_REPEATS = 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 if REPO not in sys.path:
@@ -24,23 +25,26 @@ if REPO not in sys.path:
 def model_bench_args(description: str, argv: list[str] | None = None,
                      extra: Callable[[argparse.ArgumentParser], None] | None = None):
     """Parse the options the model benchmarks share (--out-dir, --repeats, --batch, --threads,
-    --smoke; `extra` adds a script's own) and set the CPU threads.
+    --quick, --smoke; `extra` adds a script's own) and set the CPU threads.
 
     Returns:
-      (args, threads info, smoke-adjusted {'repeats', 'batch'}).
+      (args, threads info, {'repeats', 'batch'} after --quick / --smoke).
     """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out-dir", default=RESULTS)
     p.add_argument("--repeats", type=int, default=5, help="timed calls after 1 warm-up")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (set before jax import)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"real dimensions, {QUICK_REPEATS} repeats (a shorter re-measurement)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 1 repeat (for tests)")
     p.add_argument("--tiny", dest="smoke", action="store_true", help=argparse.SUPPRESS)
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
     threads = set_cpu_threads(args.threads)
-    run = {"repeats": 1 if args.smoke else args.repeats, "batch": 2 if args.smoke else args.batch}
+    repeats = 1 if args.smoke else min(args.repeats, QUICK_REPEATS) if args.quick else args.repeats
+    run = {"repeats": repeats, "batch": 2 if args.smoke else args.batch}
     return args, threads, run
 
 
@@ -70,12 +74,8 @@ def set_cpu_threads(threads: int) -> dict[str, Any]:
 
 
 def load_average() -> list[float]:
-    """The 1/5/15-minute load averages from /proc/loadavg (other users of the 2 cores)."""
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
-        return [float(x) for x in os.getloadavg()]
+    """The 1/5/15-minute load averages (`os.getloadavg()`: other users of the cores)."""
+    return [round(float(x), 2) for x in os.getloadavg()]
 
 
 def machine_info() -> dict[str, Any]:
@@ -164,7 +164,28 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def host_info() -> dict[str, Any]:
+    """Host facts that need no JAX: name, cores, CPU model, Python."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"host": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": model,
+            "python": platform.python_version()}
+
+
 def write_json(path: str, data: dict) -> None:
+    """Write `data` as JSON, stamped so that every results file says where and under what load
+    it was measured: `data['machine']` (host facts, plus the JAX device record when there is
+    one: the script's 'machine' or 'device' entry, or `machine_info()` once JAX is imported)
+    and `data['load_avg_at_write']` (1/5/15-minute load averages when writing)."""
+    known = data.get("machine") or data.get("device") or (
+        machine_info() if "jax" in sys.modules else {})
+    data["machine"] = {**host_info(), **known}
+    data["load_avg_at_write"] = load_average()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)

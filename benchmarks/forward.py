@@ -16,13 +16,17 @@ Profiling experiments (`--experiments`, on by default in full runs) time what li
 decoder stack vs LM head, LM-head layouts, matmul precision, XLA cost analysis (GFLOP/s).
 
     python benchmarks/forward.py [--repeats 5] [--batch 4] [--out-dir DIR] [--no-experiments]
+    python benchmarks/forward.py --quick      # base dims, 3 repeats, no experiments
     python benchmarks/forward.py --smoke      # tiny model, seconds; used by the smoke test
+
+Prints (and records as `runtime_s`) its total runtime.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +95,7 @@ def build(dims: dict, batch: int, smoke: bool) -> dict:
         rows[f"fusion_S{s}"] = (apply(m, "fuse"), (p, img, txt, mask))
     rows["decoder"] = (apply(model, "decode"), (params, tgt, tgt_mask, states, states_mask))
     for name, kind in (("layer_coattn", "a"), ("layer_connected", "c")):
-        layer = FusionLayer(kind, model.num_heads, model.mlp_dim)
+        layer = FusionLayer(kind=kind, num_heads=model.num_heads, mlp_dim=model.mlp_dim)
         p = common.make_params(layer.init, ks[11], img, txt, mask, constant=smoke)
         rows[name] = (common.maybe_jit(layer.apply, jit), (p, img, txt, mask))
 
@@ -188,15 +192,17 @@ def experiments(b: dict, res: dict, repeats: int, jit: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    t_start = time.perf_counter()
+
     def experiments_flag(p):
         p.add_argument("--experiments", action=argparse.BooleanOptionalAction, default=None,
-                       help="profiling experiments (default: on, off with --smoke)")
+                       help="profiling experiments (default: on, off with --smoke / --quick)")
 
     args, threads, run = common.model_bench_args(__doc__.splitlines()[0], argv,
                                                  experiments_flag)
     dims = SMOKE if args.smoke else BASE
     repeats, batch = run["repeats"], run["batch"]
-    run_exp = (not args.smoke) if args.experiments is None else args.experiments
+    run_exp = (not (args.smoke or args.quick)) if args.experiments is None else args.experiments
 
     res: dict = {"benchmark": "forward", "device": common.machine_info(), "threads": threads,
                  "load_avg_start": common.load_average(),
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "dtype": "float32", "weights": "random" if not args.smoke else
                               "constant 0.02", "fusion_stride_full_model": 3,
                               "jit": not args.smoke, "smoke": args.smoke,
+                              "quick": args.quick,
                               "timing": "wall clock, block_until_ready, median; components "
                                         "timed round-robin"},
                  "official": {"source": OFFICIAL_NOTE}, "rows": {}}
@@ -220,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"official/ours {off / r['median_s']:.2f}", flush=True)
     res["experiments"] = experiments(b, res, repeats, not args.smoke) if run_exp else {}
     res["load_avg_end"] = common.load_average()
+    res["runtime_s"] = time.perf_counter() - t_start
 
     print(f"\nforward times, {res['device']['device_kind']}, jax {res['device']['jax']}, batch "
           f"{batch}, median of {repeats}, load avg {res['load_avg_start'][0]:.1f} -> "
@@ -240,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
                     title=f"mPLUG-base forward, B={batch}, float32, {res['device']['device_kind']}"
                           f", {args.threads} threads, load {res['load_avg_start'][0]:.1f}")
     print(f"wrote {stem}.json and {stem}.png")
+    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
     return res
 
 

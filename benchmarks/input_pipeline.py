@@ -1,6 +1,6 @@
 """Throughput of the pretraining input pipeline on real photos, vs. a plain PIL loop.
 
-Writes ``benchmarks/results/input_pipeline_<host>.json`` and ``.png``. The photos are the
+Writes ``benchmarks/results/input_pipeline_cpu<N>.json`` and ``.png``. The photos are the
 scikit-image sample photographs, resampled to random sizes (shorter side 240-900 px, random
 aspect) and saved as JPEG files in a temporary folder. Every configuration does the same work per
 image: read + decode the JPEG, official pretraining augmentation (RandomResizedCrop 0.2-1,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import socket
@@ -25,7 +24,9 @@ from PIL import Image
 from skimage import data as skdata
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402  (machine + load-average stamp of every results JSON)
 from mplug_jax.data import pipeline, text, tokenizer, transforms  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -104,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
 
     results: dict = {
         "host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "load_avg_1min_at_start": os.getloadavg()[0],
+        "load_avg_1min_at_start": os.getloadavg()[0], "load_avg_start": common.load_average(),
         "images": args.images, "measured_images": args.measure, "image_size": args.image_size,
         "batch_size": args.batch_size, "augment": AUGMENT, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,10 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: {results['runs'][name]}", flush=True)
     print(f"plain PIL loop: {results['runs']['plain PIL loop']}")
 
-    os.makedirs(args.out, exist_ok=True)
+    results["load_avg_end"] = common.load_average()
+    results["runtime_s"] = time.perf_counter() - t_start
     stem = os.path.join(args.out, f"input_pipeline_cpu{results['cpus']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
+    common.write_json(stem + ".json", results)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
     print(f"wrote {stem}.json and {stem}.png")
+    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
     return results
 
 

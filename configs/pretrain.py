@@ -1,11 +1,18 @@
 r"""python -m mplug_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/mplug_pretrain_tiny
 
-mPLUG pretraining (ITC + ITM + MLM + prefix LM, paper section 3.3) on the built-in synthetic
-dataset. Variants: `tiny` (2-core CPU, about 6 minutes with the held-out zero-shot evaluation),
-`base` (ViT-B/16 at 256 px, fusion stride 3), `large` (ViT-L/14 at 224 px, stride 6):
+mPLUG pretraining (ITC + ITM + MLM + prefix LM, paper section 3.3). Variants: `tiny` (the
+built-in synthetic dataset from scratch on a 2-core CPU, about 6 minutes with the held-out
+zero-shot evaluation), `base` (ViT-B/16 at 256 px, fusion stride 3) and `large` (ViT-L/14 at
+224 px, stride 6). base and large default to the paper's recipe: bf16 compute, activation
+checkpointing, parameters/optimizer state sharded over all devices (FSDP, ZeRO-3 style), and
+initialisation from CLIP + BERT; they refuse to start on the synthetic data or from random
+weights unless asked to (`input.allow_synthetic`, `init.allow_scratch`):
 
-  python -m mplug_jax.main --config=configs/pretrain.py:base --workdir=DIR
-  python -m mplug_jax.main --config=configs/pretrain.py:large --workdir=DIR
+  python -m mplug_jax.main --config=configs/pretrain.py:base --workdir=DIR \
+    --config.input.dataset=json --config.input.annotations='["coco.json", "vg.json"]' \
+    --config.input.image_root=IMAGES --config.init.clip=ViT-B-16.pt \
+    --config.init.bert=bert-base-uncased.safetensors
+  python -m mplug_jax.main --config=configs/pretrain.py:large --workdir=DIR ... (as base)
   python -m mplug_jax.main --config=configs/pretrain.py:tiny,mode=smoke --workdir=DIR
 
 Every field can be overridden, e.g. `--config.optim.lr=2e-4 --config.task.loss_weights.itm=0`
@@ -52,6 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = common.model_config(arg.variant)
     c.model.dropout_rate = 0.0 if tiny else 0.1  # official BERT hidden/attention dropout
+    if not tiny:
+        # The paper's setup (section 4): mixed precision and activation checkpointing; layers
+        # scanned (one compiled layer body per stack: faster compiles, same numbers).
+        c.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "pretrain"
@@ -65,15 +76,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # queue_size: a multiple of input.batch_size; 0 = in-batch negatives only (no queue).
     c.task.itc = dict(temp_min=0.001, temp_max=0.5, queue_size=v["queue_size"], momentum=v["momentum"],
                       distill_alpha=0.4, alpha_warmup_epochs=1.0)
-    # capacity: the MLM head runs on capacity * mask_prob * B * L gathered tokens (texts are
-    # mostly shorter than L, so 1.25 leaves a wide margin; picks beyond it are dropped).
-    c.task.mlm = dict(mask_prob=0.15, capacity=1.25)
-    # The decoder's LM head runs on capacity x B x (L - 1) gathered next-token targets: a random
-    # split leaves about half of a caption, and captions rarely fill L.
-    c.task.prefix_lm = dict(capacity=0.5)
+    c.task.mlm = dict(mask_prob=0.15)
+    # distill: soft targets from the momentum decoder (adds the decoder to the momentum copy).
+    c.task.prefix_lm = dict(distill=False)
+    # The MLM and LM heads (V-way) run on gathered target positions only, as many as the
+    # expected count for full-length texts plus gather_sigmas standard deviations: with 6 a
+    # batch overflows with probability < 1e-9; overflowing targets are counted
+    # (train/dropped_targets_total) and warned about. 0 = every position, no gather.
+    c.task.gather_sigmas = 6.0
 
     c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'json' | 'tfds' (trainer.make_source)
+    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'json' | 'tfds' (data/pretrain_input.py)
+    c.input.allow_synthetic = tiny  # base/large refuse the shapes data unless this is set
     # 'json': official pretraining lists, e.g. ['data/mscoco_train.json', 'data/vgnococo.json',
     # 'data/google_cc.json', 'data/sbu.json'] with their image root; 'tfds': `prepare` output.
     c.input.annotations = []
@@ -97,8 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # lr2 = 0.1 * lr1 for a pretrained visual encoder (official); 1.0 from scratch (tiny).
     c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/", mult=v["vision_lr_mult"]))
     c.optim.wd = 0.02
-    # Biases (incl. `mlm_bias`) and LayerNorm scales: no decay.
-    c.optim.no_wd = r"(?i)(bias$)|((ln|norm)[^/]*/scale$)"
+    # Biases (incl. `mlm_bias`), LayerNorm scales and the ITC temperature: no decay.
+    c.optim.no_wd = r"(?i)(bias$)|((ln|norm)[^/]*/scale$)|(^temp$)"
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.warmup_steps = v["warmup_steps"]
     c.optim.schedule = "cosine"
@@ -109,12 +123,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.accum_steps = 1
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
-    c.mesh.sharding = "dp"
+    if tiny:
+        c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+        c.mesh.sharding = "dp"
+    else:  # params, optimizer state, momentum copy and queues sharded over every device
+        c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
+        c.mesh.sharding = "fsdp"
 
     # Paper initialisation (base/large): OpenAI CLIP ViT + bert-base-uncased checkpoints
-    # (.pt/.pth/.safetensors); empty = from scratch. Used only when the run starts fresh.
-    c.init = dict(clip="", bert="")
+    # (.pt/.pth/.safetensors), or a whole mPLUG `checkpoint` (official file with config_bert /
+    # config_yaml, `mplug-jax convert` dir, or a workdir of ours at `step`, 0 = latest). Used
+    # only when the run starts fresh (mplug_jax/pretrained.py).
+    c.init = dict(clip="", bert="", checkpoint="", config_bert="", config_yaml="", step=0,
+                  allow_scratch=tiny)
     c.resume = ""  # another run's workdir to continue from when this workdir has no checkpoint
     c.log_every_steps = 25 if tiny else 100
     c.ckpt_every_steps = 300 if tiny else 2000

@@ -26,9 +26,9 @@ def _parity(args) -> int:
 
 
 def _convert(args) -> int:
-    from mplug_jax.interop import convert, official
+    from mplug_jax.interop import convert, official_keys
     overrides = {"image_size": args.image_size} if args.image_size else None
-    allow = None if args.strict else official.HEADS_ABSENT_IN_TASK_CHECKPOINTS
+    allow = None if args.strict else official_keys.HEADS_ABSENT_IN_TASK_CHECKPOINTS
     conv = convert.load_official(args.checkpoint, args.config_bert, args.config_yaml, overrides,
                                  allow_missing=allow)
     convert.save_converted(conv, args.out)
@@ -45,7 +45,7 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-    from mplug_jax.interop import convert, official
+    from mplug_jax.interop import convert, official_config, official_io
     if os.path.isfile(os.path.join(args.ckpt, "mplug_config.json")):
         conv = convert.load_converted(args.ckpt)
         params = conv.momentum if args.momentum else conv.params
@@ -57,13 +57,17 @@ def _export(args) -> int:
                                         exclude=conv.missing)
         model, start = conv.model, conv.start_layer
     else:
-        from mplug_jax import checkpoint as ckpt_lib
-        model, params, momentum = ckpt_lib.load_for_export(args.ckpt, step=args.step)
-        chosen = momentum if args.momentum else params
+        from mplug_jax import workdir
+        model, params, momentum = workdir.restore_params(args.ckpt, step=args.step)
+        if args.momentum and momentum is None:
+            print("error: this workdir keeps no momentum params", file=sys.stderr)
+            return 2
+        # The momentum copy holds only what the momentum forwards use: complete it.
+        chosen = {**params, **momentum} if args.momentum else params
         state = convert.export_official(chosen, model, None if args.momentum else momentum)
         start = 0
-    official.save_state_dict(state, args.out)
-    bert, yml = official.official_config_files(convert.model_kwargs(model), start)
+    official_io.save_state_dict(state, args.out)
+    bert, yml = official_config.official_config_files(convert.model_kwargs(model), start)
     base = os.path.splitext(args.out)[0]
     with open(base + ".config_bert.json", "w") as f:
         json.dump(bert, f, indent=2)

@@ -151,22 +151,26 @@ def mask_tokens(rng: jax.Array, ids: jax.Array, mask: jax.Array, vocab_size: int
     return out, picked
 
 
-def picked_positions(picked: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+def picked_positions(picked: jax.Array, capacity: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Flat indices of the picked tokens, padded to a static `capacity` K.
 
-    The MLM head (a V-way projection) then runs on K gathered states instead of all B * L.
-    Picks beyond K (rare when K covers the expected count with margin) are dropped.
+    The MLM / LM head (a V-way projection) then runs on K gathered states instead of all
+    B * L. Picks beyond K are dropped and counted: callers size K so that this practically
+    never happens, and report the count.
 
     Args:
       picked: bool[B, L].
       capacity: K.
     Returns:
-      (int32[K] indices into the flattened [B * L] positions, bool[K] valid entries).
+      (int32[K] indices into the flattened [B * L] positions, bool[K] valid entries,
+       int32[] number of picks dropped).
     """
     flat = picked.reshape(-1)
+    count = jnp.sum(flat, dtype=jnp.int32)
     idx = jnp.nonzero(flat, size=capacity, fill_value=0)[0].astype(jnp.int32)
-    valid = jnp.arange(capacity) < jnp.sum(flat)
-    return idx, valid
+    valid = jnp.arange(capacity) < count
+    return idx, valid, jnp.maximum(count - capacity, 0)
 
 
 def mlm_loss(logits: jax.Array, targets: jax.Array, picked: jax.Array,
@@ -231,20 +235,3 @@ def split_prefix(rng: jax.Array, ids: jax.Array, mask: jax.Array
     dec_mask = pos <= n_tgt + 1
     return (prefix_ids.astype(ids.dtype), prefix_mask.astype(mask.dtype),
             dec_ids.astype(ids.dtype), dec_mask.astype(mask.dtype))
-
-
-def lm_loss(logits: jax.Array, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token loss of the decoder: position t predicts token t + 1 (mean over tokens).
-
-    Args:
-      logits: float32[B, L, V] decoder outputs for input `ids`.
-      ids: int32[B, L] decoder ids ([CLS] target [SEP] pad).
-      mask: int32[B, L] decoder mask.
-    Returns:
-      (float32[] loss, float32[] next-token accuracy).
-    """
-    labels, w = ids[:, 1:], mask[:, 1:]
-    lg = logits[:, :-1]
-    loss = _weighted_mean(_hard_ce(lg, labels), w)
-    acc = _weighted_mean((jnp.argmax(lg, -1) == labels).astype(jnp.float32), w)
-    return loss, acc

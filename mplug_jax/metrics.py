@@ -1,18 +1,22 @@
 """Metric writers (console, JSONL, TensorBoard), step timing / ETA, MFU and the loss-curve PNG.
 
 Only process 0 writes. JSONL rows are `{"step": int, "<name>": float, ...}` in
-`workdir/metrics.jsonl`; TensorBoard events go to `workdir/tb/` (tensorboardX).
+`workdir/metrics.jsonl`; TensorBoard events go to `workdir/tb/` (tensorboardX). The console
+gets one compact line per log step (`progress_line`); the full set is in the files. Workdirs
+are `etils.epath` paths (local or bucket URLs).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
+import tempfile
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 # Dense peak FLOP/s per device for MFU (bf16 tensor cores; float32 CPUs are measured).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -89,24 +93,35 @@ class Chrono:
 
 
 class MetricWriter:
-    """Console + JSONL + TensorBoard writer; a no-op on processes other than 0."""
+    """JSONL + TensorBoard writer (console optional); a no-op on processes other than 0.
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    Local workdirs append to the JSONL file; remote ones (no append on object stores) rewrite
+    it whole at each write (a few hundred rows at most).
+    """
+
+    def __init__(self, workdir, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+        workdir = epath.Path(workdir)
+        self.path = workdir / "metrics.jsonl"
+        self._local = "://" not in str(workdir)
+        self._tb, self._rows = None, []
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            self._f = open(self.path, "a")
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._tb = _summary_writer(workdir / "tb")
+            if not self._local and self.path.exists():
+                self._rows = [self.path.read_text()]
 
     def write(self, step: int, scalars: Mapping[str, float], console: bool = True) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        line = json.dumps(row) + "\n"
+        if self._local:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self._rows.append(line)
+            self.path.write_text("".join(self._rows))
         for k, v in row.items():
             if k != "step":
                 self._tb.add_scalar(k, v, step)
@@ -115,8 +130,27 @@ class MetricWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._f.close()
             self._tb.close()
+
+
+def _summary_writer(logdir: epath.Path):
+    """tensorboardX writer; a bucket needs its client library (google-cloud-storage for gs://,
+    boto3 for s3://), without which the events go to a local folder named in a warning."""
+    from tensorboardX import SummaryWriter  # slow import: process 0 only
+    client = {"gs": "google.cloud.storage", "s3": "boto3"}.get(str(logdir).split("://")[0])
+    if client and not _importable(client):
+        local = tempfile.mkdtemp(prefix="mplug_tb_")
+        print(f"WARNING: writing TensorBoard events for {logdir} to {local}: {client} is not "
+              "installed (metrics.jsonl still goes to the workdir)", flush=True)
+        return SummaryWriter(local)
+    return SummaryWriter(str(logdir))
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def format_row(row: Mapping[str, float]) -> str:
@@ -130,22 +164,58 @@ def format_row(row: Mapping[str, float]) -> str:
     return " | ".join(parts)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, total: int, row: Mapping[str, float]) -> str:
+    """One console line: 'step 100/600 (17%) | loss 3.214 | 52.1 samples/s | 0.61 s/step |
+    ETA 5m05s' (timing parts once measured)."""
+    parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+    if "train/loss" in row:
+        parts.append(f"loss {row['train/loss']:.4g}")
+    if "samples_per_s" in row:
+        parts += [f"{row['samples_per_s']:.1f} samples/s", f"{row['step_time_s']:.3g} s/step",
+                  f"ETA {_duration(60 * row['eta_min'])}"]
+    return " | ".join(parts)
+
+
+class CounterWatch:
+    """Warns when a cumulative counter metric (names starting with `prefix`) grows."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.seen = prefix, {}
+
+    def check(self, row: Mapping[str, float]) -> Iterator[str]:
+        """Messages for the counters of `row` that grew since the last check."""
+        for k, v in row.items():
+            if k.startswith(self.prefix) and v > self.seen.get(k, 0):
+                yield (f"{k} = {int(v)} (+{int(v - self.seen.get(k, 0))}): targets beyond the "
+                       "gather capacity were left out of the loss; raise task.gather_sigmas "
+                       "or shorten input.max_tokens")
+                self.seen[k] = v
+
+
+def read_jsonl(path) -> list[dict]:
+    path = epath.Path(path)
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(workdir: str, out_name: str = "losses.png") -> str | None:
+def plot_losses(workdir, out_name: str = "losses.png") -> epath.Path | None:
     """PNG of every `train/loss*` series in `workdir/metrics.jsonl`; returns its path."""
     if jax.process_index() != 0:
         return None
-    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    workdir = epath.Path(workdir)
+    rows = read_jsonl(workdir / "metrics.jsonl")
     keys = sorted({k for r in rows for k in r if k.startswith("train/loss")})
     if not keys:
         return None
-    import matplotlib
+    import matplotlib  # slow import: only at the end of a run
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -156,9 +226,10 @@ def plot_losses(workdir: str, out_name: str = "losses.png") -> str | None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = os.path.join(workdir, out_name)
+    path = workdir / out_name
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path
 

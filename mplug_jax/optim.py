@@ -23,8 +23,7 @@ BASE_GROUP = "base"
 
 def path_str(path) -> str:
     """'a/b/c' for a jax key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def group_labels(params, groups: dict[str, str]) -> Any:

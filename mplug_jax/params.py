@@ -84,7 +84,7 @@ def merge_into(boxed_init: Any, flat_loaded: Mapping[str, Any]) -> Any:
     loaded = dict(flat_loaded)
 
     def replace(path, leaf):
-        key = "/".join(str(getattr(p, "key", p)) for p in path)
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
         if key not in loaded:
             return leaf
         new = jnp.asarray(loaded.pop(key), leaf.dtype if hasattr(leaf, "dtype") else None)

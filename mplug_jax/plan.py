@@ -25,6 +25,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import flags
+from ml_collections import config_flags
+
+from mplug_jax import trainer
 
 GROUPS = ("params", "opt_state", "momentum", "queues", "other")
 
@@ -36,8 +40,6 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
       spec: e.g. 'configs/pretrain.py:large'.
       overrides: e.g. ['--config.model.dtype=bfloat16'] (the leading '--' is optional).
     """
-    from absl import flags
-    from ml_collections import config_flags
     # Config files import `configs.common`: make their repository importable.
     root = os.path.dirname(os.path.dirname(os.path.abspath(spec.split(":", 1)[0])))
     if root not in sys.path:
@@ -55,17 +57,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
 
 
 def _path(keypath) -> str:
-    parts = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k).strip(".[]'"))
-    return "/".join(parts)
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
 
 
 def group_of(path: str) -> str:
@@ -135,7 +127,6 @@ def state_table(config, mesh=None) -> str:
       config: a run config (`mesh.shape`, `mesh.sharding`, model, task, optim).
       mesh: optional mesh (default: `config.mesh.shape` over all devices).
     """
-    from mplug_jax import trainer
     s = trainer.setup(config, steps_per_epoch=1000, mesh=mesh)
     rows = leaf_rows(s.abstract, s.shardings, s.mesh)
     cols = [("leaf", "path"), ("shape", "shape"), ("dtype", "dtype"), ("spec", "spec"),
@@ -198,7 +189,6 @@ def plan(config, mesh=None, device_memory_gb: float = 40.0) -> Plan:
       mesh: optional mesh (default: `config.mesh.shape` over all devices).
       device_memory_gb: memory of one target device, for `Plan.fits` (10^9 bytes).
     """
-    from mplug_jax import trainer
     s = trainer.setup(config, steps_per_epoch=max(
         config.input.train_size // config.input.batch_size, 1), mesh=mesh)
     batch = _batch_abstract(s, config)

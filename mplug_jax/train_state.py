@@ -16,6 +16,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mplug_jax import optim
 from mplug_jax import sharding as shd
 
 
@@ -108,3 +109,22 @@ def abstract_state(init_params: Callable, init_extra: Callable,
                            nonfinite_total=rep, nonfinite_streak=rep)
     shd.check_divisible(abstract, shardings, mesh)
     return abstract, shardings
+
+
+def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple):
+    """Optimizer and state layout of a task (no compute).
+
+    Args:
+      task: provides `init_params(rng)` and `init_extra(params, rng)`.
+      optim_cfg: the `optim` config block.
+      total_steps: optimizer updates of the run (schedules).
+      mesh, rule_set: where the state lives and the logical-axis rules.
+    Returns:
+      (tx, {group: lr schedule}, abstract TrainState, TrainState of NamedShardings).
+    """
+    rng = jax.random.PRNGKey(0)  # shapes do not depend on the key
+    params_shape = nn.meta.unbox(jax.eval_shape(task.init_params, rng))
+    tx, schedules = optim.make_optimizer(optim_cfg, params_shape, total_steps)
+    abstract, shardings = abstract_state(task.init_params, task.init_extra, tx, rng, mesh,
+                                         rule_set)
+    return tx, schedules, abstract, shardings

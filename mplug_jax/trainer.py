@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import time
 from typing import Any
 
-import flax.linen as nn
+import einops
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,16 +26,13 @@ from mplug_jax import checkpoint as ckpt_lib
 from mplug_jax import metrics as mlib
 from mplug_jax import optim
 from mplug_jax import sharding as shd
+from mplug_jax import tasks
 from mplug_jax import train_state as ts
+from mplug_jax import workdir as workdir_lib
+from mplug_jax.data.pipeline import make_global_batch
+from mplug_jax.data.prefetch import DevicePrefetch
+from mplug_jax.evaluators import common as evaluators
 from mplug_jax.models import layers
-from mplug_jax.tasks.pretrain import PretrainTask
-
-TASKS = {"pretrain": PretrainTask}
-
-
-def _evaluators():
-    from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
-    return {"pretrain_zeroshot": PretrainZeroShot}
 
 
 class NonFiniteError(RuntimeError):
@@ -49,10 +45,7 @@ def split_microbatches(batch: dict, k: int) -> dict:
     Strided (not contiguous) rows, so every device's shard of the batch contributes equally to
     every micro-batch and the data-parallel split of each micro-batch needs no communication.
     """
-    def split(x):
-        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
-
-    return jax.tree.map(split, batch)
+    return jax.tree.map(lambda x: einops.rearrange(x, "(n k) ... -> k n ...", k=k), batch)
 
 
 def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
@@ -60,7 +53,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
     """The generic step: (TrainState, batch) -> (TrainState, metrics of float32[]).
 
     Per step: `task.begin_step` (e.g. the momentum update), gradients of `task.loss` on the
-    global batch, one optimizer update. With `accum_steps` k > 1 the batch is split into k
+    global batch, one optimizer update, `task.after_update` (e.g. clamping a temperature). With `accum_steps` k > 1 the batch is split into k
     micro-batches (`split_microbatches`) run one after another in a `lax.scan` (activation
     memory of one micro-batch); their gradients and metrics are averaged and the task extras
     (e.g. feature queues) are threaded through them in order.
@@ -94,7 +87,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
         compute = grads if accum_steps == 1 else accumulated
         loss, aux, new_extra, grads_ = compute(state.params, extra, batch, rng, state.step)
         updates, new_opt = tx.update(grads_, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        new_params = task.after_update(optax.apply_updates(state.params, updates))
         l2_grads = optax.tree.norm(grads_)
         finite = jnp.isfinite(loss) & jnp.isfinite(l2_grads)
 
@@ -117,55 +110,6 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
         return new_state, out
 
     return step_fn
-
-
-def make_source(input_cfg, split: str, size: int, image_size: int, seed: int):
-    """Random-access records of `input.dataset`.
-
-    'synthetic': the built-in `SyntheticShapes` ('train' / 'heldout' splits of `size` records).
-    'json': official pretraining json lists (`input.annotations`, images under
-      `input.image_root`); the 'heldout' split reads `input.eval_annotations`.
-    'tfds': a dataset written by `mplug-jax prepare --format pretrain` (`input.tfds_dir`); the
-      'heldout' split is `input.eval_split` of it.
-    """
-    kind = input_cfg.dataset
-    if kind == "synthetic":
-        from mplug_jax.data.synthetic import SyntheticShapes
-        return SyntheticShapes(split, size, image_size=image_size, seed=seed)
-    if kind == "json":
-        from mplug_jax.data import sources
-        files = input_cfg.get("annotations") if split == "train" else \
-            input_cfg.get("eval_annotations")
-        if not files:
-            raise ValueError(f"input.dataset='json' needs input."
-                             f"{'annotations' if split == 'train' else 'eval_annotations'}")
-        return sources.pretrain(list(files), input_cfg.get("image_root", ""),
-                                max_skip_rate=input_cfg.max_skip_rate)
-    if kind == "tfds":
-        from mplug_jax.data.tfds_builders import load_prepared
-        splits = load_prepared(input_cfg.tfds_dir, "pretrain")
-        name = "train" if split == "train" else input_cfg.get("eval_split", "validation")
-        if name not in splits:
-            raise ValueError(f"{input_cfg.tfds_dir} has splits {sorted(splits)}, not {name!r}")
-        return splits[name]
-    raise ValueError(f"unknown input.dataset {kind!r}; valid: synthetic, json, tfds")
-
-
-def make_train_iter(config, image_size: int):
-    """(grain iterator of process-local batches, records per epoch)."""
-    from mplug_jax.data.pipeline import pretrain_dataset
-    inp = config.input
-    nproc = jax.process_count()
-    if inp.batch_size % nproc:
-        raise ValueError(f"input.batch_size {inp.batch_size} not divisible by {nproc} processes")
-    source = make_source(inp, "train", inp.train_size, image_size, config.seed)
-    aug = {k: v for k, v in inp.augment.items() if k != "enabled"} if inp.augment.enabled else None
-    ds = pretrain_dataset(source, image_size=image_size, batch_size=inp.batch_size // nproc,
-                          max_words=inp.max_words, max_tokens=inp.max_tokens,
-                          seed=inp.shuffle_seed, train=True, augment=aug, workers=inp.workers,
-                          shard_index=jax.process_index(), shard_count=nproc,
-                          max_skip_rate=inp.max_skip_rate)
-    return iter(ds), len(source)
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -204,13 +148,8 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
             f"batch shards of mesh {dict(mesh.shape)} times optim.accum_steps {accum} (each "
             f"micro-batch is split over the batch shards)")
     steps = total_steps(config, steps_per_epoch)
-    task = TASKS[config.task.name](config, steps_per_epoch=steps_per_epoch) \
-        if config.task.name in TASKS else _unknown("task", config.task.name, TASKS)
-    rng = jax.random.PRNGKey(config.seed)
-    params_shape = _unbox(jax.eval_shape(task.init_params, rng))
-    tx, schedules = optim.make_optimizer(config.optim, params_shape, steps)
-    abstract, shardings = ts.abstract_state(task.init_params, task.init_extra, tx, rng, mesh,
-                                            rule_set)
+    task = tasks.build(config, steps_per_epoch)
+    tx, schedules, abstract, shardings = ts.state_spec(task, config.optim, steps, mesh, rule_set)
     init = jax.jit(functools.partial(ts.init_state, task.init_params, task.init_extra, tx),
                    out_shardings=shardings)
     return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init,
@@ -221,14 +160,6 @@ def _log(msg: str) -> None:
     """Console line from process 0 only (every process runs the same loop)."""
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-def _unbox(tree):
-    return nn.meta.unbox(tree)
-
-
-def _unknown(kind: str, name: str, registry: dict):
-    raise ValueError(f"unknown {kind} {name!r}; valid: {sorted(registry)}")
 
 
 def init_state(s: Setup, seed: int) -> ts.TrainState:
@@ -255,32 +186,33 @@ def compile_step(s: Setup, config, batch_abstract: dict, compiler_options: dict 
     return lowered.compile(compiler_options)
 
 
+def global_batch_shapes(local_batch: dict) -> dict:
+    """ShapeDtypeStructs of the global batch made from process-local batches like this one."""
+    n = jax.process_count()
+    return {k: jax.ShapeDtypeStruct((v.shape[0] * n,) + v.shape[1:], v.dtype)
+            for k, v in local_batch.items()}
+
+
 class _Stop:
     """Stop-on-SIGTERM, at the same step on every process.
 
     One process: a Python SIGTERM handler sets a flag, read after every step. Several processes
-    (after `jax.distributed.initialize`): JAX's preemption sync manager catches SIGTERM on any
-    host and agrees on the first step every process can still reach (`reached_preemption_sync_
-    point`, asked after every step by all processes); a Python handler here would replace its
-    C-level one, so none is installed. Either way the loop saves a checkpoint and returns.
+    (after `jax.distributed.initialize`): orbax's `reached_preemption`, which asks JAX's
+    preemption sync manager (it catches SIGTERM on any host) for the first step every process
+    can still reach; a Python handler would replace its C-level one, so none is installed.
+    Either way the loop saves a checkpoint and returns.
     """
 
-    def __init__(self):
-        self.requested = False
-        self._old = None
-        self._sync = None
+    def __init__(self, ckpt: ckpt_lib.Checkpointer):
+        self.ckpt, self.requested, self._old = ckpt, False, None
+        self.multi = jax.process_count() > 1
 
     def __enter__(self):
-        from jax._src import distributed as jdist
-        state = jdist.global_state
-        if state.client is not None and getattr(state, "preemption_sync_manager", None):
-            from jax.experimental import multihost_utils
-            self._sync = multihost_utils.reached_preemption_sync_point
-            return self
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._old = None
+        if not self.multi:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                self._old = None
         return self
 
     def _handle(self, *_):
@@ -288,8 +220,8 @@ class _Stop:
 
     def check(self, step: int) -> bool:
         """Whether to save and stop after `step` (call once per step on every process)."""
-        if self._sync is not None:
-            self.requested = self.requested or bool(self._sync(step))
+        if self.multi:
+            self.requested = self.requested or self.ckpt.reached_preemption(step)
         return self.requested
 
     def __exit__(self, *_):
@@ -300,98 +232,61 @@ class _Stop:
 _PREPARED: dict = {}  # compiled steps of earlier `run`s in this process, by config
 
 
-def prepare(config, n_train: int):
+def prepare(config, n_train: int, batch_abstract: dict):
     """(Setup, compiled step, its FLOPs/memory); reused by later runs of the same config."""
     key = (config.to_json_best_effort(sort_keys=True), n_train, tuple(
-        d.id for d in jax.devices()))
+        d.id for d in jax.devices()), tuple(sorted((k, v.shape) for k, v in
+                                                   batch_abstract.items())))
     if key not in _PREPARED:
         s = setup(config, max(n_train // config.input.batch_size, 1))
-        b = config.input.batch_size
-        batch_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype),
-                                 s.task.dummy_batch(1))
-        batch_abs["idx"] = jax.ShapeDtypeStruct((b,), jnp.int32)
-        step_c = compile_step(s, config, batch_abs)
+        step_c = compile_step(s, config, batch_abstract)
         _PREPARED[key] = (s, step_c, mlib.compiled_stats(step_c))
     return _PREPARED[key]
 
 
-def init_from_pretrained(state: ts.TrainState, s: Setup, init_cfg) -> ts.TrainState:
-    """Overwrite a fresh state's params (and momentum copy) from unimodal checkpoints, as the
-    paper initialises pretraining: `init.clip` (OpenAI CLIP or HF CLIPVisionModel) -> visual
-    encoder; `init.bert` (BERT, 12 layers for base/large) -> text encoder, fusion
-    self-attention/FFN, decoder, MLM head. Cross-attention and the heads stay fresh."""
-    if not init_cfg or not (init_cfg.get("clip") or init_cfg.get("bert")):
-        return state
-    import flax
-
-    from mplug_jax import params as P
-    from mplug_jax.interop import convert, unimodal
-    kw = convert.model_kwargs(s.task.model)
-    flat = {}
-    if init_cfg.get("clip"):
-        flat.update(unimodal.clip_params(unimodal.load_unimodal(init_cfg.clip), kw))
-    if init_cfg.get("bert"):
-        flat.update(unimodal.bert_params(unimodal.load_unimodal(init_cfg.bert), kw))
-    if s.task.model.scan_layers:
-        flat = P.loop_to_scan(flat)
-
-    def put(tree):
-        leaves = flax.traverse_util.flatten_dict(tree, sep="/")
-        for k, v in flat.items():
-            if k not in leaves or leaves[k].shape != v.shape:
-                raise ValueError(f"init: {k} {v.shape} does not fit the model "
-                                 f"({leaves[k].shape if k in leaves else 'no such param'})")
-            leaves[k] = jax.device_put(jnp.asarray(v, leaves[k].dtype), leaves[k].sharding)
-        return flax.traverse_util.unflatten_dict(leaves, sep="/")
-
-    extra = dict(state.extra)
-    if "params_m" in extra:
-        extra["params_m"] = put(extra["params_m"])
-    _log(f"initialised {len(flat)} params from {dict(init_cfg)}")
-    return state.replace(params=put(state.params), extra=extra)
-
-
 def run(config, workdir: str) -> dict:
-    """Train (resuming from `workdir` if it holds a checkpoint), then evaluate.
+    """Train `config.task` (resuming from `workdir` if it holds a checkpoint), then evaluate.
+
+    Resume order: a checkpoint in `workdir` > `config.resume` (another run's workdir) >
+    `config.init` (the task's pretrained initialisation) > scratch.
 
     Returns:
       {'step': last step, 'evals': {name: metrics}, 'stopped': 'done'|'sigterm',
        'state': the final TrainState}.
     """
-    from mplug_jax.data.pipeline import make_global_batch
     config = config.copy_and_resolve_references()
-    workdir = os.path.abspath(workdir)
-    ckpt_lib.write_config(workdir, config)
-    it, n_train = make_train_iter(config, config.model.image_size)
+    workdir = workdir_lib.resolve(workdir)
+    workdir_lib.write_config(workdir, config)
+    task_cls = tasks.get_class(config.task.name)
+    host_iter, n_train = task_cls.train_input(config)
     t0 = time.perf_counter()
-    s, step_c, stats = prepare(config, n_train)
+    data = None  # DevicePrefetch, once the mesh exists
+    first_local = host_iter.get_state()
+    batch0 = next(host_iter)
+    host_iter.set_state(first_local)  # the loop reads batch 0 again (through the prefetcher)
+    s, step_c, stats = prepare(config, n_train, global_batch_shapes(batch0))
+    data = DevicePrefetch(host_iter, lambda b: make_global_batch(b, s.mesh))
     writer = mlib.MetricWriter(workdir)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep_ckpts)
-    found = ckpt_lib.find_resume(workdir, config.resume or None)
-    if found is None:
-        state = init_from_pretrained(init_state(s, config.seed), s, config.get("init"))
-    else:
-        root, step = found
-        src = ckpt if root == ckpt.directory else ckpt_lib.Checkpointer(root, async_save=False)
-        state = src.restore(step, s.abstract, s.shardings, it)
-        _log(f"resumed from {root} at step {step}")
+    ckpt = ckpt_lib.Checkpointer(workdir / "ckpt", keep=config.keep_ckpts)
+    state, origin = _initial_state(config, s, ckpt, data)
+    _log(origin)
     first = int(jax.device_get(state.step))
     b = config.input.batch_size
     peak, how = mlib.peak_flops_per_device(config.peak_flops)
-    n_dev = s.mesh.size
     _log(f"ready in {time.perf_counter() - t0:.1f}s: {stats['flops'] / 1e9:.2f} GFLOP/device, "
          f"peak memory {stats['peak_bytes'] / 2**20:.0f} MiB/device; peak {peak / 1e9:.1f} "
-         f"GFLOP/s/device ({how}) x {n_dev}; {s.total_steps} steps of {b}")
+         f"GFLOP/s/device ({how}) x {s.mesh.size}; {s.total_steps} steps of {b}")
     chrono = mlib.Chrono(first, s.total_steps, b)
-    evaluators = {}  # built on first use
+    warned = mlib.CounterWatch("train/dropped_")
+    evals = {}  # built on first use
     stopped, step, prev = "done", first, None
-    with _Stop() as stop:
+    with _Stop(ckpt) as stop:
         for step in range(first + 1, s.total_steps + 1):
-            batch = make_global_batch(next(it), s.mesh)
-            state, out = step_c(state, batch)
+            state, out = step_c(state, next(data))
+            data.prefetch()  # the host reads the next batch while the step runs
             if prev is not None and int(prev["train/nonfinite_streak"]) >= \
                     config.max_nonfinite_steps:
-                ckpt.save(step, state, it, force=True)
+                ckpt.save(step, state, data, force=True)
                 ckpt.close()
                 raise NonFiniteError(
                     f"{int(prev['train/nonfinite_streak'])} consecutive steps with a non-finite "
@@ -403,14 +298,17 @@ def run(config, workdir: str) -> dict:
                 row.update(chrono.tick(step))
                 if "step_time_s" in row:
                     row["mfu"] = stats["flops"] / (row["step_time_s"] * peak)  # per device
-                writer.write(step, row)
+                writer.write(step, row, console=False)
+                _log(mlib.progress_line(step, s.total_steps, row))
+                for msg in warned.check(row):
+                    _log(f"WARNING at step {step}: {msg}")
             # The final step's evals run after the loop.
-            if step < s.total_steps and run_evals(config, s, state.params, step, writer,
-                                                  evaluators, periodic=True):
+            if step < s.total_steps and run_evals(config, s, state.params, step, writer, evals,
+                                                  periodic=True):
                 chrono.restart(step)  # eval time is not step time
             stopping = stop.check(step)
             if step % config.ckpt_every_steps == 0 or step == s.total_steps or stopping:
-                ckpt.save(step, state, it, force=True)
+                ckpt.save(step, state, data, force=True)
             if stopping:
                 stopped = "sigterm"
                 _log(f"SIGTERM: checkpoint saved at step {step}; rerun to resume")
@@ -418,37 +316,54 @@ def run(config, workdir: str) -> dict:
     ckpt.close()
     results = {"step": step, "stopped": stopped, "evals": {}, "state": state}
     if stopped == "done":
-        results["evals"] = run_evals(config, s, state.params, step, writer, evaluators)
+        results["evals"] = run_evals(config, s, state.params, step, writer, evals)
     writer.close()
     png = mlib.plot_losses(workdir)
     if png:
-        print(f"loss curves: {png}", flush=True)
+        _log(f"metrics: {workdir / 'metrics.jsonl'}, TensorBoard {workdir / 'tb'}, "
+             f"loss curves {png}")
     return results
 
 
-def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
-              evaluators: dict, periodic: bool = False) -> dict:
-    """Run `config.evals` entries (periodic: those due at `step`); writes `<name>/<metric>`.
+def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple[Any, str]:
+    """(state, where it came from): this workdir's newest checkpoint, else the newest of
+    `config.resume`'s, else a fresh state initialised by the task from `config.init`."""
+    step = ckpt.latest_step()
+    if step is not None:
+        return ckpt.restore(step, s.abstract, s.shardings, data), \
+            f"resumed from {ckpt.directory} at step {step}"
+    if config.resume:
+        other = ckpt_lib.Checkpointer(workdir_lib.resolve(config.resume) / "ckpt", keep=None,
+                                      async_save=False, create=False)
+        try:
+            step = other.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"config.resume={config.resume!r} has no checkpoint "
+                                        f"under {other.directory}")
+            state = other.restore(step, s.abstract, s.shardings, data)
+        finally:
+            other.close()
+        return state, f"resumed from {other.directory} at step {step}"
+    return s.task.init_from_pretrained(init_state(s, config.seed)), "started fresh"
 
-    `evaluators` caches the built evaluators between calls. Returns {name: metrics} of the
-    evaluators that ran (empty when none was due).
-    """
-    registry = _evaluators()
+
+def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
+              built: dict, periodic: bool = False) -> dict:
+    """Run the `config.evals` entries (periodic: those due at `step`); writes
+    `<name>/<metric>`. `built` caches the evaluators between calls. Returns {name: metrics} of
+    the evaluators that ran (empty when none was due)."""
     out = {}
     for name, ecfg in config.evals.items():
-        if periodic and not (ecfg.every_steps and step % ecfg.every_steps == 0):
+        if periodic and not evaluators.due(ecfg, step):
             continue
-        if ecfg.type not in registry:
-            _unknown("evaluator", ecfg.type, registry)
-        if name not in evaluators:
-            evaluators[name] = registry[ecfg.type](s.task, ecfg, config, mesh=s.mesh)
-        ev = evaluators[name]
+        if name not in built:
+            built[name] = evaluators.build(name, ecfg, config, s.task.predict_fns(), s.mesh)
+        ev = built[name]
         t = time.perf_counter()
         res = ev.run(params)
         scalars = {f"{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
         writer.write(step, scalars, console=False)
-        if jax.process_index() == 0:
-            print(f"== eval '{name}' at step {step} ({time.perf_counter() - t:.0f}s)")
-            print(ev.report(res), flush=True)
+        _log(f"== eval '{name}' at step {step} ({time.perf_counter() - t:.0f}s)\n"
+             + ev.report(res))
         out[name] = res
     return out

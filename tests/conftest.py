@@ -35,3 +35,16 @@ def mesh8():
     assert len(jax.devices()) == 8, "tests expect 8 fake CPU devices"
     from mplug_jax.sharding import make_mesh
     return make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+
+
+@pytest.fixture(scope="session")
+def pretrain_workdir(tmp_path_factory):
+    """One short pretraining run shared by the tests that start from a workdir of ours (export,
+    fine-tuning init): `test_trainer.loop_config`, 2 steps, checkpoints at steps 1 and 2."""
+    from mplug_jax import trainer
+    from test_trainer import loop_config
+    cfg = loop_config()
+    cfg.total_steps, cfg.ckpt_every_steps = 2, 1
+    path = tmp_path_factory.mktemp("pretrain") / "run"
+    trainer.run(cfg, str(path))
+    return path

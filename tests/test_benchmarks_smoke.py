@@ -1,10 +1,14 @@
 """Smoke test of the model benchmarks: each `main --smoke` runs on tiny dims (op-by-op, constant
-weights) and writes a JSON with the expected keys. Timings themselves are not checked."""
+weights) and writes a JSON with the expected keys, positive timings, ratios derived from those
+timings and the machine's load average. The timing helpers are checked on fake workloads; how
+fast anything runs is not checked."""
 import importlib.util
 import json
 import pathlib
+import statistics
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -23,22 +27,43 @@ def _load(name: str):
 HEADER = {"benchmark", "device", "threads", "settings", "load_avg_start", "load_avg_end"}
 
 
+def _check_header(out: dict, name: str) -> None:
+    assert HEADER <= set(out) and out["benchmark"] == name
+    for key in ("load_avg_start", "load_avg_end"):  # 1/5/15-minute load averages
+        assert len(out[key]) == 3 and all(isinstance(x, float) and x >= 0 for x in out[key])
+    assert out["settings"]["smoke"] is True and out["settings"]["repeats"] == 1
+    # Under pytest jax is imported before the benchmark: it must say it left XLA_FLAGS alone.
+    assert "already imported" in out["threads"]["note"]
+
+
+def _check_timing(run: dict, repeats: int) -> None:
+    assert len(run["times_s"]) == repeats and all(t > 0 for t in run["times_s"])
+    assert run["median_s"] == statistics.median(run["times_s"]) > 0 and run["warmup_s"] > 0
+
+
 def test_fusion_smoke(tmp_path):
     res = _load("fusion").main(["--smoke", "--out-dir", str(tmp_path)])
     out = json.loads((tmp_path / "fusion_smoke_cpu{}.json".format(res["device"]["cpus"]))
                      .read_text())
-    assert HEADER <= set(out) and {"runs", "median_s", "ratios", "paper", "official"} <= set(out)
+    _check_header(out, "fusion")
+    assert {"runs", "median_s", "ratios", "paper", "official"} <= set(out)
     assert {"device_kind", "platform", "jax"} <= set(out["device"])
     expected = {"skip_S1", "skip_S2", "skip_S3", "skip_S6", "connected", "coattn", "asym",
                 "layer_a", "layer_c"}
     assert expected <= set(out["runs"])
     assert out["runs"]["skip_S1"]["pattern"] == "accccc"
     assert out["runs"]["connected"]["pattern"] == "mmmmmm"
-    assert all(r["median_s"] > 0 for r in out["runs"].values())
+    for name, run in out["runs"].items():
+        _check_timing(run, repeats=1)
+        assert out["median_s"][name] == run["median_s"]
+    med = out["median_s"]
+    ours = {row["name"]: row["ours"] for row in out["ratios"]}
+    assert ours["fusion time S=1 / S=6"] == pytest.approx(med["skip_S1"] / med["skip_S6"])
+    assert ours["one connected layer / one co-attention layer"] == pytest.approx(
+        med["layer_c"] / med["layer_a"])
     for row in out["ratios"]:
         assert {"name", "ours", "paper", "official_note"} <= set(row)
         assert row["ours"] > 0
-    assert out["ratios"][0]["official_note"] == pytest.approx(0.601 / 0.216)
     assert (tmp_path / "fusion_smoke_cpu{}.png".format(res["device"]["cpus"])).is_file()
 
 
@@ -46,12 +71,40 @@ def test_forward_smoke(tmp_path):
     res = _load("forward").main(["--smoke", "--out-dir", str(tmp_path)])
     out = json.loads((tmp_path / "forward_smoke_cpu{}.json".format(res["device"]["cpus"]))
                      .read_text())
-    assert HEADER <= set(out) and {"rows", "official", "experiments"} <= set(out)
+    _check_header(out, "forward")
+    assert {"rows", "official", "experiments"} <= set(out)
+    assert out["experiments"] == {}  # off by default in smoke runs
     expected = {"visual", "text", "fusion_S1", "fusion_S3", "fusion_S6", "decoder",
                 "layer_coattn", "layer_connected", "vqa_forward_S3"}
     assert set(out["rows"]) == expected
     for row in out["rows"].values():
         assert {"ours_median_s", "official_median_s", "official_over_ours"} <= set(row)
-        assert row["ours_median_s"] > 0 and row["official_median_s"] > 0
-    assert out["rows"]["visual"]["official_median_s"] == 1.359
+        _check_timing({"times_s": row["ours_times_s"], "median_s": row["ours_median_s"],
+                       "warmup_s": row["ours_warmup_s"]}, repeats=1)
+        assert row["official_median_s"] > 0
+        assert row["official_over_ours"] == pytest.approx(
+            row["official_median_s"] / row["ours_median_s"])
     assert (tmp_path / "forward_smoke_cpu{}.png".format(res["device"]["cpus"])).is_file()
+
+
+def test_timing_helpers_count_calls_and_take_the_median():
+    common = _load("common")
+    calls = []
+
+    def work(tag):
+        calls.append(tag)
+        return jnp.ones(3)
+
+    one = common.time_call(work, "x", repeats=4, warmup=2)
+    assert calls == ["x"] * 6
+    _check_timing(one, repeats=4)
+    calls.clear()
+    both = common.time_interleaved({"a": (work, ("a",)), "b": (work, ("b",))}, repeats=3)
+    # Warm-ups first, then round-robin, so load changes hit every configuration alike.
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    for run in both.values():
+        _check_timing(run, repeats=3)
+        assert run["min_s"] == min(run["times_s"])
+    assert common.ratio(3.0, 2.0) == 1.5
+    assert common.ratio(None, 2.0) is None and common.ratio(1.0, 0) is None
+    assert common.fmt(None) == "n/a" and common.fmt(1 / 3, ".2f") == "0.33"

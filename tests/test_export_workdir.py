@@ -4,26 +4,22 @@ import json
 import numpy as np
 import pytest
 
-from mplug_jax import cli, trainer
+from mplug_jax import cli, workdir
 from mplug_jax import params as P
 from mplug_jax.interop import convert
-from test_trainer import loop_config
 
 
-def test_export_pretraining_workdir_round_trips(tmp_path):
-    cfg = loop_config()
-    cfg.total_steps, cfg.ckpt_every_steps = 2, 1
-    trainer.run(cfg, str(tmp_path / "run"))
+def test_export_pretraining_workdir_round_trips(tmp_path, pretrain_workdir):
+    run = str(pretrain_workdir)
     out = str(tmp_path / "exp.safetensors")
-    assert cli.main(["export", "--ckpt", str(tmp_path / "run"), "--out", out, "--step", "2"]) == 0
-    assert cli.main(["export", "--ckpt", str(tmp_path / "run"), "--momentum",
+    assert cli.main(["export", "--ckpt", run, "--out", out, "--step", "2"]) == 0
+    assert cli.main(["export", "--ckpt", run, "--momentum",
                      "--out", str(tmp_path / "m.safetensors")]) == 0
     base = str(tmp_path / "exp")
     conv = convert.load_official(out, base + ".config_bert.json", base + ".config.yaml",
                                  allow_missing=None)
     assert json.load(open(base + ".config_bert.json"))["hidden_size"] == 32
-    model, params, momentum = __import__("mplug_jax.checkpoint", fromlist=["x"]).load_for_export(
-        str(tmp_path / "run"))
+    model, params, momentum = workdir.restore_params(run)
     want, got = P.flatten(params), P.flatten(conv.params)
     assert want.keys() == got.keys()
     for k in want:
@@ -34,5 +30,4 @@ def test_export_pretraining_workdir_round_trips(tmp_path):
     np.testing.assert_array_equal(np.asarray(P.flatten(mom.params)[k]),
                                   np.asarray(P.flatten(momentum)[k]))
     with pytest.raises(FileNotFoundError, match="available"):
-        __import__("mplug_jax.checkpoint", fromlist=["x"]).load_for_export(
-            str(tmp_path / "run"), step=7)
+        workdir.restore_params(run, step=7)

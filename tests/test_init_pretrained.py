@@ -23,10 +23,10 @@ def test_state_initialised_from_clip_and_bert(tmp_path):
     for name, module in (("b", bert), ("c", clip)):  # clone: tied tensors share memory
         save_file({k: v.clone().contiguous() for k, v in module.state_dict().items()},
                   str(tmp_path / f"{name}.safetensors"))
-    cfg.init = dict(clip=str(tmp_path / "c.safetensors"), bert=str(tmp_path / "b.safetensors"))
+    cfg.init.update(clip=str(tmp_path / "c.safetensors"), bert=str(tmp_path / "b.safetensors"))
     s = trainer.setup(cfg, steps_per_epoch=1)
     fresh = trainer.init_state(s, cfg.seed)
-    state = trainer.init_from_pretrained(fresh, s, cfg.init)
+    state = s.task.init_from_pretrained(fresh)
     flat = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
     mom = flax.traverse_util.flatten_dict(jax.device_get(state.extra["params_m"]), sep="/")
     word = bert.state_dict()["bert.embeddings.word_embeddings.weight"].numpy()

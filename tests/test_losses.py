@@ -120,9 +120,14 @@ def test_mlm_loss_with_distillation():
 
 def test_picked_positions():
     picked = np.array([[0, 1, 0, 1], [1, 0, 0, 0]], bool)
-    idx, valid = losses.picked_positions(jnp.asarray(picked), 5)
+    idx, valid, dropped = losses.picked_positions(jnp.asarray(picked), 5)
     np.testing.assert_array_equal(np.asarray(idx)[np.asarray(valid)], [1, 3, 4])
     assert np.asarray(valid).tolist() == [True, True, True, False, False]
+    assert int(dropped) == 0
+    # Over capacity: the first K picks are kept, the rest counted as dropped.
+    idx, valid, dropped = losses.picked_positions(jnp.asarray(picked), 2)
+    np.testing.assert_array_equal(np.asarray(idx), [1, 3])
+    assert np.asarray(valid).all() and int(dropped) == 1
 
 
 def test_split_prefix_reassembles_caption():
@@ -147,17 +152,6 @@ def test_split_prefix_reassembles_caption():
         # 1-word caption: empty-prefix captioning ([CLS] | [CLS] 31 [SEP]).
         assert list(d_ids[2][:3]) == [cls, 31, sep]
     assert seen == {1, 2, 3, 4}  # every split point of [CLS] 11 12 13 14 is drawn
-
-
-def test_lm_loss_next_token():
-    ids = np.array([[101, 5, 6, 102, 0]], np.int32)
-    mask = np.array([[1, 1, 1, 1, 0]], np.int32)
-    logits = np.full((1, 5, 200), -10.0, np.float32)
-    for t in range(4):
-        logits[0, t, ids[0, t + 1]] = 10.0
-    logits[0, 3, 7] = 50.0  # the prediction after [SEP] is padding: ignored
-    loss, acc = losses.lm_loss(jnp.asarray(logits), ids, mask)
-    assert float(loss) < 1e-6 and float(acc) == 1.0
 
 
 def test_momentum_update_and_enqueue():

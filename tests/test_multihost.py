@@ -121,14 +121,15 @@ def _result(text: str) -> dict:
 def reference_run(steps: int) -> tuple[list[dict], dict]:
     """One process, one device, the same global batches: [p0 local batch; p1 local batch].
     Returns (metrics of every step, held-out metrics at step EVAL_AT)."""
-    from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
+    from mplug_jax.data import pretrain_input
+    from mplug_jax.evaluators.pretrain_zeroshot import Evaluator
     from test_sharding_strategies import one_device_step
     from mplug_jax import trainer
     from mplug_jax.data.pipeline import make_global_batch, pretrain_dataset
     config = mh_config()
     inp = config.input
-    source = trainer.make_source(inp, "train", inp.train_size, config.model.image_size,
-                                 config.seed)
+    source = pretrain_input.source(inp, "train", inp.train_size, config.model.image_size,
+                                   config.seed)
     shards = [iter(pretrain_dataset(source, image_size=config.model.image_size,
                                     batch_size=inp.batch_size // PROCESSES,
                                     max_words=inp.max_words, max_tokens=inp.max_tokens,
@@ -144,8 +145,8 @@ def reference_run(steps: int) -> tuple[list[dict], dict]:
         state, m = step(state, make_global_batch(batch, mesh))
         out.append(metrics.to_floats(m))
         if i + 1 == EVAL_AT:
-            evals = PretrainZeroShot(s.task, config.evals.heldout, config, mesh=mesh).run(
-                state.params)
+            evals = Evaluator(s.task.predict_fns(), config.evals.heldout, config,
+                              mesh=mesh).run(state.params)
     return out, evals
 
 
@@ -168,7 +169,7 @@ def test_two_processes_train_checkpoint_resume(tmp_path):
         {"process": i, "step": stop2, "stopped": "sigterm"} for i in range(PROCESSES)]
     assert "resumed from" in texts[0]
     # Only process 0 writes metrics and console rows.
-    assert f"step {stop1 + 1} |" in texts[0] and f"step {stop1 + 1} |" not in texts[1]
+    assert f"step {stop1 + 1}/" in texts[0] and f"step {stop1 + 1}/" not in texts[1]
     rows = [r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in rows] == list(range(1, stop2 + 1))
     ref, ref_evals = reference_run(stop2)

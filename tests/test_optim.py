@@ -36,7 +36,7 @@ def test_groups_and_decay_mask():
         "vision/blocks_0/ln_1/scale": False, "vision/blocks_0/ln_1/bias": False,
         "vision/blocks_0/fc1/kernel": True, "vision/blocks_0/fc1/bias": False,
         "text/embeddings/LayerNorm_0/scale": False, "text/embeddings/word/embedding": True,
-        "mlm_bias": False, "temp": True}
+        "mlm_bias": False, "temp": False}  # the temperature is clamped, never decayed
 
 
 def test_schedule_warmup_cosine_end():

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from mplug_jax import trainer
+from mplug_jax.data import pipeline, pretrain_input, tokenizer, transforms
 from test_trainer import loop_config
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")
@@ -30,8 +31,22 @@ def test_pretraining_reads_official_json_lists(tmp_path):
     assert out["stopped"] == "done" and out["step"] == 2
     cfg.input.dataset = "parquet"
     with pytest.raises(ValueError, match="valid: synthetic, json, tfds"):
-        trainer.make_source(cfg.input, "train", 4, 32, 0)
+        pretrain_input.source(cfg.input, "train", 4, 32, 0)
     cfg.input.dataset = "json"
     with pytest.raises(ValueError, match="eval_annotations"):
-        trainer.make_source(cfg.input, "heldout", 4, 32, 0)
-    assert np.isfinite(len(trainer.make_source(cfg.input, "train", 4, 32, 0)))
+        pretrain_input.source(cfg.input, "heldout", 4, 32, 0)
+    src = pretrain_input.source(cfg.input, "train", 4, 32, 0)
+    assert len(src) == 16 and not any(src.skipped.values())
+    assert src[0] == {"image": str(tmp_path / "img0.jpg"), "caption": "a picture"}
+    assert src[1] == {"image": str(tmp_path / "img1.jpg"),
+                      "caption": ["a photo number 1", "another caption"]}
+    batch = next(iter(pipeline.pretrain_dataset(src, image_size=32, batch_size=4, train=False,
+                                                max_tokens=16)))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["idx"].tolist() == [0, 1, 2, 3]
+    for i in range(4):  # each record's own photo, through the official test transform
+        want = transforms.load_image(str(tmp_path / f"img{i}.jpg"), 32)
+        np.testing.assert_allclose(batch["image"][i], want, atol=1e-5)
+    assert np.abs(batch["image"][0] - batch["image"][1]).mean() > 0.1
+    ids, mask = tokenizer.get_tokenizer().encode(["a picture"], max_length=16, pad_to=16)
+    assert batch["text_ids"][0].tolist() == ids[0].tolist()
+    assert batch["text_mask"][0].tolist() == mask[0].tolist()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain as pretrain_config
-from mplug_jax import losses, plan, trainer
+from mplug_jax import losses, plan, tasks, trainer
 from mplug_jax import sharding as shd
 from mplug_jax.data.pipeline import make_global_batch
 
@@ -47,7 +47,6 @@ def small_config(preset: str = "dp", shape: dict | None = None):
                    embed_dim=16, max_len=L)
     c.input.batch_size, c.input.max_tokens = B, L
     c.task.itc.queue_size = 2 * B
-    c.task.prefix_lm.capacity = 1.0
     c.task.itc.alpha_warmup_epochs = 0.0  # distillation active from step 0
     # Adam with a large eps: float noise between layouts cannot flip a near-zero gradient's
     # sign into a full-lr difference.
@@ -252,7 +251,7 @@ def test_plan_cli_reports_memory_flops_and_fit():
     # Per-device float32 params: a bit over half of the model (LayerNorms stay replicated).
     params_mib = float(rows["params"].split("MiB")[0].replace(",", ""))
     cfg = plan.load_config("configs/pretrain.py:tiny,mode=smoke")
-    task = trainer.TASKS["pretrain"](cfg)
+    task = tasks.build(cfg)
     n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(task.init_params,
                                                            jax.random.PRNGKey(0))))
     assert 0.5 <= params_mib * 2**20 / (4 * n) < 0.6, (params_mib, n)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import test_sharding_strategies as strategies
-from mplug_jax import trainer
+from mplug_jax import tasks, trainer
 from mplug_jax import sharding as shd
 from mplug_jax.data.pipeline import make_global_batch
 
@@ -57,13 +57,21 @@ def reference_run():
 def test_step_updates_queue_momentum_and_skips_nonfinite():
     s, step, mesh = one_device()
     state = trainer.init_state(s, 0)
+    # Momentum params apart from the online ones (right after init they are equal, and any
+    # momentum, or no update at all, would give the same result).
+    pm = state.extra["params_m"]
+    pm = {**pm, "text_proj": jax.tree.map(lambda x: x + 0.5, pm["text_proj"])}
+    state = state.replace(extra={**state.extra, "params_m": pm})
     before = jax.device_get(state)
     state, m = step(state, make_global_batch(make_batch(0), mesh))
     after = jax.device_get(state)
     # Momentum params: m * p_m + (1 - m) * p with the pre-update params (ALBEF order).
+    mom = s.task.itc.momentum
+    assert mom == 0.99  # the tiny preset's value, not ALBEF's 0.995
     w0, wm0 = before.params["text_proj"]["kernel"], before.extra["params_m"]["text_proj"]["kernel"]
-    np.testing.assert_allclose(after.extra["params_m"]["text_proj"]["kernel"],
-                               0.995 * wm0 + 0.005 * w0, rtol=1e-6)
+    got = after.extra["params_m"]["text_proj"]["kernel"]
+    np.testing.assert_allclose(got, mom * wm0 + (1 - mom) * w0, rtol=1e-6)
+    assert np.abs(got - wm0).max() > 1e-3 and np.abs(got - (0.995 * wm0 + 0.005 * w0)).max() > 1e-4
     assert int(after.extra["queue_ptr"]) == B
     assert not np.allclose(after.extra["image_queue"][:B], before.extra["image_queue"][:B])
     np.testing.assert_array_equal(after.extra["image_queue"][B:], before.extra["image_queue"][B:])
@@ -85,7 +93,7 @@ def test_step_updates_queue_momentum_and_skips_nonfinite():
 
 
 def _count_dots(config) -> tuple[int, set]:
-    task = trainer.TASKS["pretrain"](config, steps_per_epoch=10)
+    task = tasks.build(config, steps_per_epoch=10)
     rng = jax.random.PRNGKey(0)
     boxed = jax.eval_shape(task.init_params, rng)
     import flax.linen as nn
@@ -102,26 +110,45 @@ def _count_dots(config) -> tuple[int, set]:
 def test_zero_loss_weight_removes_loss_and_compute():
     full, keys, extra = _count_dots(small_config())
     assert {"loss_itc", "loss_itm", "loss_mlm", "loss_prefix_lm"} <= keys
-    assert {"params_m", "image_queue", "text_queue", "queue_ptr"} == extra
+    assert {"params_m", "image_queue", "text_queue", "queue_ptr", "dropped_targets"} == extra
     for name in ("itc", "itm", "mlm", "prefix_lm"):
         n, keys, extra = _count_dots(small_config(**{name: 0.0}))
         assert f"loss_{name}" not in keys and n < full, name
     # Without ITC (and with MLM distillation still on) no queues are kept.
     _, _, extra = _count_dots(small_config(itc=0.0))
-    assert extra == {"params_m"}
+    assert extra == {"params_m", "dropped_targets"}
     _, _, extra = _count_dots(small_config(itc=0.0, mlm=0.0))
-    assert extra == set()
+    assert extra == {"dropped_targets"}
     no_queue = small_config()
     no_queue.task.itc.queue_size = 0  # in-batch negatives only
     _, keys, extra = _count_dots(no_queue)
-    assert "loss_itc" in keys and extra == {"params_m"}
+    assert "loss_itc" in keys and extra == {"params_m", "dropped_targets"}
+
+
+def _momentum_keys(config) -> set:
+    task = tasks.build(config, steps_per_epoch=10)
+    rng = jax.random.PRNGKey(0)
+    extra = jax.eval_shape(task.init_extra, jax.eval_shape(task.init_params, rng), rng)
+    return set(extra["params_m"])
+
+
+def test_momentum_copy_holds_only_what_momentum_forwards_read():
+    keys = _momentum_keys(small_config())
+    assert {"vision", "text", "fusion", "vision_proj", "text_proj", "mlm_transform",
+            "mlm_ln", "mlm_bias"} == keys  # no decoder, ITM head or temperature
+    c = small_config()
+    c.task.prefix_lm.distill = True  # prefix-LM distillation needs the momentum decoder
+    assert _momentum_keys(c) == keys | {"decoder"}
+    n_full, _, _ = _count_dots(small_config())
+    n_distill, keys_d, _ = _count_dots(c)
+    assert n_distill > n_full and "loss_prefix_lm" in keys_d
 
 
 def test_config_errors():
     c = small_config()
     c.task.itc.queue_size = 3 * B + 1
     with pytest.raises(ValueError, match="must be a multiple of the batch one loss call sees"):
-        trainer.TASKS["pretrain"](c)
+        tasks.build(c)
     c = small_config()
     c.optim.accum_steps = 3  # 16 rows do not split into 3 micro-batches
     with pytest.raises(ValueError, match="optim.accum_steps 3"):
@@ -131,7 +158,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="accum_steps must be >= 1"):
         trainer.setup(c, 10)
     with pytest.raises(ValueError, match="at least one loss weight"):
-        trainer.TASKS["pretrain"](small_config(itc=0.0, itm=0.0, mlm=0.0, prefix_lm=0.0))
+        tasks.build(small_config(itc=0.0, itm=0.0, mlm=0.0, prefix_lm=0.0))
     with pytest.raises(ValueError, match="unknown sharding preset"):
         shd.rules("zero3")
     assert shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}).size == 2
@@ -183,3 +210,44 @@ def test_gradient_accumulation_matches_manual_microbatches(mesh8):
     for a, b in zip(jax.tree.leaves(jax.device_get(state8.params)),
                     jax.tree.leaves(state1.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_ramp_follows_steps_per_epoch():
+    """alpha ramps linearly from 0 to distill_alpha over alpha_warmup_epochs x steps/epoch;
+    the trainer derives steps/epoch from the records per epoch and the global batch."""
+    c = small_config()
+    c.task.itc.update(distill_alpha=0.4, alpha_warmup_epochs=2.0)
+    task = tasks.build(c, steps_per_epoch=5)
+    assert task.alpha_warmup_steps == 10
+    got = [float(task.alpha(np.int32(t))) for t in (0, 5, 10, 40)]
+    np.testing.assert_allclose(got, [0.0, 0.2, 0.4, 0.4], rtol=1e-6)
+    c.task.itc.alpha_warmup_epochs = 0.0
+    assert float(tasks.build(c, steps_per_epoch=5).alpha(np.int32(0))) == pytest.approx(0.4)
+    c.total_steps, c.total_epochs = 0, 3.0
+    s = trainer.setup(c, steps_per_epoch=7, mesh=shd.make_mesh(
+        {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))
+    assert s.total_steps == 21 and s.task.steps_per_epoch == 7
+
+
+def test_temperature_pushed_past_a_bound_recovers():
+    """The temperature is clamped after every update, so a value beyond temp_max comes back
+    into range and keeps a gradient (clipping only in the forward pass left it stuck)."""
+    s, step, mesh = one_device()
+    state = trainer.init_state(s, 0)
+    hi = s.task.itc.temp_max
+    state = state.replace(params={**state.params, "temp": state.params["temp"] * 0 + 3 * hi})
+    temps = []
+    for i in range(3):
+        state, m = step(state, make_global_batch(make_batch(i), mesh))
+        temps.append(float(jax.device_get(state.params["temp"])))
+    assert temps[0] <= hi and temps[-1] < hi, temps  # clamped, then moved by its gradient
+    assert temps[2] != temps[1]
+
+
+def test_key_stream_gives_distinct_keys_without_limit():
+    from mplug_jax.tasks.base import KeyStream
+    keys = [np.asarray(jax.random.key_data(k)) for k, _ in zip(
+        KeyStream(jax.random.PRNGKey(0)), range(20))]
+    assert len({k.tobytes() for k in keys}) == 20
+    again = next(KeyStream(jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(again)), keys[0])

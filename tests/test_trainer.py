@@ -8,6 +8,7 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from mplug_jax import metrics, trainer
+from mplug_jax.evaluators.pretrain_zeroshot import Evaluator
 
 
 def loop_config():
@@ -106,9 +107,8 @@ def test_pretraining_learns_above_chance(tmp_path):
 
     from mplug_jax import plan
     cfg = plan.load_config(str(repo / spec), overrides)  # the config the run parsed
-    from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
     s = trainer.setup(cfg, steps_per_epoch=250)  # = 8000 // 32, as run() computes
-    before = PretrainZeroShot(s.task, cfg.evals.heldout, cfg, mesh=s.mesh).run(
+    before = Evaluator(s.task.predict_fns(), cfg.evals.heldout, cfg, mesh=s.mesh).run(
         trainer.init_state(s, cfg.seed).params)
     for k in ("i2t_r1", "t2i_r1"):
         assert after[k] > before[k] and after[k] > 4 * after["retrieval_chance"], (
@@ -122,7 +122,6 @@ def test_evaluator_on_sharded_params_matches_one_device(mesh8):
     """The held-out evaluator splits its batches over the mesh (fsdp-sharded params here) and
     replicates its outputs: the metrics and captions equal the 1-device evaluation."""
     from mplug_jax import sharding as shd
-    from mplug_jax.evaluators.pretrain_eval import PretrainZeroShot
     cfg = loop_config()
     ecfg = pretrain_config.get_config("tiny,mode=smoke").evals.heldout
     ecfg.update(num_examples=32, batch_size=16, num_captions=3, max_decode_len=6)
@@ -131,14 +130,15 @@ def test_evaluator_on_sharded_params_matches_one_device(mesh8):
                          (mesh8, "fsdp")):
         cfg.mesh.sharding = preset
         s = trainer.setup(cfg, steps_per_epoch=10, mesh=mesh)
-        results.append(PretrainZeroShot(s.task, ecfg, cfg, mesh=mesh).run(
+        results.append(Evaluator(s.task.predict_fns(), ecfg, cfg, mesh=mesh).run(
             trainer.init_state(s, cfg.seed).params))
     one, eight = results
     assert len(one["captions"]) == 3 and one["captions"] == eight["captions"]
     for k in ("i2t_r1", "t2i_r1", "itm_acc", "mlm_acc"):
         assert one[k] == pytest.approx(eight[k]), k
     with pytest.raises(ValueError, match="multiple of the 8 batch shards"):
-        PretrainZeroShot(s.task, _with(ecfg, batch_size=12, num_examples=36), cfg, mesh=mesh8)
+        Evaluator(s.task.predict_fns(), _with(ecfg, batch_size=12, num_examples=36), cfg,
+                  mesh=mesh8)
 
 
 def _with(block, **kw):

@@ -15,8 +15,8 @@ Record fields per format (paths absolute):
   `img2txt` on the source)
 - grounding: image, bbox (x, y, w, h pixels), phrase
 - nlvr2: images (2 paths), sentence, label; snli_ve: image, sentence, label
-- video_qa: video (frame folder or file), video_id, question, answer, question_id;
-  video_caption: video, video_id, caption (train) | gold_captions (eval)
+- video_qa: video (frame folder or file, see :func:`video.video_path`), video_id, question,
+  answer, question_id; video_caption: video, video_id, caption (train) | gold_captions (eval)
 """
 from __future__ import annotations
 
@@ -27,16 +27,12 @@ import logging
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
-from PIL import Image
-
-from mplug_jax.data import text
-from mplug_jax.data.transforms import SKIP_REASONS, BadRecord, DataError, decode_image
+from mplug_jax.data import text, video
+from mplug_jax.data.transforms import SKIP_REASONS, BadRecord, DataError
 
 logger = logging.getLogger(__name__)
 
 SNLI_VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
-_FRAME_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class RecordSource(collections.abc.Sequence):
@@ -369,22 +365,11 @@ def snli_ve(annotation: str, image_root: str, *, max_words: int = 30,
 
 # -- 1.11 video ------------------------------------------------------------------------------
 
-def _video_path(video_root: str, video_id: str) -> str:
-    """A frame folder ``root/<id>/`` if present, else the official file naming rules."""
-    folder = os.path.join(video_root, video_id)
-    if os.path.isdir(folder):
-        return folder
-    if video_id.startswith("tumblr"):
-        return folder + ".gif"
-    mp4 = folder + ".mp4"
-    return mp4 if os.path.exists(mp4) or not os.path.exists(folder + ".avi") else folder + ".avi"
-
-
 def video_qa(annotation: str, video_root: str, *, max_skip_rate: float = 0.01) -> RecordSource:
     """MSRVTT/MSVD/TGIF QA jsonl: video_id, question, answer; question_id = line index."""
     def parse(raw, pos):
         video_id = _str(raw, "video_id")
-        return [{"video": _video_path(video_root, video_id), "video_id": video_id,
+        return [{"video": video.video_path(video_root, video_id), "video_id": video_id,
                  "question": _str(raw, "question"), "answer": _str(raw, "answer"),
                  "question_id": pos}]
 
@@ -397,7 +382,7 @@ def video_caption(annotation: str, video_root: str, *, train: bool = True,
     """mPLUG-2 video caption jsonl: train {video_id, caption}; test {video_id, golden_captions}."""
     def parse(raw, pos):
         video_id = _str(raw, "video_id")
-        rec = {"video": _video_path(video_root, video_id), "video_id": video_id}
+        rec = {"video": video.video_path(video_root, video_id), "video_id": video_id}
         if train:
             rec["caption"] = _str(raw, "caption")
         else:
@@ -409,150 +394,6 @@ def video_caption(annotation: str, video_root: str, *, train: bool = True,
 
     return _build(_items([os.fspath(annotation)]), parse, f"video_caption[{annotation}]",
                   max_skip_rate)
-
-
-def frame_indices(num_total: int, num_frames: int, *, train: bool = False,
-                  rng: np.random.Generator | None = None) -> list[int]:
-    """Uniform sampling (mPLUG-2): one frame per equal segment, random ('rand', train) or the
-    segment middle (eval); videos shorter than `num_frames` repeat their last frame."""
-    if num_total <= 0:
-        raise BadRecord("bad_image", "video has no frames")
-    # As mPLUG-2: sample min(num_frames, num_total) segments, then pad with the last frame.
-    segments = min(num_frames, num_total)
-    edges = np.linspace(0, num_total, segments + 1)
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        lo_i, hi_i = int(lo), max(int(lo) + 1, int(hi))
-        if train:
-            if rng is None:
-                raise ValueError("train sampling needs rng")
-            idx = int(rng.integers(lo_i, hi_i))
-        else:
-            idx = (lo_i + hi_i - 1) // 2
-        out.append(min(idx, num_total - 1))
-    return out + [out[-1]] * (num_frames - segments)
-
-
-def sample_frames(video: str, num_frames: int, *, train: bool = False,
-                  rng: np.random.Generator | None = None
-                  ) -> tuple[list[int], list[str | Image.Image]]:
-    """Pick `num_frames` frames of a frame folder or a video file (see :func:`frame_indices`).
-
-    Returns:
-      (indices, frames): the sampled frame indices and, per index, the frame file's path (frame
-      folder, sorted file names; the file is not read) or the decoded RGB image (video file).
-    Raises:
-      BadRecord: the video is missing, empty, undecodable or has no frames.
-      DataError: a video file but neither PyAV (``av``) nor OpenCV (``cv2``) is installed.
-    """
-    if os.path.isdir(video):
-        names = sorted(n for n in os.listdir(video) if n.lower().endswith(_FRAME_EXTS))
-        picks = frame_indices(len(names), num_frames, train=train, rng=rng)
-        return picks, [os.path.join(video, names[i]) for i in picks]
-    if not os.path.exists(video):
-        raise BadRecord("missing_file", f"{video}: not found")
-    if os.path.getsize(video) == 0:
-        raise BadRecord("empty_file", f"{video}: zero bytes")
-    return _decode_video(video, num_frames, train=train, rng=rng)
-
-
-def load_frames(video: str, num_frames: int, *, train: bool = False,
-                rng: np.random.Generator | None = None) -> list[Image.Image]:
-    """`num_frames` RGB frames of a frame folder (sorted file names) or a video file.
-
-    Video files (.mp4, .avi, .gif, ...) need PyAV (``pip install mplug-jax[video]``) or OpenCV;
-    without them a DataError says so.
-    """
-    _, frames = sample_frames(video, num_frames, train=train, rng=rng)
-    return [decode_image(f) if isinstance(f, str) else f for f in frames]
-
-
-# A decoded frame is handed out as a zero-argument converter so that only sampled frames are
-# turned into images: a long video is decoded frame by frame in constant memory.
-FrameIter = Iterable[Callable[[], Image.Image]]
-
-
-def _av_frames(path: str) -> tuple[int, Callable[[], FrameIter]]:
-    import av
-
-    def frames() -> FrameIter:
-        with av.open(path) as container:
-            for frame in container.decode(video=0):
-                yield frame.to_image  # rgb24 whatever the pixel format (yuv, pal8 GIFs, ...)
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise BadRecord("bad_image", f"{path}: no video stream")
-        return container.streams.video[0].frames, frames
-
-
-def _cv2_frames(path: str) -> tuple[int, Callable[[], FrameIter]]:
-    import cv2
-
-    def frames() -> FrameIter:
-        cap = cv2.VideoCapture(path)
-        try:
-            while True:
-                ok, bgr = cap.read()
-                if not ok:
-                    return
-                yield lambda bgr=bgr: Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
-        finally:
-            cap.release()
-
-    cap = cv2.VideoCapture(path)
-    try:
-        if not cap.isOpened():
-            raise BadRecord("bad_image", f"{path}: OpenCV cannot open it")
-        return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), frames
-    finally:
-        cap.release()
-
-
-def _collect(frames: FrameIter, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
-    """Decode every frame, convert the `wanted` ones; returns (index -> image, frame count)."""
-    out, count = {}, 0
-    for index, convert in enumerate(frames):
-        if index in wanted:
-            out[index] = convert().convert("RGB")
-        count = index + 1
-    return out, count
-
-
-def _video_decoder(path: str) -> tuple[Callable[[str], tuple[int, Callable[[], FrameIter]]],
-                                         tuple[type[BaseException], ...]]:
-    """(frame opener, the decoder's error types): PyAV if installed, else OpenCV."""
-    try:
-        import av
-        return _av_frames, (av.error.FFmpegError, IndexError, ValueError, OSError)
-    except ImportError:
-        pass
-    try:
-        import cv2
-        return _cv2_frames, (cv2.error, ValueError, OSError)
-    except ImportError as e:
-        raise DataError(f"cannot decode {path}: install PyAV (`pip install av`, or the `video` "
-                        "extra) or OpenCV, or extract frames into a folder named like the "
-                        "video id") from e
-
-
-def _decode_video(path: str, num_frames: int, *, train: bool,
-                  rng: np.random.Generator | None) -> tuple[list[int], list[Image.Image]]:
-    opener, errors = _video_decoder(path)
-    try:
-        total, frames = opener(path)
-        if total <= 0:  # the container does not say: count by decoding
-            total = _collect(frames(), set())[1]
-        picks = frame_indices(total, num_frames, train=train, rng=rng)
-        got, count = _collect(frames(), set(picks))
-        if len(got) < len(set(picks)):  # the header over-counts (truncated file): resample
-            picks = frame_indices(count, num_frames, train=train, rng=rng)
-            got, _ = _collect(frames(), set(picks))
-    except BadRecord:
-        raise
-    except errors as e:
-        raise BadRecord("bad_image", f"{path}: cannot decode video ({e})") from e
-    return picks, [got[i] for i in picks]
 
 
 FORMATS: dict[str, Callable[..., RecordSource]] = {

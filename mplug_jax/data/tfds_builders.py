@@ -8,7 +8,7 @@ skipped, logged and counted in ``builder.skipped[split]``. Text is stored as UTF
 back as ``bytes``; images come back decoded as uint8[H, W, 3] (TFDS decodes with PIL).
 
 Video formats store `num_frames` frames per record, sampled as the official mPLUG-2 test loader
-does (the middle frame of equal segments, :func:`sources.frame_indices`), each as encoded bytes
+does (the middle frame of equal segments, :func:`video.frame_indices`), each as encoded bytes
 (frame-folder files like images above, frames decoded from video files as JPEG q95), plus the
 sampled `frame_indices`; `frames` comes back as a list of T uint8[H, W, 3] arrays of one size
 (``np.stack`` gives uint8[T, H, W, 3]). Unreadable videos are skipped and counted like bad images.
@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from mplug_jax.data import sources, transforms
+from mplug_jax.data import sources, transforms, video
 from mplug_jax.data.transforms import BadRecord, DataError
 
 logger = logging.getLogger(__name__)
@@ -44,17 +44,20 @@ def encode_image(image, max_pixels: int = transforms.MAX_PIXELS) -> bytes:
     Raises:
       BadRecord: the image cannot be used (see :func:`transforms.decode_image`).
     """
+    name = None
     if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
         try:
-            with open(image, "rb") as f:
+            with open(name, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise BadRecord("missing_file", f"{os.fspath(image)}: {e.strerror or e}") from e
+            raise BadRecord("missing_file", f"{name}: {e.strerror or e}") from e
         if not data:
-            raise BadRecord("empty_file", f"{os.fspath(image)}: zero bytes")
+            raise BadRecord("empty_file", f"{name}: zero bytes")
     else:
         data = bytes(image)
-    decoded = transforms.decode_image(data, max_pixels=max_pixels)
+    # The bytes are decoded here, so pass the path along for the skip messages.
+    decoded = transforms.decode_image(data, max_pixels=max_pixels, name=name)
     with Image.open(io.BytesIO(data)) as header:
         fmt, mode, size = header.format, header.mode, header.size
     if fmt in ("JPEG", "PNG") and mode == "RGB" and size == decoded.size:
@@ -273,30 +276,30 @@ class _MplugVideoBuilder(_MplugBuilder, skip_registration=True):
                                                       dtype=np.int64),
                 "video_id": _text()}
 
-    def _encode_frames(self, video: str) -> tuple[list[int], list[bytes]]:
-        picks, frames = sources.sample_frames(video, self.num_frames)
+    def _encode_frames(self, path: str) -> tuple[list[int], list[bytes]]:
+        picks, frames = video.sample_frames(path, self.num_frames)
         encoded = [self._image(f) if isinstance(f, str) else encode_frame(f) for f in frames]
         sizes = set()
         for data in encoded:
             with Image.open(io.BytesIO(data)) as header:
                 sizes.add(header.size)
         if len(sizes) > 1:
-            raise BadRecord("bad_image", f"{video}: frames differ in size {sorted(sizes)}")
+            raise BadRecord("bad_image", f"{path}: frames differ in size {sorted(sizes)}")
         return picks, encoded
 
-    def _frames(self, video: str) -> dict:
+    def _frames(self, path: str) -> dict:
         """Frame features of one video; raises BadRecord when it cannot be used."""
-        cached = self._frame_cache.get(video)
+        cached = self._frame_cache.get(path)
         if cached is None:
             try:
-                cached = self._encode_frames(video)
+                cached = self._encode_frames(path)
             except BadRecord as e:
                 cached = e
-            self._frame_cache[video] = cached
+            self._frame_cache[path] = cached
             while len(self._frame_cache) > self.FRAME_CACHE_SIZE:
                 self._frame_cache.popitem(last=False)
         else:
-            self._frame_cache.move_to_end(video)
+            self._frame_cache.move_to_end(path)
         if isinstance(cached, BadRecord):
             raise BadRecord(cached.reason, str(cached))
         picks, encoded = cached

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mplug_jax.data import randaugment
+
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 
@@ -80,7 +82,8 @@ def load_image(path: str, image_size: int) -> np.ndarray:
         return eval_transform(img, image_size)
 
 
-def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS,
+                 name: str | None = None) -> Image.Image:
     """Turn a record's image field into a loaded 8-bit RGB PIL image.
 
     Args:
@@ -88,6 +91,8 @@ def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
       max_pixels: larger JPEGs are decoded at a reduced scale (``Image.draft``, then
         ``reduce``) to fit; other formats above it are rejected before decoding. Files above
         PIL's own decompression-bomb limit are always rejected.
+      name: what error messages call the input (default: the path, or ``<bytes>`` for encoded
+        bytes); callers that read the file themselves pass its path here.
     Returns:
       An RGB PIL image (grayscale, palette, RGBA, CMYK and 16-bit inputs are converted).
     Raises:
@@ -104,9 +109,8 @@ def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
         return to_rgb(Image.fromarray(image))
-    name = "<bytes>"
     if isinstance(image, (str, os.PathLike)):
-        name = os.fspath(image)
+        name = name or os.fspath(image)
         try:
             with open(name, "rb") as f:
                 image = f.read()
@@ -116,6 +120,7 @@ def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise BadRecord("missing_file", f"{name}: cannot read ({e})") from e
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise BadRecord("bad_record", f"image field of type {type(image).__name__}")
+    name = name or "<bytes>"
     if len(image) == 0:
         raise BadRecord("empty_file", f"{name}: zero bytes")
     try:
@@ -196,8 +201,6 @@ def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator,
     Returns:
       float32[R, R, 3] in CLIP mean/std units.
     """
-    from mplug_jax.data import randaugment
-
     img = random_resized_crop(to_rgb(img), image_size, rng, scale=tuple(crop_scale))
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)

@@ -8,10 +8,13 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 from mplug_jax import params as P
-from mplug_jax.interop import official
+from mplug_jax.interop import official_io
+from mplug_jax.interop.errors import CheckpointError
+from mplug_jax.interop.official_config import config_from_official
+from mplug_jax.interop.official_keys import (HEADS_ABSENT_IN_TASK_CHECKPOINTS,
+                                             export_state_dict, import_state_dict)
 from mplug_jax.models.mplug import MPLUG
 
 
@@ -42,39 +45,27 @@ class Converted:
         return out
 
 
-def read_official_configs(config_bert: str, config_yaml: str | None) -> tuple[dict, dict]:
-    """Read official config_bert.json and task yaml (yaml optional: image_res then required
-    via overrides)."""
-    with open(config_bert) as f:
-        bert = json.load(f)
-    cfg_yaml = {}
-    if config_yaml:
-        with open(config_yaml) as f:
-            cfg_yaml = yaml.safe_load(f) or {}
-    return bert, cfg_yaml
-
-
 def load_official(checkpoint: str, config_bert: str, config_yaml: str | None = None,
                   overrides: dict | None = None, seed: int = 0,
-                  allow_missing: str | None = official.HEADS_ABSENT_IN_TASK_CHECKPOINTS
+                  allow_missing: str | None = HEADS_ABSENT_IN_TASK_CHECKPOINTS
                   ) -> Converted:
     """Load an official `.pth`/`.safetensors` with its config files into our model.
 
     Params absent from the checkpoint and allowed by `allow_missing` keep their fresh init
     (seeded) and are listed in `missing`.
     """
-    state = official.load_state_dict(checkpoint)
-    bert, cfg_yaml = read_official_configs(config_bert, config_yaml)
+    state = official_io.load_state_dict(checkpoint)
+    bert, cfg_yaml = official_io.read_official_configs(config_bert, config_yaml)
     if "image_res" not in cfg_yaml and not (overrides and "image_size" in overrides):
-        raise official.CheckpointError("image resolution unknown: pass the task yaml "
-                                       "(image_res) or override image_size")
+        raise CheckpointError("image resolution unknown: pass the task yaml (image_res) or "
+                              "override image_size")
     cfg_yaml.setdefault("image_res", (overrides or {}).get("image_size"))
-    model_cfg, start = official.config_from_official(bert, cfg_yaml, state)
+    model_cfg, start = config_from_official(bert, cfg_yaml, state)
     model_cfg.update(overrides or {})
     model = MPLUG.from_config(model_cfg)
     loop_model = model.clone(scan_layers=False)
     shapes = {k: v.shape for k, v in P.flatten(P.abstract_params(loop_model)).items()}
-    imp = official.import_state_dict(state, model_cfg, start, shapes, allow_missing)
+    imp = import_state_dict(state, model_cfg, start, shapes, allow_missing)
     init = P.init_params(model, jax.random.PRNGKey(seed))
     params = P.merge_into(init, P.to_model_layout(imp.params, model))
     momentum = None
@@ -101,7 +92,7 @@ def export_official(params: Any, model: MPLUG, momentum: Any | None = None,
     cfg = {f.name: getattr(model, f.name) for f in dataclasses.fields(MPLUG)
            if f.name not in ("parent", "name")}
     mom = loop_flat(momentum) if momentum is not None else None
-    return official.export_state_dict(loop_flat(params), cfg, start_layer, mom, extras)
+    return export_state_dict(loop_flat(params), cfg, start_layer, mom, extras)
 
 
 def model_kwargs(model: MPLUG) -> dict:
@@ -124,7 +115,8 @@ def save_converted(conv: Converted, out_dir: str) -> None:
         json.dump({"model": model_kwargs(conv.model), "start_layer": conv.start_layer,
                    "missing_from_official": conv.missing, "notes": conv.notes}, f, indent=2)
     if conv.extras:
-        official.save_state_dict(conv.extras, os.path.join(out_dir, "official_extras.safetensors"))
+        official_io.save_state_dict(conv.extras,
+                                    os.path.join(out_dir, "official_extras.safetensors"))
 
 
 def load_converted(ckpt_dir: str) -> Converted:
@@ -144,6 +136,6 @@ def load_converted(ckpt_dir: str) -> Converted:
     params = P.merge_into(init, tree["params"])
     momentum = P.merge_into(init, tree["momentum"]) if "momentum" in tree else None
     extras_path = os.path.join(ckpt_dir, "official_extras.safetensors")
-    extras = official.load_state_dict(extras_path) if os.path.isfile(extras_path) else {}
+    extras = official_io.load_state_dict(extras_path) if os.path.isfile(extras_path) else {}
     return Converted(model, meta["model"], meta["start_layer"], params, momentum, extras,
                      meta.get("missing_from_official", []), meta.get("notes", []))

@@ -15,7 +15,8 @@ from typing import Mapping
 
 import numpy as np
 
-from mplug_jax.interop import official
+from mplug_jax.interop import official_io, official_keys
+from mplug_jax.interop.errors import CheckpointError
 
 Arrays = dict[str, np.ndarray]
 
@@ -36,7 +37,7 @@ def _convert(official_like: Arrays, model_cfg: Mapping, select: str, start_layer
     """Run the official mapping on an official-named dict for our params matching `select`;
     returns (loaded params, our params that had a source but were absent)."""
     params, absent = {}, []
-    for e in official.mapping(model_cfg, start_layer):
+    for e in official_keys.mapping(model_cfg, start_layer):
         if not re.search(select, e.ours):
             continue
         if all(k in official_like for k in e.official):
@@ -61,7 +62,7 @@ def bert_params(bert_state: Mapping[str, np.ndarray], model_cfg: Mapping,
     need = max(t if "text" in parts else 0, t + f if "fusion" in parts else 0,
                d if "decoder" in parts else 0)
     if n_bert < need:
-        raise official.CheckpointError(
+        raise CheckpointError(
             f"BERT checkpoint has {n_bert} layers; this config needs {t} (text) + {f} (fusion) "
             f"and {d} (decoder) for parts {parts}")
     off: Arrays = {}
@@ -118,15 +119,15 @@ def clip_params(clip_state: Mapping[str, np.ndarray], model_cfg: Mapping) -> Arr
     off = {f"visual_encoder.{k}": np.asarray(v) for k, v in state.items()
            if k.startswith("visual.")}
     if "visual_encoder.visual.conv1.weight" not in off:
-        raise official.CheckpointError("not a CLIP checkpoint: no visual.conv1.weight")
+        raise CheckpointError("not a CLIP checkpoint: no visual.conv1.weight")
     width, _, patch, _ = off["visual_encoder.visual.conv1.weight"].shape
     if width != model_cfg["vision_width"] or patch != model_cfg["patch_size"]:
-        raise official.CheckpointError(
+        raise CheckpointError(
             f"CLIP checkpoint is width {width} / patch {patch}, the model config wants "
             f"{model_cfg['vision_width']} / {model_cfg['patch_size']}")
     params, absent = _convert(off, model_cfg, r"^vision/")
     if absent:
-        raise official.CheckpointError(f"CLIP checkpoint lacks {absent[:10]}")
+        raise CheckpointError(f"CLIP checkpoint lacks {absent[:10]}")
     from mplug_jax.models.vit import resample_posemb
     params["vision/pos_embed"] = resample_posemb(
         params["vision/pos_embed"], model_cfg["image_size"] // model_cfg["patch_size"])
@@ -137,14 +138,14 @@ def load_unimodal(path: str) -> Arrays:
     """Read a BERT or CLIP checkpoint (.safetensors, or torch pickle incl. OpenAI CLIP's
     TorchScript `.pt` files when torch is installed)."""
     try:
-        return official.load_state_dict(path)
-    except official.CheckpointError:
+        return official_io.load_state_dict(path)
+    except CheckpointError:
         if path.endswith(".safetensors"):
             raise
     import torch  # OpenAI CLIP releases are TorchScript archives
     try:
         module = torch.jit.load(path, map_location="cpu")
     except Exception as err:
-        raise official.CheckpointError(f"could not read {path} as a state dict or a "
-                                       f"TorchScript CLIP model ({err})") from err
+        raise CheckpointError(f"could not read {path} as a state dict or a "
+                              f"TorchScript CLIP model ({err})") from err
     return {k: v.float().numpy() for k, v in module.state_dict().items()}

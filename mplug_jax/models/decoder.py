@@ -13,27 +13,22 @@ import jax
 import jax.numpy as jnp
 
 from mplug_jax.models import layers
-from mplug_jax.models.bert import BertStack, Embeddings, TextStack, check_text
+from mplug_jax.models.bert import TextStack, check_text
 
 
-class TextDecoder(TextStack):
+class TextDecoder(TextStack, kw_only=True):
     """Prefix-LM decoder (module docstring); 12 layers like the official decoder."""
     depth: int = 12
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embeddings = Embeddings(self.vocab_size, self.hidden_size, self.max_len,
-                                     self.type_vocab_size, self.eps, self.dropout_rate,
-                                     self.deterministic, self.init_std, **kw)
-        self.decoder = BertStack(self.num_heads, self.mlp_dim, self.depth, True, self.eps,
-                                 self.dropout_rate, self.deterministic, self.attention_impl,
-                                 self.remat_policy, self.scan_layers, self.init_std, **kw)
-        self.lm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), name="lm_transform",
-                                         init_std=self.init_std, **kw)
-        self.lm_ln = layers.layer_norm(self.eps, name="lm_ln", **kw)
+        self.embeddings = self.make_embeddings()
+        self.decoder = self.make_stack(cross=True)
+        self.lm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), opts=self.opts,
+                                         name="lm_transform")
+        self.lm_ln = layers.layer_norm(eps=self.eps, opts=self.opts, name="lm_ln")
         self.lm_bias = self.param("lm_bias", layers.partitioned(nn.initializers.zeros,
                                                                 ("vocab",)),
-                                  (self.vocab_size,), self.param_dtype)
+                                  (self.vocab_size,), self.opts.param_dtype)
 
     def __call__(self, ids: jax.Array, mask: jax.Array, states: jax.Array,
                  states_mask: jax.Array) -> jax.Array:

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from mplug_jax.models import layers
 from mplug_jax.models.bert import BertLayer
-from mplug_jax.models.layers import Dtype
 
 LAYOUTS = ("skip", "skip_alg1", "connected", "coattn", "asym")
 LAYER_KINDS = "acms"
@@ -55,58 +54,48 @@ def fusion_pattern(layout: str, num_layers: int, stride: int) -> str:
     return layout
 
 
-class FusionLayer(nn.Module):
+class FusionLayer(nn.Module, kw_only=True):
     """One fusion layer of kind 'a', 'c', 'm' or 's' (module docstring)."""
     kind: str
     num_heads: int
     mlp_dim: int
     eps: float = 1e-12
-    dropout_rate: float = 0.0
-    deterministic: bool = True
-    attention_impl: str = "xla"
-    init_std: float = layers.INIT_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: layers.ModuleOptions = layers.DEFAULT_OPTS
 
     @nn.compact
     def __call__(self, img: jax.Array, txt: jax.Array, txt_mask: jax.Array):
-        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, eps=self.eps,
-                  dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-                  attention_impl=self.attention_impl, init_std=self.init_std, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+        def bert_layer(cross: bool, name: str) -> BertLayer:
+            return BertLayer(num_heads=self.num_heads, mlp_dim=self.mlp_dim, cross=cross,
+                             eps=self.eps, opts=self.opts, name=name)
+
         text_mask = layers.padding_mask(txt_mask)
         if self.kind == "a":
-            txt, _ = BertLayer(cross=True, name="text", **kw)(txt, text_mask, img, None)
+            txt, _ = bert_layer(True, "text")(txt, text_mask, img, None)
         elif self.kind in "cm":
             n = img.shape[1]
             joint_mask = jnp.concatenate([jnp.ones_like(txt_mask[:, :1]).repeat(n, 1),
                                           txt_mask], 1)
-            z, _ = BertLayer(cross=False, name="joint", **kw)(
-                jnp.concatenate([img, txt], 1), layers.padding_mask(joint_mask))
+            z, _ = bert_layer(False, "joint")(jnp.concatenate([img, txt], 1),
+                                              layers.padding_mask(joint_mask))
             z_img, txt = z[:, :n], z[:, n:]
             img = img + z_img if self.kind == "c" else z_img
         elif self.kind == "s":
-            new_txt, _ = BertLayer(cross=True, name="text", **kw)(txt, text_mask, img, None)
-            img, _ = BertLayer(cross=True, name="image", **kw)(img, None, txt, text_mask)
+            new_txt, _ = bert_layer(True, "text")(txt, text_mask, img, None)
+            img, _ = bert_layer(True, "image")(img, None, txt, text_mask)
             txt = new_txt
         else:
             raise ValueError(f"unknown fusion layer kind {self.kind!r}; valid: {LAYER_KINDS!r}")
         return img, txt
 
 
-class FusionEncoder(nn.Module):
+class FusionEncoder(nn.Module, kw_only=True):
     """Stack of fusion layers following `pattern` (see `fusion_pattern`); params `layer_{i}`."""
     pattern: str
     num_heads: int = 12
     mlp_dim: int = 3072
     eps: float = 1e-12
-    dropout_rate: float = 0.0
-    deterministic: bool = True
-    attention_impl: str = "xla"
     remat_policy: str = "none"
-    init_std: float = layers.INIT_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: layers.ModuleOptions = layers.DEFAULT_OPTS
 
     @nn.compact
     def __call__(self, img: jax.Array, txt: jax.Array, txt_mask: jax.Array):
@@ -117,7 +106,6 @@ class FusionEncoder(nn.Module):
         if self.remat_policy != "none":
             cls = nn.remat(FusionLayer, policy=layers.REMAT_POLICIES[self.remat_policy])
         for i, kind in enumerate(self.pattern):
-            img, txt = cls(kind, self.num_heads, self.mlp_dim, self.eps, self.dropout_rate,
-                           self.deterministic, self.attention_impl, self.init_std, self.dtype,
-                           self.param_dtype, name=f"layer_{i}")(img, txt, txt_mask)
+            img, txt = cls(kind=kind, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                           eps=self.eps, opts=self.opts, name=f"layer_{i}")(img, txt, txt_mask)
         return img, txt

@@ -2,6 +2,9 @@
 
 Numerics: parameters are `param_dtype` (float32); matmuls run in `dtype` (bf16 on accelerators);
 attention logits and softmax, and LayerNorm statistics, are always float32.
+Every module takes the settings all of them share (dropout, determinism, attention kernel,
+init scale, dtypes) as one `opts: ModuleOptions` field, and every module is keyword-only, so no
+call site depends on field order.
 Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `norm`,
 `layers`) that `mplug_jax.sharding` maps onto the mesh; activations inside attention and MLPs
 carry `batch`/`length`/`act_*` names (`constrain`).
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,15 +31,54 @@ REMAT_POLICIES = {
 }
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModuleOptions:
+    """Settings shared by every module of the model, passed down unchanged as `opts`.
+
+    dropout_rate: hidden-state and attention-probability dropout (active only when
+      `deterministic` is False).
+    attention_impl: 'xla' (einsum + float32 softmax), 'cudnn' (fused kernel, no dropout) or
+      'auto' (see `Attention`).
+    init_std: std of the N(0, init_std) kernel / embedding initialisers.
+    dtype / param_dtype: compute and parameter dtypes.
+    """
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    attention_impl: str = "xla"
+    init_std: float = INIT_STD
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
+
+    @property
+    def dtypes(self) -> dict:
+        """`dtype=` / `param_dtype=` keywords for flax layers."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.dropout_rate > 0 and not self.deterministic
+
+
+DEFAULT_OPTS = ModuleOptions()
+
+
 def partitioned(init: Callable, names: tuple) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
-def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
-          name: str, use_bias: bool = True, init_std: float = INIT_STD) -> nn.Dense:
-    """nn.Dense whose kernel (N(0, init_std)) has logical axes `names` and bias `names[1:]`."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=partitioned(nn.initializers.normal(init_std), names),
+def dense(features: int, names: tuple[str | None, str | None], *, opts: ModuleOptions,
+          name: str, use_bias: bool = True) -> nn.Dense:
+    """nn.Dense whose kernel (N(0, opts.init_std)) has logical axes `names`, bias `names[1:]`."""
+    return nn.Dense(features, use_bias=use_bias, **opts.dtypes,
+                    kernel_init=partitioned(nn.initializers.normal(opts.init_std), names),
                     bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name)
 
 
@@ -68,9 +111,9 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
     return nn.with_logical_constraint(x, names, rules=rules)
 
 
-def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(*, eps: float, opts: ModuleOptions, name: str) -> nn.LayerNorm:
     """LayerNorm with float32 statistics and the exact (two-pass) variance, as PyTorch."""
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+    return nn.LayerNorm(epsilon=eps, **opts.dtypes, use_fast_variance=False,
                         scale_init=partitioned(nn.initializers.ones, ("norm",)),
                         bias_init=partitioned(nn.initializers.zeros, ("norm",)), name=name)
 
@@ -101,25 +144,29 @@ _HEADS = ("batch", "length", "act_heads", None)  # q / k / v / context float[B, 
 EMBED_AXES = ("batch", "length", "act_embed")  # the residual stream float[B, L, D]
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, kw_only=True):
     """Multi-head attention. `kind='self'` uses one fused qkv kernel float[D, 3, H, K];
     `kind='cross'` has a query kernel float[D, H, K] and a fused key/value kernel float[Dkv, 2, H, K].
 
     Call: x float[B, Lq, D], kv float[B, Lk, Dkv] (cross only), mask bool broadcastable to
     [B, H, Lq, Lk] or None -> float[B, Lq, D].
+
+    `opts.attention_impl`:
+      'xla'    einsum attention with float32 logits / softmax and attention-probability dropout.
+      'cudnn'  `jax.nn.dot_product_attention(implementation='cudnn')` (GPU only). That kernel
+               has no dropout, so with dropout active (dropout_rate > 0, deterministic=False)
+               it raises a ValueError at trace time instead of silently skipping it.
+      'auto'   `jax.nn.dot_product_attention(implementation=None)` (cuDNN where available,
+               else XLA) when dropout is inactive; falls back to the 'xla' path when dropout is
+               active, so the dropout is always applied.
     """
     num_heads: int
     kind: str = "self"
-    dropout_rate: float = 0.0
-    deterministic: bool = True
-    attention_impl: str = "xla"
-    init_std: float = INIT_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: ModuleOptions = DEFAULT_OPTS
 
     def _proj(self, features: tuple, names: tuple, name: str) -> nn.DenseGeneral:
-        return nn.DenseGeneral(features, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
-                               kernel_init=partitioned(nn.initializers.normal(self.init_std),
+        return nn.DenseGeneral(features, axis=-1, **self.opts.dtypes,
+                               kernel_init=partitioned(nn.initializers.normal(self.opts.init_std),
                                                        names),
                                bias_init=partitioned(nn.initializers.zeros, names[1:]),
                                name=name)
@@ -144,20 +191,29 @@ class Attention(nn.Module):
         else:
             raise ValueError(f"Attention.kind must be 'self' or 'cross', got {self.kind!r}")
 
-        if self.attention_impl == "xla":
-            ctx = self._xla_attention(q, k, v, mask)
-        elif self.attention_impl in ("cudnn", "auto"):
-            impl = "cudnn" if self.attention_impl == "cudnn" else None
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-        else:
-            raise ValueError(f"attention_impl must be 'xla', 'cudnn' or 'auto', "
-                             f"got {self.attention_impl!r}")
-        out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=partitioned(nn.initializers.normal(self.init_std),
+        ctx = self._attend(q, k, v, mask)
+        out = nn.DenseGeneral(width, axis=(-2, -1), **self.opts.dtypes,
+                              kernel_init=partitioned(nn.initializers.normal(self.opts.init_std),
                                                       ("heads", "kv", "embed")),
                               bias_init=partitioned(nn.initializers.zeros, ("embed",)),
                               name="out")
         return constrain(out(constrain(ctx, _HEADS)), EMBED_AXES)
+
+    def _attend(self, q, k, v, mask):
+        """q float[B, Lq, H, K], k / v float[B, Lk, H, K] -> context float[B, Lq, H, K]."""
+        impl, drop = self.opts.attention_impl, self.opts.dropout_active
+        if impl == "cudnn" and drop:
+            raise ValueError(
+                f"attention_impl='cudnn' has no attention dropout, but dropout_rate="
+                f"{self.opts.dropout_rate} with deterministic=False asks for it; set "
+                "attention_impl='xla' (or 'auto', which falls back to xla while dropout is "
+                "active), or model.dropout_rate=0")
+        if impl == "xla" or (impl == "auto" and drop):
+            return self._xla_attention(q, k, v, mask)
+        if impl in ("cudnn", "auto"):
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else None)
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
     def _xla_attention(self, q, k, v, mask):
         """Softmax attention; logits and softmax in float32 whatever the compute dtype."""
@@ -169,25 +225,23 @@ class Attention(nn.Module):
             # weight, which is what a `where` gives too.
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
-        if self.dropout_rate > 0 and not self.deterministic:
-            probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-        return jnp.einsum("bhqs,bshk->bqhk", probs.astype(self.dtype), v)
+        if self.opts.dropout_active:
+            probs = nn.Dropout(self.opts.dropout_rate)(probs, deterministic=False)
+        return jnp.einsum("bhqs,bshk->bqhk", probs.astype(self.opts.dtype), v)
 
 
-class Mlp(nn.Module):
+class Mlp(nn.Module, kw_only=True):
     """fc1 -> activation -> fc2: float[..., D] -> float[..., D] via float[..., F]."""
     mlp_dim: int
     activation: Callable = gelu
-    init_std: float = INIT_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: ModuleOptions = DEFAULT_OPTS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
-        h = self.activation(dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x))
+        h = self.activation(dense(self.mlp_dim, ("embed", "mlp"), opts=self.opts, name="fc1")(x))
         h = constrain(h, ("batch", "length", "act_mlp"))
-        return constrain(dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h), EMBED_AXES)
+        return constrain(dense(x.shape[-1], ("mlp", "embed"), opts=self.opts, name="fc2")(h),
+                         EMBED_AXES)
 
 
 def layer_stack(block_cls: type[nn.Module], num: int, *, name: str, scan: bool, remat_policy: str,

@@ -87,8 +87,8 @@ class MPLUG(nn.Module):
              f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         need(self.remat_policy in layers.REMAT_POLICIES,
              f"remat_policy {self.remat_policy!r} not in {sorted(layers.REMAT_POLICIES)}")
-        need(self.attention_impl in ("xla", "cudnn", "auto"),
-             f"attention_impl {self.attention_impl!r} not in ('xla', 'cudnn', 'auto')")
+        need(self.attention_impl in layers.ATTENTION_IMPLS,
+             f"attention_impl {self.attention_impl!r} not in {layers.ATTENTION_IMPLS}")
         for f in ("dtype", "param_dtype"):
             need(getattr(self, f) in ("float32", "bfloat16", "float16"),
                  f"{f} {getattr(self, f)!r} not in ('float32', 'bfloat16', 'float16')")
@@ -103,40 +103,47 @@ class MPLUG(nn.Module):
         """Official rule: a vision width different from the text width means the large model."""
         return self.vision_width != self.hidden_size
 
+    @property
+    def opts(self) -> layers.ModuleOptions:
+        """The settings every submodule shares, from this config."""
+        return layers.ModuleOptions(
+            dropout_rate=self.dropout_rate, deterministic=self.deterministic,
+            attention_impl=self.attention_impl, init_std=self.init_std,
+            dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+
     def setup(self):
-        dt, pdt = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-        common = dict(dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-                      attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-                      init_std=self.init_std, dtype=dt, param_dtype=pdt)
+        opts = self.opts
+        stacks = dict(remat_policy=self.remat_policy, opts=opts)
         bert = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len,
                     type_vocab_size=self.type_vocab_size, eps=self.text_ln_eps,
-                    scan_layers=self.scan_layers, **common)
-        self.vision = VisionEncoder(self.image_size, self.patch_size, self.vision_width,
-                                    self.vision_layers, self.vision_heads, self.vision_ln_eps,
-                                    scan_layers=self.scan_layers, **common)
-        heads = dict(init_std=self.init_std)
+                    scan_layers=self.scan_layers, **stacks)
+        self.vision = VisionEncoder(image_size=self.image_size, patch_size=self.patch_size,
+                                    width=self.vision_width, depth=self.vision_layers,
+                                    num_heads=self.vision_heads, eps=self.vision_ln_eps,
+                                    scan_layers=self.scan_layers, **stacks)
         if self.has_visn_fc:
-            self.visn_fc = layers.dense(self.hidden_size, ("mlp", "embed"), dt, pdt, "visn_fc",
-                                        **heads)
-            self.visn_ln = layers.layer_norm(1e-12, dt, pdt, "visn_ln")  # official eps 1e-12
+            self.visn_fc = layers.dense(self.hidden_size, ("mlp", "embed"), opts=opts,
+                                        name="visn_fc")
+            # Official eps 1e-12 here, though the vision tower's own LayerNorms use 1e-5.
+            self.visn_ln = layers.layer_norm(eps=1e-12, opts=opts, name="visn_ln")
         self.text = TextEncoder(depth=self.text_layers, **bert)
-        self.fusion = FusionEncoder(self.pattern, self.num_heads, self.mlp_dim, self.text_ln_eps,
-                                    **common)
+        self.fusion = FusionEncoder(pattern=self.pattern, num_heads=self.num_heads,
+                                    mlp_dim=self.mlp_dim, eps=self.text_ln_eps, **stacks)
         self.decoder = TextDecoder(depth=self.decoder_layers, **bert)
-        self.vision_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "vision_proj",
-                                        **heads)
-        self.text_proj = layers.dense(self.embed_dim, ("embed", None), dt, pdt, "text_proj",
-                                      **heads)
-        self.itm_head = layers.dense(2, ("embed", None), dt, pdt, "itm_head", **heads)
-        self.mlm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), dt, pdt,
-                                          "mlm_transform", **heads)
-        self.mlm_ln = layers.layer_norm(self.text_ln_eps, dt, pdt, "mlm_ln")
+        self.vision_proj = layers.dense(self.embed_dim, ("embed", None), opts=opts,
+                                        name="vision_proj")
+        self.text_proj = layers.dense(self.embed_dim, ("embed", None), opts=opts,
+                                      name="text_proj")
+        self.itm_head = layers.dense(2, ("embed", None), opts=opts, name="itm_head")
+        self.mlm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), opts=opts,
+                                          name="mlm_transform")
+        self.mlm_ln = layers.layer_norm(eps=self.text_ln_eps, opts=opts, name="mlm_ln")
         self.mlm_bias = self.param("mlm_bias", layers.partitioned(nn.initializers.zeros,
                                                                   ("vocab",)),
-                                   (self.vocab_size,), pdt)
+                                   (self.vocab_size,), opts.param_dtype)
         self.temp = self.param("temp", layers.partitioned(
-            nn.initializers.constant(self.temp_init), ()), (), pdt)
+            nn.initializers.constant(self.temp_init), ()), (), opts.param_dtype)
 
     def __call__(self, image, text_ids, text_mask, dec_ids, dec_mask) -> dict:
         """Full forward touching every parameter (used by `init`); VQA-style decoding over

@@ -9,35 +9,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from mplug_jax.models import layers
-from mplug_jax.models.layers import Dtype
 
 
-class ResidualBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)) with QuickGELU and a 4x MLP."""
+class ResidualBlock(nn.Module, kw_only=True):
+    """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x)) with QuickGELU and a 4x MLP.
+    Call: float[B, N, W] -> (float[B, N, W], None)."""
     num_heads: int
     eps: float = 1e-5
-    dropout_rate: float = 0.0
-    deterministic: bool = True
-    attention_impl: str = "xla"
-    init_std: float = layers.INIT_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: layers.ModuleOptions = layers.DEFAULT_OPTS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.layer_norm(self.eps, name="ln_1", **kw)(x)
-        x = x + layers.Attention(self.num_heads, "self", self.dropout_rate, self.deterministic,
-                                 self.attention_impl, self.init_std, name="attn", **kw)(h)
-        h = layers.layer_norm(self.eps, name="ln_2", **kw)(x)
-        x = x + layers.Mlp(4 * x.shape[-1], layers.quick_gelu, self.init_std, name="mlp",
-                           **kw)(h)
+        h = layers.layer_norm(eps=self.eps, opts=self.opts, name="ln_1")(x)
+        x = x + layers.Attention(num_heads=self.num_heads, kind="self", opts=self.opts,
+                                 name="attn")(h)
+        h = layers.layer_norm(eps=self.eps, opts=self.opts, name="ln_2")(x)
+        x = x + layers.Mlp(mlp_dim=4 * x.shape[-1], activation=layers.quick_gelu,
+                           opts=self.opts, name="mlp")(h)
         return x, None
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(nn.Module, kw_only=True):
     """CLIP visual tower: patch conv (no bias) -> [CLS; patches] + posemb -> ln_pre -> blocks ->
     ln_post. Call: float32[B, R, R, 3] -> float[B, 1 + (R/P)^2, width]."""
     image_size: int = 224
@@ -46,14 +41,9 @@ class VisionEncoder(nn.Module):
     depth: int = 12
     num_heads: int = 12
     eps: float = 1e-5
-    dropout_rate: float = 0.0
-    deterministic: bool = True
-    attention_impl: str = "xla"
     remat_policy: str = "none"
     scan_layers: bool = False
-    init_std: float = layers.INIT_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    opts: layers.ModuleOptions = layers.DEFAULT_OPTS
 
     @property
     def grid(self) -> int:
@@ -67,31 +57,30 @@ class VisionEncoder(nn.Module):
         if image.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but the model expects "
                              f"{self.image_size}x{self.image_size} (config image_size)")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        opts, dt = self.opts, self.opts.dtype
         x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                     strides=(self.patch_size, self.patch_size), padding="VALID", use_bias=False,
-                    kernel_init=layers.partitioned(nn.initializers.normal(self.init_std),
+                    kernel_init=layers.partitioned(nn.initializers.normal(opts.init_std),
                                                    (None, None, None, "embed")),
-                    name="patch_embed", **kw)(image.astype(self.dtype))
+                    name="patch_embed", **opts.dtypes)(image.astype(dt))
+        x = rearrange(x, "b gh gw d -> b (gh gw) d")  # row-major patch order, as torch flatten(2)
         b = x.shape[0]
-        x = x.reshape(b, -1, self.width)  # row-major patch order, as torch flatten(2)
         scale = self.width ** -0.5
         cls = self.param("cls_token", layers.partitioned(nn.initializers.normal(scale),
                                                          ("embed",)),
-                         (self.width,), self.param_dtype)
+                         (self.width,), opts.param_dtype)
         pos = self.param("pos_embed", layers.partitioned(nn.initializers.normal(scale),
                                                          (None, "embed")),
-                         (self.grid ** 2 + 1, self.width), self.param_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
-        x = x + pos.astype(self.dtype)
-        x = layers.layer_norm(self.eps, name="ln_pre", **kw)(x)
-        block_kwargs = dict(num_heads=self.num_heads, eps=self.eps,
-                            dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-                            attention_impl=self.attention_impl, init_std=self.init_std, **kw)
+                         (self.grid ** 2 + 1, self.width), opts.param_dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, self.width)), x], 1)
+        x = x + pos.astype(dt)
+        x = layers.layer_norm(eps=self.eps, opts=opts, name="ln_pre")(x)
         x = layers.layer_stack(ResidualBlock, self.depth, name="blocks", scan=self.scan_layers,
-                               remat_policy=self.remat_policy, block_kwargs=block_kwargs,
+                               remat_policy=self.remat_policy,
+                               block_kwargs=dict(num_heads=self.num_heads, eps=self.eps,
+                                                 opts=opts),
                                x=x, args=())
-        return layers.layer_norm(self.eps, name="ln_post", **kw)(x)
+        return layers.layer_norm(eps=self.eps, opts=opts, name="ln_post")(x)
 
 
 def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:
@@ -107,10 +96,10 @@ def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:
         raise ValueError(f"positional embedding has {n} rows, not 1 + a square grid")
     if grid == new_grid:
         return posemb
-    patches = jnp.asarray(posemb[1:].reshape(grid, grid, width), jnp.float32)
+    patches = jnp.asarray(rearrange(posemb[1:], "(gh gw) d -> gh gw d", gh=grid), jnp.float32)
     resized = jax.image.scale_and_translate(
         patches, (new_grid, new_grid, width), (0, 1),
         jnp.array([new_grid / grid] * 2, jnp.float32), jnp.zeros(2, jnp.float32),
         method="linear", antialias=False)
-    out = np.concatenate([posemb[:1], np.asarray(resized).reshape(-1, width)], 0)
+    out = np.concatenate([posemb[:1], rearrange(np.asarray(resized), "gh gw d -> (gh gw) d")], 0)
     return out.astype(posemb.dtype)

@@ -1,26 +1,37 @@
 """mPLUG pretraining task: ITC + ITM + MLM + prefix LM with momentum distillation and queues.
 
 The official release has no pretraining code (official-formats.md section 0); this follows the
-paper (section 3.3) and the ALBEF forward it builds on: a momentum copy of the whole model,
-image/text feature queues, hard negatives for ITM drawn from the ITC similarities, momentum
-distillation for ITC and MLM, and prefix LM through the decoder attending to
-[fused image; fused prefix]. Each loss weight of `config.task.loss_weights` set to 0 removes that
-loss and its compute. All losses, softmaxes and queues are float32.
+paper (section 3.3) and the ALBEF forward it builds on: a momentum copy of the parts the
+momentum forwards use (visual and text encoders, fusion, ITC projections, MLM head; the decoder
+too when `task.prefix_lm.distill`), image/text feature queues, hard negatives for ITM drawn from
+the ITC similarities, momentum distillation for ITC and MLM (and optionally prefix LM), and
+prefix LM through the decoder attending to [fused image; fused prefix]. A loss weight of 0 in
+`config.task.loss_weights` removes that loss and its compute. Losses, softmaxes and queues are
+float32. The temperature is clamped to [temp_min, temp_max] after every update (ALBEF clamps
+it in place), so it never sits outside the range with a zero gradient.
 
 Batch: {'image': float32[B, R, R, 3], 'text_ids': int32[B, L], 'text_mask': int32[B, L]}.
 """
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import losses
+from mplug_jax import losses, pretrained
+from mplug_jax.data import pretrain_input
 from mplug_jax.models.mplug import MPLUG
+from mplug_jax.tasks import base
 from mplug_jax.train_state import enqueue, momentum_update
 
 LOSSES = ("itc", "itm", "mlm", "prefix_lm")
+# Top-level params the momentum forwards read (`encode_image`, `encode_text`, `itc_project`,
+# `fuse`, `mlm_logits`); `decoder` joins them when prefix-LM distillation is on.
+MOMENTUM_PARAMS = ("vision", "visn_fc", "visn_ln", "text", "fusion", "vision_proj", "text_proj",
+                   "mlm_transform", "mlm_ln", "mlm_bias")
 
 
 def _decoder_hidden(model: MPLUG, *args):
@@ -32,17 +43,28 @@ def _decoder_head(model: MPLUG, h):
     return model.decoder.lm_logits(h)
 
 
-class PretrainTask:
+def gather_capacity(n: int, mean: float, var: float, sigmas: float) -> int:
+    """Static number of gathered targets: mean + `sigmas` standard deviations (+ 8), at most n.
+
+    With `sigmas` = 6 a batch overflows with probability below 1e-9 under the normal
+    approximation; `sigmas` <= 0 gathers all n positions (no drops possible)."""
+    if sigmas <= 0:
+        return n
+    return int(min(n, math.ceil(mean + sigmas * math.sqrt(max(var, 0.0)) + 8)))
+
+
+class Task(base.Task):
     """Pretraining task (see module docstring).
 
     Args:
-      config: full run config (`model`, `task`, `input.batch_size`).
+      config: full run config (`model`, `task`, `input`, `optim.accum_steps`, `init`).
       steps_per_epoch: train steps per epoch, for the linear ramp of the distillation weight.
     """
 
     name = "pretrain"
 
     def __init__(self, config, steps_per_epoch: int = 1):
+        super().__init__(config, steps_per_epoch)
         self.model = MPLUG.from_config(config.model)
         self.train_model = self.model.clone(deterministic=config.model.get("dropout_rate", 0) == 0)
         t = config.task
@@ -53,9 +75,12 @@ class PretrainTask:
         if not any(self.weights.values()):
             raise ValueError("task.loss_weights: at least one loss weight must be > 0")
         self.itc = t.itc
+        if not 0 < self.itc.temp_min <= self.itc.temp_max:
+            raise ValueError(f"task.itc needs 0 < temp_min <= temp_max, got "
+                             f"{self.itc.temp_min} / {self.itc.temp_max}")
         self.mask_prob = float(t.mlm.mask_prob)
-        self.mlm_capacity = float(t.mlm.capacity)
-        self.lm_capacity = float(t.prefix_lm.capacity)
+        self.gather_sigmas = float(t.gather_sigmas)
+        self.lm_distill = bool(t.prefix_lm.get("distill", False))
         # One loss call sees a micro-batch: the global batch / optim.accum_steps.
         accum = int(config.optim.get("accum_steps", 1))
         self.batch_size = int(config.input.batch_size) // max(accum, 1)
@@ -63,35 +88,53 @@ class PretrainTask:
             raise ValueError(
                 f"task.itc.queue_size={self.itc.queue_size} must be a multiple of the batch one "
                 f"loss call sees: input.batch_size / optim.accum_steps = {self.batch_size}")
-        self.alpha_warmup_steps = int(round(self.itc.alpha_warmup_epochs * steps_per_epoch))
+        self.alpha_warmup_steps = int(round(self.itc.alpha_warmup_epochs * self.steps_per_epoch))
         self.max_len = int(config.input.max_tokens)
 
-    # ---- shapes and initialisation ------------------------------------------------------
+    # ---- input ------------------------------------------------------------------------------
+
+    @classmethod
+    def train_input(cls, config):
+        inp = config.input
+        if inp.dataset == "synthetic" and not inp.get("allow_synthetic", False):
+            raise ValueError(
+                f"the {config.get('variant', '')} pretraining config refuses the built-in "
+                "synthetic shapes data: set input.dataset to 'json' or 'tfds' with your data, "
+                "or pass --config.input.allow_synthetic=True to train on the shapes anyway")
+        return pretrain_input.train_batches(inp, config.model.image_size, config.seed,
+                                            jax.process_index(), jax.process_count())
 
     def dummy_batch(self, batch_size: int) -> dict:
-        """Zero batch with the task's shapes (for init and compilation)."""
         r, length = self.model.image_size, self.max_len
         return {"image": np.zeros((batch_size, r, r, 3), np.float32),
                 "text_ids": np.zeros((batch_size, length), np.int32),
                 "text_mask": np.ones((batch_size, length), np.int32)}
 
+    # ---- state ------------------------------------------------------------------------------
+
     def init_params(self, rng: jax.Array):
-        """Boxed (logically partitioned) params from `MPLUG.init`."""
         b = self.dummy_batch(2)
         k_params, k_drop = jax.random.split(rng)
         ids, mask = b["text_ids"], b["text_mask"]
         return self.model.init({"params": k_params, "dropout": k_drop}, b["image"], ids, mask,
                                ids, mask)["params"]
 
+    def momentum_filter(self):
+        keep = MOMENTUM_PARAMS + (("decoder",) if self.lm_distill else ())
+        return lambda name: name.split("/", 1)[0] in keep
+
     def init_extra(self, params, rng: jax.Array) -> dict:
-        """Momentum params (a copy; keeps the boxes of `params`) and the ITC queues.
+        """Momentum params (a copy of what the momentum forwards read, keeping the boxes of
+        `params`), the ITC queues, and the running count of dropped MLM/LM targets.
 
         Queues start as random unit vectors, like ALBEF's `normalize(randn(E, Q))`; they carry
         the logical axes ('queue', None), so the `fsdp` presets shard them like parameters.
         """
-        extra = {}
+        extra = {"dropped_targets": jnp.zeros((), jnp.int32)}
         if self._needs_momentum:
-            extra["params_m"] = jax.tree.map(lambda x: x, params)
+            keep = self.momentum_filter()
+            extra["params_m"] = {k: jax.tree.map(lambda x: x, v) for k, v in params.items()
+                                 if keep(k)}
         if self.weights["itc"] and self.itc.queue_size:
             q, e = int(self.itc.queue_size), self.model.embed_dim
             k_img, k_txt = jax.random.split(rng)
@@ -105,21 +148,38 @@ class PretrainTask:
                          queue_ptr=jnp.zeros((), jnp.int32))
         return extra
 
+    def init_from_pretrained(self, state):
+        init = self.config.get("init")
+        if not pretrained.requested(init) and not (init and init.get("allow_scratch")):
+            raise ValueError(
+                f"the {self.config.get('variant', '')} pretraining config starts from pretrained "
+                "encoders (paper section 5.1): set --config.init.clip=CLIP_CHECKPOINT "
+                "--config.init.bert=BERT_CHECKPOINT (or --config.init.checkpoint=...), or pass "
+                "--config.init.allow_scratch=True to train from random weights")
+        return super().init_from_pretrained(state)
+
     @property
     def _distill(self) -> bool:
         return float(self.itc.distill_alpha) > 0
 
     @property
     def _needs_momentum(self) -> bool:
-        return bool(self.weights["itc"] or (self.weights["mlm"] and self._distill))
+        return bool(self.weights["itc"] or (self.weights["mlm"] and self._distill)
+                    or (self.weights["prefix_lm"] and self._distill and self.lm_distill))
 
-    # ---- model calls --------------------------------------------------------------------
+    # ---- model calls ------------------------------------------------------------------------
 
     def _apply(self, params, method, *args, rng: jax.Array | None = None):
         if rng is None:
             return self.model.apply({"params": params}, *args, method=method)
         return self.train_model.apply({"params": params}, *args, method=method,
                                       rngs={"dropout": rng})
+
+    @staticmethod
+    def _momentum_tree(params_m, params):
+        """The momentum subset completed with online leaves the module's `setup` declares but
+        the momentum forwards never read (decoder, ITM head, temperature)."""
+        return {**params, **params_m}
 
     def alpha(self, step: jax.Array) -> jax.Array:
         """Distillation weight: `distill_alpha`, ramped linearly over the first epoch(s)."""
@@ -128,40 +188,46 @@ class PretrainTask:
             return a
         return a * jnp.minimum(1.0, step.astype(jnp.float32) / self.alpha_warmup_steps)
 
-    # ---- loss ---------------------------------------------------------------------------
+    # ---- step -------------------------------------------------------------------------------
 
     def begin_step(self, params, extra: dict) -> dict:
-        """Once per optimizer step, before the loss: momentum update of `params_m`."""
+        """Momentum update of `params_m` (once per optimizer step, before the loss)."""
         if "params_m" not in extra:
             return extra
-        return {**extra, "params_m": momentum_update(extra["params_m"], params,
-                                                     self.itc.momentum)}
+        return {**extra, "params_m": momentum_update(
+            extra["params_m"], {k: params[k] for k in extra["params_m"]}, self.itc.momentum)}
+
+    def after_update(self, params):
+        """Clamp the temperature into [temp_min, temp_max] (ALBEF clamps it in place)."""
+        return {**params, "temp": jnp.clip(params["temp"], self.itc.temp_min,
+                                           self.itc.temp_max)}
 
     def loss(self, params, extra: dict, batch: dict, rng: jax.Array, step: jax.Array):
-        """Weighted sum of the enabled losses on one global batch.
+        """Weighted sum of the enabled losses on one (micro-)batch.
 
         Args:
           params: online params.
-          extra: {'params_m', 'image_queue', 'text_queue', 'queue_ptr'} (as enabled), after
-            `begin_step` (momentum params already updated for this step).
+          extra: {'params_m', 'image_queue', 'text_queue', 'queue_ptr', 'dropped_targets'}
+            (as enabled), after `begin_step` (momentum params already updated for this step).
           batch: see module docstring.
-          rng: step key; streams 'dropout', 'negatives', 'mask', 'prefix' are folded from it.
+          rng: step key; dropout, negatives, masking and prefix splits are folded from it.
           step: int32[] train step (distillation ramp).
         Returns:
           (float32[] loss, (metrics dict of float32[], new extra)).
         """
         w = self.weights
         k_drop, k_neg, k_mask, k_prefix = jax.random.split(rng, 4)
-        drop = iter(jax.random.split(k_drop, 8))
+        drop = base.KeyStream(k_drop)
         image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-        b = ids.shape[0]
+        b, length = ids.shape
         alpha = self.alpha(step)
         temp = losses.clamp_temp(params["temp"], self.itc.temp_min, self.itc.temp_max)
         metrics = {"temp": temp, "alpha": alpha}
         new_extra = dict(extra)
+        dropped = jnp.zeros((), jnp.int32)
         total = jnp.zeros((), jnp.float32)
         if self._needs_momentum:
-            params_m = extra["params_m"]
+            params_m = self._momentum_tree(extra["params_m"], params)
             img_m = self._apply(params_m, "encode_image", image)
 
         img = self._apply(params, "encode_image", image, rng=next(drop))
@@ -209,7 +275,8 @@ class PretrainTask:
             txt_mlm = self._apply(params, "encode_text", masked, mask, rng=next(drop))
             _, fused = self._apply(params, "fuse", img, txt_mlm, mask, rng=next(drop))
             # Only picked tokens need the V-way head: gather them (static capacity).
-            pos, valid = losses.picked_positions(picked, self._mlm_capacity(b, ids.shape[1]))
+            pos, valid, lost = losses.picked_positions(picked, self.mlm_capacity(b, length))
+            dropped += lost
 
             def head(p, states):
                 h = states.reshape(-1, states.shape[-1])[pos][None]
@@ -227,33 +294,54 @@ class PretrainTask:
             total += w["mlm"] * loss_mlm
         if w["prefix_lm"]:
             p_ids, p_mask, d_ids, d_mask = losses.split_prefix(k_prefix, ids, mask)
-            txt_p = self._apply(params, "encode_text", p_ids, p_mask, rng=next(drop))
-            f_img, f_txt = self._apply(params, "fuse", img, txt_p, p_mask, rng=next(drop))
-            states = jnp.concatenate([f_img, f_txt], 1)
-            smask = jnp.concatenate([jnp.ones(f_img.shape[:2], p_mask.dtype), p_mask], 1)
-            h = self._apply(params, _decoder_hidden, d_ids, d_mask, states, smask, rng=next(drop))
             # The V-way LM head only where a real next token is predicted (static capacity).
-            tgt = d_mask[:, 1:] > 0
-            pos, valid = losses.picked_positions(tgt, self._lm_capacity(b, ids.shape[1] - 1))
-            logits = self._apply(params, _decoder_head,
-                                 h[:, :-1].reshape(-1, h.shape[-1])[pos][None])
+            pos, valid, lost = losses.picked_positions(d_mask[:, 1:] > 0,
+                                                       self.lm_capacity(b, length))
+            dropped += lost
+
+            def lm_logits(p, img_states, rng_stream):
+                kw = (lambda: {"rng": next(rng_stream)}) if rng_stream else dict
+                txt_p = self._apply(p, "encode_text", p_ids, p_mask, **kw())
+                f_img, f_txt = self._apply(p, "fuse", img_states, txt_p, p_mask, **kw())
+                states = jnp.concatenate([f_img, f_txt], 1)
+                smask = jnp.concatenate([jnp.ones(f_img.shape[:2], p_mask.dtype), p_mask], 1)
+                h = self._apply(p, _decoder_hidden, d_ids, d_mask, states, smask, **kw())
+                return self._apply(p, _decoder_head,
+                                   h[:, :-1].reshape(-1, h.shape[-1])[pos][None])
+
+            logits = lm_logits(params, img, drop)
+            logits_m = None
+            if self.lm_distill and self._distill:
+                logits_m = lm_logits(params_m, img_m, None)
             loss_lm, metrics["lm_acc"] = losses.mlm_loss(
-                logits, d_ids[:, 1:].reshape(-1)[pos][None], valid[None])
+                logits, d_ids[:, 1:].reshape(-1)[pos][None], valid[None], logits_m, alpha)
             metrics["loss_prefix_lm"] = loss_lm
             total += w["prefix_lm"] * loss_lm
+        new_extra["dropped_targets"] = extra["dropped_targets"] + dropped
+        metrics["dropped_targets_total"] = new_extra["dropped_targets"].astype(jnp.float32)
         metrics["loss"] = total
         return total, (metrics, new_extra)
 
-    def _mlm_capacity(self, b: int, length: int) -> int:
-        """Gathered MLM positions: `mlm.capacity` x the expected picks of full-length texts."""
-        return max(1, min(b * length, int(np.ceil(self.mlm_capacity * self.mask_prob * b
-                                                  * length))))
+    def mlm_capacity(self, b: int, length: int) -> int:
+        """Gathered MLM positions for a [b, length] batch of full-length texts: at most
+        length - 2 eligible tokens a row ([CLS] and [SEP] never picked), each picked with
+        probability `mask_prob` (binomial)."""
+        n, p = b * max(length - 2, 1), self.mask_prob
+        return gather_capacity(b * length, n * p, n * p * (1 - p), self.gather_sigmas)
 
-    def _lm_capacity(self, b: int, length: int) -> int:
-        """Gathered decoder targets: `prefix_lm.capacity` x the B * (L - 1) next-token slots."""
-        return max(1, min(b * length, int(np.ceil(self.lm_capacity * b * length))))
+    def lm_capacity(self, b: int, length: int) -> int:
+        """Gathered decoder targets for a [b, length] batch of full-length captions: a row
+        with n tokens is split uniformly, leaving u targets, u uniform on [2, n] (the
+        continuation and [SEP])."""
+        n = length
+        mean, var = (n + 2) / 2, ((n - 1) ** 2 - 1) / 12
+        return gather_capacity(b * (length - 1), b * mean, b * var, self.gather_sigmas)
 
-    # ---- predict fns (used by evaluators) ------------------------------------------------
+    # ---- predict fns (used by evaluators) ---------------------------------------------------
+
+    def predict_fns(self) -> dict:
+        return {"embed": self.embed, "itm_logits": self.itm_logits,
+                "mlm_logits": self.mlm_logits, "greedy_decode": self.greedy_decode}
 
     def embed(self, params, image: jax.Array, ids: jax.Array, mask: jax.Array):
         """-> (float32[B, E] image features, float32[B, E] text features), unit norm."""

@@ -53,6 +53,12 @@ def test_unreadable_files_raise_with_reason_and_name(tmp_path, cat):
     for name, want in cases.items():
         reason, msg = _reason(str(tmp_path / name))
         assert reason == want and name in msg, (name, reason, msg)
+    cut = (tmp_path / "cut.jpg").read_bytes()
+    reason, msg = _reason(cut)
+    assert reason == "truncated" and msg.startswith("<bytes>")
+    # Callers that read the file themselves (the TFDS builders) pass its name along.
+    reason, msg = _reason(cut, name=str(tmp_path / "cut.jpg"))
+    assert reason == "truncated" and msg.startswith(str(tmp_path / "cut.jpg"))
     assert _reason(tmp_path)[0] == "missing_file"  # a directory
     assert _reason(12345)[0] == "bad_record"
     assert _reason(np.zeros((4, 4, 3), np.float32))[0] == "bad_image"

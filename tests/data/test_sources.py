@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mplug_jax.data import pipeline, sources, transforms
+from mplug_jax.data import pipeline, sources, transforms, video
 from mplug_jax.data.transforms import DataError
 
 
@@ -155,12 +155,12 @@ def test_video_frames_folder_sampling(tmp_path):
     ann.write_text(json.dumps({"video_id": "video7", "question": "q", "answer": "a"}) + "\n")
     rec = sources.video_qa(str(ann), str(tmp_path))[0]
     assert rec["video"] == str(tmp_path / "video7")
-    frames = sources.load_frames(rec["video"], 5)
+    frames = video.load_frames(rec["video"], 5)
     shades = [int(np.asarray(f).mean() / 20 + 0.5) for f in frames]
-    assert shades == [0, 2, 4, 6, 8] == sources.frame_indices(10, 5)
-    assert sources.frame_indices(3, 5) == [0, 1, 2, 2, 2]  # short videos repeat the last frame
+    assert shades == [0, 2, 4, 6, 8] == video.frame_indices(10, 5)
+    assert video.frame_indices(3, 5) == [0, 1, 2, 2, 2]  # short videos repeat the last frame
     rng = np.random.default_rng(0)
-    picks = sources.frame_indices(100, 4, train=True, rng=rng)
+    picks = video.frame_indices(100, 4, train=True, rng=rng)
     assert all(25 * k <= p < 25 * (k + 1) for k, p in enumerate(picks))
     cap = tmp_path / "cap.jsonl"
     cap.write_text(json.dumps({"video_id": "video7", "golden_captions": ["a", "b"]}) + "\n")
@@ -178,6 +178,6 @@ def test_video_frames_folder_sampling(tmp_path):
             has_decoder = False
     if not has_decoder:
         with pytest.raises(DataError, match="PyAV"):
-            sources.load_frames(str(tmp_path / "clip.mp4"), 4)
+            video.load_frames(str(tmp_path / "clip.mp4"), 4)
     with pytest.raises(transforms.BadRecord):
-        sources.load_frames(str(tmp_path / "none.mp4"), 4)
+        video.load_frames(str(tmp_path / "none.mp4"), 4)

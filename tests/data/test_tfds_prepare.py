@@ -64,6 +64,21 @@ def test_prepare_pretrain_roundtrip_into_pipeline(tmp_path):
     assert again.get("already_prepared")
 
 
+def test_prepare_names_a_truncated_image_in_its_skip_message(tmp_path, caplog):
+    root = _images(tmp_path / "img")
+    data = (root / "a.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(data[: len(data) // 2])
+    recs = [{"image": "a.jpg", "caption": "whole"}, {"image": "cut.jpg", "caption": "cut"}]
+    (tmp_path / "ann.json").write_text(json.dumps(recs))
+    with caplog.at_level("WARNING", logger="mplug_jax.data.tfds_builders"):
+        report = prepare.prepare("pretrain", str(tmp_path / "ann.json"), str(root),
+                                 str(tmp_path / "out"), max_skip_rate=0.5)
+    assert report["splits"]["train"] == {"written": 1, "skipped": {"truncated": 1}}
+    skips = [r.getMessage() for r in caplog.records if "skipped (truncated)" in r.getMessage()]
+    assert len(skips) == 1 and str(root / "cut.jpg") in skips[0], skips
+    assert "<bytes>" not in skips[0]
+
+
 def test_prepare_vqa_train_and_eval_splits(tmp_path):
     root = _images(tmp_path / "coco")
     vg = _images(tmp_path / "vg")

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -58,6 +59,15 @@ def test_fixture_text_and_images(fx):
         np.testing.assert_allclose(got, inputs["image"][i], atol=1e-5)
 
 
-def test_fixtures_present_or_reported():
+def test_fixtures_tokenized_with_the_shipped_vocab():
+    """Every parity fixture has the files the test above reads and was tokenized with the very
+    vocab.txt this package ships (otherwise its input ids would not be comparable)."""
     if not fixture_dirs():
         pytest.skip("../shared/fixtures not present: official parity fixtures skipped")
+    with open(tokenizer.vocab_path(), "rb") as f:
+        shipped = hashlib.sha256(f.read()).hexdigest()
+    for fx in fixture_dirs():
+        assert {"text.json", "inputs.npz", "meta.json"} <= {p.name for p in fx.iterdir()}, fx
+        t = json.loads((fx / "text.json").read_text())
+        assert t["vocab_sha256"] == shipped, fx.name
+        assert t.get("questions") or t.get("answers"), f"{fx.name}: no tokenized text"

@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
-from mplug_jax.data import prepare, sources, tfds_builders
+from mplug_jax.data import prepare, tfds_builders, video
 from mplug_jax.data.transforms import DataError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
@@ -97,7 +97,7 @@ def test_video_qa_frame_folders_skips_and_counts(tmp_path):
     recs = _by_id(src)
     assert sorted(recs) == [0, 1, 2]
     first = recs[0]
-    picks = sources.frame_indices(10, 4)
+    picks = video.frame_indices(10, 4)
     assert picks == [0, 3, 5, 8] and first["frame_indices"].tolist() == picks
     assert len(first["frames"]) == 4
     for frame, i in zip(first["frames"], picks):  # PNG frames stored byte for byte, in order
@@ -107,7 +107,7 @@ def test_video_qa_frame_folders_skips_and_counts(tmp_path):
     assert recs[1]["question"] == b"who?" and recs[1]["question_id"] == 1
     np.testing.assert_array_equal(np.stack(recs[1]["frames"]), np.stack(first["frames"]))
     short = recs[2]  # 3 frames for 4 slots: frames repeat, original JPEG bytes kept
-    assert short["frame_indices"].tolist() == sources.frame_indices(3, 4)
+    assert short["frame_indices"].tolist() == video.frame_indices(3, 4)
     for frame, i in zip(short["frames"], short["frame_indices"]):
         np.testing.assert_array_equal(frame, np.asarray(Image.open(videos["clip_jpg"][i])))
 
@@ -139,9 +139,9 @@ def test_video_caption_train_and_eval_splits(tmp_path):
     assert gold["video_id"] == b"clip_jpg" and [c.decode() for c in gold["captions"]] == [
         "one", "two"]
     assert len(gold["frames"]) == 16  # default num_frames; 3 source frames repeat
-    assert gold["frame_indices"].tolist() == sources.frame_indices(3, 16)
+    assert gold["frame_indices"].tolist() == video.frame_indices(3, 16)
     png = te[1]
-    assert png["frame_indices"].tolist() == sources.frame_indices(10, 16)
+    assert png["frame_indices"].tolist() == video.frame_indices(10, 16)
     for frame, i in zip(png["frames"], png["frame_indices"]):
         np.testing.assert_array_equal(frame, np.asarray(Image.open(videos["clip_png"][i])))
 
@@ -179,17 +179,17 @@ def test_video_files_through_pyav(tmp_path):
     good = (root / "clip.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(good[:len(good) // 2])
     (root / "empty.mp4").write_bytes(b"")
-    picks = sources.frame_indices(10, 5)
+    picks = video.frame_indices(10, 5)
     for name in ("clip.mp4", "msvd_clip.avi", "tumblr_abc.gif"):
-        frames = sources.load_frames(str(root / name), 5)
+        frames = video.load_frames(str(root / name), 5)
         assert len(frames) == 5 and frames[0].size == (32, 32) and frames[0].mode == "RGB"
         _assert_colours(frames, picks)
     # Matroska states no frame count: frames are counted by decoding (9 survive the cut).
     _write_video(tmp_path / "clip.mkv", "mpeg4", "yuv420p")
     mkv = (tmp_path / "clip.mkv").read_bytes()
     (tmp_path / "cut.mkv").write_bytes(mkv[:len(mkv) * 4 // 5])
-    cut_picks, cut = sources.sample_frames(str(tmp_path / "cut.mkv"), 5)
-    assert cut_picks == sources.frame_indices(9, 5)
+    cut_picks, cut = video.sample_frames(str(tmp_path / "cut.mkv"), 5)
+    assert cut_picks == video.frame_indices(9, 5)
     _assert_colours(cut, cut_picks)
 
     ann = _jsonl(tmp_path / "qa.jsonl", [
@@ -217,9 +217,9 @@ def test_video_header_over_counting_frames_is_resampled(monkeypatch):
     def fake_opener(path):
         return 12, lambda: (lambda img=img: img for img in shades)
 
-    monkeypatch.setattr(sources, "_video_decoder", lambda path: (fake_opener, (OSError,)))
-    picks, frames = sources.sample_frames(__file__, 3)  # any existing non-empty file
-    assert picks == sources.frame_indices(6, 3) == [0, 2, 4]
+    monkeypatch.setattr(video, "_video_decoder", lambda path: (fake_opener, (OSError,)))
+    picks, frames = video.sample_frames(__file__, 3)  # any existing non-empty file
+    assert picks == video.frame_indices(6, 3) == [0, 2, 4]
     assert [f.getpixel((0, 0))[0] for f in frames] == [0, 40, 80]
 
 
@@ -267,8 +267,8 @@ def test_video_file_without_decoder_is_a_clear_error(tmp_path, monkeypatch, caps
     _frame_folder(root / "folder_clip", 4)
     (root / "clip.mp4").write_bytes(b"\x00" * 64)
     with pytest.raises(DataError, match="PyAV"):
-        sources.load_frames(str(root / "clip.mp4"), 4)
-    assert len(sources.load_frames(str(root / "folder_clip"), 2)) == 2
+        video.load_frames(str(root / "clip.mp4"), 4)
+    assert len(video.load_frames(str(root / "folder_clip"), 2)) == 2
     ann = _jsonl(tmp_path / "qa.jsonl", [{"video_id": "clip", "question": "q", "answer": "a"}])
     parser = argparse.ArgumentParser()
     prepare.add_prepare_args(parser)

@@ -11,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 from conftest import fixture_dirs
 from mplug_jax import cli
 from mplug_jax import params as P
-from mplug_jax.interop import convert, official
+from mplug_jax.interop import convert, official_config, official_io, official_keys
+from mplug_jax.interop.errors import CheckpointError
 from mplug_jax.interop.parity import run_parity
 from mplug_jax.models.mplug import MPLUG
 
@@ -60,8 +61,8 @@ def test_import_export_round_trip_is_bit_identical(tmp_path, suffix):
     assert cli.main(["convert", "--checkpoint", src, "--out", str(tmp_path / "conv")] + args) == 0
     out = str(tmp_path / f"back{suffix}")
     assert cli.main(["export", "--ckpt", str(tmp_path / "conv"), "--out", out]) == 0
-    want = official.load_state_dict(src)
-    got = official.load_state_dict(out)
+    want = official_io.load_state_dict(src)
+    got = official_io.load_state_dict(out)
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
@@ -88,7 +89,7 @@ def test_large_style_with_momentum_round_trip_and_resized_posemb():
     assert state["visn_fc.weight"].shape == (64, 96)
     kw = convert.model_kwargs(model)
     shapes = {k: v.shape for k, v in P.flatten(P.abstract_params(model)).items()}
-    imp = official.import_state_dict(state, kw, 0, shapes, allow_missing=None)
+    imp = official_keys.import_state_dict(state, kw, 0, shapes, allow_missing=None)
     flat = P.flatten(params)
     assert imp.params.keys() == flat.keys()
     for k, v in imp.params.items():
@@ -100,14 +101,14 @@ def test_large_style_with_momentum_round_trip_and_resized_posemb():
     for k, v in imp.momentum.items():
         np.testing.assert_array_equal(v, np.asarray(flat[k]) * 0.5)
     bigger = dict(kw, image_size=48)
-    imp = official.import_state_dict(state, bigger, 0, None, allow_missing=None)
+    imp = official_keys.import_state_dict(state, bigger, 0, None, allow_missing=None)
     assert imp.params["vision/pos_embed"].shape == (1 + 9, 96) and imp.notes
 
 
 def _tiny_official(tmp_path):
     model = _large_style_model()
     state = convert.export_official(P.init_params(model, jax.random.PRNGKey(0)), model)
-    bert, yml = official.official_config_files(convert.model_kwargs(model))
+    bert, yml = official_config.official_config_files(convert.model_kwargs(model))
     (tmp_path / "config_bert.json").write_text(json.dumps(bert))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(yml))
     return state
@@ -145,23 +146,24 @@ def test_queues_and_temperature_are_imported(tmp_path):
 def test_vocab_mismatch_names_the_key(tmp_path):
     state = _tiny_official(tmp_path)
     state["text_encoder.embeddings.word_embeddings.weight"] = np.zeros((30523, 64), np.float32)
-    with pytest.raises(official.CheckpointError,
-                       match=r"text_encoder.embeddings.word_embeddings.weight: shape \(30523, 64\)"):
+    with pytest.raises(
+            CheckpointError,
+            match=r"text_encoder.embeddings.word_embeddings.weight: shape \(30523, 64\)"):
         _load(tmp_path, state)
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):
     state = _tiny_official(tmp_path)
     del state["text_encoder.encoder.layer.0.output.dense.bias"]
-    with pytest.raises(official.CheckpointError, match="layer.0.output.dense.bias"):
+    with pytest.raises(CheckpointError, match="layer.0.output.dense.bias"):
         _load(tmp_path, state)
     state = _tiny_official(tmp_path)
     state["some_new_head.weight"] = np.zeros(3, np.float32)
-    with pytest.raises(official.CheckpointError, match="unexpected keys.*\n.*some_new_head"):
+    with pytest.raises(CheckpointError, match="unexpected keys.*\n.*some_new_head"):
         _load(tmp_path, state)
     state = _tiny_official(tmp_path)
     del state["itm_head.bias"], state["itm_head.weight"]
-    with pytest.raises(official.CheckpointError, match="itm_head"):
+    with pytest.raises(CheckpointError, match="itm_head"):
         _load(tmp_path, state, allow_missing=None)
     assert "itm_head/bias" in _load(tmp_path, state).missing  # allowed by default, reported
 
@@ -170,7 +172,7 @@ def test_untied_decoder_is_rejected(tmp_path):
     state = _tiny_official(tmp_path)
     state["text_decoder.cls.predictions.decoder.weight"] = state[
         "text_decoder.cls.predictions.decoder.weight"] + 1
-    with pytest.raises(official.CheckpointError, match="differs from the decoder word embed"):
+    with pytest.raises(CheckpointError, match="differs from the decoder word embed"):
         _load(tmp_path, state)
 
 
@@ -180,17 +182,17 @@ def test_truncated_empty_and_missing_files(tmp_path):
     save_file(state, str(path))
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(official.CheckpointError, match="truncated"):
-        official.load_state_dict(str(tmp_path / "cut.safetensors"))
+    with pytest.raises(CheckpointError, match="truncated"):
+        official_io.load_state_dict(str(tmp_path / "cut.safetensors"))
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(official.CheckpointError, match="empty"):
-        official.load_state_dict(str(tmp_path / "empty.pth"))
+    with pytest.raises(CheckpointError, match="empty"):
+        official_io.load_state_dict(str(tmp_path / "empty.pth"))
     with pytest.raises(FileNotFoundError):
-        official.load_state_dict(str(tmp_path / "nope.pth"))
+        official_io.load_state_dict(str(tmp_path / "nope.pth"))
     pytest.importorskip("torch", reason="torch extra not installed")
     (tmp_path / "junk.pth").write_bytes(b"not a pickle at all" * 10)
-    with pytest.raises(official.CheckpointError, match="truncated or not a torch checkpoint"):
-        official.load_state_dict(str(tmp_path / "junk.pth"))
+    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+        official_io.load_state_dict(str(tmp_path / "junk.pth"))
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):

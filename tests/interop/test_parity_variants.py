@@ -13,7 +13,7 @@ from PIL import Image
 from mplug_jax import params as P
 from mplug_jax.data.tokenizer import get_tokenizer
 from mplug_jax.data.transforms import load_image
-from mplug_jax.interop import convert, official
+from mplug_jax.interop import convert, official_config
 from mplug_jax.interop.parity import official_forward, run_parity
 from mplug_jax.models.mplug import MPLUG
 
@@ -31,7 +31,7 @@ def write_fixture(root, task: str, large: bool):
         state = {k: v for k, v in state.items() if not k.startswith(name)}
     state = {k: v for k, v in state.items()
              if not k.startswith(("temp", "text_encoder.cls"))}
-    bert, yml = official.official_config_files(convert.model_kwargs(model), start_layer=2)
+    bert, yml = official_config.official_config_files(convert.model_kwargs(model), start_layer=2)
     yml["clip_tiny"] = {"vision_heads": 1}
     (root / "images").mkdir(parents=True)
     Image.fromarray(skimage_data.camera()).save(root / "images" / "camera.png")  # grayscale

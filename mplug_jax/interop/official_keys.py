@@ -1,19 +1,25 @@
-"""Official PyTorch mPLUG state dicts <-> our Flax params: one mapping table, import and export.
+"""Official PyTorch mPLUG state dicts <-> our Flax params: the one mapping table, import, export.
 
 The table (`mapping`) lists, for every parameter of our model, the official key(s) it comes
 from and the exact array transforms both ways (transposes / reshapes only, so import -> export
 is bit-identical). Official tensors our model never uses (CLIP text tower, `visual.proj`, fusion
 embeddings, fusion modules before `start_layer`, cross-attention weights of connected layers,
 retrieval queues) are returned as `extras` and written back on export.
+
+Reading and writing checkpoint files lives in :mod:`official_io`, translating the official
+config files into our model kwargs in :mod:`official_config`.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Callable, Mapping
 
 import numpy as np
+
+from mplug_jax.interop.errors import CheckpointError
+from mplug_jax.models.fusion import fusion_pattern
+from mplug_jax.models.vit import resample_posemb
 
 Arrays = dict[str, np.ndarray]
 
@@ -23,10 +29,6 @@ MOMENTUM_PREFIXES = ("visual_encoder", "text_encoder", "fusion_encoder", "text_d
 # Our heads that official fine-tuned checkpoints (VQA, caption) do not contain.
 HEADS_ABSENT_IN_TASK_CHECKPOINTS = r"^(vision_proj|text_proj|itm_head|mlm_transform|mlm_ln|" \
                                    r"mlm_bias|temp)(/|$)"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: names the offending keys."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +156,6 @@ def mapping(model_cfg: Mapping, start_layer: int = 0) -> list[Entry]:
     `start_layer` is the index of the first official fusion module that runs
     (official `num_hidden_layers - fusion_layers`).
     """
-    from mplug_jax.models.fusion import fusion_pattern
-
     c = dict(model_cfg)
     heads, vheads = c["num_heads"], c["vision_heads"]
     out: list[Entry] = []
@@ -283,7 +283,7 @@ def import_state_dict(state: Mapping[str, np.ndarray], model_cfg: Mapping, start
 
     Args:
       state: official key -> array.
-      model_cfg: MPLUG kwargs (see `config_from_official`).
+      model_cfg: MPLUG kwargs (see `official_config.config_from_official`).
       start_layer: first official fusion module that runs.
       expected_shapes: our path -> shape (from `jax.eval_shape` of init); every converted array
         is checked against it, a mismatch raises naming the key and both shapes.
@@ -310,7 +310,6 @@ def import_state_dict(state: Mapping[str, np.ndarray], model_cfg: Mapping, start
                 continue
             arr = e.to_ours(*[np.asarray(state[k]) for k in keys])
             if e.ours == "vision/pos_embed" and arr.shape[0] != grid * grid + 1:
-                from mplug_jax.models.vit import resample_posemb
                 notes.append(f"{keys[0]}: resized {arr.shape[0] - 1} -> {grid * grid} patches")
                 arr = resample_posemb(arr, grid)
             want = expected_shapes.get(e.ours) if expected_shapes else None
@@ -369,137 +368,3 @@ def export_state_dict(params: Mapping[str, np.ndarray], model_cfg: Mapping, star
     for k, v in (extras or {}).items():
         out.setdefault(k, np.asarray(v))
     return out
-
-
-# ---- files and configs ---------------------------------------------------------------------
-
-def load_state_dict(path: str) -> Arrays:
-    """Read an official checkpoint: `.safetensors` (no torch needed) or a torch pickle
-    (`.pth/.pt/.bin`, loaded with weights_only=True; weights under "model"/"module" unwrapped)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        try:
-            return dict(load_file(path))
-        except Exception as err:  # safetensors raises several types for corrupt files
-            raise CheckpointError(f"could not read {path}: truncated or not a safetensors "
-                                  f"file ({err})") from err
-    try:
-        import torch
-    except ImportError as err:
-        raise CheckpointError(f"{path} is a torch pickle; install the torch extra "
-                              "(pip install 'mplug-jax[torch]') or convert it to .safetensors"
-                              ) from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"could not read {path}: truncated or not a torch checkpoint "
-                              f"({type(err).__name__}: {err})") from err
-    for key in ("model", "module", "state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
-            for k, v in obj.items() if hasattr(v, "numpy")}
-
-
-def save_state_dict(state: Mapping[str, np.ndarray], path: str) -> None:
-    """Write `.safetensors`, or `.pth` ({"model": state_dict}, needs torch)."""
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-        save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path)
-        return
-    try:
-        import torch
-    except ImportError as err:
-        raise CheckpointError("writing .pth needs torch (pip install 'mplug-jax[torch]'); "
-                              "use a .safetensors path instead") from err
-    torch.save({"model": {k: torch.from_numpy(np.array(v, order="C"))
-                          for k, v in state.items()}}, path)
-
-
-def config_from_official(config_bert: Mapping, config_yaml: Mapping,
-                         state: Mapping[str, np.ndarray]) -> tuple[dict, int]:
-    """Official config_bert.json + task yaml + state dict -> (MPLUG kwargs, start_layer).
-
-    Vision width/layers/patch/grid are inferred from tensor shapes as CLIP's `build_model`
-    does; heads = width // 64 (CLIP's rule).
-    """
-    state = rename_pretrained_keys(state)
-    v = "visual_encoder.visual"
-    if f"{v}.conv1.weight" not in state:
-        raise CheckpointError(f"no {v}.conv1.weight: not an official mPLUG state dict")
-    width, _, patch, _ = state[f"{v}.conv1.weight"].shape
-    layers = len({k.split(".")[4] for k in state
-                  if k.startswith(f"{v}.transformer.resblocks.") and k.endswith("in_proj_weight")})
-    n_modules = int(config_bert["num_hidden_layers"])
-    fusion_layers = min(int(config_bert.get("fusion_layers", n_modules)), n_modules)
-    cfg = dict(
-        vocab_size=int(config_bert["vocab_size"]),
-        hidden_size=int(config_bert["hidden_size"]),
-        num_heads=int(config_bert["num_attention_heads"]),
-        mlp_dim=int(config_bert["intermediate_size"]),
-        max_len=int(config_bert["max_position_embeddings"]),
-        type_vocab_size=int(config_bert["type_vocab_size"]),
-        text_layers=int(config_bert["text_encoder_layers"]),
-        fusion_layers=fusion_layers,
-        fusion_stride=int(config_bert["stride_layer"]),
-        fusion_layout="skip",
-        decoder_layers=int(config_bert["text_decode_layers"]),
-        text_ln_eps=float(config_bert.get("layer_norm_eps", 1e-12)),
-        image_size=int(config_yaml["image_res"]),
-        patch_size=int(patch),
-        vision_width=int(width),
-        vision_layers=layers,
-        # CLIP's rule is width // 64 heads; tiny fixtures record theirs under `clip_tiny`.
-        vision_heads=int((config_yaml.get("clip_tiny") or {}).get("vision_heads")
-                         or max(1, int(width) // 64)),
-    )
-    if "vision_proj.weight" in state:  # ITC projection width (yaml `embed_dim`, default 256)
-        cfg["embed_dim"] = int(state["vision_proj.weight"].shape[0])
-    elif "embed_dim" in config_yaml:
-        cfg["embed_dim"] = int(config_yaml["embed_dim"])
-    if config_bert.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"hidden_act {config_bert['hidden_act']!r} is not supported "
-                              "(official mPLUG uses exact 'gelu')")
-    if int(config_yaml.get("vision_width", width)) != width:
-        raise CheckpointError(f"config vision_width {config_yaml['vision_width']} but conv1 has "
-                              f"width {width}")
-    return cfg, n_modules - fusion_layers
-
-
-def official_config_files(model_cfg: Mapping, start_layer: int = 0) -> tuple[dict, dict]:
-    """(config_bert.json dict, yaml dict) describing our model in the official format."""
-    c = dict(model_cfg)
-    bert = {
-        "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1,
-        "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": c["hidden_size"],
-        "initializer_range": 0.02, "intermediate_size": c["mlp_dim"],
-        "layer_norm_eps": c.get("text_ln_eps", 1e-12),
-        "max_position_embeddings": c["max_len"], "model_type": "bert",
-        "num_attention_heads": c["num_heads"],
-        "num_hidden_layers": start_layer + c["fusion_layers"], "pad_token_id": 0,
-        "type_vocab_size": c["type_vocab_size"], "vocab_size": c["vocab_size"],
-        "encoder_width": c["hidden_size"], "add_cross_attention": False, "use_cache": False,
-        "gradient_checkpointing": False, "text_encoder_layers": c["text_layers"],
-        "fusion_layers": c["fusion_layers"], "text_decode_layers": c["decoder_layers"],
-        "stride_layer": c["fusion_stride"],
-    }
-    if c.get("fusion_layout", "skip") != "skip":
-        raise CheckpointError(f"fusion_layout {c['fusion_layout']!r} has no official config "
-                              "equivalent (the official code only knows the stride rule)")
-    yaml = {"image_res": c["image_size"], "vision_width": c["vision_width"],
-            "clip_name": "ViT-B-16" if c["patch_size"] == 16 else "ViT-L-14",
-            "eos": "[SEP]", "bos": "[CLS]", "embed_dim": c["embed_dim"]}
-    if c["vision_heads"] != c["vision_width"] // 64:
-        # Not CLIP's width // 64 rule: record the dims as the fixtures do (`clip_tiny`, a key
-        # the official code ignores and our importer reads).
-        yaml["clip_tiny"] = {"vision_layers": c["vision_layers"],
-                             "vision_patch_size": c["patch_size"],
-                             "vision_heads": c["vision_heads"]}
-    return bert, yaml

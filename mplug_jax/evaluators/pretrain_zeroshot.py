@@ -18,35 +18,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import losses
-from mplug_jax.data.pipeline import make_global_batch
+from mplug_jax.data import pretrain_input
+from mplug_jax.data.pipeline import make_global_batch, pretrain_dataset
+from mplug_jax.data.tokenizer import get_tokenizer
 from mplug_jax.sharding import make_mesh, replicated
 
+PREDICT_FNS = ("embed", "itm_logits", "mlm_logits", "greedy_decode")
 
-class PretrainZeroShot:
+
+class Evaluator:
     """Evaluator `pretrain_zeroshot`.
 
     Args:
-      task: a `PretrainTask` (predict fns `embed`, `itm_logits`, `mlm_logits`, `greedy_decode`).
+      predict_fns: {'embed', 'itm_logits', 'mlm_logits', 'greedy_decode'} of the task (see
+        `mplug_jax.tasks.pretrain`).
       ecfg: eval block (num_examples, batch_size, num_captions, max_decode_len).
-      config: run config (input.max_words / max_tokens, model.image_size, seed).
+      config: run config (input, model.image_size / vocab_size, seed).
       mesh: the run's mesh; None = a 1-device mesh on this process's first device.
     """
 
-    def __init__(self, task, ecfg, config, mesh=None):
-        from mplug_jax.data.pipeline import pretrain_dataset
-        from mplug_jax.trainer import make_source
-        self.task, self.cfg = task, ecfg
+    def __init__(self, predict_fns: dict, ecfg, config, mesh=None):
+        self.cfg = ecfg
         if ecfg.num_examples % ecfg.batch_size:
             raise ValueError(f"eval num_examples {ecfg.num_examples} must be a multiple of "
                              f"batch_size {ecfg.batch_size}")
-        self.source = make_source(config.input, "heldout", ecfg.num_examples,
-                                  config.model.image_size, config.seed)
+        self.source = pretrain_input.source(config.input, "heldout", ecfg.num_examples,
+                                            config.model.image_size, config.seed)
         ds = pretrain_dataset(self.source, image_size=config.model.image_size,
                               batch_size=ecfg.batch_size, max_words=config.input.max_words,
                               max_tokens=config.input.max_tokens, train=False, augment=None,
                               num_epochs=1)
         self.batches = list(ds)
-        self.vocab_size = task.model.vocab_size
+        self.vocab_size = config.model.vocab_size
         if mesh is None:
             mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
         self.mesh = mesh
@@ -55,11 +58,12 @@ class PretrainZeroShot:
             raise ValueError(f"eval batch_size {ecfg.batch_size} must be a multiple of the "
                              f"{self.shards} batch shards of mesh {dict(mesh.shape)}")
         out = replicated(mesh)
-        self._embed = jax.jit(task.embed, out_shardings=out)
-        self._itm = jax.jit(task.itm_logits, out_shardings=out)
-        self._mlm = jax.jit(lambda p, im, i, m: jnp.argmax(task.mlm_logits(p, im, i, m), -1),
+        fns = predict_fns
+        self._embed = jax.jit(fns["embed"], out_shardings=out)
+        self._itm = jax.jit(fns["itm_logits"], out_shardings=out)
+        self._mlm = jax.jit(lambda p, im, i, m: jnp.argmax(fns["mlm_logits"](p, im, i, m), -1),
                             out_shardings=out)
-        self._decode = jax.jit(task.greedy_decode, static_argnums=2, out_shardings=out)
+        self._decode = jax.jit(fns["greedy_decode"], static_argnums=2, out_shardings=out)
 
     def _put(self, *arrays: np.ndarray):
         """Whole-batch numpy arrays (the same on every process) -> global arrays split over the
@@ -103,7 +107,6 @@ class PretrainZeroShot:
         }
         k = int(self.cfg.num_captions)
         if k:
-            from mplug_jax.data.tokenizer import get_tokenizer
             b0 = self.batches[0]
             rows = min(-(-k // self.shards) * self.shards, len(b0["image"]))
             image, = self._put(b0["image"][:rows])
