@@ -23,6 +23,7 @@ import numpy as np
 
 from mplug_jax import losses, pretrained
 from mplug_jax.data import pretrain_input
+from mplug_jax.models import layers
 from mplug_jax.models.mplug import MPLUG
 from mplug_jax.tasks import base
 from mplug_jax.train_state import enqueue, momentum_update
@@ -43,14 +44,29 @@ def _decoder_head(model: MPLUG, h):
     return model.decoder.lm_logits(h)
 
 
+def _gather(states: jax.Array, pos: jax.Array) -> jax.Array:
+    """float[B, L, D] states at flat positions int32[K] -> float[1, K, D].
+
+    The K rows are split over the batch axes: left to itself XLA replicates the gathered rows,
+    and with them the V-way head, on every data-parallel device."""
+    rows = states.reshape(-1, states.shape[-1])[pos]
+    return layers.constrain(rows, ("batch", "act_embed"))[None]
+
+
+GATHER_MULTIPLE = 128  # gathered rows split evenly over up to 128 batch shards
+
+
 def gather_capacity(n: int, mean: float, var: float, sigmas: float) -> int:
-    """Static number of gathered targets: mean + `sigmas` standard deviations (+ 8), at most n.
+    """Static number of gathered targets: mean + `sigmas` standard deviations, rounded up to a
+    multiple of `GATHER_MULTIPLE` (the rows are split over the batch shards), at most n (the
+    B x L positions, themselves divisible by the batch shards).
 
     With `sigmas` = 6 a batch overflows with probability below 1e-9 under the normal
     approximation; `sigmas` <= 0 gathers all n positions (no drops possible)."""
     if sigmas <= 0:
         return n
-    return int(min(n, math.ceil(mean + sigmas * math.sqrt(max(var, 0.0)) + 8)))
+    k = math.ceil(mean + sigmas * math.sqrt(max(var, 0.0)))
+    return int(min(n, -(-k // GATHER_MULTIPLE) * GATHER_MULTIPLE))
 
 
 class Task(base.Task):
@@ -279,8 +295,7 @@ class Task(base.Task):
             dropped += lost
 
             def head(p, states):
-                h = states.reshape(-1, states.shape[-1])[pos][None]
-                return self._apply(p, "mlm_logits", h)
+                return self._apply(p, "mlm_logits", _gather(states, pos))
 
             logits = head(params, fused)
             logits_m = None
@@ -306,8 +321,7 @@ class Task(base.Task):
                 states = jnp.concatenate([f_img, f_txt], 1)
                 smask = jnp.concatenate([jnp.ones(f_img.shape[:2], p_mask.dtype), p_mask], 1)
                 h = self._apply(p, _decoder_hidden, d_ids, d_mask, states, smask, **kw())
-                return self._apply(p, _decoder_head,
-                                   h[:, :-1].reshape(-1, h.shape[-1])[pos][None])
+                return self._apply(p, _decoder_head, _gather(h[:, :-1], pos))
 
             logits = lm_logits(params, img, drop)
             logits_m = None
