@@ -60,6 +60,7 @@ def test_full_length_captions_lose_no_target():
     prefix-LM target of captions that fill max_tokens; a too-small capacity drops and counts
     them."""
     c = ts_tests.small_config()
+    c.task.gather_length = 0  # full-length texts: size for input.max_tokens
     b, length = ts_tests.B, c.input.max_tokens
     batch = _full_length_batch(b, length, 0)
     assert _dropped(c, batch, range(6)) == [0] * 6
@@ -68,8 +69,21 @@ def test_full_length_captions_lose_no_target():
     assert all(d > 0 for d in got) and np.mean(got) == pytest.approx(picks - 2, rel=0.5)
 
 
+def test_tiny_gather_length_covers_the_builtin_captions():
+    """tiny sizes its gathers for 16-token texts: no built-in shapes caption is longer."""
+    from mplug_jax.data.synthetic import SyntheticShapes
+    from mplug_jax.data.tokenizer import get_tokenizer
+    c = pretrain_config.get_config("tiny")
+    assert c.task.gather_length == 16 and c.input.dataset == "synthetic"
+    src = SyntheticShapes("train", 2000, image_size=c.model.image_size, seed=c.seed)
+    caps = [cap for i in range(len(src)) for cap in np.atleast_1d(src[i]["caption"])]
+    ids, _ = get_tokenizer().encode(list(caps), max_length=64)
+    assert (np.asarray(ids) > 0).sum(-1).max() <= c.task.gather_length
+
+
 def test_capacity_bounds():
     c = ts_tests.small_config()
+    c.task.gather_length = 32  # the paper's 30 words + [CLS] + [SEP]
     task = tasks.build(c)
     b, length = 32, 32  # the paper's 30-word captions, base max_tokens
     assert task.mlm_capacity(b, length) >= 0.15 * b * (length - 2)

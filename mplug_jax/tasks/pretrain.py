@@ -53,7 +53,7 @@ def _gather(states: jax.Array, pos: jax.Array) -> jax.Array:
     return layers.constrain(rows, ("batch", "act_embed"))[None]
 
 
-GATHER_MULTIPLE = 128  # gathered rows split evenly over up to 128 batch shards
+GATHER_MULTIPLE = 64  # gathered rows split evenly over up to 64 batch shards
 
 
 def gather_capacity(n: int, mean: float, var: float, sigmas: float) -> int:
@@ -96,6 +96,9 @@ class Task(base.Task):
                              f"{self.itc.temp_min} / {self.itc.temp_max}")
         self.mask_prob = float(t.mlm.mask_prob)
         self.gather_sigmas = float(t.gather_sigmas)
+        # Texts the capacities are sized for: input.max_tokens unless the data is known to be
+        # shorter (task.gather_length; the built-in shapes captions have at most 15 tokens).
+        self.gather_length = int(t.get("gather_length", 0) or config.input.max_tokens)
         self.lm_distill = bool(t.prefix_lm.get("distill", False))
         # One loss call sees a micro-batch: the global batch / optim.accum_steps.
         accum = int(config.optim.get("accum_steps", 1))
@@ -337,17 +340,17 @@ class Task(base.Task):
         return total, (metrics, new_extra)
 
     def mlm_capacity(self, b: int, length: int) -> int:
-        """Gathered MLM positions for a [b, length] batch of full-length texts: at most
-        length - 2 eligible tokens a row ([CLS] and [SEP] never picked), each picked with
-        probability `mask_prob` (binomial)."""
-        n, p = b * max(length - 2, 1), self.mask_prob
+        """Gathered MLM positions for a [b, length] batch of texts of `gather_length` tokens:
+        at most gather_length - 2 eligible tokens a row ([CLS] and [SEP] never picked), each
+        picked with probability `mask_prob` (binomial)."""
+        n, p = b * max(min(length, self.gather_length) - 2, 1), self.mask_prob
         return gather_capacity(b * length, n * p, n * p * (1 - p), self.gather_sigmas)
 
     def lm_capacity(self, b: int, length: int) -> int:
-        """Gathered decoder targets for a [b, length] batch of full-length captions: a row
-        with n tokens is split uniformly, leaving u targets, u uniform on [2, n] (the
-        continuation and [SEP])."""
-        n = length
+        """Gathered decoder targets for a [b, length] batch of captions of `gather_length`
+        tokens: a row with n tokens is split uniformly, leaving u targets, u uniform on [2, n]
+        (the continuation and [SEP])."""
+        n = min(length, self.gather_length)
         mean, var = (n + 2) / 2, ((n - 1) ** 2 - 1) / 12
         return gather_capacity(b * (length - 1), b * mean, b * var, self.gather_sigmas)
 
