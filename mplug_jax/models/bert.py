@@ -34,7 +34,9 @@ class Embeddings(nn.Module, kw_only=True):
         self.ln = layers.layer_norm(eps=self.eps, opts=self.opts, name="ln")
         self.dropout = nn.Dropout(self.opts.dropout_rate)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def __call__(self, ids: jax.Array, offset: int | jax.Array = 0) -> jax.Array:
+        """`offset` (int or int32[]): position of ids[:, 0] (incremental decoding); the caller
+        keeps offset + L <= max_len when it is traced."""
         length = ids.shape[-1]
         if length > self.max_len:
             raise ValueError(f"text has {length} tokens, more than max_len={self.max_len} "
@@ -43,7 +45,7 @@ class Embeddings(nn.Module, kw_only=True):
         # the partitioner then masks + all-reduces instead of replicating the output.
         table = layers.constrain(self.word.embedding, ("vocab", None)).astype(self.opts.dtype)
         x = layers.constrain(jnp.take(table, ids, axis=0), layers.EMBED_AXES) + self.position(
-            jnp.arange(length))[None] + self.token_type(jnp.zeros_like(ids))
+            offset + jnp.arange(length))[None] + self.token_type(jnp.zeros_like(ids))
         x = layers.constrain(self.ln(x), layers.EMBED_AXES)
         return self.dropout(x, deterministic=self.opts.deterministic)
 
@@ -57,7 +59,13 @@ class Embeddings(nn.Module, kw_only=True):
 
 class BertLayer(nn.Module, kw_only=True):
     """Post-LN layer. Call: x float[B, L, D], mask bool[B, 1, L|1, L], and for `cross=True`
-    kv float[B, S, D] and kv_mask bool[B, 1, 1, S] (or None) -> (float[B, L, D], None)."""
+    kv float[B, S, D] and kv_mask bool[B, 1, 1, S] (or None) -> (float[B, L, D], None).
+
+    Incremental decoding (`pos` int32[] given, see `layers.Attention`): x holds positions
+    pos .. pos + L - 1, mask is bool[B, 1, L, T] over the T cache slots, `cache` is
+    {'self': {'k', 'v'} float[B, T, H, K]} plus, once computed, {'cross': {'k', 'v'}
+    float[B, S, H, K]} (kv may then be None) -> (float[B, L, D], updated cache with both).
+    """
     num_heads: int
     mlp_dim: int
     cross: bool = False
@@ -65,23 +73,42 @@ class BertLayer(nn.Module, kw_only=True):
     opts: layers.ModuleOptions = layers.DEFAULT_OPTS
 
     @nn.compact
-    def __call__(self, x, mask, kv=None, kv_mask=None):
+    def __call__(self, x, mask, kv=None, kv_mask=None, pos=None, cache=None):
         opts = self.opts
+        incremental = pos is not None
+        if incremental and cache is None:
+            raise ValueError("incremental decoding (pos given) needs a cache")
+        new_cache = {}
         drop = nn.Dropout(opts.dropout_rate, deterministic=opts.deterministic)
-        h = layers.Attention(num_heads=self.num_heads, kind="self", opts=opts,
-                             name="self_attn")(x, mask=mask)
+        self_attn = layers.Attention(num_heads=self.num_heads, kind="self", opts=opts,
+                                     name="self_attn")
+        if incremental:
+            h, new_cache["self"] = self_attn(x, mask=mask, cache=cache["self"], pos=pos)
+        else:
+            h = self_attn(x, mask=mask)
         x = layers.layer_norm(eps=self.eps, opts=opts, name="self_ln")(x + drop(h))
         if self.cross:
-            h = layers.Attention(num_heads=self.num_heads, kind="cross", opts=opts,
-                                 name="cross_attn")(x, kv.astype(opts.dtype), mask=kv_mask)
+            cross_attn = layers.Attention(num_heads=self.num_heads, kind="cross", opts=opts,
+                                          name="cross_attn")
+            kv = None if kv is None else kv.astype(opts.dtype)
+            if incremental:
+                h, new_cache["cross"] = cross_attn(x, kv, mask=kv_mask,
+                                                   cache=cache.get("cross"), pos=pos)
+            else:
+                h = cross_attn(x, kv, mask=kv_mask)
             x = layers.layer_norm(eps=self.eps, opts=opts, name="cross_ln")(x + drop(h))
         h = layers.Mlp(mlp_dim=self.mlp_dim, activation=layers.gelu, opts=opts, name="mlp")(x)
         x = layers.layer_norm(eps=self.eps, opts=opts, name="mlp_ln")(x + drop(h))
-        return x, None
+        return x, (new_cache if incremental else None)
 
 
 class BertStack(nn.Module, kw_only=True):
-    """`depth` BertLayers. Call: x float[B, L, D], mask, [kv, kv_mask] -> float[B, L, D]."""
+    """`depth` BertLayers. Call: x float[B, L, D], mask, [kv, kv_mask] -> float[B, L, D].
+
+    With `cache` (incremental decoding; args = mask, kv or None, kv_mask, pos as for
+    `BertLayer`): the per-layer caches stacked on a leading [depth] axis, in both the loop and
+    the scan layout -> (float[B, L, D], updated stacked cache).
+    """
     num_heads: int
     mlp_dim: int
     depth: int
@@ -92,12 +119,12 @@ class BertStack(nn.Module, kw_only=True):
     opts: layers.ModuleOptions = layers.DEFAULT_OPTS
 
     @nn.compact
-    def __call__(self, x: jax.Array, *args: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *args: jax.Array, cache: dict | None = None):
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, cross=self.cross,
                             eps=self.eps, opts=self.opts)
         return layers.layer_stack(BertLayer, self.depth, name="layer", scan=self.scan_layers,
                                   remat_policy=self.remat_policy, block_kwargs=block_kwargs,
-                                  x=x, args=args)
+                                  x=x, args=args, layer_args=cache)
 
 
 class TextStack(nn.Module, kw_only=True):

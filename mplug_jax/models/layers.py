@@ -151,6 +151,15 @@ class Attention(nn.Module, kw_only=True):
     Call: x float[B, Lq, D], kv float[B, Lk, Dkv] (cross only), mask bool broadcastable to
     [B, H, Lq, Lk] or None -> float[B, Lq, D].
 
+    Incremental decoding (`pos` given; same parameters, nothing is added to the tree): returns
+    (float[B, Lq, D], cache) with cache = {'k', 'v'}.
+      self:  `cache` {'k', 'v'} float[B, T, H, K] holds the keys / values of positions < pos;
+             x holds positions pos .. pos + Lq - 1, whose keys / values are written in with
+             `dynamic_update_slice`; the queries attend over all T slots, so `mask` (bool
+             broadcastable to [B, H, Lq, T]) must hide the slots not written yet.
+      cross: with `kv` the keys / values float[B, S, H, K] are projected from it and returned
+             as the cache; with kv None they are read from `cache` (computed once per search).
+
     `opts.attention_impl`:
       'xla'    einsum attention with float32 logits / softmax and attention-probability dropout.
       'cudnn'  `jax.nn.dot_product_attention(implementation='cudnn')` (GPU only). That kernel
@@ -173,21 +182,33 @@ class Attention(nn.Module, kw_only=True):
 
     @nn.compact
     def __call__(self, x: jax.Array, kv: jax.Array | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, *, cache: dict | None = None,
+                 pos: jax.Array | None = None):
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         heads, head_dim = self.num_heads, width // self.num_heads
+        incremental = pos is not None
         if self.kind == "self":
             qkv = self._proj((3, heads, head_dim), ("embed", None, "heads", "kv"), "qkv")(x)
             q, k, v = (constrain(qkv[..., i, :, :], _HEADS) for i in range(3))
+            if incremental:
+                if cache is None:
+                    raise ValueError("incremental self-attention needs a key/value cache")
+                start = (0, pos, 0, 0)
+                k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+                v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
         elif self.kind == "cross":
-            if kv is None:
-                raise ValueError("cross-attention needs key/value states")
             q = constrain(self._proj((heads, head_dim), ("embed", "heads", "kv"), "query")(x),
                           _HEADS)
-            kvp = self._proj((2, heads, head_dim), ("embed", None, "heads", "kv"), "kv")(kv)
-            k, v = constrain(kvp[..., 0, :, :], _HEADS), constrain(kvp[..., 1, :, :], _HEADS)
+            if kv is not None:
+                kvp = self._proj((2, heads, head_dim), ("embed", None, "heads", "kv"), "kv")(kv)
+                k, v = constrain(kvp[..., 0, :, :], _HEADS), constrain(kvp[..., 1, :, :], _HEADS)
+            elif incremental and cache is not None:
+                k, v = cache["k"], cache["v"]
+            else:
+                raise ValueError("cross-attention needs key/value states (or, when decoding "
+                                 "incrementally, a cache of their keys/values)")
         else:
             raise ValueError(f"Attention.kind must be 'self' or 'cross', got {self.kind!r}")
 
@@ -197,7 +218,8 @@ class Attention(nn.Module, kw_only=True):
                                                       ("heads", "kv", "embed")),
                               bias_init=partitioned(nn.initializers.zeros, ("embed",)),
                               name="out")
-        return constrain(out(constrain(ctx, _HEADS)), EMBED_AXES)
+        y = constrain(out(constrain(ctx, _HEADS)), EMBED_AXES)
+        return (y, {"k": k, "v": v}) if incremental else y
 
     def _attend(self, q, k, v, mask):
         """q float[B, Lq, H, K], k / v float[B, Lk, H, K] -> context float[B, Lq, H, K]."""
@@ -245,24 +267,36 @@ class Mlp(nn.Module, kw_only=True):
 
 
 def layer_stack(block_cls: type[nn.Module], num: int, *, name: str, scan: bool, remat_policy: str,
-                block_kwargs: dict, x: jax.Array, args: tuple) -> jax.Array:
-    """Apply `num` blocks of `block_cls` to x (blocks return `(x, None)`; `args` are the same
+                block_kwargs: dict, x: jax.Array, args: tuple, layer_args: Any = None):
+    """Apply `num` blocks of `block_cls` to x (blocks return `(x, y)`; `args` are the same
     for every layer). Loop layout names params `{name}_{i}`; scan layout stacks them under
     `name` with a leading 'layers' axis. Must be called inside a compact method / setup of the
     parent so the blocks attach to it.
+
+    Without `layer_args` returns x (the blocks' y is dropped). With `layer_args` (a pytree whose
+    leaves have a leading axis of size `num`, e.g. a per-layer key/value cache) block i also gets
+    slice i as its last argument, and the result is (x, ys) with the blocks' y stacked the same
+    way, in both layouts.
     """
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {remat_policy!r}; valid: {sorted(REMAT_POLICIES)}")
     cls = block_cls
     if remat_policy != "none":
         cls = nn.remat(cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    per_layer = layer_args is not None
+    extra = (layer_args,) if per_layer else ()
     if scan:
         scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                         "dropout": True},
-                          in_axes=(nn.broadcast,) * len(args), length=num,
+                          in_axes=(nn.broadcast,) * len(args) + (0,) * len(extra), length=num,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scanned(**block_kwargs, name=name)(x, *args)
-        return x
+        x, ys = scanned(**block_kwargs, name=name)(x, *args, *extra)
+        return (x, ys) if per_layer else x
+    ys = []
     for i in range(num):
-        x, _ = cls(**block_kwargs, name=f"{name}_{i}")(x, *args)
-    return x
+        sliced = tuple(jax.tree.map(lambda a, i=i: a[i], e) for e in extra)
+        x, y = cls(**block_kwargs, name=f"{name}_{i}")(x, *args, *sliced)
+        ys.append(y)
+    if not per_layer:
+        return x
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
