@@ -260,7 +260,6 @@ def run(config, workdir: str) -> dict:
     task_cls = tasks.get_class(config.task.name)
     host_iter, n_train = task_cls.train_input(config)
     t0 = time.perf_counter()
-    data = None  # DevicePrefetch, once the mesh exists
     first_local = host_iter.get_state()
     batch0 = next(host_iter)
     host_iter.set_state(first_local)  # the loop reads batch 0 again (through the prefetcher)

@@ -318,12 +318,14 @@ class Task(base.Task):
             dropped += lost
 
             def lm_logits(p, img_states, rng_stream):
-                kw = (lambda: {"rng": next(rng_stream)}) if rng_stream else dict
-                txt_p = self._apply(p, "encode_text", p_ids, p_mask, **kw())
-                f_img, f_txt = self._apply(p, "fuse", img_states, txt_p, p_mask, **kw())
+                def key():  # dropout only on the online path
+                    return next(rng_stream) if rng_stream else None
+
+                txt_p = self._apply(p, "encode_text", p_ids, p_mask, rng=key())
+                f_img, f_txt = self._apply(p, "fuse", img_states, txt_p, p_mask, rng=key())
                 states = jnp.concatenate([f_img, f_txt], 1)
                 smask = jnp.concatenate([jnp.ones(f_img.shape[:2], p_mask.dtype), p_mask], 1)
-                h = self._apply(p, _decoder_hidden, d_ids, d_mask, states, smask, **kw())
+                h = self._apply(p, _decoder_hidden, d_ids, d_mask, states, smask, rng=key())
                 return self._apply(p, _decoder_head, _gather(h[:, :-1], pos))
 
             logits = lm_logits(params, img, drop)
