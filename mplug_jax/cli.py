@@ -79,6 +79,26 @@ def _export(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    if args.devices:
+        _reexec_with_cpu_devices(args)
+    from mplug_jax import evaluate, plan
+    config = plan.load_config(args.config, args.overrides)
+    evaluate.evaluate(config, args.checkpoint, args.out, step=args.step)
+    return 0
+
+
+def _score(args) -> int:
+    from mplug_jax import scoring
+    metrics = scoring.score_file(args.task, args.results, args.annotations)
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def _train(rest: list[str]) -> int:
     from mplug_jax import main as train_main
     train_main.cli(["mplug-jax train"] + rest)  # absl app: exits with the run's status
@@ -170,11 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--momentum", action="store_true", help="export the momentum params")
     s.set_defaults(fn=_export)
 
+    s = sub.add_parser("score", help="score a result file in a task's official format "
+                       "against official annotations; prints the metrics JSON")
+    s.add_argument("--task", required=True, help="task whose result format and metrics to use "
+                   "(mplug_jax/scoring/<task>.py), e.g. vqa, caption")
+    s.add_argument("--results", required=True, help="result file (ours or the official code's)")
+    s.add_argument("--annotations", required=True, help="annotation file in the official format")
+    s.add_argument("--out", help="also write the metrics JSON here")
+    s.set_defaults(fn=_score)
+
     s = sub.add_parser("train", help="train: same flags as `python -m mplug_jax.main`",
                        add_help=False)
     s.set_defaults(fn=None)
 
     for name, fn, help_ in (
+            ("evaluate", _evaluate, "run a config's evaluators on a checkpoint: metrics JSON "
+                                    "and the result files each benchmark takes"),
             ("shardings", _shardings, "print the sharding of every train-state leaf"),
             ("plan", _plan, "compile the train step ahead of time: per-device memory, FLOPs, "
                             "fits or not")):
@@ -185,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "configs/pretrain.py:large")
         s.add_argument("--devices", type=int, help="plan for this many fake CPU devices "
                        "(default: the devices JAX sees)")
+        if name == "evaluate":
+            s.add_argument("--checkpoint", required=True, help="a workdir of ours, a "
+                           "`mplug-jax convert` directory or an official checkpoint file")
+            s.add_argument("--step", type=int, default=0, help="workdir step (0 = latest)")
+            s.add_argument("--out", required=True, help="directory for metrics.json and the "
+                           "result files")
         if name == "plan":
             s.add_argument("--device-memory-gb", type=float, default=40.0,
                            help="memory of one target device in GB (default 40); exit code 3 "

@@ -102,7 +102,7 @@ class MetricWriter:
     def __init__(self, workdir, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         workdir = epath.Path(workdir)
-        self.path = workdir / "metrics.jsonl"
+        self.workdir, self.path = workdir, workdir / "metrics.jsonl"
         self._local = "://" not in str(workdir)
         self._tb, self._rows = None, []
         if self.enabled:

@@ -360,9 +360,10 @@ def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
         ev = built[name]
         t = time.perf_counter()
         res = ev.run(params)
-        scalars = {f"{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
-        writer.write(step, scalars, console=False)
+        files = evaluators.write_files(res, writer.workdir / "results" / f"{name}_step{step}")
+        writer.write(step, {f"{name}/{k}": v for k, v in evaluators.scalars(res).items()},
+                     console=False)
         _log(f"== eval '{name}' at step {step} ({time.perf_counter() - t:.0f}s)\n"
-             + ev.report(res))
+             + ev.report(res) + "".join(f"\nwrote {p}" for p in files))
         out[name] = res
     return out

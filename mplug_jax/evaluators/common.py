@@ -1,14 +1,19 @@
 """Evaluators by name: `config.evals.<name>.type` -> `mplug_jax.evaluators.<type>.Evaluator`.
 
 An evaluator module defines `Evaluator(predict_fns, ecfg, config, mesh)` with `run(params) ->
-{metric: value}` and `report(result) -> str`; it builds its own eval input from `config` and
+{metric: value}` and `report(result) -> str`; result files (e.g. a benchmark server's
+submission) go in `result[FILES]` = {file name: JSON-serialisable object}, which the caller
+writes with `write_files` (the trainer under `<workdir>/results/<eval>_step<N>/`); it builds its own eval input from `config` and
 takes the task's predict functions by name, so it imports nothing from the trainer or a task.
 `ecfg.every_steps` (0 = only after training) says when the trainer runs it.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
+
+from etils import epath
 
 from mplug_jax import evaluators as _package
 
@@ -43,3 +48,29 @@ def due(ecfg, step: int) -> bool:
     """Whether a periodic evaluation is due after train step `step`."""
     every = int(ecfg.get("every_steps", 0) or 0)
     return every > 0 and step % every == 0
+
+
+FILES = "files"  # key of a result holding {file name: JSON-serialisable content}
+
+
+def write_files(result: dict, directory) -> list[str]:
+    """Write `result[FILES]` (if any) as JSON files under `directory` (process 0 only; created
+    as needed); removes the entry from `result`. Returns the paths written."""
+    import jax
+    files = result.pop(FILES, None) or {}
+    if not files or jax.process_index() != 0:
+        return []
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, content in files.items():
+        path = directory / name
+        path.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n")
+        paths.append(str(path))
+    return paths
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """The int/float entries of an evaluator result (what goes to JSONL / TensorBoard)."""
+    return {k: v for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,29 @@
+"""Metrics and result-file scoring, one module per task (`vqa`, `caption`, ...).
+
+Each task module defines `score_file(results_path, annotations_path) -> {metric: value}` for
+result files in the format the benchmark's server or official script takes (ours, or one the
+official code wrote), so `mplug-jax score` compares systems on the same metric code.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+
+
+def available() -> list[str]:
+    """Tasks with a `score_file` (the modules of this package)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__))
+
+
+def score_file(task: str, results: str, annotations: str) -> dict:
+    """Score result file `results` of `task` against `annotations` (official formats)."""
+    if task not in available():
+        raise ValueError(f"no scorer for task {task!r}; valid: {available()}")
+    module = importlib.import_module(f"{__name__}.{task}")
+    if not hasattr(module, "score_file"):
+        raise ValueError(f"mplug_jax.scoring.{task} defines no score_file")
+    for what, path in (("results", results), ("annotations", annotations)):
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(f"--{what} file {path!r} does not exist")
+    return module.score_file(results, annotations)
