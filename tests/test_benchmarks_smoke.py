@@ -108,3 +108,18 @@ def test_timing_helpers_count_calls_and_take_the_median():
     assert common.ratio(3.0, 2.0) == 1.5
     assert common.ratio(None, 2.0) is None and common.ratio(1.0, 0) is None
     assert common.fmt(None) == "n/a" and common.fmt(1 / 3, ".2f") == "0.33"
+
+
+def test_generate_smoke(tmp_path):
+    res = _load("generate").main(["--smoke", "--out-dir", str(tmp_path)])
+    stem = tmp_path / "generate_smoke_cpu{}".format(res["device"]["cpus"])
+    out = json.loads(stem.with_suffix(".json").read_text())
+    _check_header(out, "generate")
+    assert stem.with_suffix(".png").is_file()
+    assert set(out["rows"]) == {"vqa_greedy", "vqa_beam5", "caption_greedy", "caption_beam5"}
+    for row in out["rows"].values():
+        for k in ("cache", "recompute"):
+            _check_timing({"times_s": row[f"{k}_times_s"], "median_s": row[f"{k}_median_s"],
+                           "warmup_s": row[f"{k}_warmup_s"]}, repeats=1)
+        assert row["speedup"] == pytest.approx(row["recompute_median_s"] / row["cache_median_s"])
+    assert out["rows"]["caption_beam5"]["length"] > out["rows"]["vqa_beam5"]["length"]

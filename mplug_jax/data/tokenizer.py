@@ -15,6 +15,9 @@ import numpy as np
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
 EOS = "[SEP]"
 VOCAB_SIZE = 30522
+# transformers' clean_up_tokenization replacements, in its order.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 def vocab_path() -> str:
@@ -78,6 +81,26 @@ class Tokenizer:
             ids = ids[: ids.index(SEP_ID, 1)]
         return self._tok.decode([i for i in ids if i not in (PAD_ID, CLS_ID, SEP_ID)],
                                 skip_special_tokens=True).strip()
+
+    def decode_official(self, ids: Sequence[int]) -> str:
+        """The official evaluation's text of generated ids (FORMAT.md section 10.5):
+        ``tokenizer.decode(ids).replace("[SEP]", "").replace("[CLS]", "").replace("[PAD]",
+        "").strip()`` of transformers 4.26.1, reproduced token by token.
+
+        Unlike `decode`, nothing is cut at the first [SEP]: a first generated ``##x`` glues
+        onto [CLS] (``[CLS]ption`` -> ``ption``), an inner [SEP] leaves two spaces and the
+        tokens after it stay, ``[unusedN]`` tokens stay as text.
+        """
+        tokens = []
+        for i in ids:
+            tok = self._tok.id_to_token(int(i))
+            if tok is None:
+                raise ValueError(f"id {int(i)} is outside the vocabulary ({self.vocab_size})")
+            tokens.append(tok)
+        s = " ".join(tokens).replace(" ##", "").strip()
+        for a, b in _CLEAN_UP:
+            s = s.replace(a, b)
+        return s.replace("[SEP]", "").replace("[CLS]", "").replace("[PAD]", "").strip()
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

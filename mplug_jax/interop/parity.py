@@ -3,7 +3,10 @@
 A fixture (see ../shared/fixtures/FORMAT.md) holds official configs, an official state dict,
 raw images and strings, the official preprocessing results and the official model outputs.
 We load it through the real import path, re-run tokenisation and image preprocessing, run our
-model in float32 with the highest matmul precision, and compare every expected array.
+model in float32 with the highest matmul precision, and compare every expected array. Where the
+fixture has generation outputs (generation.npz / generation.json, FORMAT.md section 10), the
+official beam search is re-run on our decoder states for every run of meta.json and its ids,
+traces, scores and post-processed texts are compared too.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import flax.linen as nn
+
+from mplug_jax import generate
 from mplug_jax.data import text as text_norm
-from mplug_jax.data.tokenizer import get_tokenizer
+from mplug_jax.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
 from mplug_jax.data.transforms import load_image
 from mplug_jax.interop.convert import load_official
 
@@ -110,6 +116,111 @@ def _check_text(fx: str, meta_text: dict) -> list[Row]:
     return rows
 
 
+def _ids_mismatch(got_ids, got_len, want_ids, want_len) -> int:
+    """Rows whose valid length or valid ids differ (ids [..., L] padded anyhow after len)."""
+    got_ids, want_ids = got_ids.reshape(-1, got_ids.shape[-1]), want_ids.reshape(
+        -1, want_ids.shape[-1])
+    bad = 0
+    for g, gl, w, wl in zip(got_ids, np.ravel(got_len), want_ids, np.ravel(want_len)):
+        bad += int(gl != wl or g[:gl].tolist() != w[:wl].tolist())
+    return bad
+
+
+def check_generation(fixture: str, meta: dict, model, params, got: dict,
+                     inputs: dict) -> list[Row]:
+    """FORMAT.md section 10.6 for every run of meta.json `generation.runs`: the official beam
+    search (settings of meta.json `generation.settings`) on our decoder states (VQA:
+    [fusion image; fusion question], caption: image states; section 10.3), with the run's
+    [SEP]-bias weight change; ids / lengths / traces / end steps / stored hypotheses exactly,
+    scores within the run's suggested_atol, post-processed texts exactly."""
+    gen = dict(np.load(os.path.join(fixture, "generation.npz")))
+    with open(os.path.join(fixture, "generation.json")) as f:
+        gen_json = json.load(f)
+    g = meta["generation"]
+    st = g["settings"]
+    bos, eos = int(st.get("start_token", CLS_ID)), int(st.get("end_token", SEP_ID))
+    if meta.get("task", "vqa") == "vqa":
+        f_img = got["fusion_image"]
+        states = np.concatenate([f_img, got["fusion_text"]], 1)
+        smask = np.concatenate([np.ones(f_img.shape[:2], np.int32),
+                                np.asarray(inputs["text_attention_mask"], np.int32)], 1)
+    else:
+        states = got["image_embeds"]
+        smask = np.ones(states.shape[:2], np.int32)
+    params = nn.meta.unbox(params)
+    search = jax.jit(lambda p: generate.beam_search(
+        model, p, jnp.asarray(states, jnp.float32), jnp.asarray(smask),
+        beam_size=int(st["beam_size"]), min_length=int(st["min_length"]),
+        max_length=int(st["max_length"]), alpha=float(st.get("alpha", 0.6)), bos_id=bos,
+        eos_id=eos, pad_id=PAD_ID, return_trace=True))
+    tok = get_tokenizer()
+    rows = []
+    for run, run_meta in g["runs"].items():
+        want = {n[len(run) + 1:]: v for n, v in gen.items() if n.startswith(run + "_")}
+        p = params
+        if "bias_sep" in want:  # the run's weight change (FORMAT.md 10.1)
+            dec = params["decoder"]
+            p = {**params, "decoder": {**dec, "lm_bias": dec["lm_bias"].at[eos].set(
+                jnp.float32(want["bias_sep"]))}}
+        with jax.default_matmul_precision("highest"):
+            out = {n: np.asarray(v) for n, v in search(p).items()}
+        tol = run_meta["suggested_atol"]
+
+        def exact(name, bad, shape):
+            rows.append(Row(f"gen:{run}:{name}", tuple(shape), float(bad), 0.0, bad == 0,
+                            "mismatching entries"))
+
+        def close(name, g_val, w_val, t):
+            err = float(np.abs(np.asarray(g_val, np.float64) - w_val).max()) if np.size(
+                w_val) else 0.0
+            rows.append(Row(f"gen:{run}:{name}", tuple(np.shape(w_val)), err, float(t),
+                            bool(err <= t)))
+
+        b = want["nbest_len"].shape[0]
+        exact("top1_ids", _ids_mismatch(out["ids"][:, 0], out["lengths"][:, 0],
+                                        want["top1_ids"], want["top1_len"]),
+              want["top1_ids"].shape)
+        exact("nbest_ids", _ids_mismatch(out["ids"], out["lengths"], want["nbest_ids"],
+                                         want["nbest_len"]), want["nbest_ids"].shape)
+        exact("end_step", int((out["end_step"] != want["end_step"]).sum()),
+              want["end_step"].shape)
+        exact("hyp_count", int((out["hyp_count"] != want["hyp_count"]).sum()),
+              want["hyp_count"].shape)
+        bad = 0
+        for i in range(b):
+            n = min(int(want["hyp_count"][i]), out["hyp_ids"].shape[1])
+            bad += _ids_mismatch(out["hyp_ids"][i, :n], out["hyp_lengths"][i, :n],
+                                 want["hyp_ids"][i, :n], want["hyp_len"][i, :n])
+        exact("hyp_ids", bad, want["hyp_ids"].shape)
+        live = want["trace_token"] >= 0
+        exact("trace_token", int((out["trace_token"] != want["trace_token"]).sum()),
+              want["trace_token"].shape)
+        exact("trace_parent", int((out["trace_parent"][live] != want["trace_parent"][live])
+                                  .sum()), want["trace_parent"].shape)
+        close("top1_score", out["scores"][:, 0], want["top1_score"], tol["score"])
+        close("nbest_score", out["scores"], want["nbest_score"], tol["score"])
+        hyp_valid = np.arange(want["hyp_score"].shape[1]) < want["hyp_count"][:, None]
+        cap = out["hyp_scores"].shape[1]
+        got_hyp = np.full(want["hyp_score"].shape, np.nan)
+        got_hyp[:, :min(cap, got_hyp.shape[1])] = out["hyp_scores"][:, :got_hyp.shape[1]]
+        close("hyp_score", np.nan_to_num(got_hyp[hyp_valid], nan=np.inf),
+              want["hyp_score"][hyp_valid], tol["score"])
+        close("trace_score", out["trace_score"][live], want["trace_score"][live], tol["score"])
+        close("trace_cum_logprob", out["trace_cum_logprob"][live],
+              want["trace_cum_logprob"][live], tol["cum_logprob"])
+        bad = total = 0
+        for ex in gen_json["runs"][run]["examples"]:
+            i = int(ex["example"])
+            texts = [tok.decode_official(out["ids"][i, k, :out["lengths"][i, k]])
+                     for k in range(out["ids"].shape[1])]
+            answer = ex.get("official_answer", ex.get("official_caption"))
+            bad += texts[0] != answer
+            bad += sum(texts[h["rank"]] != h["text"] for h in ex["nbest"])
+            total += 1 + len(ex["nbest"])
+        exact("texts", bad, (total,))
+    return rows
+
+
 def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
     """Run every check of a fixture folder; returns one Row per compared output."""
     def path(*p):
@@ -146,12 +257,15 @@ def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
             continue
         err = float(np.abs(g.astype(np.float64) - want).max()) if want.size else 0.0
         rows.append(Row(name, tuple(want.shape), err, tol, bool(err <= tol)))
+    if "generation" in meta and os.path.isfile(path("generation.npz")) and os.path.isfile(
+            path("generation.json")):
+        rows += check_generation(fixture, meta, conv.model, conv.params, got, inputs)
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'output':<22} {'shape':<20} {'max abs err':>12} {'tolerance':>10}  ok"]
+    lines = [f"{'output':<28} {'shape':<20} {'max abs err':>12} {'tolerance':>10}  ok"]
     for r in rows:
-        lines.append(f"{r.name:<22} {str(r.shape):<20} {r.max_err:>12.3g} {r.tol:>10.3g}  "
+        lines.append(f"{r.name:<28} {str(r.shape):<20} {r.max_err:>12.3g} {r.tol:>10.3g}  "
                      f"{'yes' if r.ok else 'NO ' + r.note}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import losses, pretrained
+from mplug_jax import generate, losses, pretrained
 from mplug_jax.data import pretrain_input
 from mplug_jax.models import layers
 from mplug_jax.models.mplug import MPLUG
@@ -399,17 +399,5 @@ class Task(base.Task):
         f_img, f_txt = self._apply(params, "fuse", img, txt, pmask)
         states = jnp.concatenate([f_img, f_txt], 1)
         smask = jnp.ones(states.shape[:2], jnp.int32)
-        ids0 = jnp.zeros((b, max_len), jnp.int32).at[:, 0].set(losses.CLS_ID)
-        # Causal self-attention: positions after t do not change the logits at t.
-        dmask = jnp.ones((b, max_len), jnp.int32)
-
-        def body(t, carry):
-            ids, done = carry
-            logits = self._apply(params, "decode", ids, dmask, states, smask)
-            nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, False), -1)
-            nxt = jnp.where(done, losses.PAD_ID, nxt).astype(jnp.int32)
-            ids = jax.lax.dynamic_update_index_in_dim(ids, nxt, t + 1, 1)
-            return ids, done | (nxt == losses.SEP_ID)
-
-        ids, _ = jax.lax.fori_loop(0, max_len - 1, body, (ids0, jnp.zeros((b,), bool)))
-        return ids
+        # Key/value-cached: each token passes the decoder once (generate.greedy).
+        return generate.greedy(self.model, params, states, smask, max_len)

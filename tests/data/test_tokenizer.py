@@ -71,3 +71,38 @@ def test_fixtures_tokenized_with_the_shipped_vocab():
         t = json.loads((fx / "text.json").read_text())
         assert t["vocab_sha256"] == shipped, fx.name
         assert t.get("questions") or t.get("answers"), f"{fx.name}: no tokenized text"
+
+
+def test_decode_official_consequences():
+    """FORMAT.md 10.5: ##x glues onto [CLS], an inner [SEP] leaves two spaces and keeps what
+    follows, [unusedN] stays, clean-up of punctuation / contractions, [PAD] dropped."""
+    tok = tokenizer.get_tokenizer()
+    ids = lambda *words: [tok.token_to_id(w) for w in words]  # noqa: E731
+    assert tok.decode_official(ids("[CLS]", "##ption", "spirited", "[SEP]")) == "ption spirited"
+    assert tok.decode_official(ids("[CLS]", "a", "dog", "[SEP]", "runs", "[SEP]")) == \
+        "a dog  runs"
+    assert tok.decode_official(ids("[CLS]", "[unused3]", "dog", "[SEP]")) == "[unused3] dog"
+    assert tok.decode_official(ids("[CLS]", "it", "isn", "'", "t", "a", "dog", ".", "[SEP]",
+                                   "[PAD]")) == "it isn't a dog."
+    assert tok.decode_official(ids("[CLS]", "what", "?", "yes", ",", "don", "'", "s")) == \
+        "what? yes, don's"
+    assert tok.decode(ids("[CLS]", "a", "dog", "[SEP]", "runs", "[SEP]")) == "a dog"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode_official([101, 30522])
+
+
+@pytest.mark.parametrize("fx", [f for f in fixture_dirs() if (f / "generation.json").is_file()],
+                         ids=lambda p: p.name)
+def test_decode_official_matches_the_fixture_texts(fx):
+    g = json.loads((fx / "generation.json").read_text())
+    tok = tokenizer.get_tokenizer()
+    n = 0
+    for run in g["runs"].values():
+        for ex in run["examples"]:
+            answer = ex.get("official_answer", ex.get("official_caption"))
+            assert tok.decode_official(ex["nbest"][0]["ids"]) == answer
+            for h in ex["nbest"] + ex["stored_hypotheses_in_insertion_order"]:
+                assert tok.decode_official(h["ids"]) == h["text"], h
+                n += 1
+    assert n >= 20 and any("  " in h["text"] for r in g["runs"].values()
+                           for e in r["examples"] for h in e["nbest"])
