@@ -88,6 +88,33 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from mplug_jax.predict import Predictor
+    pred = Predictor.from_checkpoint(args.checkpoint, task=args.task, step=args.step,
+                                     beam_size=args.beam_size, min_length=args.min_length,
+                                     max_length=args.max_length)
+    if pred.task == "vqa":
+        if not args.question:
+            raise ValueError(f"{args.checkpoint} answers questions: pass --question")
+        if len(args.question) not in (1, len(args.image)):
+            raise ValueError(f"{len(args.image)} --image but {len(args.question)} --question")
+        questions = args.question * (len(args.image) if len(args.question) == 1 else 1)
+        texts = pred.answer(args.image, questions)
+    else:
+        if args.question:
+            raise ValueError(f"{args.checkpoint} captions (task {pred.task!r}): drop --question")
+        texts = pred.caption(args.image)
+    for i, text in enumerate(texts):
+        if args.json:
+            row = {"image": args.image[i]}
+            row.update({"question": questions[i], "answer": text} if pred.task == "vqa"
+                       else {"caption": text})
+            print(json.dumps(row))
+        else:
+            print(text if len(texts) == 1 else f"{args.image[i]}\t{text}")
+    return 0
+
+
 def _score(args) -> int:
     from mplug_jax import scoring
     metrics = scoring.score_file(args.task, args.results, args.annotations)
@@ -189,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=int, help="workdir step (default: latest)")
     s.add_argument("--momentum", action="store_true", help="export the momentum params")
     s.set_defaults(fn=_export)
+
+    s = sub.add_parser("predict", help="answer a question about an image, or caption it")
+    s.add_argument("--checkpoint", required=True, help="a workdir of ours (VQA, caption, or "
+                   "pretraining: zero-shot captions) or a `mplug-jax convert` directory")
+    s.add_argument("--image", action="append", required=True, help="image file; repeat for "
+                   "several")
+    s.add_argument("--question", action="append", help="VQA question (one, or one per image)")
+    s.add_argument("--task", choices=("vqa", "caption"), help="required for converted "
+                   "checkpoints; default: the workdir's task")
+    s.add_argument("--step", type=int, default=0, help="workdir step (0 = latest)")
+    s.add_argument("--beam-size", type=int, help="default 5 (official)")
+    s.add_argument("--min-length", type=int, help="default 1 (VQA) / 8 (caption)")
+    s.add_argument("--max-length", type=int, help="default 10 (VQA) / 25 (caption)")
+    s.add_argument("--json", action="store_true", help="one JSON object per image")
+    s.set_defaults(fn=_predict)
 
     s = sub.add_parser("score", help="score a result file in a task's official format "
                        "against official annotations; prints the metrics JSON")

@@ -1,0 +1,204 @@
+"""Answer a question about a photo, or caption it, from a checkpoint: the Python API behind
+`mplug-jax predict`.
+
+    from mplug_jax.predict import Predictor
+    vqa = Predictor.from_checkpoint("runs/vqa_base")                 # a VQA workdir of ours
+    vqa.answer(["photo.jpg"], ["what is the man holding?"])          # -> ['a frisbee']
+    cap = Predictor.from_checkpoint("converted/", task="caption")   # `mplug-jax convert` dir
+    cap.caption(["photo.jpg"])
+
+Generation is the official one (beam 5, FORMAT.md section 10.3): VQA from the fused
+[image; question] states (min 1, max 10 tokens), captions from the image states alone (min 8,
+max 25), texts post-processed as the official evaluation. A pretraining workdir captions
+zero-shot: the prompt "a picture of" goes through the text encoder and fusion as a prefix
+(the pretraining prefix-LM split, paper section 5.3), the decoder continues it from [CLS].
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mplug_jax import generate
+from mplug_jax.data import transforms
+from mplug_jax.data.tokenizer import get_tokenizer
+
+TASKS = ("vqa", "caption")
+ZERO_SHOT_PROMPT = "a picture of"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Generation settings of one task (official values by default)."""
+
+    beam_size: int = 5
+    min_length: int = 1
+    max_length: int = 10
+    official: bool = True  # official beam search (FORMAT.md 10.4) or the standard one
+
+    @classmethod
+    def for_task(cls, task: str, **overrides) -> "Settings":
+        base = cls() if task == "vqa" else cls(min_length=8, max_length=25)
+        return dataclasses.replace(base, **{k: v for k, v in overrides.items()
+                                            if v is not None})
+
+
+def _states(model, params, image, ids, mask):
+    """Decoder states: image embeddings alone (ids None), else [fused image; fused text]."""
+    img = model.apply({"params": params}, image, method="encode_image")
+    if ids is None:
+        return img, jnp.ones(img.shape[:2], jnp.int32)
+    txt = model.apply({"params": params}, ids, mask, method="encode_text")
+    f_img, f_txt = model.apply({"params": params}, img, txt, mask, method="fuse")
+    return (jnp.concatenate([f_img, f_txt], 1),
+            jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask], 1))
+
+
+class Predictor:
+    """VQA answers or captions for images (paths, PIL images or uint8 arrays).
+
+    Args:
+      model: the `MPLUG` module; params: its parameter tree.
+      task: 'vqa' or 'caption'.
+      prompt: caption prefix fed through the text encoder and fusion (zero-shot captioning);
+        '' = the fine-tuned caption model's image-only states.
+      settings: generation settings (`Settings.for_task(task)` by default).
+      max_pixels: larger images are rejected (JPEGs are decoded at a reduced scale instead).
+    """
+
+    def __init__(self, model, params, task: str, *, prompt: str = "",
+                 settings: Settings | None = None, max_pixels: int = transforms.MAX_PIXELS):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.model, self.params, self.task, self.prompt = model, params, task, prompt
+        self.settings = settings or Settings.for_task(task)
+        self.max_pixels = max_pixels
+        self.tokenizer = get_tokenizer()
+        self._search = jax.jit(self._search_fn)
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str, task: str | None = None, *, step: int = 0,
+                        **settings) -> "Predictor":
+        """A predictor from a workdir of ours (its task from its config; a pretraining workdir
+        captions zero-shot) or a `mplug-jax convert` directory (`task` required).
+
+        `settings`: Settings fields (beam_size, min_length, max_length, official)."""
+        from mplug_jax import workdir
+        if task is not None and task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        path = os.fspath(path)
+        if os.path.isfile(os.path.join(path, "mplug_config.json")):
+            if task is None:
+                raise ValueError(f"{path} is a converted official checkpoint, which does not "
+                                 f"say its task: pass task= / --task, one of {TASKS}")
+            from mplug_jax.interop import convert
+            conv = convert.load_converted(path)
+            return cls(conv.model, conv.params, task, settings=Settings.for_task(task, **settings))
+        if not os.path.isfile(os.path.join(path, workdir.CONFIG)):
+            raise FileNotFoundError(
+                f"{path} is neither a workdir of ours ({workdir.CONFIG}) nor a `mplug-jax "
+                "convert` directory (mplug_config.json); convert official .pth files first")
+        trained = workdir.read_config(path).task.name
+        prompt = ""
+        if trained == "pretrain":
+            if task != "caption":
+                raise ValueError(
+                    f"{path} is a pretraining workdir: it can caption zero-shot (task="
+                    f"'caption', prompt {ZERO_SHOT_PROMPT!r}); for VQA fine-tune it first "
+                    "(configs/vqa.py with --config.init.checkpoint=" + path + ")")
+            prompt = ZERO_SHOT_PROMPT
+        elif task is not None and task != trained:
+            raise ValueError(f"{path} holds a {trained!r} checkpoint, not a {task!r} one "
+                             f"(wrong task); pass task={trained!r} or another checkpoint")
+        task = task or trained
+        if task not in TASKS:
+            raise ValueError(f"{path} holds a {trained!r} checkpoint; predict handles {TASKS}")
+        model, params, _ = workdir.restore_params(path, step=step or None)
+        return cls(model, params, task, prompt=prompt,
+                   settings=Settings.for_task(task, **settings))
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def load_image(self, image: Any) -> np.ndarray:
+        """Path / PIL image / uint8 array -> float32[R, R, 3] (official test transform);
+        FileNotFoundError or ValueError naming the input when it cannot be used."""
+        name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+        if name is not None and not os.path.isfile(name):
+            raise FileNotFoundError(f"image file {name} does not exist")
+        try:
+            img = transforms.decode_image(image, max_pixels=self.max_pixels)
+        except transforms.BadRecord as err:
+            raise ValueError(f"cannot use image {name or type(image).__name__}: {err}") from err
+        return transforms.eval_transform(img, self.model.image_size)
+
+    def encode_texts(self, texts: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+        """Questions / prompts -> (int32[B, L], int32[B, L]); empty or over-long -> ValueError."""
+        texts = [t.strip() if isinstance(t, str) else t for t in texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"{what} {i} is empty or not a string: {t!r}")
+        ids, mask = self.tokenizer.encode(texts)
+        if ids.shape[1] > self.model.max_len:
+            longest = int(np.argmax(mask.sum(1)))
+            raise ValueError(f"{what} {longest} has {int(mask[longest].sum())} tokens; the text "
+                             f"encoder takes at most {self.model.max_len}")
+        return ids, mask
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def _search_fn(self, params, image, ids, mask):
+        states, smask = _states(self.model, params, image, ids, mask)
+        s = self.settings
+        out = generate.beam_search(self.model, params, states, smask, beam_size=s.beam_size,
+                                   min_length=s.min_length, max_length=s.max_length,
+                                   official=s.official)
+        return out["ids"][:, 0]
+
+    def _generate(self, images: Sequence[Any], texts: Sequence[str] | None,
+                  what: str) -> list[str]:
+        if isinstance(images, (str, os.PathLike)) or (
+                isinstance(images, np.ndarray) and images.ndim == 3):
+            raise TypeError("pass a list of images (one path / array per example)")
+        pixels = np.stack([self.load_image(x) for x in images])
+        ids = mask = None
+        if texts is not None:
+            if len(texts) != len(images):
+                raise ValueError(f"{len(images)} images but {len(texts)} {what}s")
+            ids, mask = self.encode_texts(texts, what)
+        out = np.asarray(self._search(self.params, pixels, ids, mask))
+        texts_out = [self.tokenizer.decode_official(row) for row in out]
+        if self.prompt:  # the prompt is an input, not part of the caption
+            p = self.prompt.lower()
+            texts_out = [t[len(p):].strip() if t.startswith(p + " ") else t for t in texts_out]
+        return texts_out
+
+    def answer(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:
+        """VQA: one answer per (image, question)."""
+        if self.task != "vqa":
+            raise ValueError(f"this predictor captions (task {self.task!r}); load a VQA "
+                             "checkpoint to answer questions")
+        return self._generate(images, questions, "question")
+
+    def caption(self, images: Sequence[Any]) -> list[str]:
+        """Captioning: one caption per image."""
+        if self.task != "caption":
+            raise ValueError(f"this predictor answers questions (task {self.task!r}); load a "
+                             "caption or pretraining checkpoint to caption")
+        prompts = [self.prompt] * len(images) if self.prompt else None
+        return self._generate(images, prompts, "prompt")
+
+    def __call__(self, image: Any, question: str | None = None) -> str:
+        """One image: its answer to `question` (VQA) or its caption."""
+        if self.task == "vqa":
+            if question is None:
+                raise ValueError("a VQA checkpoint needs a question")
+            return self.answer([image], [question])[0]
+        if question is not None:
+            raise ValueError("a caption checkpoint takes no question")
+        return self.caption([image])[0]
