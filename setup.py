@@ -28,6 +28,7 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.6",
         "scikit-image>=0.22",
+        "pycocoevalcap>=1.2",
     ],
     extras_require={
         # torch: only for .pth import/export and parity tests; 2.13.0 is the CPU wheel we test with.

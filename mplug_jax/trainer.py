@@ -281,7 +281,7 @@ def run(config, workdir: str) -> dict:
     stopped, step, prev = "done", first, None
     with _Stop(ckpt) as stop:
         for step in range(first + 1, s.total_steps + 1):
-            state, out = step_c(state, next(data))
+            state, out = step_c(state, s.task.prepare_batch(state.params, next(data)))
             data.prefetch()  # the host reads the next batch while the step runs
             if prev is not None and int(prev["train/nonfinite_streak"]) >= \
                     config.max_nonfinite_steps:

@@ -3,7 +3,8 @@
 The trainer (`mplug_jax.trainer`) calls, in this order: `Task.train_input(config)` (a
 classmethod: process-local batches and the number of records, which fixes the epoch length),
 `Task(config, steps_per_epoch)`, `init_params` / `init_extra` (abstractly first, for the
-shardings), `init_from_pretrained` on a fresh state, then per step `begin_step`, `loss` (under
+shardings), `init_from_pretrained` on a fresh state, then per step `prepare_batch` (outside jit),
+`begin_step`, `loss` (under
 `jax.value_and_grad`, possibly once per micro-batch) and, after the optimizer update,
 `after_update`. Evaluators get `predict_fns()`. Everything a task returns is a pytree of arrays.
 """
@@ -108,6 +109,13 @@ class Task:
         return lambda name: True
 
     # ---- step -----------------------------------------------------------------------------
+
+    def prepare_batch(self, params: Any, batch: dict) -> dict:
+        """Called by the trainer on each global batch right before the jitted step, outside
+        jit, with the current params (e.g. SCST: search + host-side rewards added as arrays
+        sharded like the batch). Must be deterministic given params and batch (bit-identical
+        resume) and keep the shapes of `train_input`'s batches. Default: the batch unchanged."""
+        return batch
 
     def begin_step(self, params: Any, extra: dict) -> dict:
         """Once per optimizer step, before the loss (e.g. the momentum update)."""

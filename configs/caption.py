@@ -1,0 +1,140 @@
+r"""python -m mplug_jax.main --config=configs/caption.py:tiny --workdir=/tmp/mplug_caption_tiny \
+  --config.init.checkpoint=/tmp/mplug_pretrain_tiny
+
+Image captioning (COCO Karpathy split; paper section 5.2, official `caption_mplug.py`): cross-
+entropy fine-tuning, then SCST (`mode=scst`, official `caption_mplug_scst.py`), or zero-shot
+captioning of a pretraining workdir (`mode=zeroshot`). Variants: `tiny` (built-in synthetic
+shapes captions, 5 references per image, on a 2-core CPU), `base` (ViT-B/16 at 384 px) and
+`large` (ViT-L/14 at 336 px). base/large refuse the synthetic data and random weights unless
+asked (`input.allow_synthetic`, `init.allow_scratch`):
+
+  python -m mplug_jax.main --config=configs/caption.py:base --workdir=DIR \
+    --config.input.train_annotations='["data/coco_object/coco_caption_train_ocr.json"]' \
+    --config.input.eval_annotations='["data/coco_object/coco_caption_test_ocr.json"]' \
+    --config.input.coco_root=img_root/coco_2014/ --config.init.checkpoint=mplug_base.pth \
+    --config.init.config_bert=config_bert_stride3.json
+  python -m mplug_jax.main --config=configs/caption.py:base,mode=scst --workdir=DIR2 \
+    (same data flags) --config.init.checkpoint=DIR          # SCST from the CE workdir
+  python -m mplug_jax.main --config=configs/caption.py:large --workdir=DIR ... \
+    --config.init.checkpoint=mplug_large_v2.pth --config.init.config_bert=config_bert.json
+  mplug-jax evaluate --config=configs/caption.py:tiny,mode=zeroshot \
+    --checkpoint=/tmp/mplug_pretrain_tiny --out=DIR3        # "a picture of" prompt, no training
+
+Official values (official-formats.md sections 2-4): CE lr1 / lr2 1e-5 / 5e-6 (visual encoder),
+wd 0.02, 5 epochs, 400 warm-up iterations (= 100 optimizer steps with accumulation 4), min lr
+1e-6, 64 images/GPU x 4 GPUs x 4 accumulation = 1024 per update, targets truncated at 25
+tokens, beam 5 / min 8 / max 25, prompt ''. SCST: lr 1e-6 for all, min lr 8e-8, 32 (base) /
+64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image. Differences: the official
+scheduler steps per epoch after a warm-up from warmup_lr 1e-5 (which warms SCST's 1e-6 *down*);
+here the warm-up is linear from 0 and the cosine is per step. `mode=zeroshot` is for
+`mplug-jax evaluate` (no training; through the trainer it would run one step at lr 0).
+"""
+import ml_collections
+
+from configs import common
+
+_VARIANTS = {
+    "tiny": dict(image_size=64, batch_size=32, lr=5e-4, vision_lr_mult=1.0, warmup_steps=30,
+                 total_steps=400, max_tokens=20, min_length=2, max_length=16,
+                 scst_batch_size=16, scst_lr=2e-5),
+    "base": dict(image_size=384, batch_size=1024, lr=1e-5, vision_lr_mult=0.5, warmup_steps=100,
+                 total_steps=0, max_tokens=25, min_length=8, max_length=25,
+                 scst_batch_size=128, scst_lr=1e-6),
+    "large": dict(image_size=336, batch_size=1024, lr=1e-5, vision_lr_mult=0.5,
+                  warmup_steps=100, total_steps=0, max_tokens=25, min_length=8, max_length=25,
+                  scst_batch_size=256, scst_lr=1e-6),
+}
+MODES = ("ce", "scst", "zeroshot")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Caption config; `arg` is `VARIANT[,mode=ce|scst|zeroshot]`."""
+    arg = common.parse_arg(arg, variant="base", mode="ce")
+    if arg.variant not in _VARIANTS:
+        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
+    if arg.mode not in MODES:
+        raise ValueError(f"unknown mode {arg.mode!r}; valid: {', '.join(MODES)}")
+    v = _VARIANTS[arg.variant]
+    tiny, scst, zeroshot = arg.variant == "tiny", arg.mode == "scst", arg.mode == "zeroshot"
+    c = ml_collections.ConfigDict()
+    c.variant, c.mode = arg.variant, arg.mode
+    c.seed = 0
+    c.total_steps = 1 if zeroshot else v["total_steps"]
+    c.total_epochs = 0.0 if c.total_steps else 5.0
+
+    c.model = common.model_config(arg.variant)
+    c.model.image_size = v["image_size"]  # positional embedding resampled at init
+    c.model.dropout_rate = 0.0 if tiny else 0.1
+    if not tiny:
+        c.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "caption"
+    c.task.prompt = ""  # official COCO: '' (prefixes training targets only)
+    # Zero-shot from pretraining: the prompt goes through the text encoder + fusion, as the
+    # prefix-LM prefixes did (see mplug_jax/tasks/caption.py).
+    c.task.zero_shot_prompt = "a picture of" if zeroshot else ""
+    # tiny: shapes captions have 2-12 words; the official min 8 would force padding words.
+    c.task.generation = dict(beam_size=5, min_length=v["min_length"],
+                             max_length=v["max_length"], alpha=0.6)
+    # SCST: 'beam' = the official (K n-best of the beam search, baseline = their mean reward);
+    # 'sample' = num_samples sampled captions, baseline = the greedy caption's reward.
+    c.task.scst = dict(enabled=scst, mode="beam", num_samples=0, temperature=1.0, top_k=0,
+                       top_p=1.0)
+
+    c.input = ml_collections.ConfigDict()
+    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'karpathy' (official files)
+    c.input.allow_synthetic = tiny
+    c.input.train_annotations = []
+    c.input.eval_annotations = []
+    c.input.coco_root = ""
+    c.input.train_size = 4000  # synthetic images (5 records each)
+    c.input.eval_size = 200
+    c.input.refs_per_image = 5
+    c.input.batch_size = v["scst_batch_size"] if scst else v["batch_size"]  # global
+    c.input.max_tokens = v["max_tokens"]
+    # Official fine-tune augmentation; off for tiny (flips would contradict "left of" captions).
+    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
+                           hflip=True)
+    c.input.workers = 0
+    c.input.shuffle_seed = 0
+    c.input.max_skip_rate = 0.01
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 0.0 if zeroshot else (v["scst_lr"] if scst else v["lr"])
+    mult = 1.0 if scst else v["vision_lr_mult"]  # SCST: lr1 = lr2
+    c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/", mult=mult))
+    c.optim.wd = 0.02
+    c.optim.no_wd = r"(?i)(bias$)|((ln|norm)[^/]*/scale$)|(^temp$)"
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.warmup_steps = 0 if zeroshot else (v["warmup_steps"] * (4 if scst and not tiny
+                                                                      else 1))
+    c.optim.schedule = "cosine"
+    c.optim.end_lr = 0.0 if zeroshot else (8e-8 if scst and not tiny else 1e-6)
+    c.optim.clip_norm = 0.0
+    # Official CE: 4 accumulated batches per update; SCST: none.
+    c.optim.accum_steps = 1 if tiny or scst else 4
+
+    c.mesh = ml_collections.ConfigDict()
+    if tiny:
+        c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+        c.mesh.sharding = "dp"
+    else:
+        c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
+        c.mesh.sharding = "fsdp"
+
+    c.init = dict(clip="", bert="", checkpoint="", config_bert="", config_yaml="", step=0,
+                  allow_scratch=False)
+    c.resume = ""
+    c.log_every_steps = 25 if tiny else 100
+    c.ckpt_every_steps = 200 if tiny else 2000
+    c.keep_ckpts = 2
+    c.max_nonfinite_steps = 10
+    c.peak_flops = 0.0
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.caption = dict(type="caption", every_steps=0, batch_size=32 if tiny else 64,
+                           num_images=0, metrics=("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4",
+                                                  "METEOR", "ROUGE_L", "CIDEr"),
+                           tokenize="ptb", num_examples=5, log_every=20, write_results=True)
+    return c

@@ -1,0 +1,324 @@
+"""Image captioning: cross-entropy fine-tuning, SCST, and the official beam-search generation.
+
+Model: the same `MPLUG` module (and param tree) as pretraining, so `init.checkpoint` = a
+pretraining workdir (or an official checkpoint) loads every array; the text encoder, fusion and
+heads stay in the tree, unused, as in the official caption model.
+
+Cross-entropy (official `MPLUG.forward(train=True)` of `model_caption_mplug.py`, FORMAT.md
+5.5-5.7): decoder states = the image embeddings only (mask all ones); targets = `[CLS] prompt +
+caption [SEP]` (see `data.caption_input`); loss = mean of the next-token nll over every valid
+target position. With a `task.prompt`, its tokens stay in the loss: the official caption
+targets mask only padding (label -100 at pad ids, official-formats.md 1.3), nothing else.
+
+Generation (FORMAT.md 10.3): the official beam search, beam 5, min 8, max 25 tokens, from
+[CLS] alone on the image embeddings (a training prompt is never fed; the evaluator strips it
+from the decoded text when the model reproduces it, as mPLUG-2 does).
+
+Zero-shot (`task.zero_shot_prompt`, e.g. the paper's "a picture of", for captioning straight
+from a pretraining workdir): pretraining's prefix LM (`tasks/pretrain.py`, `split_prefix`)
+trained the decoder to continue a caption whose beginning went through the text encoder and
+fusion, with states [fused image; fused prefix] and the decoder starting at [CLS]. So the
+prompt is fed there, exactly where the decoder saw prefixes, not as decoder tokens on bare
+image states (a combination pretraining never trained); the search's output is then the
+continuation alone, the prompt is by construction not in it.
+
+SCST (`task.scst.enabled`, official-formats.md 3.5): `prepare_batch` runs, outside the jitted
+step and without gradients, a search on the current params: 'beam' (official) keeps the K
+n-best hypotheses of the official beam search; reward = CIDEr-D of each vs the image's
+references with document frequencies from the training references (`scoring.caption.CiderD`),
+baseline = mean reward of the image's K; 'sample': K sequences from `generate.sample`,
+baseline = the reward of the greedy caption. The step recomputes with gradients, by teacher
+forcing, score = summed log-prob of the generated tokens ([SEP] included), divided by the
+length penalty ((5 + n) / 6) ** alpha in 'beam' mode (the beam score), and minimises the mean
+over images and sequences of -(score / n) * (reward - baseline), n = generated tokens.
+
+Batch (CE): image float32[B, R, R, 3], dec_ids / dec_mask int32[B, L], image_index int32[B],
+idx int32[B]; SCST adds scst_ids int32[B, K, T], scst_lengths int32[B, K], scst_advantage /
+scst_reward float32[B, K] (T = max_length + 1).
+"""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mplug_jax import generate, pretrained
+from mplug_jax.data import caption_input, tokenizer
+from mplug_jax.data.pipeline import make_global_batch
+from mplug_jax.models.mplug import MPLUG
+from mplug_jax.scoring import caption as scoring
+from mplug_jax.sharding import replicated
+from mplug_jax.tasks import base
+
+SCST_MODES = ("beam", "sample")
+
+
+def decode_text(ids, prompt: str = "") -> str:
+    """Generated ids ([CLS] first) -> caption text, official post-processing (FORMAT.md 10.5:
+    `Tokenizer.decode_official` when present), with a leading `prompt` removed."""
+    tok = tokenizer.get_tokenizer()
+    ids = [int(i) for i in ids]
+    if hasattr(tok, "decode_official"):
+        text = tok.decode_official(ids)
+    else:
+        text = tok.decode(ids)
+    if prompt:
+        p = prompt.lower().strip()
+        if text.startswith(p + " ") or text == p:
+            text = text[len(p):].strip()
+    return text
+
+
+class Task(base.Task):
+    """Caption task (see module docstring).
+
+    Args:
+      config: run config (`model`, `task` {prompt, zero_shot_prompt, generation, scst},
+        `input`, `init`, `seed`).
+      steps_per_epoch: unused by this task.
+    """
+
+    name = "caption"
+
+    def __init__(self, config, steps_per_epoch: int = 1):
+        super().__init__(config, steps_per_epoch)
+        self.model = MPLUG.from_config(config.model)
+        self.train_model = self.model.clone(deterministic=config.model.get("dropout_rate", 0) == 0)
+        t = config.task
+        self.prompt = str(t.get("prompt", "") or "")
+        self.zero_shot_prompt = str(t.get("zero_shot_prompt", "") or "")
+        g = t.generation
+        self.beam_size, self.min_length = int(g.beam_size), int(g.min_length)
+        self.max_length, self.alpha = int(g.max_length), float(g.alpha)
+        if self.beam_size < 1 or not 0 <= self.min_length < self.max_length:
+            raise ValueError(f"task.generation needs beam_size >= 1 and 0 <= min_length < "
+                             f"max_length, got {self.beam_size} / {self.min_length} / "
+                             f"{self.max_length}")
+        self.max_tokens = int(config.input.max_tokens)
+        scst = t.get("scst") or {}
+        self.scst = bool(scst.get("enabled", False))
+        if self.scst:
+            self.scst_mode = str(scst.get("mode", "beam"))
+            if self.scst_mode not in SCST_MODES:
+                raise ValueError(f"task.scst.mode={self.scst_mode!r}; valid: {SCST_MODES}")
+            self.scst_k = int(scst.get("num_samples", 0) or self.beam_size)
+            self.sample_kw = dict(temperature=float(scst.get("temperature", 1.0)),
+                                  top_k=int(scst.get("top_k", 0)),
+                                  top_p=float(scst.get("top_p", 1.0)))
+            if self.scst_mode == "beam" and self.scst_k != self.beam_size:
+                raise ValueError(f"task.scst.num_samples={self.scst_k} must equal "
+                                 f"task.generation.beam_size={self.beam_size} in 'beam' mode "
+                                 "(the official keeps the beam's K hypotheses), or be 0")
+            if self.zero_shot_prompt:
+                raise ValueError("task.zero_shot_prompt is for evaluating a pretraining "
+                                 "workdir; SCST trains the fine-tuned (prompt-free) decoder")
+            self._cider = None  # built on first use (reads the training references)
+            self._search_fns: dict = {}
+
+    # ---- input ------------------------------------------------------------------------------
+
+    @classmethod
+    def _placeholders(cls, config) -> dict:
+        scst = config.task.get("scst") or {}
+        if not scst.get("enabled", False):
+            return {}
+        k = int(scst.get("num_samples", 0) or config.task.generation.beam_size)
+        t = int(config.task.generation.max_length) + 1
+        return {"scst_ids": ((k, t), np.int32), "scst_lengths": ((k,), np.int32),
+                "scst_advantage": ((k,), np.float32), "scst_reward": ((k,), np.float32)}
+
+    @classmethod
+    def train_input(cls, config):
+        inp = config.input
+        if inp.dataset == "synthetic" and not inp.get("allow_synthetic", False):
+            raise ValueError(
+                f"the {config.get('variant', '')} caption config refuses the built-in synthetic "
+                "shapes data: set input.dataset='karpathy' with input.train_annotations, "
+                "input.eval_annotations and input.coco_root, or pass "
+                "--config.input.allow_synthetic=True to train on the shapes anyway")
+        return caption_input.train_batches(
+            inp, config.model.image_size, config.seed, str(config.task.get("prompt", "") or ""),
+            jax.process_index(), jax.process_count(), placeholders=cls._placeholders(config))
+
+    def dummy_batch(self, batch_size: int) -> dict:
+        r, length = self.model.image_size, self.max_tokens
+        out = {"image": np.zeros((batch_size, r, r, 3), np.float32),
+               "dec_ids": np.zeros((batch_size, length), np.int32),
+               "dec_mask": np.ones((batch_size, length), np.int32),
+               "image_index": np.zeros((batch_size,), np.int32),
+               "idx": np.zeros((batch_size,), np.int32)}
+        for name, (shape, dtype) in self._placeholders(self.config).items():
+            out[name] = np.zeros((batch_size,) + shape, dtype)
+        return out
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def init_params(self, rng: jax.Array):
+        b = self.dummy_batch(2)
+        k_params, k_drop = jax.random.split(rng)
+        ids, mask = b["dec_ids"], b["dec_mask"]
+        return self.model.init({"params": k_params, "dropout": k_drop}, b["image"], ids, mask,
+                               ids, mask)["params"]
+
+    def init_from_pretrained(self, state):
+        init = self.config.get("init")
+        if not pretrained.requested(init) and not (init and init.get("allow_scratch")):
+            raise ValueError(
+                f"the {self.config.get('variant', '')} caption config fine-tunes a pretrained "
+                "mPLUG: set --config.init.checkpoint=<pretraining workdir, official .pth (with "
+                "init.config_bert) or `mplug-jax convert` dir>, or pass "
+                "--config.init.allow_scratch=True to train from random weights")
+        return super().init_from_pretrained(state)
+
+    # ---- model calls ------------------------------------------------------------------------
+
+    def _apply(self, params, method, *args, rng: jax.Array | None = None):
+        if rng is None:
+            return self.model.apply({"params": params}, *args, method=method)
+        return self.train_model.apply({"params": params}, *args, method=method,
+                                      rngs={"dropout": rng})
+
+    def states(self, params, image: jax.Array, rng: jax.Array | None = None):
+        """Decoder states of the caption model: (image embeddings float[B, N, D], int32[B, N]
+        ones); with `zero_shot_prompt`: ([fused image; fused prompt], its mask)."""
+        img = self._apply(params, "encode_image", image, rng=rng)
+        if not self.zero_shot_prompt:
+            return img, jnp.ones(img.shape[:2], jnp.int32)
+        ids, mask = tokenizer.get_tokenizer().encode([self.zero_shot_prompt])
+        b = image.shape[0]
+        ids = jnp.broadcast_to(jnp.asarray(ids), (b, ids.shape[1]))
+        mask = jnp.broadcast_to(jnp.asarray(mask), ids.shape)
+        txt = self._apply(params, "encode_text", ids, mask)
+        f_img, f_txt = self._apply(params, "fuse", img, txt, mask)
+        return (jnp.concatenate([f_img, f_txt], 1),
+                jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask], 1))
+
+    def _token_logprobs(self, params, ids, mask, states, smask, rng):
+        """log p(ids[:, t+1] | ids[:, :t+1], states) float32[R, L-1] (teacher forcing)."""
+        h = self._apply(params, lambda m, *a: m.decoder.hidden(*a), ids, mask, states, smask,
+                        rng=rng)
+        logits = self._apply(params, lambda m, x: m.decoder.lm_logits(x), h[:, :-1])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+
+    # ---- step -------------------------------------------------------------------------------
+
+    def loss(self, params, extra: dict, batch: dict, rng: jax.Array, step: jax.Array):
+        """Cross-entropy (or SCST) loss on one (micro-)batch -> (loss, (metrics, extra))."""
+        drop = base.KeyStream(rng)
+        states, smask = self.states(params, batch["image"], rng=next(drop))
+        if self.scst:
+            return self._scst_loss(params, extra, batch, states, smask, next(drop))
+        ids, mask = batch["dec_ids"], batch["dec_mask"]
+        tok_lp = self._token_logprobs(params, ids, mask, states, smask, next(drop))
+        valid = (mask[:, 1:] > 0).astype(jnp.float32)
+        n = jnp.maximum(valid.sum(), 1.0)
+        loss = -(tok_lp * valid).sum() / n
+        metrics = {"loss": loss, "loss_caption": loss, "target_tokens": valid.sum()}
+        return loss, (metrics, extra)
+
+    def _scst_loss(self, params, extra, batch, states, smask, rng):
+        ids, lengths = batch["scst_ids"], batch["scst_lengths"]
+        b, k, t = ids.shape
+        flat = ids.reshape(b * k, t)
+        mask = (jnp.arange(t)[None] < lengths.reshape(-1, 1)).astype(jnp.int32)
+        rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731 (row b*k+j = image b)
+        tok_lp = self._token_logprobs(params, flat, mask, rep(states), rep(smask), rng)
+        n = jnp.maximum(lengths.reshape(-1) - 1, 1).astype(jnp.float32)  # generated tokens
+        score = (tok_lp * mask[:, 1:]).sum(-1)
+        if self.scst_mode == "beam":
+            score = score / ((5.0 + n) / 6.0) ** self.alpha
+        adv = batch["scst_advantage"].reshape(-1)
+        loss = jnp.mean(-(score / n) * adv)
+        metrics = {"loss": loss, "loss_scst": loss,
+                   "scst_reward": jnp.mean(batch["scst_reward"]),
+                   "scst_logprob_per_token": jnp.mean(score / n)}
+        return loss, (metrics, extra)
+
+    # ---- SCST rewards (host side, outside the jitted step) ----------------------------------
+
+    def cider(self) -> scoring.CiderD:
+        """The reward scorer, document frequencies from the training references."""
+        if self._cider is None:
+            split = caption_input.load_split(self.config.input, "train",
+                                             self.config.model.image_size, self.config.seed)
+            self._refs = [[scoring.simple_tokenize(r) for r in refs]
+                          for refs in split.references]
+            self._cider = scoring.CiderD(self._refs)
+        return self._cider
+
+    def _search(self, params, image, key):
+        states, smask = self.states(params, image)
+        t = self.max_length + 1
+        if self.scst_mode == "beam":
+            out = generate.beam_search(self.model, params, states, smask,
+                                       beam_size=self.beam_size, min_length=self.min_length,
+                                       max_length=self.max_length, alpha=self.alpha)
+            return {"ids": out["ids"], "lengths": out["lengths"]}
+        out = generate.sample(self.model, params, states, smask, key, max_len=t,
+                              num_samples=self.scst_k, min_length=self.min_length,
+                              **self.sample_kw)
+        greedy = generate.greedy(self.model, params, states, smask, t,
+                                 min_length=self.min_length)
+        return {"ids": out["ids"], "lengths": out["lengths"], "greedy": greedy}
+
+    def rewards(self, ids: np.ndarray, image_index: np.ndarray,
+                greedy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(reward, advantage) float32[B, K] of generated ids int32[B, K, T] for the images
+        `image_index` int[B]; baseline = mean of the K rewards, or the reward of `greedy`
+        int32[B, T] when given."""
+        cider = self.cider()
+        b, k, _ = ids.shape
+        refs = [self._refs[int(i)] for i in image_index]
+        texts = [scoring.simple_tokenize(decode_text(ids[i, j], self.prompt))
+                 for i in range(b) for j in range(k)]
+        reward = cider.scores(texts, [r for r in refs for _ in range(k)]).reshape(b, k)
+        if greedy is None:
+            base_line = reward.mean(1, keepdims=True)
+        else:
+            g = [scoring.simple_tokenize(decode_text(x, self.prompt)) for x in greedy]
+            base_line = cider.scores(g, refs)[:, None]
+        return reward.astype(np.float32), (reward - base_line).astype(np.float32)
+
+    def prepare_batch(self, params, batch: dict) -> dict:
+        """SCST: search on the current params, rewards on the host, fields added to the batch
+        (sharded like it); the batch unchanged otherwise. Deterministic given params and batch
+        (the sampling key is derived from the batch's record indices)."""
+        if not self.scst:
+            return batch
+        mesh = batch["image"].sharding.mesh
+        if mesh not in self._search_fns:  # outputs replicated: every process gets all rows
+            self._search_fns[mesh] = (
+                jax.jit(self._search, out_shardings=replicated(mesh)),
+                jax.jit(lambda *x: x, out_shardings=replicated(mesh)))
+        search, gather = self._search_fns[mesh]
+        idx, image_index = (np.asarray(x) for x in jax.device_get(
+            gather(batch["idx"], batch["image_index"])))
+        key = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)),
+                                 zlib.crc32(idx.astype(np.int32).tobytes()) & 0x7FFFFFFF)
+        out = jax.device_get(search(params, batch["image"], key))
+        reward, adv = self.rewards(np.asarray(out["ids"]), image_index, out.get("greedy"))
+        full = {"scst_ids": np.asarray(out["ids"], np.int32),
+                "scst_lengths": np.asarray(out["lengths"], np.int32),
+                "scst_advantage": adv, "scst_reward": reward}
+        n, pid = jax.process_count(), jax.process_index()
+        rows = len(reward)
+        local = {k: v[pid * rows // n:(pid + 1) * rows // n] for k, v in full.items()}
+        return {**batch, **make_global_batch(local, mesh)}
+
+    # ---- predict fns (used by evaluators) ---------------------------------------------------
+
+    def predict_fns(self) -> dict:
+        return {"caption_beam": self.caption_beam}
+
+    def caption_beam(self, params, image: jax.Array) -> dict:
+        """Official caption generation: {'ids' int32[B, max_length + 1] top hypothesis,
+        'scores' float32[B]} (beam_size / min_length / max_length / alpha of task.generation)."""
+        states, smask = self.states(params, image)
+        out = generate.beam_search(self.model, params, states, smask, beam_size=self.beam_size,
+                                   min_length=self.min_length, max_length=self.max_length,
+                                   alpha=self.alpha)
+        return {"ids": out["ids"][:, 0], "scores": out["scores"][:, 0]}
+
