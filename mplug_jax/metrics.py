@@ -186,16 +186,15 @@ def progress_line(step: int, total: int, row: Mapping[str, float]) -> str:
 class CounterWatch:
     """Warns when a cumulative counter metric (names starting with `prefix`) grows."""
 
-    def __init__(self, prefix: str):
-        self.prefix, self.seen = prefix, {}
+    def __init__(self, prefix: str, hint: str = "raise the task's target capacity"):
+        self.prefix, self.hint, self.seen = prefix, hint, {}
 
     def check(self, row: Mapping[str, float]) -> Iterator[str]:
         """Messages for the counters of `row` that grew since the last check."""
         for k, v in row.items():
             if k.startswith(self.prefix) and v > self.seen.get(k, 0):
                 yield (f"{k} = {int(v)} (+{int(v - self.seen.get(k, 0))}): targets beyond the "
-                       "gather capacity were left out of the loss; raise task.gather_sigmas "
-                       "or shorten input.max_tokens")
+                       f"gather capacity were left out of the loss; {self.hint}")
                 self.seen[k] = v
 
 

@@ -6,8 +6,10 @@ biases / LayerNorm parameters get no weight decay. Unlike the official grouping 
 exempts names containing "bias" or "LayerNorm.weight", so CLIP's ln_1/ln_2 are decayed), every
 LayerNorm here is exempt, as the issue asks. Schedule: linear warm-up from 0 to the group's peak,
 then cosine to `end_lr` (shared by all groups, like timm's `lr_min`). Optional global-norm
-clipping. Gradient accumulation is not an optimizer wrapper here: the train step itself scans
-over micro-batches (`trainer.make_train_step`), so every step is one optimizer update.
+clipping. `frozen` (optional regex): matching parameters get no update at all (no weight decay
+either), e.g. the heads a fine-tuning task never reads. Gradient accumulation is not an
+optimizer wrapper here: the train step itself scans over micro-batches
+(`trainer.make_train_step`), so every step is one optimizer update.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import optax
 
 Schedule = Callable[[Any], Any]
 BASE_GROUP = "base"
+FROZEN_GROUP = "frozen"
 
 
 def path_str(path) -> str:
@@ -79,22 +82,29 @@ def make_optimizer(optim_cfg, params, total_steps: int
 
     Args:
       optim_cfg: config block with lr, lr_groups{name: {pattern, mult}}, wd, no_wd, b1, b2,
-        eps, warmup_steps, schedule, end_lr, clip_norm (0 = off).
+        eps, warmup_steps, schedule, end_lr, clip_norm (0 = off), optionally frozen (regex of
+        parameters never updated; '' = none).
       params: the param pytree the optimizer will update.
       total_steps: train steps of the run (each one optimizer update on one global batch).
     Returns:
       (transformation, {group: schedule over optimizer updates}).
     """
     schedules = make_schedules(optim_cfg, max(total_steps, 1))
-    labels = group_labels(params, {n: g.pattern for n, g in optim_cfg.lr_groups.items()})
+    groups = {n: g.pattern for n, g in optim_cfg.lr_groups.items()}
+    transforms = {name: optax.scale_by_learning_rate(s) for name, s in schedules.items()}
+    if optim_cfg.get("frozen"):
+        if FROZEN_GROUP in groups:
+            raise ValueError(f"optim.lr_groups may not use the reserved name {FROZEN_GROUP!r}")
+        groups = {FROZEN_GROUP: optim_cfg.frozen, **groups}  # frozen wins over lr groups
+        transforms[FROZEN_GROUP] = optax.set_to_zero()
+    labels = group_labels(params, groups)
     chain = []
     if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
     chain += [
         optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
         optax.add_decayed_weights(optim_cfg.wd, mask=decay_mask(params, optim_cfg.no_wd)),
-        optax.multi_transform(
-            {name: optax.scale_by_learning_rate(s) for name, s in schedules.items()}, labels),
+        optax.multi_transform(transforms, labels),
     ]
     return optax.chain(*chain), schedules
 

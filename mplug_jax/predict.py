@@ -9,9 +9,10 @@
 
 Generation is the official one (beam 5, FORMAT.md section 10.3): VQA from the fused
 [image; question] states (min 1, max 10 tokens), captions from the image states alone (min 8,
-max 25), texts post-processed as the official evaluation. A pretraining workdir captions
-zero-shot: the prompt "a picture of" goes through the text encoder and fusion as a prefix
-(the pretraining prefix-LM split, paper section 5.3), the decoder continues it from [CLS].
+max 25; a workdir's own `task.generation` settings take precedence), texts post-processed as
+the official evaluation. A pretraining workdir captions zero-shot: the prompt "a picture of"
+goes through the text encoder and fusion as a prefix (the pretraining prefix-LM split, paper
+section 5.3), the decoder continues it from [CLS].
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import numpy as np
 from mplug_jax import generate
 from mplug_jax.data import transforms
 from mplug_jax.data.tokenizer import get_tokenizer
+from mplug_jax.tasks.caption import decode_text
 
 TASKS = ("vqa", "caption")
 ZERO_SHOT_PROMPT = "a picture of"
@@ -104,7 +106,8 @@ class Predictor:
             raise FileNotFoundError(
                 f"{path} is neither a workdir of ours ({workdir.CONFIG}) nor a `mplug-jax "
                 "convert` directory (mplug_config.json); convert official .pth files first")
-        trained = workdir.read_config(path).task.name
+        config = workdir.read_config(path)
+        trained = config.task.name
         prompt = ""
         if trained == "pretrain":
             if task != "caption":
@@ -120,8 +123,12 @@ class Predictor:
         if task not in TASKS:
             raise ValueError(f"{path} holds a {trained!r} checkpoint; predict handles {TASKS}")
         model, params, _ = workdir.restore_params(path, step=step or None)
-        return cls(model, params, task, prompt=prompt,
-                   settings=Settings.for_task(task, **settings))
+        # The run's own generation settings (e.g. a tiny model's shorter captions) first.
+        gen = (config.task.get("generation") or {}) if trained == task else {}
+        trained_settings = {k: gen[k] for k in ("beam_size", "min_length", "max_length")
+                            if k in gen}
+        return cls(model, params, task, prompt=prompt, settings=Settings.for_task(
+            task, **{**trained_settings, **{k: v for k, v in settings.items() if v is not None}}))
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -172,11 +179,7 @@ class Predictor:
                 raise ValueError(f"{len(images)} images but {len(texts)} {what}s")
             ids, mask = self.encode_texts(texts, what)
         out = np.asarray(self._search(self.params, pixels, ids, mask))
-        texts_out = [self.tokenizer.decode_official(row) for row in out]
-        if self.prompt:  # the prompt is an input, not part of the caption
-            p = self.prompt.lower()
-            texts_out = [t[len(p):].strip() if t.startswith(p + " ") else t for t in texts_out]
-        return texts_out
+        return [decode_text(row, self.prompt) for row in out]
 
     def answer(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:
         """VQA: one answer per (image, question)."""

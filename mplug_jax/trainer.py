@@ -276,7 +276,7 @@ def run(config, workdir: str) -> dict:
          f"peak memory {stats['peak_bytes'] / 2**20:.0f} MiB/device; peak {peak / 1e9:.1f} "
          f"GFLOP/s/device ({how}) x {s.mesh.size}; {s.total_steps} steps of {b}")
     chrono = mlib.Chrono(first, s.total_steps, b)
-    warned = mlib.CounterWatch("train/dropped_")
+    warned = mlib.CounterWatch("train/dropped_", s.task.capacity_hint)
     evals = {}  # built on first use
     stopped, step, prev = "done", first, None
     with _Stop(ckpt) as stop:

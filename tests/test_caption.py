@@ -351,3 +351,20 @@ def test_zero_shot_prompt_goes_through_the_encoder_as_pretraining_prefixes():
 def _with(c, **task_fields):
     c.task.update(task_fields)
     return c
+
+
+def test_predictor_reproduces_the_evaluator_captions(finetuned):
+    """`Predictor.from_checkpoint(workdir)` (the run's own generation settings) captions the
+    held-out images exactly as the evaluator wrote them to the result file."""
+    from mplug_jax.predict import Predictor
+    cfg, run, _ = finetuned
+    pred = Predictor.from_checkpoint(run)
+    gen = cfg.task.generation
+    assert pred.task == "caption" and not pred.prompt
+    assert (pred.settings.beam_size, pred.settings.min_length, pred.settings.max_length) == (
+        gen.beam_size, gen.min_length, gen.max_length)
+    rows = json.loads((run / "results" / f"caption_step{LEARN_STEPS}" /
+                       "caption_results.json").read_text())
+    split = caption_input.load_split(cfg.input, "eval", cfg.model.image_size, cfg.seed)
+    images = [split.eval_records[i]["image"] for i in range(6)]
+    assert pred.caption(images) == [r["pred_caption"] for r in rows[:6]]

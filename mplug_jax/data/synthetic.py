@@ -9,10 +9,19 @@ spatial relation; questions ask for a colour, a shape, a count or a yes/no prese
 word is a single bert-base-uncased token, so a tiny model can learn the mapping.
 
 Record: ``{'image': uint8[H, W, 3], 'caption': str, 'question': str, 'answer': str, 'id': int}``.
+
+`SyntheticVQA` gives the same scenes as VQA records in the official mPLUG VQA json format
+(official-formats.md 1.5) plus the VQA v2 `answer_type`: questions about colour, shape, count,
+horizontal position and presence, each with 10 simulated annotator answers that mostly agree
+(a minority gives a neighbouring count, a confusable colour, a near-synonym shape, the
+neighbouring column or the opposite yes/no). `write_vqa_files` writes a split as image files,
+the official json and a VQA v2 annotation file for scoring.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -236,3 +245,156 @@ class SyntheticShapes:
     def __repr__(self) -> str:
         return (f"SyntheticShapes(split={self.split!r}, size={self.size}, "
                 f"image_size={self.image_size}, seed={self.seed})")
+
+
+# ---- VQA --------------------------------------------------------------------------------------
+
+VQA_KINDS = ("color", "shape", "count", "position", "exists")
+ANSWER_TYPES = {"color": "other", "shape": "other", "count": "number", "position": "other",
+                "exists": "yes/no"}
+COLUMNS = ("left", "middle", "right")
+# What a minority of annotators answers instead (answers in VQA v2's normalised form: counts
+# as digits, lower case), so the 10 answers disagree the way real ones do.
+_CONFUSIONS = {
+    "red": ("orange", "pink"), "orange": ("red", "yellow"), "yellow": ("orange", "gold"),
+    "green": ("lime", "dark green"), "blue": ("purple", "navy"), "purple": ("violet", "blue"),
+    "circle": ("oval", "ball"), "square": ("rectangle", "box"), "triangle": ("pyramid", "cone"),
+    "left": ("middle", "left side"), "middle": ("center", "left", "right"),
+    "right": ("middle", "right side"), "yes": ("no",), "no": ("yes",),
+}
+# How many of the 10 annotators disagree (0 most often; VQA v2 has ~60% unanimous answers).
+_MINORITY = (0, 0, 0, 0, 0, 1, 1, 2, 3, 4)
+
+
+def vqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(question, answer, kind) about `scene`; the answer is in VQA v2's normalised form."""
+    shapes = [s.shape for s in scene.shapes]
+    colors = [s.color for s in scene.shapes]
+    groups = _groups(scene)
+    single = [(c, sh) for c, sh, n in groups if n == 1]
+    unique_shapes = [sh for sh in SHAPES if len({c for c, s2 in zip(colors, shapes)
+                                                  if s2 == sh}) == 1]
+    unique_colors = [c for c in COLORS if len({s2 for c2, s2 in zip(colors, shapes)
+                                                if c2 == c}) == 1]
+    kinds = ["count", "exists"] + ["color"] * bool(unique_shapes) + \
+        ["shape"] * bool(unique_colors) + ["position"] * bool(single)
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "color":
+        sh = unique_shapes[int(rng.integers(len(unique_shapes)))]
+        return f"what color is the {sh}?", colors[shapes.index(sh)], kind
+    if kind == "shape":
+        c = unique_colors[int(rng.integers(len(unique_colors)))]
+        return f"what shape is the {c} object?", shapes[colors.index(c)], kind
+    if kind == "count":
+        sh = SHAPES[int(rng.integers(len(SHAPES)))]
+        return f"how many {PLURALS[sh]} are there?", str(shapes.count(sh)), kind
+    if kind == "position":
+        c, sh = single[int(rng.integers(len(single)))]
+        obj = next(s for s in scene.shapes if (s.color, s.shape) == (c, sh))
+        return f"where is the {c} {sh}?", COLUMNS[obj.cell[1]], kind
+    c, sh = str(rng.choice(list(COLORS))), SHAPES[int(rng.integers(len(SHAPES)))]
+    if rng.random() < 0.5:  # ask about a present object half of the time
+        c, sh = colors[0], shapes[0]
+    present = any(s.color == c and s.shape == sh for s in scene.shapes)
+    return f"is there {_article(c)} {c} {sh}?", "yes" if present else "no", kind
+
+
+def annotator_answers(answer: str, kind: str, rng: np.random.Generator) -> list[str]:
+    """10 simulated human answers: `answer` from the majority (at least 6), the rest a
+    plausible mistake (a neighbouring count for counts, `_CONFUSIONS` otherwise)."""
+    k = int(_MINORITY[int(rng.integers(len(_MINORITY)))])
+    if kind == "count":
+        n = int(answer)
+        wrong = [str(n + 1)] + ([str(n - 1)] if n > 0 else [])
+    else:
+        wrong = list(_CONFUSIONS[answer])
+    out = [answer] * (10 - k) + [wrong[int(rng.integers(len(wrong)))] for _ in range(k)]
+    return [out[int(i)] for i in rng.permutation(10)]
+
+
+def vqa_answer_vocabulary() -> list[str]:
+    """Every answer (majority or minority) `SyntheticVQA` can produce (a candidate list)."""
+    words = set(COLORS) | set(SHAPES) | set(COLUMNS) | {"yes", "no"}
+    words |= {str(n) for n in range(GRID * GRID + 2)}
+    for alts in _CONFUSIONS.values():
+        words |= set(alts)
+    return sorted(words)
+
+
+class SyntheticVQA:
+    """Random-access VQA records of the shapes scenes, in the official VQA json format.
+
+    Record: {'question_id': int, 'question': str, 'image': uint8[H, W, 3], 'dataset': 'vqa',
+    'answer': [10 str], 'answer_type': 'yes/no' | 'number' | 'other', 'kind': one of
+    `VQA_KINDS`}. Scenes are those of `SyntheticShapes` with the same split, seed and index;
+    question ids are ``split_id * 10**7 + index`` (distinct across the two splits).
+    """
+
+    def __init__(self, split: str = "train", size: int = 10_000, *, image_size: int = 64,
+                 seed: int = 0):
+        self.shapes = SyntheticShapes(split, size, image_size=image_size, seed=seed)
+        self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        index = self.shapes._check(index)
+        scene = self.shapes.scene(index)
+        question, answer, kind = vqa_question(scene, self.shapes._rng(index, 4))
+        return {
+            "question_id": SPLITS[self.split] * 10**7 + index,
+            "question": question,
+            "image": render(scene, self.image_size, self.shapes._rng(index, 1)),
+            "dataset": "vqa",
+            "answer": annotator_answers(answer, kind, self.shapes._rng(index, 5)),
+            "answer_type": ANSWER_TYPES[kind],
+            "kind": kind,
+        }
+
+    def __repr__(self) -> str:
+        return (f"SyntheticVQA(split={self.split!r}, size={self.size}, "
+                f"image_size={self.image_size}, seed={self.seed})")
+
+
+def vqa_v2_annotations(records) -> dict:
+    """VQA v2 annotation file content for official-format records with 10 answers."""
+    anns = []
+    for r in records:
+        answers = r["answer"]
+        anns.append({
+            "question_id": r["question_id"], "image_id": r["question_id"],
+            "question_type": " ".join(r["question"].split()[:2]),
+            "answer_type": r["answer_type"],
+            "multiple_choice_answer": max(set(answers), key=answers.count),
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                        for i, a in enumerate(answers)],
+        })
+    return {"annotations": anns}
+
+
+def write_vqa_files(directory: str, split: str = "heldout", size: int = 64, *,
+                    image_size: int = 64, seed: int = 0) -> dict[str, str]:
+    """Write a `SyntheticVQA` split as real files: PNG images under `<directory>/images/`,
+    the official VQA json `vqa_<split>.json` (image paths relative to `directory`, the
+    `vqa_root`) and the VQA v2 annotations `vqa_<split>_annotations.json`.
+
+    Returns {'root', 'json', 'annotations'} paths.
+    """
+    from PIL import Image
+    ds = SyntheticVQA(split, size, image_size=image_size, seed=seed)
+    os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+    records = []
+    for i in range(len(ds)):
+        r = ds[i]
+        name = f"images/{split}_{i:06d}.png"
+        Image.fromarray(r["image"]).save(os.path.join(directory, name))
+        records.append({k: v for k, v in r.items() if k not in ("image", "kind")}
+                       | {"image": name})
+    paths = {"root": directory, "json": os.path.join(directory, f"vqa_{split}.json"),
+             "annotations": os.path.join(directory, f"vqa_{split}_annotations.json")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    with open(paths["annotations"], "w", encoding="utf-8") as f:
+        json.dump(vqa_v2_annotations(records), f)
+    return paths

@@ -44,6 +44,8 @@ class Task:
 
     name = "base"
     model: Any = None
+    # How to stop `train/dropped_*` counters from growing (the trainer's warning says it).
+    capacity_hint = "raise the task's target capacity"
 
     def __init__(self, config, steps_per_epoch: int = 1):
         self.config = config

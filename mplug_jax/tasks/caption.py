@@ -56,14 +56,9 @@ SCST_MODES = ("beam", "sample")
 
 
 def decode_text(ids, prompt: str = "") -> str:
-    """Generated ids ([CLS] first) -> caption text, official post-processing (FORMAT.md 10.5:
-    `Tokenizer.decode_official` when present), with a leading `prompt` removed."""
-    tok = tokenizer.get_tokenizer()
-    ids = [int(i) for i in ids]
-    if hasattr(tok, "decode_official"):
-        text = tok.decode_official(ids)
-    else:
-        text = tok.decode(ids)
+    """Generated ids ([CLS] first) -> caption text, official post-processing (FORMAT.md 10.5,
+    `Tokenizer.decode_official`), with a leading `prompt` removed."""
+    text = tokenizer.get_tokenizer().decode_official([int(i) for i in ids])
     if prompt:
         p = prompt.lower().strip()
         if text.startswith(p + " ") or text == p:

@@ -78,6 +78,7 @@ class Task(base.Task):
     """
 
     name = "pretrain"
+    capacity_hint = "raise task.gather_sigmas or shorten input.max_tokens"
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)

@@ -127,3 +127,68 @@ def test_answers_match_pixels():
         else:
             raise AssertionError(f"unexpected question {q!r}")
     assert kinds == {"color", "shape", "count", "exists"}
+
+
+# ---- VQA records --------------------------------------------------------------------------
+
+def test_vqa_records_are_official_format_with_realistic_disagreement():
+    ds = synthetic.SyntheticVQA("train", 300, image_size=32, seed=0)
+    recs = [ds[i] for i in range(300)]
+    r = recs[0]
+    assert set(r) == {"question_id", "question", "image", "dataset", "answer", "answer_type",
+                      "kind"}
+    assert r["dataset"] == "vqa" and r["image"].shape == (32, 32, 3)
+    assert [x["question_id"] for x in recs] == list(range(300))
+    assert synthetic.SyntheticVQA("heldout", 3)[2]["question_id"] == 10**7 + 2
+    assert {x["kind"] for x in recs} == set(synthetic.VQA_KINDS)
+    vocab = set(synthetic.vqa_answer_vocabulary())
+    n_split = 0
+    for x in recs:
+        assert len(x["answer"]) == 10 and set(x["answer"]) <= vocab
+        assert x["answer_type"] == synthetic.ANSWER_TYPES[x["kind"]]
+        top, n = max(((a, x["answer"].count(a)) for a in set(x["answer"])), key=lambda t: t[1])
+        assert n >= 6
+        n_split += len(set(x["answer"])) > 1
+        if x["kind"] == "count":
+            others = [int(a) for a in x["answer"] if a != top]
+            assert all(abs(o - int(top)) == 1 for o in others)  # neighbouring counts
+    assert 0.2 < n_split / len(recs) < 0.7  # VQA v2: about 40% of questions disagree
+
+
+def test_vqa_majority_answers_match_the_scene():
+    ds = synthetic.SyntheticVQA("heldout", 200, image_size=32, seed=1)
+    for i in range(200):
+        scene, r = ds.shapes.scene(i), ds[i]
+        top = max(set(r["answer"]), key=r["answer"].count)
+        words = r["question"].rstrip("?").split()
+        objs = [(s.color, s.shape) for s in scene.shapes]
+        if r["kind"] == "count":
+            assert int(top) == sum(sh == _SINGULAR[words[2]] for _, sh in objs)
+        elif r["kind"] == "color":
+            assert (top, words[-1]) in objs
+        elif r["kind"] == "shape":
+            assert (words[-2], top) in objs
+        elif r["kind"] == "position":
+            s = next(s for s in scene.shapes if (s.color, s.shape) == (words[-2], words[-1]))
+            assert top == synthetic.COLUMNS[s.cell[1]]
+        else:
+            assert top == ("yes" if (words[-2], words[-1]) in objs else "no")
+
+
+def test_write_vqa_files_reads_back_through_the_official_reader(tmp_path):
+    from PIL import Image
+
+    from mplug_jax.data import sources
+    from mplug_jax.scoring import vqa as scoring
+    paths = synthetic.write_vqa_files(str(tmp_path), "train", 5, image_size=24, seed=2)
+    src = sources.vqa(paths["json"], {"vqa": paths["root"]}, train=True)
+    ds = synthetic.SyntheticVQA("train", 5, image_size=24, seed=2)
+    ann = scoring.load_annotations(paths["annotations"])
+    for i in range(5):
+        want = ds[i]
+        got = src[i]
+        assert got["question"] == want["question"] and got["question_id"] == want["question_id"]
+        np.testing.assert_array_equal(np.asarray(Image.open(got["image"])), want["image"])
+        assert sum(got["weights"]) == pytest.approx(1.0)
+        assert ann[want["question_id"]] == {"answers": want["answer"],
+                                            "answer_type": want["answer_type"]}
