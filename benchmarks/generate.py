@@ -12,6 +12,7 @@ per step. Greedy and beam 5 (official beam search). Writes
 ``benchmarks/results/generate_cpu<N>.json`` and ``.png``.
 
     python benchmarks/generate.py            # base dims, 1 example, 3 repeats (~5 min on 2 cores)
+    python benchmarks/generate.py --batch 4 --repeats 2   # 4 examples per call (~10 min)
     python benchmarks/generate.py --smoke    # tiny dims (tests)
 """
 from __future__ import annotations
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{common.fmt(row['speedup'], '.1f')}x", flush=True)
     res["load_avg_end"] = common.load_average()
     res["runtime_s"] = time.perf_counter() - t_start
-    stem = os.path.join(args.out_dir, f"generate_{'smoke_' if args.smoke else ''}"
-                                      f"cpu{res['device']['cpus']}")
+    tag = "smoke_" if args.smoke else "" if batch == 1 else f"b{batch}_"
+    stem = os.path.join(args.out_dir, f"generate_{tag}cpu{res['device']['cpus']}")
     common.write_json(stem + ".json", res)
     names = list(res["rows"])
     common.bar_plot(

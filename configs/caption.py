@@ -115,22 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Official CE: 4 accumulated batches per update; SCST: none.
     c.optim.accum_steps = 1 if tiny or scst else 4
 
-    c.mesh = ml_collections.ConfigDict()
-    if tiny:
-        c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
-        c.mesh.sharding = "dp"
-    else:
-        c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
-        c.mesh.sharding = "fsdp"
+    c.mesh = common.mesh_config(tiny)
 
-    c.init = dict(clip="", bert="", checkpoint="", config_bert="", config_yaml="", step=0,
-                  allow_scratch=False)
-    c.resume = ""
-    c.log_every_steps = 25 if tiny else 100
-    c.ckpt_every_steps = 200 if tiny else 2000
-    c.keep_ckpts = 2
-    c.max_nonfinite_steps = 10
-    c.peak_flops = 0.0
+    common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
 
     c.evals = ml_collections.ConfigDict()
     c.evals.caption = dict(type="caption", every_steps=0, batch_size=32 if tiny else 64,

@@ -72,3 +72,29 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
             value = float(value)
         out[key] = value
     return ml_collections.ConfigDict(out)
+
+
+def mesh_config(tiny: bool) -> ml_collections.ConfigDict:
+    """`tiny`: data parallel over every device (a CPU); otherwise parameters, optimizer state
+    and momentum copy sharded over every device (FSDP, ZeRO-3 style)."""
+    if tiny:
+        return ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1, tensor=1),
+                                              sharding="dp"))
+    return ml_collections.ConfigDict(dict(shape=dict(data=1, fsdp=-1, tensor=1),
+                                          sharding="fsdp"))
+
+
+def set_run_defaults(c: ml_collections.ConfigDict, tiny: bool, *, allow_scratch: bool = False,
+                     ckpt_every_steps: int = 2000) -> None:
+    """The fields every task config shares: `init` (mplug_jax/pretrained.py: CLIP + BERT
+    checkpoints, or a whole mPLUG `checkpoint` = official file with config_bert / config_yaml,
+    `mplug-jax convert` dir, or a workdir of ours at `step`, 0 = latest; used only when a run
+    starts fresh), `resume`, logging / checkpoint cadence, the non-finite stop and MFU peak."""
+    c.init = dict(clip="", bert="", checkpoint="", config_bert="", config_yaml="", step=0,
+                  allow_scratch=allow_scratch)
+    c.resume = ""  # another run's workdir to continue from when this workdir has no checkpoint
+    c.log_every_steps = 25 if tiny else 100
+    c.ckpt_every_steps = ckpt_every_steps
+    c.keep_ckpts = 2
+    c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
+    c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU

@@ -128,26 +128,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # paper's 16 GPUs x 64 = 1024; with 16 or more devices set 1).
     c.optim.accum_steps = 1 if tiny else 2
 
-    c.mesh = ml_collections.ConfigDict()
-    if tiny:
-        c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
-        c.mesh.sharding = "dp"
-    else:  # params, optimizer state, momentum copy and queues sharded over every device
-        c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
-        c.mesh.sharding = "fsdp"
+    c.mesh = common.mesh_config(tiny)
 
     # Paper initialisation (base/large): OpenAI CLIP ViT + bert-base-uncased checkpoints
-    # (.pt/.pth/.safetensors), or a whole mPLUG `checkpoint` (official file with config_bert /
-    # config_yaml, `mplug-jax convert` dir, or a workdir of ours at `step`, 0 = latest). Used
-    # only when the run starts fresh (mplug_jax/pretrained.py).
-    c.init = dict(clip="", bert="", checkpoint="", config_bert="", config_yaml="", step=0,
-                  allow_scratch=tiny)
-    c.resume = ""  # another run's workdir to continue from when this workdir has no checkpoint
-    c.log_every_steps = 25 if tiny else 100
-    c.ckpt_every_steps = 300 if tiny else 2000
-    c.keep_ckpts = 2
-    c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
-    c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU
+    # (init.clip / init.bert: .pt/.pth/.safetensors), or a whole mPLUG init.checkpoint.
+    common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=300 if tiny else 2000)
 
     c.evals = ml_collections.ConfigDict()
     c.evals.heldout = dict(type="pretrain_zeroshot", every_steps=0, num_examples=512,

@@ -18,7 +18,7 @@ import pytest
 from configs import caption as caption_config
 from mplug_jax import metrics, trainer
 from mplug_jax import workdir as workdir_lib
-from mplug_jax.data import caption_input, synthetic
+from mplug_jax.data import caption_input, synthetic, transforms
 from mplug_jax.data.tokenizer import CLS_ID, SEP_ID
 from mplug_jax.scoring import caption as scoring
 from mplug_jax.tasks import caption as caption_task
@@ -368,3 +368,37 @@ def test_predictor_reproduces_the_evaluator_captions(finetuned):
     split = caption_input.load_split(cfg.input, "eval", cfg.model.image_size, cfg.seed)
     images = [split.eval_records[i]["image"] for i in range(6)]
     assert pred.caption(images) == [r["pred_caption"] for r in rows[:6]]
+
+
+def test_scst_sampling_variant_runs_with_a_greedy_baseline(finetuned, tmp_path):
+    """`task.scst.mode='sample'`: K sampled captions per image (generate.sample), baseline = the
+    greedy caption's reward; two steps from the fine-tuned workdir train with finite losses,
+    and the hook's samples are valid captions (start at [CLS], end at [SEP] or the limit)."""
+    cfg, run, _ = finetuned
+    c = caption_config.get_config("tiny,mode=scst")
+    c.model = ml_collections.ConfigDict(cfg.model.to_dict())
+    c.init.checkpoint = str(run)
+    c.input.update(batch_size=8, train_size=2000, eval_size=8)
+    c.task.generation.update(max_length=12)
+    c.task.scst.update(mode="sample", num_samples=3, top_k=5)
+    c.total_steps, c.log_every_steps, c.ckpt_every_steps = 2, 1, 100
+    c.mesh.shape = dict(data=1, fsdp=1, tensor=1)
+    c.evals = {}
+    out = trainer.run(c, str(tmp_path / "sample"))
+    rows = [r for r in metrics.read_jsonl(str(tmp_path / "sample" / "metrics.jsonl"))
+            if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["train/loss_scst"]) and r["train/scst_reward"] > 0 for r in rows)
+    task = caption_task.Task(c)
+    params = out["state"].params
+    image = np.stack([caption_input.load_split(c.input, "train", c.model.image_size, c.seed)
+                      .train_records[i]["image"] for i in range(2)])
+    image = transforms.normalize(image)
+    got = jax.device_get(jax.jit(task._search)(params, image, jax.random.PRNGKey(3)))
+    assert got["ids"].shape == (2, 3, 13) and got["greedy"].shape == (2, 13)
+    assert (got["ids"][:, :, 0] == CLS_ID).all()
+    for row, n in zip(got["ids"].reshape(-1, 13), got["lengths"].reshape(-1)):
+        assert row[n - 1] == SEP_ID or n == 13, (row, n)
+    reward, adv = task.rewards(got["ids"], np.array([0, 1]), got["greedy"])
+    base = task.rewards(got["greedy"][:, None], np.array([0, 1]))[0]
+    np.testing.assert_allclose(adv, reward - base, rtol=1e-6)

@@ -13,8 +13,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from mplug_jax import pretrained
+from mplug_jax.models.mplug import MPLUG
+from mplug_jax.train_state import momentum_update
 
 
 class KeyStream:
@@ -35,11 +38,32 @@ class KeyStream:
         return jax.random.fold_in(self._key, self._count - 1)
 
 
+def ramp(value: float, step: jax.Array, warmup_steps: int) -> jax.Array:
+    """float32[] `value` ramped linearly from 0 over the first `warmup_steps` train steps
+    (the distillation weight alpha of ALBEF / mPLUG); constant when warmup_steps <= 0."""
+    a = jnp.asarray(value, jnp.float32)
+    if warmup_steps <= 0:
+        return a
+    return a * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
+
+
+def decoder_hidden(model: MPLUG, *args) -> jax.Array:
+    """`MPLUG.decode` without the LM head: float[B, L, D] (so the V-way head can run on the
+    target positions only); `model.apply(..., method=decoder_hidden)`."""
+    return model.decoder.hidden(*args)
+
+
+def decoder_head(model: MPLUG, h: jax.Array) -> jax.Array:
+    """The decoder's V-way LM head on hidden states float[..., D] -> float32[..., V]."""
+    return model.decoder.lm_logits(h)
+
+
 class Task:
     """Base class of the tasks in `mplug_jax.tasks` (see module docstring for the call order).
 
-    Subclasses set `model` in `__init__` and implement `train_input`, `dummy_batch`,
-    `init_params`, `loss` and `predict_fns`; the rest has working defaults.
+    Subclasses set `model` in `__init__` (usually with `set_model`) and implement
+    `train_input`, `dummy_batch`, `init_params`, `loss` and `predict_fns`; the rest has working
+    defaults. A task that keeps a momentum copy (`extra['params_m']`) sets `momentum`.
     """
 
     name = "base"
@@ -47,9 +71,25 @@ class Task:
     # How to stop `train/dropped_*` counters from growing (the trainer's warning says it).
     capacity_hint = "raise the task's target capacity"
 
+    train_model: Any = None  # `model` with dropout on (when config.model.dropout_rate > 0)
+    momentum: float = 0.995  # EMA coefficient of `extra['params_m']`
+
     def __init__(self, config, steps_per_epoch: int = 1):
         self.config = config
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
+
+    def set_model(self, model_cfg) -> None:
+        """`model` (eval: no dropout) and `train_model` (dropout as configured) from
+        `config.model`; both share one parameter tree."""
+        self.model = MPLUG.from_config(model_cfg)
+        self.train_model = self.model.clone(deterministic=model_cfg.get("dropout_rate", 0) == 0)
+
+    def _apply(self, params, method, *args, rng: jax.Array | None = None):
+        """A method of the model on `params`: eval mode, or with dropout keyed by `rng`."""
+        if rng is None:
+            return self.model.apply({"params": params}, *args, method=method)
+        return self.train_model.apply({"params": params}, *args, method=method,
+                                      rngs={"dropout": rng})
 
     # ---- input ----------------------------------------------------------------------------
 
@@ -73,6 +113,14 @@ class Task:
     def init_extra(self, params: Any, rng: jax.Array) -> dict:
         """State the optimizer does not update (momentum params, queues); boxed like params."""
         return {}
+
+    def require_init(self, what: str) -> None:
+        """Refuse to start from random weights unless `init.allow_scratch`: `what` says which
+        config and which `--config.init...` flags it needs."""
+        init = self.config.get("init")
+        if not pretrained.requested(init) and not (init and init.get("allow_scratch")):
+            raise ValueError(f"the {self.config.get('variant', '')} {what}, or pass "
+                             "--config.init.allow_scratch=True to train from random weights")
 
     def init_from_pretrained(self, state):
         """A fresh TrainState with its params (and a momentum copy, if the task keeps one)
@@ -120,8 +168,12 @@ class Task:
         return batch
 
     def begin_step(self, params: Any, extra: dict) -> dict:
-        """Once per optimizer step, before the loss (e.g. the momentum update)."""
-        return extra
+        """Once per optimizer step, before the loss: the EMA update of the momentum copy
+        `extra['params_m']` (with `momentum`) when the task keeps one."""
+        if "params_m" not in extra:
+            return extra
+        return {**extra, "params_m": momentum_update(
+            extra["params_m"], {k: params[k] for k in extra["params_m"]}, self.momentum)}
 
     def loss(self, params: Any, extra: dict, batch: dict, rng: jax.Array, step: jax.Array):
         """-> (float32[] loss, (metrics {name: float32[]}, new extra))."""

@@ -44,10 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import generate, pretrained
+from mplug_jax import generate
 from mplug_jax.data import caption_input, tokenizer
 from mplug_jax.data.pipeline import make_global_batch
-from mplug_jax.models.mplug import MPLUG
 from mplug_jax.scoring import caption as scoring
 from mplug_jax.sharding import replicated
 from mplug_jax.tasks import base
@@ -79,8 +78,7 @@ class Task(base.Task):
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
-        self.model = MPLUG.from_config(config.model)
-        self.train_model = self.model.clone(deterministic=config.model.get("dropout_rate", 0) == 0)
+        self.set_model(config.model)
         t = config.task
         self.prompt = str(t.get("prompt", "") or "")
         self.zero_shot_prompt = str(t.get("zero_shot_prompt", "") or "")
@@ -158,22 +156,12 @@ class Task(base.Task):
                                ids, mask)["params"]
 
     def init_from_pretrained(self, state):
-        init = self.config.get("init")
-        if not pretrained.requested(init) and not (init and init.get("allow_scratch")):
-            raise ValueError(
-                f"the {self.config.get('variant', '')} caption config fine-tunes a pretrained "
-                "mPLUG: set --config.init.checkpoint=<pretraining workdir, official .pth (with "
-                "init.config_bert) or `mplug-jax convert` dir>, or pass "
-                "--config.init.allow_scratch=True to train from random weights")
+        self.require_init("caption config fine-tunes a pretrained mPLUG: set "
+                          "--config.init.checkpoint=<pretraining workdir, official .pth (with "
+                          "init.config_bert) or `mplug-jax convert` dir>")
         return super().init_from_pretrained(state)
 
     # ---- model calls ------------------------------------------------------------------------
-
-    def _apply(self, params, method, *args, rng: jax.Array | None = None):
-        if rng is None:
-            return self.model.apply({"params": params}, *args, method=method)
-        return self.train_model.apply({"params": params}, *args, method=method,
-                                      rngs={"dropout": rng})
 
     def states(self, params, image: jax.Array, rng: jax.Array | None = None):
         """Decoder states of the caption model: (image embeddings float[B, N, D], int32[B, N]
@@ -192,9 +180,9 @@ class Task(base.Task):
 
     def _token_logprobs(self, params, ids, mask, states, smask, rng):
         """log p(ids[:, t+1] | ids[:, :t+1], states) float32[R, L-1] (teacher forcing)."""
-        h = self._apply(params, lambda m, *a: m.decoder.hidden(*a), ids, mask, states, smask,
+        h = self._apply(params, base.decoder_hidden, ids, mask, states, smask,
                         rng=rng)
-        logits = self._apply(params, lambda m, x: m.decoder.lm_logits(x), h[:, :-1])
+        logits = self._apply(params, base.decoder_head, h[:, :-1])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         return jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
 

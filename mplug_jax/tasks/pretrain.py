@@ -21,27 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import generate, losses, pretrained
+from mplug_jax import generate, losses
 from mplug_jax.data import pretrain_input
 from mplug_jax.models import layers
-from mplug_jax.models.mplug import MPLUG
 from mplug_jax.tasks import base
-from mplug_jax.train_state import enqueue, momentum_update
+from mplug_jax.train_state import enqueue
 
 LOSSES = ("itc", "itm", "mlm", "prefix_lm")
 # Top-level params the momentum forwards read (`encode_image`, `encode_text`, `itc_project`,
 # `fuse`, `mlm_logits`); `decoder` joins them when prefix-LM distillation is on.
 MOMENTUM_PARAMS = ("vision", "visn_fc", "visn_ln", "text", "fusion", "vision_proj", "text_proj",
                    "mlm_transform", "mlm_ln", "mlm_bias")
-
-
-def _decoder_hidden(model: MPLUG, *args):
-    """`MPLUG.decode` without the LM head: float[B, L, D] (so the head runs on targets only)."""
-    return model.decoder.hidden(*args)
-
-
-def _decoder_head(model: MPLUG, h):
-    return model.decoder.lm_logits(h)
 
 
 def _gather(states: jax.Array, pos: jax.Array) -> jax.Array:
@@ -82,8 +72,7 @@ class Task(base.Task):
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
-        self.model = MPLUG.from_config(config.model)
-        self.train_model = self.model.clone(deterministic=config.model.get("dropout_rate", 0) == 0)
+        self.set_model(config.model)
         t = config.task
         unknown = set(t.loss_weights) - set(LOSSES)
         if unknown:
@@ -109,6 +98,7 @@ class Task(base.Task):
                 f"task.itc.queue_size={self.itc.queue_size} must be a multiple of the batch one "
                 f"loss call sees: input.batch_size / optim.accum_steps = {self.batch_size}")
         self.alpha_warmup_steps = int(round(self.itc.alpha_warmup_epochs * self.steps_per_epoch))
+        self.momentum = float(self.itc.momentum)
         self.max_len = int(config.input.max_tokens)
 
     # ---- input ------------------------------------------------------------------------------
@@ -169,13 +159,10 @@ class Task(base.Task):
         return extra
 
     def init_from_pretrained(self, state):
-        init = self.config.get("init")
-        if not pretrained.requested(init) and not (init and init.get("allow_scratch")):
-            raise ValueError(
-                f"the {self.config.get('variant', '')} pretraining config starts from pretrained "
-                "encoders (paper section 5.1): set --config.init.clip=CLIP_CHECKPOINT "
-                "--config.init.bert=BERT_CHECKPOINT (or --config.init.checkpoint=...), or pass "
-                "--config.init.allow_scratch=True to train from random weights")
+        self.require_init(
+            "pretraining config starts from pretrained encoders (paper section 5.1): set "
+            "--config.init.clip=CLIP_CHECKPOINT --config.init.bert=BERT_CHECKPOINT (or "
+            "--config.init.checkpoint=...)")
         return super().init_from_pretrained(state)
 
     @property
@@ -189,12 +176,6 @@ class Task(base.Task):
 
     # ---- model calls ------------------------------------------------------------------------
 
-    def _apply(self, params, method, *args, rng: jax.Array | None = None):
-        if rng is None:
-            return self.model.apply({"params": params}, *args, method=method)
-        return self.train_model.apply({"params": params}, *args, method=method,
-                                      rngs={"dropout": rng})
-
     @staticmethod
     def _momentum_tree(params_m, params):
         """The momentum subset completed with online leaves the module's `setup` declares but
@@ -203,19 +184,9 @@ class Task(base.Task):
 
     def alpha(self, step: jax.Array) -> jax.Array:
         """Distillation weight: `distill_alpha`, ramped linearly over the first epoch(s)."""
-        a = jnp.asarray(self.itc.distill_alpha, jnp.float32)
-        if self.alpha_warmup_steps <= 0:
-            return a
-        return a * jnp.minimum(1.0, step.astype(jnp.float32) / self.alpha_warmup_steps)
+        return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
 
     # ---- step -------------------------------------------------------------------------------
-
-    def begin_step(self, params, extra: dict) -> dict:
-        """Momentum update of `params_m` (once per optimizer step, before the loss)."""
-        if "params_m" not in extra:
-            return extra
-        return {**extra, "params_m": momentum_update(
-            extra["params_m"], {k: params[k] for k in extra["params_m"]}, self.itc.momentum)}
 
     def after_update(self, params):
         """Clamp the temperature into [temp_min, temp_max] (ALBEF clamps it in place)."""
@@ -326,8 +297,8 @@ class Task(base.Task):
                 f_img, f_txt = self._apply(p, "fuse", img_states, txt_p, p_mask, rng=key())
                 states = jnp.concatenate([f_img, f_txt], 1)
                 smask = jnp.concatenate([jnp.ones(f_img.shape[:2], p_mask.dtype), p_mask], 1)
-                h = self._apply(p, _decoder_hidden, d_ids, d_mask, states, smask, rng=key())
-                return self._apply(p, _decoder_head, _gather(h[:, :-1], pos))
+                h = self._apply(p, base.decoder_hidden, d_ids, d_mask, states, smask, rng=key())
+                return self._apply(p, base.decoder_head, _gather(h[:, :-1], pos))
 
             logits = lm_logits(params, img, drop)
             logits_m = None

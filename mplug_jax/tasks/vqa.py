@@ -26,13 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import generate, losses, pretrained
+from mplug_jax import generate, losses
 from mplug_jax.data import vqa_input
 from mplug_jax.losses import CLS_ID
 from mplug_jax.models import layers
-from mplug_jax.models.mplug import MPLUG
 from mplug_jax.tasks import base
-from mplug_jax.train_state import momentum_update
 
 # What the momentum forward reads: encoders, fusion and decoder (no ITC/ITM/MLM heads).
 MOMENTUM_PARAMS = ("vision", "visn_fc", "visn_ln", "text", "fusion", "decoder")
@@ -60,15 +58,6 @@ def answer_nll(logits: jax.Array, ids: jax.Array, mask: jax.Array,
     return jnp.sum(nll * valid, axis=-1)
 
 
-def _decoder_hidden(model: MPLUG, *args):
-    """`MPLUG.decode` without the LM head: float[N, La, D]."""
-    return model.decoder.hidden(*args)
-
-
-def _decoder_head(model: MPLUG, h):
-    return model.decoder.lm_logits(h)
-
-
 GATHER_MULTIPLE = 64  # gathered rows split evenly over up to 64 batch shards
 
 
@@ -91,8 +80,7 @@ class Task(base.Task):
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
-        self.model = MPLUG.from_config(config.model)
-        self.train_model = self.model.clone(deterministic=config.model.get("dropout_rate", 0) == 0)
+        self.set_model(config.model)
         t = config.task
         self.max_answers = int(t.max_answers)
         if self.max_answers < 1:
@@ -163,21 +151,12 @@ class Task(base.Task):
     def init_from_pretrained(self, state):
         """The base initialisation from `config.init`; refuses random weights unless
         `init.allow_scratch`."""
-        init = self.config.get("init")
-        if not pretrained.requested(init) and not (init and init.get("allow_scratch")):
-            raise ValueError(
-                f"the {self.config.get('variant', '')} VQA config fine-tunes a pretrained "
-                "mPLUG: set --config.init.checkpoint=PRETRAINING_WORKDIR (or an official / "
-                "converted checkpoint), or pass --config.init.allow_scratch=True")
+        self.require_init("VQA config fine-tunes a pretrained mPLUG: set "
+                          "--config.init.checkpoint=PRETRAINING_WORKDIR (or an official / "
+                          "converted checkpoint)")
         return super().init_from_pretrained(state)
 
     # ---- model calls ------------------------------------------------------------------------
-
-    def _apply(self, params, method, *args, rng: jax.Array | None = None):
-        if rng is None:
-            return self.model.apply({"params": params}, *args, method=method)
-        return self.train_model.apply({"params": params}, *args, method=method,
-                                      rngs={"dropout": rng})
 
     def states(self, params, image, q_ids, q_mask, drop: base.KeyStream | None = None):
         """Decoder states of each question: (float[B, N + Lq, D], int32[B, N + Lq])."""
@@ -202,19 +181,9 @@ class Task(base.Task):
 
     def alpha(self, step: jax.Array) -> jax.Array:
         """Distillation weight: `distill_alpha` ramped linearly over `alpha_warmup_epochs`."""
-        a = jnp.asarray(self.alpha_max, jnp.float32)
-        if self.alpha_warmup_steps <= 0:
-            return a
-        return a * jnp.minimum(1.0, step.astype(jnp.float32) / self.alpha_warmup_steps)
+        return base.ramp(self.alpha_max, step, self.alpha_warmup_steps)
 
     # ---- step -------------------------------------------------------------------------------
-
-    def begin_step(self, params, extra: dict) -> dict:
-        """Momentum update of `params_m` (distillation only)."""
-        if "params_m" not in extra:
-            return extra
-        return {**extra, "params_m": momentum_update(
-            extra["params_m"], {k: params[k] for k in extra["params_m"]}, self.momentum)}
 
     def target_capacity(self, b: int, a: int) -> int:
         """Gathered target positions for b questions of a slots (all when not gathering)."""
@@ -247,11 +216,11 @@ class Task(base.Task):
         def target_logits(p, keys):
             st, sm = self.states(p, batch["image"], batch["question_ids"],
                                  batch["question_mask"], keys)
-            h = self._apply(p, _decoder_hidden, ids, mask, rep(st), rep(sm),
+            h = self._apply(p, base.decoder_hidden, ids, mask, rep(st), rep(sm),
                             rng=next(keys) if keys is not None else None)
             rows = h[:, :-1].reshape(-1, h.shape[-1])[pos]
             rows = layers.constrain(rows, ("batch", "act_embed"))
-            return self._apply(p, _decoder_head, rows[None])[0]  # float32[K, V]
+            return self._apply(p, base.decoder_head, rows[None])[0]  # float32[K, V]
 
         logits = target_logits(params, drop)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
