@@ -10,7 +10,6 @@ traces, scores and post-processed texts are compared too.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -26,16 +25,9 @@ from mplug_jax.data import text as text_norm
 from mplug_jax.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
 from mplug_jax.data.transforms import load_image
 from mplug_jax.interop.convert import load_official
+from mplug_jax.interop.parity_rows import Row
 
 
-@dataclasses.dataclass
-class Row:
-    name: str
-    shape: tuple
-    max_err: float
-    tol: float
-    ok: bool
-    note: str = ""
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -227,6 +219,9 @@ def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
         return os.path.join(fixture, *p)
     with open(path("meta.json")) as f:
         meta = json.load(f)
+    if meta.get("task", "vqa") not in ("vqa", "caption"):  # ../shared/fixtures-tasks format
+        from mplug_jax.interop.parity_tasks import run_task_parity
+        return run_task_parity(fixture, meta, image_atol)
     inputs = dict(np.load(path("inputs.npz")))
     expected = dict(np.load(path("expected.npz")))
     with open(path("text.json")) as f:

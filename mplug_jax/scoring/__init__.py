@@ -12,8 +12,9 @@ import pkgutil
 
 
 def available() -> list[str]:
-    """Tasks with a `score_file` (the modules of this package)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__))
+    """Tasks whose module in this package defines `score_file`."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__)
+                  if hasattr(importlib.import_module(f"{__name__}.{m.name}"), "score_file"))
 
 
 def score_file(task: str, results: str, annotations: str) -> dict:
@@ -21,8 +22,6 @@ def score_file(task: str, results: str, annotations: str) -> dict:
     if task not in available():
         raise ValueError(f"no scorer for task {task!r}; valid: {available()}")
     module = importlib.import_module(f"{__name__}.{task}")
-    if not hasattr(module, "score_file"):
-        raise ValueError(f"mplug_jax.scoring.{task} defines no score_file")
     for what, path in (("results", results), ("annotations", annotations)):
         if not path or not os.path.isfile(path):
             raise FileNotFoundError(f"--{what} file {path!r} does not exist")
