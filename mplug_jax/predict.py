@@ -27,6 +27,7 @@ import numpy as np
 from mplug_jax import generate
 from mplug_jax.data import transforms
 from mplug_jax.data.tokenizer import get_tokenizer
+from mplug_jax.tasks import base
 from mplug_jax.tasks.caption import decode_text
 
 TASKS = ("vqa", "caption")
@@ -51,13 +52,13 @@ class Settings:
 
 def _states(model, params, image, ids, mask):
     """Decoder states: image embeddings alone (ids None), else [fused image; fused text]."""
-    img = model.apply({"params": params}, image, method="encode_image")
+    def apply(p, method, *args, rng=None):
+        return model.apply({"params": p}, *args, method=method)
+
+    img = apply(params, "encode_image", image)
     if ids is None:
         return img, jnp.ones(img.shape[:2], jnp.int32)
-    txt = model.apply({"params": params}, ids, mask, method="encode_text")
-    f_img, f_txt = model.apply({"params": params}, img, txt, mask, method="fuse")
-    return (jnp.concatenate([f_img, f_txt], 1),
-            jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask], 1))
+    return base.fused_states(apply, params, img, ids, mask)
 
 
 class Predictor:

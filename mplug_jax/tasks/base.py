@@ -58,6 +58,33 @@ def decoder_head(model: MPLUG, h: jax.Array) -> jax.Array:
     return model.decoder.lm_logits(h)
 
 
+def fused_states(apply: Callable, params: Any, img: jax.Array, ids: jax.Array,
+                 mask: jax.Array, key: Callable[[], jax.Array | None] = lambda: None):
+    """Decoder states [fused image; fused text] (VQA questions, zero-shot caption prompts).
+
+    Args:
+      apply: `(params, method, *args, rng=None)` -> the model method's output (`Task._apply`).
+      img: float[B, N, D] image embeddings; ids / mask: int32[B, L] text and its mask.
+      key: the dropout key of each call (text encoder, then fusion); None = eval.
+    Returns:
+      (float[B, N + L, D] states, int32[B, N + L] mask).
+    """
+    txt = apply(params, "encode_text", ids, mask, rng=key())
+    f_img, f_txt = apply(params, "fuse", img, txt, mask, rng=key())
+    return (jnp.concatenate([f_img, f_txt], 1),
+            jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask.astype(jnp.int32)], 1))
+
+
+def refuse_synthetic(config, what: str, how: str) -> None:
+    """Refuse the built-in shapes data unless `input.allow_synthetic`: `what` names the config,
+    `how` says which real data to set instead."""
+    inp = config.input
+    if inp.dataset == "synthetic" and not inp.get("allow_synthetic", False):
+        raise ValueError(f"the {config.get('variant', '')} {what} config refuses the built-in "
+                         f"synthetic shapes data: {how}, or pass "
+                         "--config.input.allow_synthetic=True to train on the shapes anyway")
+
+
 class Task:
     """Base class of the tasks in `mplug_jax.tasks` (see module docstring for the call order).
 

@@ -125,12 +125,9 @@ class Task(base.Task):
     @classmethod
     def train_input(cls, config):
         inp = config.input
-        if inp.dataset == "synthetic" and not inp.get("allow_synthetic", False):
-            raise ValueError(
-                f"the {config.get('variant', '')} caption config refuses the built-in synthetic "
-                "shapes data: set input.dataset='karpathy' with input.train_annotations, "
-                "input.eval_annotations and input.coco_root, or pass "
-                "--config.input.allow_synthetic=True to train on the shapes anyway")
+        base.refuse_synthetic(config, "caption", "set input.dataset='karpathy' with "
+                              "input.train_annotations, input.eval_annotations and "
+                              "input.coco_root")
         return caption_input.train_batches(
             inp, config.model.image_size, config.seed, str(config.task.get("prompt", "") or ""),
             jax.process_index(), jax.process_count(), placeholders=cls._placeholders(config))
@@ -173,10 +170,7 @@ class Task(base.Task):
         b = image.shape[0]
         ids = jnp.broadcast_to(jnp.asarray(ids), (b, ids.shape[1]))
         mask = jnp.broadcast_to(jnp.asarray(mask), ids.shape)
-        txt = self._apply(params, "encode_text", ids, mask)
-        f_img, f_txt = self._apply(params, "fuse", img, txt, mask)
-        return (jnp.concatenate([f_img, f_txt], 1),
-                jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask], 1))
+        return base.fused_states(self._apply, params, img, ids, mask)
 
     def _token_logprobs(self, params, ids, mask, states, smask, rng):
         """log p(ids[:, t+1] | ids[:, :t+1], states) float32[R, L-1] (teacher forcing)."""

@@ -106,11 +106,8 @@ class Task(base.Task):
     @classmethod
     def train_input(cls, config):
         inp = config.input
-        if inp.dataset == "synthetic" and not inp.get("allow_synthetic", False):
-            raise ValueError(
-                f"the {config.get('variant', '')} pretraining config refuses the built-in "
-                "synthetic shapes data: set input.dataset to 'json' or 'tfds' with your data, "
-                "or pass --config.input.allow_synthetic=True to train on the shapes anyway")
+        base.refuse_synthetic(config, "pretraining",
+                              "set input.dataset to 'json' or 'tfds' with your data")
         return pretrain_input.train_batches(inp, config.model.image_size, config.seed,
                                             jax.process_index(), jax.process_count())
 

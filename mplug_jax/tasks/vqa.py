@@ -105,12 +105,8 @@ class Task(base.Task):
 
     @classmethod
     def train_input(cls, config):
-        inp = config.input
-        if inp.dataset == "synthetic" and not inp.get("allow_synthetic", False):
-            raise ValueError(
-                f"the {config.get('variant', '')} VQA config refuses the built-in synthetic "
-                "shapes data: set --config.input.dataset=json with input.annotations and "
-                "input.roots, or pass --config.input.allow_synthetic=True")
+        base.refuse_synthetic(config, "VQA", "set --config.input.dataset=json with "
+                              "input.annotations and input.roots")
         return vqa_input.train_batches(config, jax.process_index(), jax.process_count())
 
     def dummy_batch(self, batch_size: int) -> dict:
@@ -164,11 +160,7 @@ class Task(base.Task):
             return next(drop) if drop is not None else None
 
         img = self._apply(params, "encode_image", image, rng=key())
-        txt = self._apply(params, "encode_text", q_ids, q_mask, rng=key())
-        f_img, f_txt = self._apply(params, "fuse", img, txt, q_mask, rng=key())
-        smask = jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32),
-                                 q_mask.astype(jnp.int32)], 1)
-        return jnp.concatenate([f_img, f_txt], 1), smask
+        return base.fused_states(self._apply, params, img, q_ids, q_mask, key)
 
     def answer_logits(self, params, states, smask, a_ids, a_mask, rng=None):
         """Decoder logits float32[B, A, La, V] of the answers int32[B, A, La], each answer
