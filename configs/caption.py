@@ -118,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = common.mesh_config(tiny)
 
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
+    c.best.update(eval="caption", metric="CIDEr")  # official SCST: checkpoint_best by CIDEr
 
     c.evals = ml_collections.ConfigDict()
     c.evals.caption = dict(type="caption", every_steps=0, batch_size=32 if tiny else 64,

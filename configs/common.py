@@ -96,5 +96,8 @@ def set_run_defaults(c: ml_collections.ConfigDict, tiny: bool, *, allow_scratch:
     c.log_every_steps = 25 if tiny else 100
     c.ckpt_every_steps = ckpt_every_steps
     c.keep_ckpts = 2
+    # Keep the checkpoint with the best `metric` of eval block `eval` under <workdir>/best/
+    # (a workdir itself: pass it to --checkpoint / init.checkpoint); eval '' = off.
+    c.best = dict(eval="", metric="", mode="max")
     c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
     c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU

@@ -267,6 +267,9 @@ def run(config, workdir: str) -> dict:
     data = DevicePrefetch(host_iter, lambda b: make_global_batch(b, s.mesh))
     writer = mlib.MetricWriter(workdir)
     ckpt = ckpt_lib.Checkpointer(workdir / "ckpt", keep=config.keep_ckpts)
+    # No evals at all (e.g. a smoke run that drops them): nothing can be best.
+    best = workdir_lib.BestKeeper(workdir, config) \
+        if config.get("best", {}).get("eval") and config.get("evals") else None
     state, origin = _initial_state(config, s, ckpt, data)
     _log(origin)
     first = int(jax.device_get(state.step))
@@ -302,9 +305,11 @@ def run(config, workdir: str) -> dict:
                 for msg in warned.check(row):
                     _log(f"WARNING at step {step}: {msg}")
             # The final step's evals run after the loop.
-            if step < s.total_steps and run_evals(config, s, state.params, step, writer, evals,
-                                                  periodic=True):
-                chrono.restart(step)  # eval time is not step time
+            if step < s.total_steps:
+                ran = run_evals(config, s, state.params, step, writer, evals, periodic=True)
+                if ran:
+                    _keep_best(best, step, ran, state)
+                    chrono.restart(step)  # eval time (and a best save) is not step time
             stopping = stop.check(step)
             if step % config.ckpt_every_steps == 0 or step == s.total_steps or stopping:
                 ckpt.save(step, state, data, force=True)
@@ -316,12 +321,22 @@ def run(config, workdir: str) -> dict:
     results = {"step": step, "stopped": stopped, "evals": {}, "state": state}
     if stopped == "done":
         results["evals"] = run_evals(config, s, state.params, step, writer, evals)
+        _keep_best(best, step, results["evals"], state)
+    if best is not None:
+        best.close()
     writer.close()
     png = mlib.plot_losses(workdir)
     if png:
         _log(f"metrics: {workdir / 'metrics.jsonl'}, TensorBoard {workdir / 'tb'}, "
              f"loss curves {png}")
     return results
+
+
+def _keep_best(best, step: int, evals: dict, state) -> None:
+    """Hand `evals` to the best-checkpoint keeper (`config.best`), if there is one."""
+    msg = best.update(step, evals, state) if best is not None else None
+    if msg:
+        _log(msg)
 
 
 def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple[Any, str]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain as pretrain_config
-from mplug_jax import metrics, trainer
+from mplug_jax import metrics, trainer, workdir
 from mplug_jax.evaluators.pretrain_zeroshot import Evaluator
 
 
@@ -145,3 +145,70 @@ def _with(block, **kw):
     out = block.copy_and_resolve_references()
     out.update(kw)
     return out
+
+
+class _ScriptedEval:
+    """Evaluator stand-in: reports a scripted `score` per step and remembers the params."""
+
+    def __init__(self, scores: dict[int, float], seen: dict):
+        self.scores, self.seen, self.calls = scores, seen, 0
+
+    def run(self, params):
+        self.calls += 1
+        step = 2 * self.calls
+        self.seen[step] = jax.tree.map(np.asarray, params)
+        return {"score": self.scores[step]}
+
+    @staticmethod
+    def report(res):
+        return f"score {res['score']}"
+
+
+def test_best_checkpoint_keeps_the_best_eval_step(tmp_path, monkeypatch):
+    """config.best keeps the state of the best eval step as a workdir of its own (best/), which
+    restores to exactly the params that eval saw; best.json records it."""
+    cfg = loop_config()
+    cfg.evals = {"val": {"type": "pretrain_zeroshot", "every_steps": 2}}
+    cfg.best = {"eval": "val", "metric": "score", "mode": "max"}
+    seen, want = {}, 4
+    scripted = _ScriptedEval({2: 0.5, 4: 0.9, 6: 0.7}, seen)
+    monkeypatch.setattr(trainer.evaluators, "build", lambda *a, **k: scripted)
+    out = trainer.run(cfg, str(tmp_path / "run"))
+    assert out["step"] == 6 and sorted(seen) == [2, 4, 6]
+    best_dir = tmp_path / "run" / "best"
+    record = json.loads((best_dir / "best.json").read_text())
+    assert record["step"] == want and record["value"] == 0.9
+    assert sorted(int(p.name) for p in (best_dir / "ckpt").iterdir() if p.name.isdigit()) == [want]
+    _, params, _ = workdir.restore_params(best_dir)
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    assert same(jax.tree.map(np.asarray, params), seen[want])
+    assert not same(seen[2], seen[4])  # the steps are distinguishable
+
+
+def test_best_checkpoint_config_errors(tmp_path):
+    cfg = loop_config()
+    cfg.evals = {"val": {"type": "pretrain_zeroshot", "every_steps": 2}}
+    cfg.best = {"eval": "nope", "metric": "score", "mode": "max"}
+    with pytest.raises(ValueError, match="config.best.eval='nope' is not a block"):
+        workdir.BestKeeper(workdir.resolve(str(tmp_path)), cfg)
+    cfg.best = {"eval": "val", "metric": "score", "mode": "up"}
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        workdir.BestKeeper(workdir.resolve(str(tmp_path)), cfg)
+    cfg.best = {"eval": "val", "metric": "score", "mode": "max"}
+    keeper = workdir.BestKeeper(workdir.resolve(str(tmp_path)), cfg)
+    try:
+        assert "WARNING" in keeper.update(2, {"val": {"other": 1.0}}, None)
+        assert keeper.update(2, {"train": {"score": 1.0}}, None) is None
+        assert keeper.improves(0.1) and not keeper.improves(float("nan"))
+    finally:
+        keeper.close()
+    cfg.best.mode = "min"
+    keeper = workdir.BestKeeper(workdir.resolve(str(tmp_path / "min")), cfg)
+    try:
+        keeper.value = 0.5
+        assert keeper.improves(0.4) and not keeper.improves(0.6)
+    finally:
+        keeper.close()
