@@ -4,7 +4,9 @@ A record's ``video`` field (see :func:`sources.video_qa`) is either a folder of 
 (read in sorted file-name order) or a video file decoded with PyAV, or with OpenCV when PyAV is
 missing. :func:`frame_indices` is the official uniform sampling rule; :func:`sample_frames`
 applies it to one video and :func:`load_frames` returns the sampled frames as RGB images.
-Unusable videos raise :class:`BadRecord` like bad images do.
+Unusable videos raise :class:`BadRecord` like bad images do. :func:`eval_clip` and
+:func:`train_clip` are mPLUG-2's clip transforms (test: nearest-neighbour resize; train: one
+crop, flip and RandAugment draw shared by every frame).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from mplug_jax.data import transforms
 from mplug_jax.data.transforms import BadRecord, DataError, decode_image
 
 FRAME_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -173,3 +176,63 @@ def _decode_video(path: str, num_frames: int, *, train: bool,
     except errors as e:
         raise BadRecord("bad_image", f"{path}: cannot decode video ({e})") from e
     return picks, [got[i] for i in picks]
+
+
+def _clip_array(frames) -> np.ndarray:
+    """uint8[T, h, w, 3] from RGB PIL images or arrays of one video (all the same size)."""
+    arrays = [np.asarray(transforms.to_rgb(f) if isinstance(f, Image.Image) else f)
+              for f in frames]
+    if not arrays:
+        raise ValueError("a clip needs at least one frame")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1 or len(arrays[0].shape) != 3 or arrays[0].shape[-1] != 3:
+        raise ValueError(f"clip frames must be RGB images of one size, got shapes "
+                         f"{sorted(shapes)}")
+    return np.stack(arrays).astype(np.uint8)
+
+
+def resize_nearest(clip: np.ndarray, size: int) -> np.ndarray:
+    """mPLUG-2's test resize (fixtures-mplug2 FORMAT.md 6.1): torch `interpolate(mode='nearest')`
+    to size x size, aspect ratio not kept: output (i, j) = input (min(floor(i * h / R), h - 1),
+    min(floor(j * w / R), w - 1)) with the scales in float32. [T, h, w, C] -> [T, R, R, C]."""
+    if size <= 0:
+        raise ValueError(f"image_size must be positive, got {size}")
+    h, w = clip.shape[1:3]
+
+    def index(n: int) -> np.ndarray:
+        scale = np.float32(n) / np.float32(size)
+        src = np.floor(np.arange(size, dtype=np.float32) * scale).astype(np.int64)
+        return np.minimum(src, n - 1)
+
+    return clip[:, index(h)][:, :, index(w)]
+
+
+def eval_clip(frames, image_size: int) -> np.ndarray:
+    """mPLUG-2 `video_test_transform`: nearest resize to a square, /255, CLIP normalisation.
+
+    Args:
+      frames: T RGB frames (PIL images or uint8[h, w, 3]) of one video.
+    Returns:
+      float32[T, R, R, 3] (channels last; the official tensor is 3 x T x R x R).
+    """
+    return transforms.normalize(resize_nearest(_clip_array(frames), image_size))
+
+
+def train_clip(frames, image_size: int, rng: np.random.Generator, *,
+               crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
+               randaug_n: int = 2, randaug_m: int = 5) -> np.ndarray:
+    """mPLUG-2's training clip transform: RandomResizedCrop (0.5-1) -> flip -> RandAugment
+    (N=2, M=5) -> normalise, *temporally consistent*: every frame gets the same crop box, flip
+    and RandAugment ops and magnitudes (official-formats.md 1.11).
+
+    Consistency comes from replaying one random stream per frame: the image transform's draws
+    depend only on the frame size (equal within a clip), never on pixel values.
+
+    Returns:
+      float32[T, R, R, 3].
+    """
+    clip = _clip_array(frames)
+    seed = int(rng.integers(0, 2**63 - 1))
+    return np.stack([transforms.train_transform(
+        Image.fromarray(f), image_size, np.random.default_rng(seed), crop_scale=crop_scale,
+        hflip=hflip, randaug_n=randaug_n, randaug_m=randaug_m) for f in clip])
