@@ -219,6 +219,9 @@ def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
         return os.path.join(fixture, *p)
     with open(path("meta.json")) as f:
         meta = json.load(f)
+    from mplug_jax.interop.parity_mplug2 import is_mplug2_fixture, run_mplug2_parity
+    if is_mplug2_fixture(meta):  # ../shared/fixtures-mplug2 format
+        return run_mplug2_parity(fixture, meta)
     if meta.get("task", "vqa") not in ("vqa", "caption"):  # ../shared/fixtures-tasks format
         from mplug_jax.interop.parity_tasks import run_task_parity
         return run_task_parity(fixture, meta, image_atol)
