@@ -1,0 +1,25 @@
+"""NLVR2 scoring: accuracy (overall and per class) of an `nlvr2_result.json` ([{"id", "pred",
+"label"}], written by the `classify` evaluator) against an official NLVR2 annotation json
+(official-formats.md 1.9). `id` is the record's index among the annotation's valid records in
+file order, as `sources.nlvr2` reads them (records it skips get no id); the label is "True" or
+anything else (= "False"), as the official reader.
+
+    mplug-jax score --task nlvr2 --results nlvr2_result.json --annotations nlvr2_dev.json
+"""
+from __future__ import annotations
+
+from mplug_jax.data import sources
+from mplug_jax.data.nlvr2_input import LABELS
+from mplug_jax.scoring import classify
+
+
+def load_gold(annotation: str) -> dict[int, str]:
+    """{record index: "False" | "True"} of an official NLVR2 json (images are not needed)."""
+    src = sources.nlvr2(annotation, "", max_skip_rate=1.0)
+    return {i: LABELS[r["label"]] for i, r in enumerate(src)}
+
+
+def score_file(results: str, annotations: str) -> dict:
+    """Accuracy metrics (`scoring.classify.score_rows`: acc, n, acc_/n_/pred_<class>,
+    unscored, unanswered) of a result file."""
+    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS)
