@@ -1,0 +1,117 @@
+"""Zero-shot video captioning (VATEX; paper section 5.4.2) from a caption (or pretraining) model.
+
+Per video: `num_frames` frames sampled uniformly (`data.video_input`), encoded in one batched
+call, tokens concatenated into float[B, T * N, D]; the decoder states are built by
+`tasks.caption.Task.embed_states`: with `task.zero_shot_prompt` (the config sets "a video of",
+the paper's prefix prompt) the prompt goes through the text encoder and fusion with the video
+tokens, as the zero-shot "a picture of" of image captioning; then the caption task's beam
+search (`task.generation`; official VATEX: beam 10, min 15, max 25). Predictions are decoded
+with the official post-processing and the official prompt list (`OFFICIAL_PROMPTS`) is
+stripped from their start (official `videocap_mplug.py`).
+
+Metrics: BLEU-1..4 / METEOR / ROUGE-L / CIDEr via `scoring.caption.evaluate` against the
+references (VATEX `enCap`). Result files: `vatex_submission.json` {videoID: caption} (the
+official submission dict) and `caption_results.json` (official form: question_id = video id,
+pred_caption, gold_caption). Videos that cannot be decoded are skipped and counted
+('num_skipped_videos').
+
+Eval block keys: type='video_caption', dataset ('json' | 'synthetic'), format
+('vatex_caption' | 'video_caption' = mPLUG-2 jsonl), annotations, video_root, num_frames,
+batch_size, metrics, tokenize, limit, workers, log_every, num_examples_shown, synthetic_*.
+"""
+from __future__ import annotations
+
+import jax
+
+from mplug_jax.data import tokenizer, video_input
+from mplug_jax.evaluators.common import FILES
+from mplug_jax.scoring import caption as scoring
+from mplug_jax.sharding import replicated
+
+PREDICT_FNS = ("encode_image", "caption_beam_embeds")
+# Stripped from the start of predictions, as the official VATEX evaluation (longest first).
+OFFICIAL_PROMPTS = ("a video tutorial on", "a video clip of", "a video showing", "a picture of",
+                    "a video of")
+SUBMISSION_FILE = "vatex_submission.json"
+
+
+def strip_prompts(text: str, prompts=OFFICIAL_PROMPTS) -> str:
+    """`text` without a leading prompt of `prompts` (whole words only), stripped."""
+    text = text.strip()
+    for p in sorted(prompts, key=len, reverse=True):
+        if text == p or text.startswith(p + " "):
+            return text[len(p):].strip()
+    return text
+
+
+class Evaluator:
+    """Evaluator `video_caption`.
+
+    Args:
+      predict_fns: {'encode_image', 'caption_beam_embeds'} of `mplug_jax.tasks.caption.Task`.
+      ecfg: eval block (module docstring).
+      config: run config (model.image_size, seed).
+      mesh: the run's mesh; None = a 1-device mesh on this process's first device.
+    """
+
+    def __init__(self, predict_fns: dict, ecfg, config, mesh=None):
+        self.cfg = ecfg
+        self.batch_size = int(ecfg.batch_size)
+        self.mesh = video_input.default_mesh(mesh, self.batch_size)
+        fmt = ecfg.get("format", "vatex_caption")
+        if fmt not in ("vatex_caption", "video_caption"):
+            raise ValueError(f"video_caption eval format must be 'vatex_caption' or "
+                             f"'video_caption', got {fmt!r}")
+        self.source = video_input.eval_source(ecfg, fmt, int(config.seed))
+        self.input = video_input.VideoEval(
+            self.source, num_frames=int(ecfg.num_frames), image_size=config.model.image_size,
+            batch_size=self.batch_size, workers=int(ecfg.get("workers", 4)),
+            limit=int(ecfg.get("limit", 0) or 0), log_every=int(ecfg.get("log_every", 0) or 0),
+            name="video caption")
+        self.metrics = tuple(ecfg.get("metrics", scoring.METRICS))
+        self.tokenize = str(ecfg.get("tokenize", "ptb"))
+        encode, beam = predict_fns["encode_image"], predict_fns["caption_beam_embeds"]
+
+        def caption(params, frames):
+            return beam(params, video_input.frames_to_tokens(encode, params, frames))["ids"]
+
+        self._caption = jax.jit(caption, out_shardings=replicated(self.mesh))
+
+    def captions(self, params) -> dict[int, str]:
+        """{source index: caption} of every video that decodes (prompts stripped)."""
+        tok, out = tokenizer.get_tokenizer(), {}
+        for b in self.input:
+            ids = jax.device_get(self._caption(params, *video_input.put_batch(self.mesh,
+                                                                              b["frames"])))
+            for j, row, ok in zip(b["idx"], ids, b["valid"]):
+                if ok:
+                    out[int(j)] = strip_prompts(tok.decode_official(row))
+        return out
+
+    def run(self, params) -> dict:
+        """Metrics, a few examples and the result files (module docstring)."""
+        caps = self.captions(params)
+        order = sorted(caps)
+        vids = [self.source[i]["video_id"] for i in order]
+        preds = [caps[i] for i in order]
+        refs = [self.source[i]["gold_captions"] for i in order]
+        res: dict = dict(scoring.evaluate(preds, refs, self.metrics, self.tokenize)) \
+            if preds else {}
+        res["num_videos"] = len(preds)
+        res["num_skipped_videos"] = self.input.num_skipped
+        k = int(self.cfg.get("num_examples_shown", 5) or 0)
+        res["captions"] = list(zip(vids[:k], preds[:k], [r[0] for r in refs[:k]]))
+        res[FILES] = {SUBMISSION_FILE: dict(zip(vids, preds)),
+                      "caption_results.json": scoring.result_rows(vids, preds, refs)}
+        return res
+
+    @staticmethod
+    def report(res: dict) -> str:
+        """Human-readable summary of `run`'s result."""
+        names = [m for m in scoring.METRICS if m in res]
+        lines = [f"video captions of {res['num_videos']} videos "
+                 f"({res['num_skipped_videos']} skipped): "
+                 + "  ".join(f"{m} {100 * res[m]:.1f}" for m in names)]
+        for vid, gen, ref in res.get("captions", []):
+            lines.append(f"  {vid}: {gen!r:50}  reference: {ref!r}")
+        return "\n".join(lines)
