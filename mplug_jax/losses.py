@@ -38,7 +38,8 @@ def clamp_temp(temp: jax.Array, temp_min: float = 0.001, temp_max: float = 0.5) 
 
 def itc_loss(img_feat: jax.Array, txt_feat: jax.Array, img_feat_m: jax.Array,
              txt_feat_m: jax.Array, image_queue: jax.Array, text_queue: jax.Array,
-             temp: jax.Array, alpha: jax.Array | float) -> tuple[jax.Array, dict]:
+             temp: jax.Array, alpha: jax.Array | float,
+             positives: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Image-text contrastive loss with a queue and momentum distillation (ALBEF eq. 1-3).
 
     Online features are compared with [momentum features of the whole batch; queue]; the
@@ -53,6 +54,9 @@ def itc_loss(img_feat: jax.Array, txt_feat: jax.Array, img_feat_m: jax.Array,
       text_queue: float32[Q, E] earlier momentum text features.
       temp: float32[] temperature, already clamped.
       alpha: float32[] distillation weight in [0, 1].
+      positives: optional bool[B, B + Q]: which of [batch; queue] entries are positives of
+        each row (e.g. the same image id, official retrieval); the hard targets are then
+        uniform over a row's positives. Default: the diagonal only (one-hot).
     Returns:
       (float32[] loss = (i2t + t2i) / 2, dict with `sim_i2t`, `sim_t2i`: float32[B, B] online
       similarities against the batch's momentum features, used for hard negatives).
@@ -64,7 +68,11 @@ def itc_loss(img_feat: jax.Array, txt_feat: jax.Array, img_feat_m: jax.Array,
     img_all_KE = jnp.concatenate([img_m, jax.lax.stop_gradient(image_queue.astype(f32))], 0)
     txt_all_KE = jnp.concatenate([txt_m, jax.lax.stop_gradient(text_queue.astype(f32))], 0)
     b = img_feat.shape[0]
-    onehot_BK = jax.nn.one_hot(jnp.arange(b), txt_all_KE.shape[0], dtype=f32)
+    if positives is None:
+        onehot_BK = jax.nn.one_hot(jnp.arange(b), txt_all_KE.shape[0], dtype=f32)
+    else:  # every row holds its own diagonal entry, so the sum is >= 1 when ids are sane
+        pos = positives.astype(f32)
+        onehot_BK = pos / jnp.maximum(pos.sum(-1, keepdims=True), 1.0)
     sim_i2t_m = img_m @ txt_all_KE.T / temp
     sim_t2i_m = txt_m @ img_all_KE.T / temp
     tgt_i2t = jax.lax.stop_gradient(alpha * jax.nn.softmax(sim_i2t_m, -1) + (1 - alpha) * onehot_BK)

@@ -13,10 +13,12 @@ Record fields per format (paths absolute):
 - coco_caption: image, image_id (file name); train: caption; eval: gold_captions
 - retrieval: train: image, caption, image_index; eval: image, image_index (+ `texts`, `txt2img`,
   `img2txt` on the source)
-- grounding: image, bbox (x, y, w, h pixels), phrase
+- grounding: image, bbox (x, y, w, h pixels), phrase, id (position in the split file)
 - nlvr2: images (2 paths), sentence, label; snli_ve: image, sentence, label
 - video_qa: video (frame folder or file, see :func:`video.video_path`), video_id, question,
   answer, question_id; video_caption: video, video_id, caption (train) | gold_captions (eval)
+- msrvtt_retrieval: video, video_id (clip_name), caption; vatex_caption: video, video_id,
+  gold_captions (enCap)
 """
 from __future__ import annotations
 
@@ -298,8 +300,9 @@ def _load_split_file(path: str) -> list:
         try:
             import torch
         except ImportError as e:
-            raise DataError(f"{path} is a torch file and torch is not installed; install torch "
-                            "or convert it to a json list of the same tuples") from e
+            raise DataError(f"{path} is a torch file and torch is not installed: pip install "
+                            "mplug-jax[torch], or convert it to a json list of the same tuples"
+                            ) from e
         return list(torch.load(path, weights_only=False))
     return read_annotations(path)
 
@@ -307,7 +310,8 @@ def _load_split_file(path: str) -> list:
 def grounding(split_file: str, image_dir: str, *, flickr: bool = False,
               max_skip_rate: float = 0.01) -> RecordSource:
     """TransVG split tuples: (file, _, [x, y, w, h], phrase, attrs) or flickr (file, x1y1x2y2,
-    phrase). Boxes are returned as [x, y, w, h] pixels; phrases lower-cased (official)."""
+    phrase). Boxes are returned as [x, y, w, h] pixels; phrases lower-cased (official); `id` =
+    the tuple's position in the split file; empty phrases are skipped and counted."""
     def parse(raw, pos):
         if flickr:
             file, box, phrase = raw[0], raw[1], raw[2]
@@ -320,7 +324,10 @@ def grounding(split_file: str, image_dir: str, *, flickr: bool = False,
             raise BadRecord("bad_record", f"degenerate box {box!r}")
         if not isinstance(phrase, str) or not isinstance(file, str):
             raise BadRecord("bad_record", "file or phrase is not a string")
-        return [{"image": os.path.join(image_dir, file), "bbox": bbox, "phrase": phrase.lower()}]
+        if not phrase.strip():
+            raise BadRecord("bad_record", "empty referring expression")
+        return [{"image": os.path.join(image_dir, file), "bbox": bbox, "phrase": phrase.lower(),
+                 "id": pos}]
 
     # torch.load gives tuples, json gives lists.
     items = ((split_file, i, tuple(raw) if isinstance(raw, list) else raw)
@@ -396,8 +403,44 @@ def video_caption(annotation: str, video_root: str, *, train: bool = True,
                   max_skip_rate)
 
 
+def msrvtt_retrieval(annotation: str, video_root: str, *, max_words: int = 40,
+                     max_skip_rate: float = 0.01) -> RecordSource:
+    """MSRVTT retrieval jsonl as mPLUG v1 reads BLIP's `msrvtt_test.jsonl`: one line per
+    video, `clip_name` and `caption` (pre_caption to `max_words`, official 40); the caption of
+    line i belongs to the video of line i (txt2video is the identity)."""
+    def parse(raw, pos):
+        clip = _str(raw, "clip_name")
+        cap = raw.get("caption")
+        if not isinstance(cap, str) or not text.pre_caption(cap, max_words):
+            raise BadRecord("bad_caption", f"caption {cap!r:.60}")
+        return [{"video": video.video_path(video_root, clip), "video_id": clip,
+                 "caption": text.pre_caption(cap, max_words)}]
+
+    return _build(_items([os.fspath(annotation)]), parse, f"msrvtt_retrieval[{annotation}]",
+                  max_skip_rate)
+
+
+def vatex_caption(annotation: str, video_root: str, *,
+                  max_skip_rate: float = 0.01) -> RecordSource:
+    """VATEX caption json as mPLUG v1 reads `vatex_public_test_english_v1.1.json`: an array of
+    {`videoID`, `enCap`: [English references]} -> video, video_id, gold_captions."""
+    def parse(raw, pos):
+        video_id = _str(raw, "videoID")
+        caps = raw.get("enCap")
+        golds = [c for c in caps if isinstance(c, str) and c.strip()] \
+            if isinstance(caps, list) else []
+        if not golds:
+            raise BadRecord("bad_caption", "enCap missing or without a usable reference")
+        return [{"video": video.video_path(video_root, video_id), "video_id": video_id,
+                 "gold_captions": golds}]
+
+    return _build(_items([os.fspath(annotation)]), parse, f"vatex_caption[{annotation}]",
+                  max_skip_rate)
+
+
 FORMATS: dict[str, Callable[..., RecordSource]] = {
     "pretrain": pretrain, "vqa": vqa, "coco_caption": coco_caption, "retrieval": retrieval,
     "grounding": grounding, "nlvr2": nlvr2, "snli_ve": snli_ve, "video_qa": video_qa,
-    "video_caption": video_caption,
+    "video_caption": video_caption, "msrvtt_retrieval": msrvtt_retrieval,
+    "vatex_caption": vatex_caption,
 }

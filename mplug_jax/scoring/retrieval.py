@@ -13,6 +13,7 @@ can come from any implementation.
 """
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -127,3 +128,97 @@ def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: Sequence[i
     """The official `itm_eval`: recall metrics of two score matrices (see `retrieval_ranks`,
     `recall_metrics`); keys in the official order `METRIC_NAMES`."""
     return recall_metrics(*retrieval_ranks(scores_i2t, scores_t2i, txt2img, img2txt))
+
+
+# ---- result files ---------------------------------------------------------------------------
+# `retrieval_result.json` (written by the `retrieval` evaluator):
+#   {"format": RESULT_FORMAT, "top_n": n, "k_test": {"i2t": k, "t2i": k},
+#    "i2t": [{"image": IMAGE, "texts": [TEXT, ...]}],          one per image query
+#    "t2i": [{"text": TEXT, "caption": str, "images": [IMAGE, ...]}]}   one per text query
+# IMAGE = the record's "image" field as written in the eval json; TEXT = "IMAGE#j", the j-th
+# caption of that record; each list holds the top n items, best first, in the order of the
+# official ranking (`ranked`). Recalls at K <= n follow from the lists alone.
+
+RESULT_FORMAT = "mplug-jax-retrieval-v1"
+
+
+def text_key(image_key: str, j: int) -> str:
+    """Result-file key of caption j of the eval record whose image field is `image_key`."""
+    return f"{image_key}#{j}"
+
+
+def ranked(scores: np.ndarray, n: int) -> np.ndarray:
+    """int64[Q, n]: per row, the n best columns in the official order of `retrieval_ranks`
+    (descending; ties in the order of numpy's ascending argsort, reversed)."""
+    scores = np.asarray(scores)
+    return np.stack([np.argsort(row)[::-1][:n] for row in scores]).astype(np.int64) \
+        if len(scores) else np.zeros((0, n), np.int64)
+
+
+def result_file(scores_i2t: np.ndarray, scores_t2i: np.ndarray, image_keys: list[str],
+                text_keys: list[str], captions: list[str], k_test: dict,
+                top_n: int = 10) -> dict:
+    """The result-file object (format above) of two score matrices [NI, NT] / [NT, NI]."""
+    if top_n < 10:
+        raise ValueError(f"top_n must be >= 10 (R@10), got {top_n}")
+    n_i, n_t = min(top_n, len(text_keys)), min(top_n, len(image_keys))
+    i2t = ranked(scores_i2t, n_i)
+    t2i = ranked(scores_t2i, n_t)
+    return {"format": RESULT_FORMAT, "top_n": int(top_n), "k_test": dict(k_test),
+            "i2t": [{"image": image_keys[i], "texts": [text_keys[int(t)] for t in row]}
+                    for i, row in enumerate(i2t)],
+            "t2i": [{"text": text_keys[t], "caption": captions[t],
+                     "images": [image_keys[int(i)] for i in row]}
+                    for t, row in enumerate(t2i)]}
+
+
+def _annotation_keys(annotations_path: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({image key: its text keys}, {text key: image key}) of an official eval json."""
+    with open(annotations_path, encoding="utf-8") as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"{annotations_path}: expected a JSON array of eval records "
+                         "({'image', 'caption': [...]})")
+    img2txt: dict[str, list[str]] = {}
+    for r in records:
+        if not isinstance(r, dict) or not isinstance(r.get("image"), str):
+            continue
+        caps = r.get("caption")
+        caps = [caps] if isinstance(caps, str) else caps if isinstance(caps, list) else []
+        caps = [c for c in caps if isinstance(c, str) and c.strip()]  # as sources.retrieval
+        img2txt.setdefault(r["image"], []).extend(
+            text_key(r["image"], j) for j in range(len(caps)))
+    txt2img = {t: i for i, ts in img2txt.items() for t in ts}
+    return img2txt, txt2img
+
+
+def score_file(results_path: str, annotations_path: str) -> dict:
+    """Recalls of a `retrieval_result.json` against the official eval json it was made from.
+
+    Every query of the result file must be in the annotations; the recalls are over the
+    result's queries (an evaluation drops images whose file is missing, and their captions).
+    Returns `METRIC_NAMES` plus num_images, num_texts and missing_queries (annotation queries
+    absent from the result file)."""
+    with open(results_path, encoding="utf-8") as f:
+        res = json.load(f)
+    if not isinstance(res, dict) or res.get("format") != RESULT_FORMAT:
+        raise ValueError(f"{results_path}: not a retrieval result file (format "
+                         f"{RESULT_FORMAT!r})")
+    img2txt, txt2img = _annotation_keys(annotations_path)
+    top_n = int(res["top_n"])
+    i2t_rank, t2i_rank = [], []
+    for q in res["i2t"]:
+        if q["image"] not in img2txt:
+            raise ValueError(f"result image {q['image']!r} is not in {annotations_path}")
+        pos = [j for j, t in enumerate(q["texts"]) if t in set(img2txt[q["image"]])]
+        i2t_rank.append(pos[0] if pos else top_n)
+    for q in res["t2i"]:
+        if q["text"] not in txt2img:
+            raise ValueError(f"result text {q['text']!r} is not in {annotations_path}")
+        pos = [j for j, i in enumerate(q["images"]) if i == txt2img[q["text"]]]
+        t2i_rank.append(pos[0] if pos else top_n)
+    out = recall_metrics(np.asarray(i2t_rank), np.asarray(t2i_rank))
+    out.update(num_images=len(i2t_rank), num_texts=len(t2i_rank),
+               missing_queries=len(img2txt) - len({q["image"] for q in res["i2t"]})
+               + len(txt2img) - len({q["text"] for q in res["t2i"]}))
+    return out

@@ -288,7 +288,8 @@ class Task(base.Task):
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 
     def predict_fns(self) -> dict:
-        return {"caption_beam": self.caption_beam}
+        return {"caption_beam": self.caption_beam, "encode_image": self.encode_image,
+                "caption_beam_embeds": self.caption_beam_from_embeds}
 
     def caption_beam(self, params, image: jax.Array) -> dict:
         """Official caption generation: {'ids' int32[B, max_length + 1] top hypothesis,
@@ -299,3 +300,26 @@ class Task(base.Task):
                                    alpha=self.alpha)
         return {"ids": out["ids"][:, 0], "scores": out["scores"][:, 0]}
 
+    # ---- generation from image embeddings (zero-shot video captioning) ----------------------
+
+    def encode_image(self, params, image: jax.Array) -> jax.Array:
+        """Visual encoder: float32[B, R, R, 3] -> float[B, N, D] image embeddings."""
+        return self._apply(params, "encode_image", image)
+
+    def embed_states(self, params, img: jax.Array):
+        """`states` from image embeddings float[B, S, D] (S may be T * N concatenated frame
+        tokens): (img, ones) or, with `zero_shot_prompt`, ([fused img; fused prompt], mask)."""
+        if not self.zero_shot_prompt:
+            return img, jnp.ones(img.shape[:2], jnp.int32)
+        ids, mask = tokenizer.get_tokenizer().encode([self.zero_shot_prompt])
+        ids = jnp.broadcast_to(jnp.asarray(ids), (img.shape[0], ids.shape[1]))
+        return base.fused_states(self._apply, params, img, ids,
+                                 jnp.broadcast_to(jnp.asarray(mask), ids.shape))
+
+    def caption_beam_from_embeds(self, params, img: jax.Array) -> dict:
+        """`caption_beam` from image embeddings float[B, S, D] instead of pixels."""
+        states, smask = self.embed_states(params, img)
+        out = generate.beam_search(self.model, params, states, smask, beam_size=self.beam_size,
+                                   min_length=self.min_length, max_length=self.max_length,
+                                   alpha=self.alpha)
+        return {"ids": out["ids"][:, 0], "scores": out["scores"][:, 0]}

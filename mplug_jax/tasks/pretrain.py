@@ -328,8 +328,10 @@ class Task(base.Task):
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 
     def predict_fns(self) -> dict:
+        from mplug_jax.tasks import retrieval  # image_embed / text_embed / itm_score (zero-shot)
         return {"embed": self.embed, "itm_logits": self.itm_logits,
-                "mlm_logits": self.mlm_logits, "greedy_decode": self.greedy_decode}
+                "mlm_logits": self.mlm_logits, "greedy_decode": self.greedy_decode,
+                **retrieval.embedding_fns(self)}
 
     def embed(self, params, image: jax.Array, ids: jax.Array, mask: jax.Array):
         """-> (float32[B, E] image features, float32[B, E] text features), unit norm."""

@@ -238,7 +238,9 @@ class Task(base.Task):
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 
     def predict_fns(self) -> dict:
-        return {"vqa_generate": self.generate, "vqa_rank": self.rank}
+        return {"vqa_generate": self.generate, "vqa_rank": self.rank,
+                "encode_image": self.encode_image,
+                "vqa_generate_embeds": self.generate_from_embeds}
 
     def generate(self, params, image, q_ids, q_mask, *, beam_size: int = 5,
                  min_length: int = 1, max_length: int = 10) -> dict:
@@ -282,3 +284,18 @@ class Task(base.Task):
         best = jnp.take_along_axis(topk, jnp.argmax(loglik, -1)[:, None], 1)[:, 0]
         return {"best": best.astype(jnp.int32), "topk": topk.astype(jnp.int32),
                 "loglik": loglik}
+
+    # ---- generation from image embeddings (zero-shot video QA: concatenated frames) -------
+
+    def encode_image(self, params, image: jax.Array) -> jax.Array:
+        """Visual encoder: float32[B, R, R, 3] -> float[B, N, D] image embeddings."""
+        return self._apply(params, "encode_image", image)
+
+    def generate_from_embeds(self, params, img: jax.Array, q_ids, q_mask, *,
+                             beam_size: int = 5, min_length: int = 1,
+                             max_length: int = 10) -> dict:
+        """`generate` from image embeddings float[B, S, D] instead of pixels (S may be T * N,
+        the tokens of T frames concatenated); q_ids / q_mask int32[B, Lq]."""
+        states, smask = base.fused_states(self._apply, params, img, q_ids, q_mask)
+        return generate.beam_search(self.model, params, states, smask, beam_size=beam_size,
+                                    min_length=min_length, max_length=max_length)
