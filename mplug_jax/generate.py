@@ -249,6 +249,51 @@ def _full_logits(model, params, ids, states, states_mask):
                        method=lambda m, *a: _decoder(m)(*a))
 
 
+def coordinate_greedy(model, params, states: jax.Array, states_mask: jax.Array, *,
+                      first_id: int, num_bins: int, prefix_id: int, steps: int = 4,
+                      use_cache: bool = True, return_scores: bool = False):
+    """Greedy decoding restricted to a contiguous range of coordinate tokens (grounding,
+    FORMAT.md fixtures-tasks 3.4): from `prefix_id`, `steps` argmax steps over the ids
+    first_id .. first_id + num_bins - 1 only. The official adds -10000 to every other logit
+    and takes the argmax of the whole vocabulary, which picks the same token (first maximum).
+
+    Args:
+      states: float[B, S, D] decoder memory; states_mask: int[B, S].
+      first_id, num_bins, prefix_id, steps: static ints.
+      use_cache: the key/value cache; False re-runs the decoder on the whole prefix every step
+        (as the official code: the parity check compares those raw scores).
+      return_scores: also return the unrestricted LM-head output of every step.
+    Returns:
+      int32[B, steps] token ids in [first_id, first_id + num_bins); with return_scores,
+      (tokens, float32[B, steps, V] raw scores).
+    """
+    b = states.shape[0]
+    if num_bins < 1 or first_id < 0 or steps < 1:
+        raise ValueError(f"need num_bins >= 1, first_id >= 0, steps >= 1; got {num_bins}, "
+                         f"{first_id}, {steps}")
+    seq = jnp.full((b, 1), prefix_id, jnp.int32)
+    _check(states, states_mask, seq, steps + 1)
+    if use_cache:
+        logits, cache = prefill(model, params, seq, states, states_mask, steps + 1)
+    else:
+        logits = _full_logits(model, params, seq, states, states_mask)
+    toks, raws = [], []
+    for s in range(steps):
+        raw = logits[:, -1].astype(jnp.float32)
+        raws.append(raw)
+        tok = (first_id + jnp.argmax(raw[:, first_id:first_id + num_bins], -1)).astype(jnp.int32)
+        toks.append(tok)
+        if s + 1 == steps:
+            break
+        if use_cache:
+            logits, cache = decode_step(model, params, tok[:, None], s + 1, cache, states_mask)
+        else:
+            seq = jnp.concatenate([seq, tok[:, None]], 1)
+            logits = _full_logits(model, params, seq, states, states_mask)
+    tokens = jnp.stack(toks, 1)
+    return (tokens, jnp.stack(raws, 1)) if return_scores else tokens
+
+
 def _length_penalties(max_length: int, alpha: float) -> jnp.ndarray:
     """float32[S]: ((5 + n) / 6) ** alpha for n = step + 1 generated tokens, computed in float64
     and rounded once to float32 (the official divides float32 scores by float32(lp))."""

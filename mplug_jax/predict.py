@@ -1,11 +1,13 @@
-"""Answer a question about a photo, or caption it, from a checkpoint: the Python API behind
-`mplug-jax predict`.
+"""Answer a question about a photo, caption it, or locate a referring expression in it, from a
+checkpoint: the Python API behind `mplug-jax predict`.
 
     from mplug_jax.predict import Predictor
     vqa = Predictor.from_checkpoint("runs/vqa_base")                 # a VQA workdir of ours
     vqa.answer(["photo.jpg"], ["what is the man holding?"])          # -> ['a frisbee']
     cap = Predictor.from_checkpoint("converted/", task="caption")   # `mplug-jax convert` dir
     cap.caption(["photo.jpg"])
+    grd = Predictor.from_checkpoint("runs/grounding")                # a grounding workdir
+    grd.ground(["photo.jpg"], ["the man on the left"])               # -> [[x1, y1, x2, y2]]
 
 Generation is the official one (beam 5, FORMAT.md section 10.3): VQA from the fused
 [image; question] states (min 1, max 10 tokens), captions from the image states alone (min 8,
@@ -30,7 +32,7 @@ from mplug_jax.data.tokenizer import get_tokenizer
 from mplug_jax.tasks import base
 from mplug_jax.tasks.caption import decode_text
 
-TASKS = ("vqa", "caption")
+TASKS = ("vqa", "caption", "grounding")
 ZERO_SHOT_PROMPT = "a picture of"
 
 
@@ -45,6 +47,7 @@ class Settings:
 
     @classmethod
     def for_task(cls, task: str, **overrides) -> "Settings":
+        """Official defaults of `task` (grounding ignores them: 4 greedy coordinate tokens)."""
         base = cls() if task == "vqa" else cls(min_length=8, max_length=25)
         return dataclasses.replace(base, **{k: v for k, v in overrides.items()
                                             if v is not None})
@@ -82,6 +85,7 @@ class Predictor:
         self.max_pixels = max_pixels
         self.tokenizer = get_tokenizer()
         self._search = jax.jit(self._search_fn)
+        self._ground = jax.jit(self._ground_fn)
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -182,6 +186,48 @@ class Predictor:
         out = np.asarray(self._search(self.params, pixels, ids, mask))
         return [decode_text(row, self.prompt) for row in out]
 
+    def _ground_fn(self, params, image, ids, mask):
+        from mplug_jax.scoring import grounding as G
+        states, smask = _states(self.model, params, image, ids, mask)
+        return generate.coordinate_greedy(self.model, params, states, smask,
+                                          first_id=G.FIRST_COORD_ID, num_bins=G.NUM_BINS,
+                                          prefix_id=G.PREFIX_ID)
+
+    def ground(self, images: Sequence[Any], phrases: Sequence[str], *,
+               max_query_len: int = 20) -> list[list[float]]:
+        """Grounding: the box [x1, y1, x2, y2] (original-image pixels, clipped to the image)
+        each referring expression picks out in its image (official eval transform: long side
+        resized, padded centred; CLIP normalisation as our training). Empty expression ->
+        ValueError."""
+        from mplug_jax.data import grounding_input
+        from mplug_jax.evaluators.grounding import to_pixels
+        from mplug_jax.scoring import grounding as G
+        if self.task != "grounding":
+            raise ValueError(f"this predictor's task is {self.task!r}; load a grounding "
+                             "checkpoint to locate referring expressions")
+        if isinstance(images, (str, os.PathLike)) or isinstance(phrases, str):
+            raise TypeError("pass lists of images and phrases (one per example)")
+        if len(images) != len(phrases):
+            raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
+        ids, mask = grounding_input.encode_phrases(list(phrases), max_query_len)
+        pixels, meta = [], []
+        for image in images:
+            name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+            if name is not None and not os.path.isfile(name):
+                raise FileNotFoundError(f"image file {name} does not exist")
+            try:
+                img = transforms.decode_image(image, max_pixels=self.max_pixels)
+            except transforms.BadRecord as err:
+                raise ValueError(f"cannot use image {name or type(image).__name__}: "
+                                 f"{err}") from err
+            x, ratio, left, top = grounding_input.eval_transform(img, self.model.image_size)
+            pixels.append(x)
+            meta.append((ratio, left, top, img.size[0], img.size[1]))
+        tokens = np.asarray(self._ground(self.params, np.stack(pixels), ids, mask))
+        m = np.asarray(meta, np.float64)
+        boxes, _ = to_pixels(G.tokens_to_coords(tokens), self.model.image_size, *m.T)
+        return [[float(v) for v in b] for b in boxes]
+
     def answer(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:
         """VQA: one answer per (image, question)."""
         if self.task != "vqa":
@@ -198,7 +244,12 @@ class Predictor:
         return self._generate(images, prompts, "prompt")
 
     def __call__(self, image: Any, question: str | None = None) -> str:
-        """One image: its answer to `question` (VQA) or its caption."""
+        """One image: its answer to `question` (VQA), its caption, or (grounding) the box
+        [x1, y1, x2, y2] that the expression `question` refers to."""
+        if self.task == "grounding":
+            if question is None:
+                raise ValueError("a grounding checkpoint needs a referring expression")
+            return self.ground([image], [question])[0]
         if self.task == "vqa":
             if question is None:
                 raise ValueError("a VQA checkpoint needs a question")

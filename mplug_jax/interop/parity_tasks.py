@@ -478,11 +478,22 @@ def _grounding_dec(model, params, seq, states, smask):
                        method=lambda m, *a: m.decode(*a)).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _grounding_greedy(model, params, states, smask):
+    """`generate.coordinate_greedy` without the cache, with the raw step scores."""
+    from mplug_jax import generate
+    from mplug_jax.scoring import grounding as G
+    return generate.coordinate_greedy(model, params, states, smask, first_id=G.FIRST_COORD_ID,
+                                      num_bins=G.NUM_BINS, prefix_id=G.PREFIX_ID,
+                                      use_cache=False, return_scores=True)
+
+
 def grounding_outputs(fixture: str, conv: Converted | None = None) -> dict[str, np.ndarray]:
     """Everything our code computes for a grounding fixture, named as in expected.npz:
     the forward (3.3), the restricted greedy decode (3.4), the metrics (3.5), the training
     loss (3.6) and the synthetic metric case."""
     from mplug_jax.scoring import grounding as G
+    from mplug_jax.tasks.grounding import coordinate_loss
 
     def path(*p):
         return os.path.join(fixture, *p)
@@ -513,18 +524,12 @@ def grounding_outputs(fixture: str, conv: Converted | None = None) -> dict[str, 
         got["fusion_image"], got["fusion_text"] = np.asarray(f_img), np.asarray(f_txt)
         states = jnp.concatenate([f_img, f_txt], 1)
         smask = jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask], 1)
-        # Greedy decode restricted to the coordinate vocabulary by the additive mask. The
-        # official model recomputes the whole prefix each step (no KV cache); so do we, which
-        # keeps the step-wise raw scores exactly comparable.
-        seq = np.full((b, 1), G.PREFIX_ID, np.int64)
-        raw_steps = []
-        for _ in range(4):
-            raw = np.asarray(_grounding_dec(model, params, jnp.asarray(seq, jnp.int32), states,
-                                            smask))[:, -1]
-            raw_steps.append(raw)
-            tok = np.argmax(raw + prob_mask, -1)
-            seq = np.concatenate([seq, tok[:, None]], 1)
-        raw = np.stack(raw_steps, 1)
+        # Greedy decode restricted to the coordinate vocabulary (generate.coordinate_greedy).
+        # The official model recomputes the whole prefix each step (no KV cache); so do we
+        # here (use_cache=False), which keeps the step-wise raw scores exactly comparable.
+        toks, raw = _grounding_greedy(model, params, states, smask)
+        raw = np.asarray(raw)
+        seq = np.concatenate([np.full((b, 1), G.PREFIX_ID, np.int64), np.asarray(toks)], 1)
         got["decode_step_scores_raw"] = raw
         got["decode_step_coord_logits"] = (raw + prob_mask)[..., coords]
         got["decode_tokens"] = seq[:, 1:]
@@ -553,23 +558,22 @@ def grounding_outputs(fixture: str, conv: Converted | None = None) -> dict[str, 
         masked = raw_t + prob_mask
         got["train_decoder_scores_raw"] = raw_t
         got["train_decoder_coord_logits"] = masked[..., coords]
-        lg = jnp.asarray(masked[:, :4])
-        nll = jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, jnp.asarray(t)[..., None],
-                                                             -1)[..., 0]
-        got["train_token_nll"] = nll = np.asarray(nll, np.float32)
-        a = np.argmax(masked[:, :4], -1)
-        got["train_argmax_tokens"] = a
-        tp = G.tokens_to_coords(a)
-        got["train_pred_box"] = tp
-        got["train_l1"] = np.abs(tp - gt)
-        got["train_weight_bbox"] = wb = np.clip(got["train_l1"], 0, 5)
-        gm = G.generalized_box_iou(G.cxcywh_to_xyxy(tp), G.cxcywh_to_xyxy(gt))
-        got["train_giou_matrix"] = gm
-        got["train_weight_giou"] = wg = np.float32(1) - np.diag(gm)
-        # Official broadcasting (G7): B x 1 x 4 * B x 4 * B x 1.
+        # The task's loss (tasks.grounding.coordinate_loss) on the masked coordinate columns.
+        loss, aux = coordinate_loss(jnp.asarray(masked[:, :4, coords]), jnp.asarray(gt),
+                                    weighting="official")
+        aux = {k: np.asarray(v) for k, v in aux.items()}
+        got["train_token_nll"] = nll = aux["nll"].astype(np.float32)
+        got["train_argmax_tokens"] = aux["argmax"].astype(np.int64) + G.FIRST_COORD_ID
+        got["train_pred_box"] = tp = aux["pred"]
+        got["train_l1"] = aux["l1"]
+        got["train_weight_bbox"] = wb = aux["weight_bbox"]
+        got["train_giou_matrix"] = G.generalized_box_iou(G.cxcywh_to_xyxy(tp),
+                                                         G.cxcywh_to_xyxy(gt))
+        got["train_weight_giou"] = wg = aux["weight_giou"]
+        # Official broadcasting (G7), shown term by term: B x 1 x 4 * B x 4 * B x 1.
         terms = nll[:, None, :] * wb[None, :, :] * wg[None, :, None]
         got["train_weighted_terms"] = terms
-        got["train_loss"] = np.array(np.mean(terms, dtype=np.float32), np.float32)
+        got["train_loss"] = np.asarray(loss, np.float32)
     if "metric_case_pred_box" in expected:
         mp, mg = expected["metric_case_pred_box"], expected["metric_case_gt_box"]
         got["metric_case_pred_box"], got["metric_case_gt_box"] = mp, mg

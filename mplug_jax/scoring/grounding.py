@@ -130,3 +130,68 @@ def tokens_to_coords(tokens) -> np.ndarray:
         raise ValueError(f"tokens_to_coords: ids must be in [{FIRST_COORD_ID}, "
                          f"{LAST_COORD_ID}], got [{t.min()}, {t.max()}]")
     return (t - FIRST_COORD_ID).astype(np.float32) / np.float32(COORD_RES)
+
+
+def pixel_iou(p: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """IoU of corner boxes in pixels, float64[N, 4] x 2 -> [N] (nothing clamped)."""
+    iw = np.clip(np.minimum(p[:, 2], g[:, 2]) - np.maximum(p[:, 0], g[:, 0]), 0, None)
+    ih = np.clip(np.minimum(p[:, 3], g[:, 3]) - np.maximum(p[:, 1], g[:, 1]), 0, None)
+    inter = iw * ih
+    union = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1]) + (g[:, 2] - g[:, 0]) * (
+        g[:, 3] - g[:, 1]) - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def score_file(results_path: str, annotations_path: str) -> dict:
+    """Score a `grounding_result.json` against an official split file.
+
+    Args:
+      results_path: JSON list of {"id": position in the split file, "pred_box": [x1, y1, x2,
+        y2] original-image pixels, ...} (what the `grounding` evaluator writes).
+      annotations_path: the split file (`.pth` list of tuples, needs torch, or `.json` list of
+        the same): COCO-style (file, _, [x, y, w, h], phrase, ...) or flickr (file, [x1, y1,
+        x2, y2], phrase).
+    Returns:
+      {'accu': Acc@0.5, 'accu_num', 'miou', 'num': boxes scored, 'num_missing': split records
+      without a prediction} - IoU of the pixel boxes as given (the evaluator already clipped
+      them to the image; the official metric's padded frame differs only where a prediction
+      reaches into the padding).
+    Raises:
+      ValueError: malformed results, an id outside the split, a duplicate id, no results.
+    """
+    import json
+
+    from mplug_jax.data import sources
+
+    with open(results_path, encoding="utf-8") as f:
+        results = json.load(f)
+    if not isinstance(results, list) or not results:
+        raise ValueError(f"{results_path}: expected a non-empty JSON list of "
+                         '{"id", "pred_box"} objects')
+    split = sources._load_split_file(annotations_path)
+    pred, gt, seen = [], [], set()
+    for n, r in enumerate(results):
+        if not isinstance(r, dict) or "id" not in r or "pred_box" not in r:
+            raise ValueError(f"{results_path} entry {n}: needs 'id' and 'pred_box'")
+        i = r["id"]
+        if not isinstance(i, int) or not 0 <= i < len(split):
+            raise ValueError(f"{results_path} entry {n}: id {i!r} is not a position in "
+                             f"{annotations_path} ({len(split)} records)")
+        if i in seen:
+            raise ValueError(f"{results_path}: id {i} appears twice")
+        seen.add(i)
+        rec = split[i]
+        if len(rec) == 3:  # flickr: (file, x1y1x2y2, phrase)
+            g = [float(v) for v in rec[1]]
+        else:
+            x, y, w, h = (float(v) for v in rec[2])
+            g = [x, y, x + w, y + h]
+        p = _boxes([float(v) for v in r["pred_box"]], f"{results_path} entry {n} pred_box")
+        if p[2] < p[0] or p[3] < p[1]:
+            raise ValueError(f"{results_path} entry {n}: pred_box needs x2 >= x1, y2 >= y1")
+        pred.append(p)
+        gt.append(g)
+    iou = pixel_iou(np.asarray(pred, np.float64), np.asarray(gt, np.float64))
+    n_ok, acc = accuracy_at(iou)
+    return {"accu": acc, "accu_num": n_ok, "miou": float(np.mean(iou)), "num": len(iou),
+            "num_missing": len(split) - len(seen)}

@@ -1,0 +1,128 @@
+"""Built-in synthetic grounding data: referring expressions with boxes over the shapes scenes,
+written in the official TransVG / RefCOCO layout (official-formats.md 1.8), so the reader of
+real split files (`sources.grounding`) serves it unchanged.
+
+Scenes are `synthetic._sample_scene` scenes (1-3 shapes in a 3x3 grid) rendered at S px and
+pasted at a random offset on a wider or taller canvas (up to 1.5 S on one side, filled with
+the background level), so the aspect-preserving resize and the padding are exercised. Each
+record refers to one object with an expression that picks it out uniquely, e.g. "the red
+square", "the circle", "the green object", "the triangle on the left", "the blue square left
+of the circle"; objects with no unique expression are never the referent.
+
+Layout under `root`: `images/<split>_<i>.png` and `shapes/shapes_<split>.json`, a JSON list of
+the official COCO-style tuples `[file, index, [x, y, w, h] pixels, phrase, []]` (torch-saved
+`.pth` lists of tuples hold the same).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from mplug_jax.data.synthetic import BACKGROUNDS, SPLITS, Scene, Shape, _sample_scene, render
+
+NAME = "shapes"
+_RELATIONS = {"left of": lambda a, b: a.cell[1] < b.cell[1],
+              "right of": lambda a, b: a.cell[1] > b.cell[1],
+              "above": lambda a, b: a.cell[0] < b.cell[0],
+              "below": lambda a, b: a.cell[0] > b.cell[0]}
+# (phrase suffix, key to minimise): the referent is the strict extreme of its kind.
+_EXTREMES = (("on the left", lambda s: s.cell[1]), ("on the right", lambda s: -s.cell[1]),
+             ("at the top", lambda s: s.cell[0]), ("at the bottom", lambda s: -s.cell[0]))
+
+
+def _unique_names(shapes: tuple[Shape, ...], i: int) -> list[str]:
+    """Names of object i that no other object of the scene shares."""
+    s, others = shapes[i], [o for j, o in enumerate(shapes) if j != i]
+    out = []
+    if not any((o.color, o.shape) == (s.color, s.shape) for o in others):
+        out.append(f"the {s.color} {s.shape}")
+    if not any(o.shape == s.shape for o in others):
+        out.append(f"the {s.shape}")
+    if not any(o.color == s.color for o in others):
+        out.append(f"the {s.color} object")
+    return out
+
+
+def referring_expressions(scene: Scene) -> list[tuple[int, str]]:
+    """Every (object index, expression) whose expression refers to that object only."""
+    shapes = scene.shapes
+    out = [(i, name) for i in range(len(shapes)) for name in _unique_names(shapes, i)]
+    for i, s in enumerate(shapes):
+        same_shape = [o for j, o in enumerate(shapes) if j != i and o.shape == s.shape]
+        same_kind = [o for o in same_shape if o.color == s.color]
+        for suffix, key in _EXTREMES:
+            if same_shape and all(key(s) < key(o) for o in same_shape):
+                out.append((i, f"the {s.shape} {suffix}"))
+            elif same_kind and all(key(s) < key(o) for o in same_kind):
+                out.append((i, f"the {s.color} {s.shape} {suffix}"))
+        for j, landmark in enumerate(shapes):
+            names = _unique_names(shapes, j) if j != i else []
+            if not names:
+                continue
+            for rel, holds in _RELATIONS.items():
+                rivals = [o for k, o in enumerate(shapes) if k not in (i, j)
+                          and (o.color, o.shape) == (s.color, s.shape)]
+                if holds(s, landmark) and not any(holds(o, landmark) for o in rivals):
+                    out.append((i, f"the {s.color} {s.shape} {rel} {names[0]}"))
+    return out
+
+
+def sample(split: str, index: int, image_size: int = 64, seed: int = 0
+           ) -> tuple[np.ndarray, list[float], str]:
+    """Record `index` of `split`: (uint8[H, W, 3] image, [x, y, w, h] pixel box, phrase);
+    a pure function of (seed, split, index)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {sorted(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split], index, 11])
+    while True:
+        scene = _sample_scene(rng)
+        exprs = referring_expressions(scene)
+        if exprs:
+            break
+    obj, phrase = exprs[int(rng.integers(len(exprs)))]
+    s = image_size
+    tile = render(scene, s, rng)
+    extra = int(rng.integers(0, s // 2 + 1))
+    wide = bool(rng.random() < 0.5)
+    w, h = (s + extra, s) if wide else (s, s + extra)
+    ox, oy = (int(rng.integers(0, extra + 1)), 0) if wide else (0, int(rng.integers(0, extra + 1)))
+    canvas = np.full((h, w, 3), BACKGROUNDS[scene.background], np.uint8)
+    canvas[oy:oy + s, ox:ox + s] = tile
+    sh = scene.shapes[obj]
+    box = [ox + (sh.cx - sh.half) * s, oy + (sh.cy - sh.half) * s, 2 * sh.half * s,
+           2 * sh.half * s]
+    return canvas, [round(float(v), 2) for v in box], phrase
+
+
+def split_file(root: str, split: str) -> str:
+    """Path of a split's json under `root` (official `<split_root>/<name>/<name>_<split>`)."""
+    return os.path.join(root, NAME, f"{NAME}_{split}.json")
+
+
+def write_split(root: str, split: str, size: int, *, image_size: int = 64,
+                seed: int = 0) -> str:
+    """Write `size` records of `split` (PNG images + the json split file); returns the split
+    file path. Skipped when a complete copy with the same settings is already there."""
+    path = split_file(root, split)
+    marker = path + ".done"
+    stamp = json.dumps({"size": size, "image_size": image_size, "seed": seed})
+    if os.path.isfile(marker) and open(marker).read() == stamp:
+        return path
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rows = []
+    for i in range(size):
+        img, box, phrase = sample(split, i, image_size, seed)
+        name = f"{split}_{i:06d}.png"
+        Image.fromarray(img).save(os.path.join(root, "images", name))
+        rows.append([name, i, box, phrase, []])
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(rows, f)
+    os.replace(tmp, path)
+    with open(marker, "w") as f:
+        f.write(stamp)
+    return path
