@@ -25,8 +25,42 @@ def _parity(args) -> int:
     return 1 if failed else 0
 
 
+def _convert_mplug2(args) -> int:
+    from mplug_jax.interop import mplug2_convert
+    overrides = {"image_size": args.image_size} if args.image_size else None
+    conv = mplug2_convert.load_official(args.checkpoint, args.config_bert, args.config_yaml,
+                                        overrides)
+    mplug2_convert.save_converted(conv, args.out)
+    print(f"converted mPLUG-2 {args.checkpoint} -> {args.out}")
+    print(f"  model: {json.dumps(conv.model_cfg)}")
+    print(f"  fusion pattern: {conv.model.pattern} (official modules from {conv.start_layer}); "
+          f"official tensors kept unused: {len(conv.extras)}")
+    for note in conv.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _export_mplug2(args) -> int:
+    import yaml
+    from mplug_jax.interop import mplug2_convert, official_io
+    conv = mplug2_convert.load_converted(args.ckpt)
+    state = mplug2_convert.export_official(conv)
+    official_io.save_state_dict(state, args.out)
+    bert, yml = mplug2_convert.official_config_files(conv.model, conv.start_layer)
+    base = os.path.splitext(args.out)[0]
+    with open(base + ".config_bert.json", "w") as f:
+        json.dump(bert, f, indent=2)
+    with open(base + ".config.yaml", "w") as f:
+        yaml.safe_dump(yml, f)
+    print(f"wrote {len(state)} tensors to {args.out} (+ {base}.config_bert.json, "
+          f"{base}.config.yaml)")
+    return 0
+
+
 def _convert(args) -> int:
-    from mplug_jax.interop import convert, official_keys
+    from mplug_jax.interop import convert, official_keys, mplug2_convert
+    if mplug2_convert.is_mplug2_config(args.config_bert):
+        return _convert_mplug2(args)
     overrides = {"image_size": args.image_size} if args.image_size else None
     allow = None if args.strict else official_keys.HEADS_ABSENT_IN_TASK_CHECKPOINTS
     conv = convert.load_official(args.checkpoint, args.config_bert, args.config_yaml, overrides,
@@ -45,7 +79,9 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-    from mplug_jax.interop import convert, official_config, official_io
+    from mplug_jax.interop import convert, official_config, official_io, mplug2_convert
+    if mplug2_convert.is_converted_dir(args.ckpt):
+        return _export_mplug2(args)
     if os.path.isfile(os.path.join(args.ckpt, "mplug_config.json")):
         conv = convert.load_converted(args.ckpt)
         params = conv.momentum if args.momentum else conv.params
@@ -88,11 +124,54 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _draw_boxes(image_path: str, boxes: list, out: str) -> None:
+    """Save `image_path` with each [x1, y1, x2, y2] box outlined in red as PNG `out`."""
+    from PIL import Image, ImageDraw
+    with Image.open(image_path) as im:
+        img = im.convert("RGB")
+    draw = ImageDraw.Draw(img)
+    width = max(2, round(max(img.size) / 200))
+    for box in boxes:
+        draw.rectangle([float(v) for v in box], outline=(255, 0, 0), width=width)
+    img.save(out, format="PNG")
+
+
+def _ground(args, pred=None) -> int:
+    from mplug_jax.predict import Predictor
+    if not args.text:
+        raise ValueError("grounding needs --text (the referring expression; one, or one per "
+                         "--image)")
+    if len(args.text) not in (1, len(args.image)):
+        raise ValueError(f"{len(args.image)} --image but {len(args.text)} --text")
+    if args.out and len(args.image) != 1:
+        raise ValueError("--out draws the box of one --image; pass a single image")
+    if pred is None:
+        pred = Predictor.from_checkpoint(args.checkpoint, task="grounding", step=args.step)
+    texts = args.text * (len(args.image) if len(args.text) == 1 else 1)
+    boxes = pred.ground(args.image, texts)
+    for image, text, box in zip(args.image, texts, boxes):
+        rounded = [round(v, 1) for v in box]
+        if args.json:
+            print(json.dumps({"image": image, "text": text, "box": rounded}))
+        else:
+            print(f"{image}\t{text}\t{rounded}" if len(boxes) > 1 else rounded)
+    if args.out:
+        _draw_boxes(args.image[0], boxes, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _predict(args) -> int:
     from mplug_jax.predict import Predictor
+    if args.task in ("ground", "grounding"):
+        return _ground(args)
     pred = Predictor.from_checkpoint(args.checkpoint, task=args.task, step=args.step,
                                      beam_size=args.beam_size, min_length=args.min_length,
                                      max_length=args.max_length)
+    if pred.task == "grounding":
+        return _ground(args, pred)
+    if args.text or args.out:
+        raise ValueError("--text / --out are for grounding checkpoints (--task ground)")
     if pred.task == "vqa":
         if not args.question:
             raise ValueError(f"{args.checkpoint} answers questions: pass --question")
@@ -217,14 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--momentum", action="store_true", help="export the momentum params")
     s.set_defaults(fn=_export)
 
-    s = sub.add_parser("predict", help="answer a question about an image, or caption it")
+    s = sub.add_parser("predict", help="answer a question about an image, caption it, or "
+                       "locate a referring expression (--task ground)")
     s.add_argument("--checkpoint", required=True, help="a workdir of ours (VQA, caption, or "
                    "pretraining: zero-shot captions) or a `mplug-jax convert` directory")
     s.add_argument("--image", action="append", required=True, help="image file; repeat for "
                    "several")
     s.add_argument("--question", action="append", help="VQA question (one, or one per image)")
-    s.add_argument("--task", choices=("vqa", "caption"), help="required for converted "
-                   "checkpoints; default: the workdir's task")
+    s.add_argument("--task", choices=("vqa", "caption", "ground", "grounding"),
+                   help="required for converted checkpoints; default: the workdir's task "
+                   "(ground = grounding: the box of --text)")
+    s.add_argument("--text", action="append", help="grounding: referring expression (one, or "
+                   "one per image)")
+    s.add_argument("--out", help="grounding: save the image with the box drawn as this PNG")
     s.add_argument("--step", type=int, default=0, help="workdir step (0 = latest)")
     s.add_argument("--beam-size", type=int, help="default 5 (official)")
     s.add_argument("--min-length", type=int, help="default 1 (VQA) / 8 (caption)")
