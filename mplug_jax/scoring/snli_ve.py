@@ -1,0 +1,24 @@
+"""SNLI-VE scoring: three-way accuracy (overall and per class) of a `snli_ve_result.json`
+([{"id", "pred", "label"}], written by the `classify` evaluator) against the official annotation
+json (official-formats.md 1.10). `id` is the record's index among the annotation's valid
+records in file order, as `sources.snli_ve` reads them (records it skips get no id).
+
+    mplug-jax score --task snli_ve --results snli_ve_result.json --annotations ve_test.json
+"""
+from __future__ import annotations
+
+from mplug_jax.data import sources
+from mplug_jax.scoring import classify
+
+LABELS = tuple(sorted(sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get))
+
+
+def load_gold(annotation: str) -> dict[int, str]:
+    """{record index: class name} of an official SNLI-VE json (images are not needed)."""
+    src = sources.snli_ve(annotation, "", max_skip_rate=1.0)
+    return {i: LABELS[r["label"]] for i, r in enumerate(src)}
+
+
+def score_file(results: str, annotations: str) -> dict:
+    """Accuracy metrics (`scoring.classify.score_rows`) of a result file."""
+    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS)
