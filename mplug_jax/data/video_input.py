@@ -30,12 +30,22 @@ from mplug_jax.data.transforms import BadRecord, SKIP_REASONS
 logger = logging.getLogger(__name__)
 
 
-def load_clip(path: str, num_frames: int, image_size: int) -> np.ndarray:
+RESIZES = ("bicubic", "nearest")
+
+
+def load_clip(path: str, num_frames: int, image_size: int, resize: str = "bicubic"
+              ) -> np.ndarray:
     """`num_frames` uniformly sampled frames of a frame folder or video file ->
-    float32[T, R, R, 3] (official test transform). Raises BadRecord for an unusable video."""
+    float32[T, R, R, 3] by the official test transform: 'bicubic' = the image transform per
+    frame (mPLUG v1 zero-shot), 'nearest' = mPLUG-2's `video.eval_clip`. Raises BadRecord for
+    an unusable video."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if resize not in RESIZES:
+        raise ValueError(f"video resize must be one of {RESIZES}, got {resize!r}")
     frames = video.load_frames(path, num_frames)
+    if resize == "nearest":
+        return video.eval_clip(frames, image_size)
     return np.stack([transforms.eval_transform(f, image_size) for f in frames]).astype(
         np.float32)
 
@@ -58,13 +68,16 @@ class VideoEval:
       text_fields: {name: max tokens L}: record field `name` (a string) tokenised as
         "[CLS] text", truncated / padded to L (e.g. {'question': 25}).
       workers: threads decoding videos (deterministic order whatever the number).
+      resize: 'bicubic' (image transform per frame, v1) or 'nearest' (mPLUG-2 `eval_clip`).
+      text_prep: {field: fn} applied to a text field before tokenising (e.g. pre_question).
       limit: evaluate the first `limit` records only (0 = all).
       log_every: print a progress line with an ETA every this many batches (0 = never).
     """
 
     def __init__(self, source: Sequence[dict], *, num_frames: int, image_size: int,
                  batch_size: int, text_fields: dict[str, int] | None = None, workers: int = 4,
-                 limit: int = 0, log_every: int = 0, name: str = "video eval"):
+                 limit: int = 0, log_every: int = 0, name: str = "video eval",
+                 resize: str = "bicubic", text_prep: dict | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_frames < 1 or image_size < 1:
@@ -76,7 +89,11 @@ class VideoEval:
         self.source, self.n = source, n
         self.num_frames, self.image_size, self.batch_size = num_frames, image_size, batch_size
         self.text_fields = dict(text_fields or {})
+        self.text_prep = dict(text_prep or {})  # {field: fn(str) -> str} before tokenising
         self.workers, self.log_every, self.name = max(int(workers), 1), int(log_every), name
+        if resize not in RESIZES:
+            raise ValueError(f"{name}: resize must be one of {RESIZES}, got {resize!r}")
+        self.resize = resize
         self.skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
         self.skipped_ids: list[str] = []
 
@@ -86,7 +103,8 @@ class VideoEval:
 
     def _load(self, i: int) -> np.ndarray | BadRecord:
         try:
-            return load_clip(self.source[i]["video"], self.num_frames, self.image_size)
+            return load_clip(self.source[i]["video"], self.num_frames, self.image_size,
+                             self.resize)
         except BadRecord as e:
             return e
 
@@ -104,7 +122,8 @@ class VideoEval:
                "valid": np.arange(self.batch_size) < real}
         tok = tokenizer.get_tokenizer()
         for field, length in self.text_fields.items():
-            texts = [str(self.source[int(i)][field]) for i in idx]
+            prep = self.text_prep.get(field, str)
+            texts = [prep(self.source[int(i)][field]) for i in idx]
             out[f"{field}_ids"], out[f"{field}_mask"] = tok.encode(texts, max_length=length,
                                                                    pad_to=length)
         return out
@@ -186,6 +205,19 @@ def frames_to_tokens(encode_image, params, frames):
     b, t = frames.shape[:2]
     img = encode_image(params, frames.reshape((b * t,) + frames.shape[2:]))
     return img.reshape(b, t * img.shape[1], img.shape[2])
+
+
+def video_encoder(predict_fns: dict, evaluator: str):
+    """fn(params, frames float[B, T, R, R, 3]) -> float[B, N, D] video states: the task's own
+    `encode_video` (mPLUG-2: temporal modules, universal layers) when it has one, else the
+    image encoder on every frame with the tokens concatenated (`frames_to_tokens`, mPLUG v1)."""
+    if "encode_video" in predict_fns:
+        return predict_fns["encode_video"]
+    if "encode_image" not in predict_fns:
+        raise ValueError(f"evaluator {evaluator!r} needs predict fn 'encode_video' or "
+                         f"'encode_image'; the task has {sorted(predict_fns)}")
+    encode = predict_fns["encode_image"]
+    return lambda params, frames: frames_to_tokens(encode, params, frames)
 
 
 def put_batch(mesh, *arrays):

@@ -28,7 +28,7 @@ from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import caption as scoring
 from mplug_jax.sharding import replicated
 
-PREDICT_FNS = ("encode_image", "caption_beam_embeds")
+PREDICT_FNS = ("caption_beam_embeds",)  # + encode_video or encode_image
 # Stripped from the start of predictions, as the official VATEX evaluation (longest first).
 OFFICIAL_PROMPTS = ("a video tutorial on", "a video clip of", "a video showing", "a picture of",
                     "a video of")
@@ -67,13 +67,14 @@ class Evaluator:
             self.source, num_frames=int(ecfg.num_frames), image_size=config.model.image_size,
             batch_size=self.batch_size, workers=int(ecfg.get("workers", 4)),
             limit=int(ecfg.get("limit", 0) or 0), log_every=int(ecfg.get("log_every", 0) or 0),
-            name="video caption")
+            name="video caption", resize=str(ecfg.get("resize", "bicubic")))
         self.metrics = tuple(ecfg.get("metrics", scoring.METRICS))
         self.tokenize = str(ecfg.get("tokenize", "ptb"))
-        encode, beam = predict_fns["encode_image"], predict_fns["caption_beam_embeds"]
+        encode = video_input.video_encoder(predict_fns, "video_caption")
+        beam = predict_fns["caption_beam_embeds"]
 
         def caption(params, frames):
-            return beam(params, video_input.frames_to_tokens(encode, params, frames))["ids"]
+            return beam(params, encode(params, frames))["ids"]
 
         self._caption = jax.jit(caption, out_shardings=replicated(self.mesh))
 

@@ -24,12 +24,12 @@ import functools
 
 import jax
 
-from mplug_jax.data import tokenizer, video_input
+from mplug_jax.data import text, tokenizer, video_input
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import video_qa as scoring
 from mplug_jax.sharding import replicated
 
-PREDICT_FNS = ("encode_image", "vqa_generate_embeds")
+PREDICT_FNS = ("vqa_generate_embeds",)  # + encode_video or encode_image
 
 
 class Evaluator:
@@ -55,14 +55,16 @@ class Evaluator:
             batch_size=self.batch_size,
             text_fields={"question": int(ecfg.get("max_question_tokens", 40))},
             workers=int(ecfg.get("workers", 4)), limit=int(ecfg.get("limit", 0) or 0),
-            log_every=int(ecfg.get("log_every", 0) or 0), name="video QA")
-        encode, gen = predict_fns["encode_image"], functools.partial(
+            log_every=int(ecfg.get("log_every", 0) or 0), name="video QA",
+            resize=str(ecfg.get("resize", "bicubic")),
+            # official (v1 and mPLUG-2 readers): pre_question to 50 words at test time
+            text_prep={"question": lambda q: text.pre_question(q, 50)})
+        encode, gen = video_input.video_encoder(predict_fns, "video_qa"), functools.partial(
             predict_fns["vqa_generate_embeds"], beam_size=int(ecfg.beam_size),
             min_length=int(ecfg.min_length), max_length=int(ecfg.max_length))
 
         def answer(params, frames, q_ids, q_mask):
-            img = video_input.frames_to_tokens(encode, params, frames)
-            return gen(params, img, q_ids, q_mask)["ids"][:, 0]
+            return gen(params, encode(params, frames), q_ids, q_mask)["ids"][:, 0]
 
         self._answer = jax.jit(answer, out_shardings=replicated(self.mesh))
 

@@ -257,6 +257,9 @@ class MPLUG2(nn.Module):
     vision_heads: int = 16
     vision_ln_eps: float = 1e-5
     num_frames: int = 16         # default frames per clip (data side; no parameter depends on it)
+    # False: no local temporal modules (no lmhra params); each frame is encoded alone and the
+    # frames only meet by the class-token average and in the universal / fusion layers.
+    temporal: bool = True
     init_std: float = 0.02
     dropout_rate: float = 0.0
     dtype: str = "float32"
@@ -350,8 +353,9 @@ class MPLUG2(nn.Module):
                     decoder_logits=self.decode(dec_ids, dec_mask, states, states_mask))
 
     def encode_video(self, video: jax.Array) -> jax.Array:
-        """float32[B, T, R, R, 3] -> float[B, 1 + T*L, Wv] (after ln_post)."""
-        return self.vision(video, temporal=True)
+        """float32[B, T, R, R, 3] -> float[B, 1 + T*L, Wv] (after ln_post); without the local
+        temporal modules when the model's `temporal` is False."""
+        return self.vision(video, temporal=self.temporal)
 
     def encode_image(self, image: jax.Array) -> jax.Array:
         """float32[B, R, R, 3] -> float[B, 1 + L, Wv]: the spatial blocks only. Paper: LT is the
