@@ -131,6 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
+    c.best.update(eval="val", metric="r_mean")  # official: best by val r_mean
 
     c.evals = ml_collections.ConfigDict()
     # k_test: candidates re-ranked per query (capped at the number of items); batch_size:

@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
+    c.best.update(eval="val", metric="acc")  # best checkpoint by val accuracy
 
     c.evals = ml_collections.ConfigDict()
     # split: 'val' (input.val_file) or 'test'; num_examples: the first N records (0 = all).
