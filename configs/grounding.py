@@ -7,8 +7,10 @@ expression] is trained with the official weighted coordinate-token loss and eval
 greedy 4-token decode, Acc@0.5 and mIoU (official metric, padded frame) per test split, and a
 `grounding_result.json` ([{"id", "phrase", "pred_box", "gt_box"}] in original-image pixels)
 under <workdir>/results/ that `mplug-jax score --task grounding --results R --annotations
-SPLIT_FILE` re-scores. Variants: `tiny` (the built-in synthetic shapes expressions, from the
-`configs/pretrain.py:tiny` workdir), `refcoco_base|refcocop_base|refcocog_base` (ViT-B/16 at
+SPLIT_FILE` re-scores. Variants: `tiny` (the built-in synthetic shapes expressions -
+1-3 coloured shapes in a 2x2 grid, each filling 75-90% of its cell, on square images, one
+referred to by colour / shape / position / relation; `input.synthetic` sets the layout - from
+the `configs/pretrain.py:tiny` workdir), `refcoco_base|refcocop_base|refcocog_base` (ViT-B/16 at
 336 px, official values otherwise) and `..._large` (ViT-L/14 at 336 px, the official setup);
 `vg_uni_large` trains on the official union (referit + unc + unc+ + gref_umd):
 
@@ -89,6 +91,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.split_root = ""  # official data/: <name>/<name>_<split>.pth (or .json)
     c.input.synthetic_dir = ""  # built-in data folder; '' = under the system temp dir
     c.input.synthetic_image_size = 64  # side of the synthetic scenes (canvas up to 1.5x)
+    # Synthetic scene layout (`data.synthetic_grounding.layout`). tiny: a 2x2 grid of shapes
+    # that nearly fill their cell on a square canvas, so the box follows from the referent's
+    # cell; the default (grid 3, fill (0.52, 0.72), jitter 0.08, max_extra 0.5) is finer.
+    c.input.synthetic = dict(grid=2, fill=(0.75, 0.9), jitter=0.04, max_extra=0.0,
+                             max_objects=3) if tiny else \
+        dict(grid=3, fill=(0.52, 0.72), jitter=0.08, max_extra=0.5, max_objects=3)
     c.input.train_size = 8000 if tiny else 0  # synthetic records
     c.input.batch_size = 32 if tiny else _OFFICIAL["batch_size"]
     c.input.max_query_len = 20
@@ -119,6 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 5000)
+    c.best.update(eval="val", metric="accu")  # official: best checkpoint by val Acc@0.5
 
     c.evals = ml_collections.ConfigDict()
     # One block per split; num_examples: the first N records (synthetic: held-out records to

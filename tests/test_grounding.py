@@ -142,6 +142,34 @@ def test_split_tuples_to_batches(tmp_path):
         GI.encode_phrases(["the dog", ""], 20)
 
 
+def test_synthetic_layout_options(tmp_path):
+    """`input.synthetic` layouts: the tiny one (2x2 grid, square canvas) puts every box inside
+    the cell of its shape; the default one keeps the wide / tall canvases; bad options are
+    refused; a changed layout rewrites the split."""
+    tiny = dict(grounding_config.get_config("tiny").input.synthetic)
+    for i in range(40):
+        img, (x, y, w, h), phrase, scene, obj = synthetic_grounding.sample_with_scene(
+            "train", i, 32, 0, tiny)
+        assert img.shape == (32, 32, 3) and phrase and w == h
+        row, col = scene.shapes[obj].cell
+        assert 0.75 * 16 - 0.02 <= w <= 0.9 * 16 + 0.02
+        assert col * 16 <= x and x + w <= (col + 1) * 16 and row * 16 <= y and \
+            y + h <= (row + 1) * 16
+    shapes = {synthetic_grounding.sample("train", i, 32)[0].shape for i in range(20)}
+    assert any(s != (32, 32, 3) for s in shapes)  # default: widened or heightened canvases
+    for bad, match in ((dict(grid=0), "grid"), (dict(grid=1, max_objects=2), "max_objects"),
+                       (dict(fill=(0.9, 0.8)), "fill"), (dict(fill=(0.9, 0.9), jitter=0.1),
+                                                        "jitter"),
+                       (dict(max_extra=-1), "max_extra"), (dict(cells=2), "unknown")):
+        with pytest.raises(ValueError, match=match):
+            synthetic_grounding.layout(bad)
+    root = str(tmp_path)
+    path = synthetic_grounding.write_split(root, "heldout", 3, image_size=32, options=tiny)
+    square = json.load(open(path))
+    synthetic_grounding.write_split(root, "heldout", 3, image_size=32)
+    assert json.load(open(path)) != square
+
+
 def test_decode_uses_only_coordinate_tokens(tmp_path):
     """With the LM bias pushing a non-coordinate token far ahead, the restricted greedy still
     returns coordinate ids (the argmax over the coordinate columns), with and without cache."""
@@ -236,8 +264,10 @@ def mean_box_baseline(inp, n_train: int, n_eval: int, size: int) -> tuple[float,
 
 def test_finetune_tiny_then_predict_png(pretrain_workdir, tmp_path, capsys):
     """`configs/grounding.py:tiny` (SMALL_MODEL at 64 px) fine-tuned from the 2-step
-    pretraining workdir through the CLI in a subprocess; the eval's numbers and the mean-box
-    baseline are printed (NOT yet above it at this budget: see the report); then
+    pretraining workdir through the CLI in a subprocess (the tiny 2x2-grid layout); the eval's
+    numbers and the mean-box baseline are printed, not asserted: at this model size the run
+    does not yet use the image (measured: 300-1000-step runs at 32 px predict one box for
+    every record, ~18-27% Acc@0.5 = the share of the most frequent cell); then
     `mplug-jax predict --task ground` prints the box and draws it into a PNG."""
     overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
     overrides.update(LEARN, **{"model.image_size": 64, "init.checkpoint": str(pretrain_workdir),

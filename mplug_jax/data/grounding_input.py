@@ -5,7 +5,8 @@ Sources (`input.dataset`): 'unc' (RefCOCO), 'unc+' (RefCOCO+), 'gref', 'gref_umd
 split files `<split_root>/<name>/<name>_<split>.pth` (or `.json`, the same tuples), images
 under `<data_root>` as the official loader (official-formats.md 1.8), read by
 `sources.grounding`; 'synthetic': the built-in shapes expressions
-(`data.synthetic_grounding`), written once in that layout under `input.synthetic_dir`.
+(`data.synthetic_grounding`, scene layout `input.synthetic`), written once in that layout
+under `input.synthetic_dir`.
 
 Transforms (official `grounding_mplug.py` / TransVG `transforms.py`), images channels last:
 - train: long side resized (bilinear, aspect kept) to a random one of the 7 sizes
@@ -220,9 +221,15 @@ def synthetic_root(input_cfg, image_size: int, seed: int) -> str:
     """Where the built-in data is written (input.synthetic_dir, or a folder under /tmp)."""
     root = input_cfg.get("synthetic_dir") or ""
     if not root:
+        import hashlib
         import tempfile
+
+        from mplug_jax.data import synthetic_grounding
+        lay = synthetic_grounding.layout(input_cfg.get("synthetic"))
+        tag = "" if lay == synthetic_grounding.layout() else "_layout" + hashlib.sha1(
+            repr(sorted(lay.items())).encode()).hexdigest()[:8]
         root = os.path.join(tempfile.gettempdir(), f"mplug_jax_grounding_shapes_{image_size}px"
-                            f"_seed{seed}")
+                            f"_seed{seed}{tag}")
     return root
 
 
@@ -243,7 +250,7 @@ def source(input_cfg, split: str, *, dataset: str | None = None, size: int = 0,
             raise ValueError("the synthetic grounding data needs a size > 0")
         root = synthetic_root(input_cfg, image_size, seed)
         path = synthetic_grounding.write_split(root, split, size, image_size=image_size,
-                                               seed=seed)
+                                               seed=seed, options=input_cfg.get("synthetic"))
         return sources.grounding(path, os.path.join(root, "images"), max_skip_rate=rate)
     data_root, split_root = input_cfg.get("data_root", ""), input_cfg.get("split_root", "")
     if not data_root or not split_root:

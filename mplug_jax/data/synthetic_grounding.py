@@ -2,9 +2,14 @@
 written in the official TransVG / RefCOCO layout (official-formats.md 1.8), so the reader of
 real split files (`sources.grounding`) serves it unchanged.
 
-Scenes are `synthetic._sample_scene` scenes (1-3 shapes in a 3x3 grid) rendered at S px and
-pasted at a random offset on a wider or taller canvas (up to 1.5 S on one side, filled with
-the background level), so the aspect-preserving resize and the padding are exercised. Each
+Scenes are the shapes scenes of `data.synthetic` (colours, shapes, backgrounds, repeated
+kinds) on a configurable layout (`layout`: `input.synthetic` in the configs): by default that
+of `synthetic._sample_scene` (1-3 shapes in a 3x3 grid, box side 0.52-0.72 of a cell), the
+scene rendered at S px and pasted at a random offset on a wider or taller canvas (up to 1.5 S
+on one side, filled with the background level), so the aspect-preserving resize and the
+padding are exercised. A coarse layout (e.g. a 2x2 grid, shapes filling 75-90% of their cell,
+square canvas) makes the box a function of which cell the referent is in, which a tiny model
+with a 2x2 patch grid can learn in a few hundred steps. Each
 record refers to one object with an expression that picks it out uniquely, e.g. "the red
 square", "the circle", "the green object", "the triangle on the left", "the blue square left
 of the circle"; objects with no unique expression are never the referent.
@@ -21,7 +26,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from mplug_jax.data.synthetic import BACKGROUNDS, SPLITS, Scene, Shape, _sample_scene, render
+from mplug_jax.data.synthetic import (BACKGROUND_STYLES, BACKGROUNDS, COLORS, SHAPES, SPLITS,
+                                      Scene, Shape, render)
 
 NAME = "shapes"
 _RELATIONS = {"left of": lambda a, b: a.cell[1] < b.cell[1],
@@ -70,22 +76,81 @@ def referring_expressions(scene: Scene) -> list[tuple[int, str]]:
     return out
 
 
-def sample(split: str, index: int, image_size: int = 64, seed: int = 0
-           ) -> tuple[np.ndarray, list[float], str]:
-    """Record `index` of `split`: (uint8[H, W, 3] image, [x, y, w, h] pixel box, phrase);
-    a pure function of (seed, split, index)."""
+# The layout of `synthetic._sample_scene` (3x3 grid, box side 0.52-0.72 of a cell, centre
+# jitter +-0.08 cell, canvas widened or heightened by up to half a side, 1-3 objects).
+DEFAULT_LAYOUT = dict(grid=3, fill=(0.52, 0.72), jitter=0.08, max_extra=0.5, max_objects=3)
+
+
+def layout(options=None) -> dict:
+    """`DEFAULT_LAYOUT` updated with `options` (a dict or ConfigDict, e.g. `input.synthetic`),
+    checked. Keys: grid (cells per side), fill ((lo, hi) box side / cell side), jitter (max
+    centre offset / cell side), max_extra (max canvas widening / scene side; 0 = square
+    images), max_objects (1..3 objects per scene, at most grid^2)."""
+    opts = dict(options or {})
+    unknown = set(opts) - set(DEFAULT_LAYOUT)
+    if unknown:
+        raise ValueError(f"unknown synthetic grounding layout keys {sorted(unknown)}; valid: "
+                         f"{sorted(DEFAULT_LAYOUT)}")
+    out = {**DEFAULT_LAYOUT, **opts}
+    grid, max_objects = int(out["grid"]), int(out["max_objects"])
+    lo, hi = (float(v) for v in out["fill"])
+    jitter, extra = float(out["jitter"]), float(out["max_extra"])
+    if grid < 1:
+        raise ValueError(f"synthetic grounding grid must be >= 1, got {grid}")
+    if not 1 <= max_objects <= min(3, grid * grid):
+        raise ValueError(f"max_objects must be in 1..{min(3, grid * grid)} for a {grid}x{grid} "
+                         f"grid, got {max_objects}")
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"fill must be (lo, hi) with 0 < lo <= hi <= 1, got {out['fill']}")
+    if jitter < 0 or hi / 2 + jitter > 0.5:
+        raise ValueError(f"jitter must be >= 0 and keep the shape in its cell (fill hi / 2 + "
+                         f"jitter <= 0.5), got jitter {jitter} with fill hi {hi}")
+    if extra < 0:
+        raise ValueError(f"max_extra must be >= 0, got {extra}")
+    return dict(grid=grid, fill=(lo, hi), jitter=jitter, max_extra=extra,
+                max_objects=max_objects)
+
+
+def sample_scene(rng: np.random.Generator, lay: dict) -> Scene:
+    """A shapes scene (as `synthetic._sample_scene`: same colours, shapes, backgrounds and
+    repeated kinds) on the grid of a checked `layout`."""
+    grid = lay["grid"]
+    n = int(rng.integers(1, lay["max_objects"] + 1))
+    cells = rng.choice(grid * grid, size=n, replace=False)
+    kinds = [(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))) for _ in range(n)]
+    # Repeated kinds make the positional and relational expressions necessary.
+    if n >= 2 and rng.random() < 0.4:
+        kinds[1] = kinds[0]
+        if n == 3 and rng.random() < 0.5:
+            kinds[2] = kinds[0]
+    step = 1.0 / grid
+    shapes = []
+    for (color, shape), cell in zip(kinds, cells):
+        row, col = divmod(int(cell), grid)
+        jx, jy = rng.uniform(-lay["jitter"], lay["jitter"], size=2) * step
+        half = float(rng.uniform(*lay["fill"])) * step / 2
+        shapes.append(Shape(color, shape, (col + 0.5) * step + float(jx),
+                            (row + 0.5) * step + float(jy), half, (row, col)))
+    return Scene(str(rng.choice(list(BACKGROUNDS))), str(rng.choice(BACKGROUND_STYLES)),
+                 tuple(shapes))
+
+
+def sample_with_scene(split: str, index: int, image_size: int = 64, seed: int = 0,
+                      options=None) -> tuple[np.ndarray, list[float], str, Scene, int]:
+    """`sample` plus the scene and the referent's index in `scene.shapes`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {sorted(SPLITS)}")
+    lay = layout(options)
     rng = np.random.default_rng([seed, SPLITS[split], index, 11])
     while True:
-        scene = _sample_scene(rng)
+        scene = sample_scene(rng, lay)
         exprs = referring_expressions(scene)
         if exprs:
             break
     obj, phrase = exprs[int(rng.integers(len(exprs)))]
     s = image_size
     tile = render(scene, s, rng)
-    extra = int(rng.integers(0, s // 2 + 1))
+    extra = int(rng.integers(0, int(s * lay["max_extra"]) + 1))
     wide = bool(rng.random() < 0.5)
     w, h = (s + extra, s) if wide else (s, s + extra)
     ox, oy = (int(rng.integers(0, extra + 1)), 0) if wide else (0, int(rng.integers(0, extra + 1)))
@@ -94,7 +159,14 @@ def sample(split: str, index: int, image_size: int = 64, seed: int = 0
     sh = scene.shapes[obj]
     box = [ox + (sh.cx - sh.half) * s, oy + (sh.cy - sh.half) * s, 2 * sh.half * s,
            2 * sh.half * s]
-    return canvas, [round(float(v), 2) for v in box], phrase
+    return canvas, [round(float(v), 2) for v in box], phrase, scene, obj
+
+
+def sample(split: str, index: int, image_size: int = 64, seed: int = 0, options=None
+           ) -> tuple[np.ndarray, list[float], str]:
+    """Record `index` of `split`: (uint8[H, W, 3] image, [x, y, w, h] pixel box, phrase);
+    a pure function of (seed, split, index, layout `options`)."""
+    return sample_with_scene(split, index, image_size, seed, options)[:3]
 
 
 def split_file(root: str, split: str) -> str:
@@ -103,19 +175,23 @@ def split_file(root: str, split: str) -> str:
 
 
 def write_split(root: str, split: str, size: int, *, image_size: int = 64,
-                seed: int = 0) -> str:
-    """Write `size` records of `split` (PNG images + the json split file); returns the split
-    file path. Skipped when a complete copy with the same settings is already there."""
+                seed: int = 0, options=None) -> str:
+    """Write `size` records of `split` (PNG images + the json split file) with layout
+    `options` (see `layout`); returns the split file path. Skipped when a complete copy with
+    the same settings is already there."""
     path = split_file(root, split)
     marker = path + ".done"
-    stamp = json.dumps({"size": size, "image_size": image_size, "seed": seed})
+    lay = layout(options)
+    stamp = json.dumps({"size": size, "image_size": image_size, "seed": seed,
+                        "layout": {k: list(v) if isinstance(v, tuple) else v
+                                   for k, v in lay.items()}})
     if os.path.isfile(marker) and open(marker).read() == stamp:
         return path
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rows = []
     for i in range(size):
-        img, box, phrase = sample(split, i, image_size, seed)
+        img, box, phrase = sample(split, i, image_size, seed, lay)
         name = f"{split}_{i:06d}.png"
         Image.fromarray(img).save(os.path.join(root, "images", name))
         rows.append([name, i, box, phrase, []])
