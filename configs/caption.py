@@ -49,24 +49,13 @@ MODES = ("ce", "scst", "zeroshot")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Caption config; `arg` is `VARIANT[,mode=ce|scst|zeroshot]`."""
-    arg = common.parse_arg(arg, variant="base", mode="ce")
-    if arg.variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
-    if arg.mode not in MODES:
-        raise ValueError(f"unknown mode {arg.mode!r}; valid: {', '.join(MODES)}")
+    arg, c = common.start(arg, _VARIANTS, default="base", modes=MODES)
     v = _VARIANTS[arg.variant]
     tiny, scst, zeroshot = arg.variant == "tiny", arg.mode == "scst", arg.mode == "zeroshot"
-    c = ml_collections.ConfigDict()
-    c.variant, c.mode = arg.variant, arg.mode
-    c.seed = 0
     c.total_steps = 1 if zeroshot else v["total_steps"]
     c.total_epochs = 0.0 if c.total_steps else 5.0
 
-    c.model = common.model_config(arg.variant)
-    c.model.image_size = v["image_size"]  # positional embedding resampled at init
-    c.model.dropout_rate = 0.0 if tiny else 0.1
-    if not tiny:
-        c.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+    c.model = common.finetune_model(arg.variant, v["image_size"])
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "caption"

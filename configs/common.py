@@ -1,4 +1,6 @@
-"""Shared config pieces: model size presets and `parse_arg`. Imports only ml_collections.
+"""Shared config pieces: model size presets, `parse_arg`, and the blocks every fine-tuning
+config starts from (`start`, `finetune_model`, `finetune_optim`, `smoke_run`). Imports only
+ml_collections.
 
 Model presets are the keyword arguments of `mplug_jax.models.mplug.MPLUG`.
 """
@@ -101,3 +103,74 @@ def set_run_defaults(c: ml_collections.ConfigDict, tiny: bool, *, allow_scratch:
     c.best = dict(eval="", metric="", mode="max")
     c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
     c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU
+
+
+# Official `create_two_optimizer`: no weight decay for names containing "bias" or
+# "LayerNorm.weight", i.e. every bias and the BERT-side LayerNorm scales (text encoder, fusion,
+# decoder incl. its LM-head LayerNorm); CLIP's ln_* and visn_ln ARE decayed.
+OFFICIAL_NO_WD = r"(bias$)|(^(text|fusion|decoder)/.*ln/scale$)"
+# Heads of the shared mPLUG tree that only pretraining reads (ITC, ITM, MLM, temperature).
+PRETRAIN_HEADS = r"^(vision_proj|text_proj|itm_head|mlm_transform|mlm_ln|mlm_bias|temp)(/|$)"
+
+
+def start(arg: str | None, variants, *, default: str, modes=("full", "smoke"), **extra
+          ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """Parse `VARIANT[,mode=M][,key=value...]` (`extra`: further keys and their defaults),
+    check variant and mode, and start a config with `variant`, `mode` and `seed`.
+
+    Returns (parsed argument, config)."""
+    arg = parse_arg(arg, variant=default, mode=modes[0], **extra)
+    if arg.variant not in variants:
+        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(variants)}")
+    if arg.mode not in modes:
+        raise ValueError(f"unknown mode {arg.mode!r}; valid: {', '.join(modes)}")
+    c = ml_collections.ConfigDict()
+    c.variant, c.mode = arg.variant, arg.mode
+    c.seed = 0
+    return arg, c
+
+
+def finetune_model(preset: str, image_size: int) -> ml_collections.ConfigDict:
+    """Model preset at a fine-tuning resolution (the pretrained positional embedding is
+    resampled to it): dropout 0.1, bfloat16 compute, full remat and scanned layers, except for
+    'tiny' (float32, no dropout, the CPU demo)."""
+    m = model_config(preset)
+    m.image_size = image_size
+    tiny = preset == "tiny"
+    m.dropout_rate = 0.0 if tiny else 0.1
+    if not tiny:
+        m.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+    return m
+
+
+def finetune_optim(lr: float, *, wd: float, warmup_steps: int, clip_norm: float = 0.0,
+                   vision_lr: float | None = None, no_wd: str = OFFICIAL_NO_WD,
+                   frozen: str | None = None, end_lr: float = 1e-6,
+                   accum_steps: int = 1) -> ml_collections.ConfigDict:
+    """AdamW (0.9, 0.999, 1e-8) with linear warm-up then cosine to `end_lr`; the visual
+    encoder at `vision_lr` (official lr2) when given; `frozen`: regex of params never
+    updated (None: no such key)."""
+    o = ml_collections.ConfigDict()
+    o.lr = lr
+    o.lr_groups = {} if vision_lr is None else dict(
+        vision=dict(pattern=r"^vision/", mult=vision_lr / lr))
+    o.wd, o.no_wd = wd, no_wd
+    if frozen is not None:
+        o.frozen = frozen
+    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+    o.warmup_steps = warmup_steps
+    o.schedule = "cosine"
+    o.end_lr = end_lr
+    o.clip_norm = clip_norm
+    o.accum_steps = accum_steps
+    return o
+
+
+def smoke_run(c: ml_collections.ConfigDict, batch_size: int = 16) -> None:
+    """`mode=smoke`: 20 steps of `batch_size`, short warm-up, frequent logs and checkpoints
+    (the task config then shrinks its data and evals)."""
+    c.total_steps, c.total_epochs = 20, 0.0
+    c.input.batch_size = batch_size
+    c.optim.warmup_steps = 5
+    c.log_every_steps = 5
+    c.ckpt_every_steps = 10

@@ -53,31 +53,19 @@ _DATASETS = {"refcoco": ("unc", ("val", "testA", "testB")),
              "refcocog": ("gref_umd", ("val", "test")),
              "vg_uni": ("vg_uni", ("val",))}
 _VARIANTS = {"tiny"} | {f"{d}_{s}" for d in _DATASETS for s in ("base", "large")}
-UNUSED_HEADS = r"^(vision_proj|text_proj|itm_head|mlm_transform|mlm_ln|mlm_bias|temp)(/|$)"
-OFFICIAL_NO_WD = r"(bias$)|(^(text|fusion|decoder)/.*ln/scale$)"
+UNUSED_HEADS = common.PRETRAIN_HEADS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Grounding config; `arg` is `VARIANT[,mode=smoke]` (VARIANT: tiny, refcoco_base,
     refcocop_base, refcocog_base, vg_uni_base, and the same with _large)."""
-    arg = common.parse_arg(arg, variant="refcoco_large", mode="full")
-    if arg.variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
-    if arg.mode not in ("full", "smoke"):
-        raise ValueError(f"unknown mode {arg.mode!r}; valid: full, smoke")
+    arg, c = common.start(arg, _VARIANTS, default="refcoco_large")
     tiny = arg.variant == "tiny"
     size = "tiny" if tiny else arg.variant.rsplit("_", 1)[1]
-    c = ml_collections.ConfigDict()
-    c.variant, c.mode = arg.variant, arg.mode
-    c.seed = 0
     c.total_steps = 600 if tiny else 0
     c.total_epochs = 0.0 if tiny else _OFFICIAL["epochs"]
 
-    c.model = common.model_config(size)
-    c.model.image_size = 64 if tiny else _OFFICIAL["image_size"]
-    c.model.dropout_rate = 0.0 if tiny else 0.1
-    if not tiny:
-        c.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+    c.model = common.finetune_model(size, 64 if tiny else _OFFICIAL["image_size"])
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "grounding"
@@ -110,20 +98,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.shuffle_seed = 0
     c.input.max_skip_rate = 0.01
 
-    c.optim = ml_collections.ConfigDict()
+    # lr1 for everything but the visual encoder (lr2); official: no clipping (torch DDP).
     lr = 1e-3 if tiny else _OFFICIAL["lr"]
-    c.optim.lr = lr  # lr1: everything but the visual encoder
-    c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/",
-                                         mult=1.0 if tiny else _OFFICIAL["lr2"] / lr))
-    c.optim.wd = 0.02
-    c.optim.no_wd = OFFICIAL_NO_WD
-    c.optim.frozen = UNUSED_HEADS
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-    c.optim.warmup_steps = 50 if tiny else _OFFICIAL["warmup_steps"]
-    c.optim.schedule = "cosine"
-    c.optim.end_lr = 1e-6
-    c.optim.clip_norm = 0.0  # official: no clipping (torch DDP)
-    c.optim.accum_steps = 1
+    c.optim = common.finetune_optim(lr, vision_lr=lr if tiny else _OFFICIAL["lr2"], wd=0.02,
+                                    warmup_steps=50 if tiny else _OFFICIAL["warmup_steps"],
+                                    frozen=UNUSED_HEADS)
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 5000)
@@ -141,12 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.evals[split] = dict(common_eval, split=split,
                                   dataset="unc" if name == "vg_uni" else "")
     if arg.mode == "smoke":
-        c.total_steps, c.total_epochs = 20, 0.0
-        c.input.batch_size = 16
+        common.smoke_run(c)
         c.input.train_size = 512 if tiny else 0
-        c.optim.warmup_steps = 5
-        c.log_every_steps = 5
-        c.ckpt_every_steps = 10
         for ecfg in c.evals.values():
             ecfg.update(num_examples=64, batch_size=32)
     return c

@@ -34,7 +34,6 @@ import ml_collections
 
 from configs import common
 from configs.mplug2_models import model_config
-from configs.vqa import OFFICIAL_NO_WD
 
 _VARIANTS = {
     "tiny": dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
@@ -51,16 +50,9 @@ _VARIANTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """mPLUG-2 video QA config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large)."""
-    arg = common.parse_arg(arg, variant="large", mode="full")
-    if arg.variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
-    if arg.mode not in ("full", "smoke"):
-        raise ValueError(f"unknown mode {arg.mode!r}; valid: full, smoke")
+    arg, c = common.start(arg, _VARIANTS, default="large")
     v = _VARIANTS[arg.variant]
     tiny = arg.variant == "tiny"
-    c = ml_collections.ConfigDict()
-    c.variant, c.mode = arg.variant, arg.mode
-    c.seed = 0
     c.total_steps, c.total_epochs = v["total_steps"], v["total_epochs"]
 
     c.model = model_config(v["model"])
@@ -99,18 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.shuffle_seed = 0
     c.input.max_skip_rate = 0.01
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = v["lr"]  # lr1: everything but the visual encoder
-    c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/", mult=v["lr2"] / v["lr"]))
-    c.optim.wd = 0.02
-    c.optim.no_wd = OFFICIAL_NO_WD
-    c.optim.frozen = ""
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-    c.optim.warmup_steps = v["warmup_steps"]
-    c.optim.schedule = "cosine"
-    c.optim.end_lr = 1e-5 if tiny else 1e-6
-    c.optim.clip_norm = 0.0  # the release clips nothing (apex AMP, no DeepSpeed)
-    c.optim.accum_steps = 1
+    # lr1 for everything but the visual encoder (lr2); the release clips nothing (apex AMP).
+    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
+                                    warmup_steps=v["warmup_steps"], frozen="",
+                                    end_lr=1e-5 if tiny else 1e-6)
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=200 if tiny else 2000)
@@ -126,10 +110,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.best = dict(eval="val", metric="acc", mode="max")
 
     if arg.mode == "smoke":
-        c.total_steps, c.total_epochs = 20, 0.0
-        c.input.batch_size = 8
+        common.smoke_run(c, batch_size=8)
         c.input.train_size = 64
-        c.optim.warmup_steps = 5
-        c.log_every_steps = 5
-        c.ckpt_every_steps = 10
     return c

@@ -39,7 +39,6 @@ test time). The model has no decoder and no pretraining heads (nothing to freeze
 import ml_collections
 
 from configs import common
-from configs.vqa import OFFICIAL_NO_WD
 
 _VARIANTS = {
     # tiny: the shapes pairs at the tiny pretraining model's 64 px; no augmentation (a crop
@@ -56,24 +55,13 @@ _VARIANTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """NLVR2 config; `arg` is `VARIANT[,mode=smoke]`."""
-    arg = common.parse_arg(arg, variant="base", mode="full")
-    if arg.variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
-    if arg.mode not in ("full", "smoke"):
-        raise ValueError(f"unknown mode {arg.mode!r}; valid: full, smoke")
+    arg, c = common.start(arg, _VARIANTS, default="base")
     v = _VARIANTS[arg.variant]
     tiny = arg.variant == "tiny"
-    c = ml_collections.ConfigDict()
-    c.variant, c.mode = arg.variant, arg.mode
-    c.seed = 0
     c.total_steps = v["total_steps"]
     c.total_epochs = 0.0 if v["total_steps"] else 15.0
 
-    c.model = common.model_config(arg.variant)
-    c.model.image_size = v["image_size"]  # the pretrained positional embedding is resampled
-    c.model.dropout_rate = 0.0 if tiny else 0.1
-    if not tiny:
-        c.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+    c.model = common.finetune_model(arg.variant, v["image_size"])
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "nlvr2"
@@ -97,17 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.shuffle_seed = 0
     c.input.max_skip_rate = 0.01
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = v["lr"]  # everything but the visual encoder
-    c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/", mult=v["lr2"] / v["lr"]))
-    c.optim.wd = 0.05  # paper 7.1
-    c.optim.no_wd = OFFICIAL_NO_WD
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-    c.optim.warmup_steps = v["warmup_steps"]
-    c.optim.schedule = "cosine"
-    c.optim.end_lr = 1e-6
-    c.optim.clip_norm = v["clip_norm"]
-    c.optim.accum_steps = 1
+    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.05,  # paper 7.1
+                                    warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"])
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
@@ -120,12 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        num_examples_shown=5)
 
     if arg.mode == "smoke":
-        c.total_steps, c.total_epochs = 20, 0.0
-        c.input.batch_size = 16
+        common.smoke_run(c)
         c.input.train_size = max(c.input.train_size, 1024) if tiny else 1024
         c.input.eval_size = 64 if tiny else c.input.eval_size
-        c.optim.warmup_steps = 5
-        c.log_every_steps = 5
-        c.ckpt_every_steps = 10
         c.evals.val.update(num_examples=64, batch_size=32)
     return c

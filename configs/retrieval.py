@@ -47,7 +47,6 @@ the decoder and MLM head (absent from the official retrieval model) are frozen.
 import ml_collections
 
 from configs import common
-from configs.vqa import OFFICIAL_NO_WD
 
 _OFFICIAL = dict(batch_size=1024, lr=1e-5, lr2=2e-6, warmup_steps=100, total_steps=0,
                  epochs=8.0, queue_size=65536, momentum=0.995, train_size=0, eval_size=0,
@@ -71,25 +70,14 @@ UNUSED_HEADS = r"^(decoder|mlm_transform|mlm_ln|mlm_bias)(/|$)"
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Retrieval config; `arg` is `VARIANT[,mode=smoke|zeroshot]`."""
-    arg = common.parse_arg(arg, variant="coco_large", mode="full")
-    if arg.variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
-    if arg.mode not in ("full", "smoke", "zeroshot"):
-        raise ValueError(f"unknown mode {arg.mode!r}; valid: full, smoke, zeroshot")
+    arg, c = common.start(arg, _VARIANTS, default="coco_large",
+                          modes=("full", "smoke", "zeroshot"))
     v = _VARIANTS[arg.variant]
     tiny = arg.variant == "tiny"
-    c = ml_collections.ConfigDict()
-    c.variant, c.mode = arg.variant, arg.mode
-    c.seed = 0
     c.total_steps = v["total_steps"]
     c.total_epochs = v["epochs"]
 
-    c.model = common.model_config(v["model"])
-    # Fine-tuning resolution; the pretrained positional embedding is resampled to it.
-    c.model.image_size = v["image_size"]
-    c.model.dropout_rate = 0.0 if tiny else 0.1
-    if not tiny:
-        c.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+    c.model = common.finetune_model(v["model"], v["image_size"])
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "retrieval"
@@ -116,18 +104,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.shuffle_seed = 0
     c.input.max_skip_rate = 0.01
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = v["lr"]  # lr1: everything but the visual encoder
-    c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/", mult=v["lr2"] / v["lr"]))
-    c.optim.wd = 0.02
-    c.optim.no_wd = OFFICIAL_NO_WD
-    c.optim.frozen = UNUSED_HEADS
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-    c.optim.warmup_steps = v["warmup_steps"]
-    c.optim.schedule = "cosine"
-    c.optim.end_lr = 1e-6
-    c.optim.clip_norm = v["clip_norm"]
-    c.optim.accum_steps = 1
+    # lr1 for everything but the visual encoder (lr2).
+    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
+                                    warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
+                                    frozen=UNUSED_HEADS)
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
@@ -145,14 +125,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        log_every_batches=200, top_n=10)
 
     if arg.mode == "smoke":
-        c.total_steps, c.total_epochs = 20, 0.0
-        c.input.batch_size = 16
+        common.smoke_run(c)
         c.task.itc.queue_size = 64
         c.input.train_size = 256 if tiny else 0
         c.input.eval_size = 32 if tiny else 0
-        c.optim.warmup_steps = 5
-        c.log_every_steps = 5
-        c.ckpt_every_steps = 10
         c.evals.val.update(batch_size=32, k_test=min(v["k_test"], 16))
     elif arg.mode == "zeroshot":
         # No training: `mplug-jax evaluate --checkpoint PRETRAIN_WORKDIR` (module docstring).

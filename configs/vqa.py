@@ -51,35 +51,19 @@ _VARIANTS = {
                   targets_per_question=16.0, train_size=0, clip_norm=1.0),
 }
 
-# Official `create_two_optimizer`: no weight decay for names containing "bias" or
-# "LayerNorm.weight", i.e. every bias and the BERT-side LayerNorm scales (text encoder, fusion,
-# decoder incl. its LM-head LayerNorm); CLIP's ln_* and visn_ln ARE decayed.
-OFFICIAL_NO_WD = r"(bias$)|(^(text|fusion|decoder)/.*ln/scale$)"
-# Parameters of the shared tree the VQA forward never reads (not in the official VQA model).
-UNUSED_HEADS = r"^(vision_proj|text_proj|itm_head|mlm_transform|mlm_ln|mlm_bias|temp)(/|$)"
+# Official no-weight-decay rule; the heads VQA never reads (absent from the official VQA model).
+OFFICIAL_NO_WD, UNUSED_HEADS = common.OFFICIAL_NO_WD, common.PRETRAIN_HEADS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """VQA config; `arg` is `VARIANT[,mode=smoke]`."""
-    arg = common.parse_arg(arg, variant="base", mode="full")
-    if arg.variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
-    if arg.mode not in ("full", "smoke"):
-        raise ValueError(f"unknown mode {arg.mode!r}; valid: full, smoke")
+    arg, c = common.start(arg, _VARIANTS, default="base")
     v = _VARIANTS[arg.variant]
     tiny = arg.variant == "tiny"
-    c = ml_collections.ConfigDict()
-    c.variant, c.mode = arg.variant, arg.mode
-    c.seed = 0
     c.total_steps = v["total_steps"]
     c.total_epochs = 0.0 if v["total_steps"] else 8.0
 
-    c.model = common.model_config(arg.variant)
-    # Fine-tuning resolution; the pretrained positional embedding is resampled to it.
-    c.model.image_size = v["image_size"]
-    c.model.dropout_rate = 0.0 if tiny else 0.1
-    if not tiny:
-        c.model.update(dtype="bfloat16", remat_policy="full", scan_layers=True)
+    c.model = common.finetune_model(arg.variant, v["image_size"])
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "vqa"
@@ -118,18 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.shuffle_seed = 0
     c.input.max_skip_rate = 0.01
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = v["lr"]  # lr1: everything but the visual encoder
-    c.optim.lr_groups = dict(vision=dict(pattern=r"^vision/", mult=v["lr2"] / v["lr"]))
-    c.optim.wd = 0.02
-    c.optim.no_wd = OFFICIAL_NO_WD
-    c.optim.frozen = UNUSED_HEADS
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-    c.optim.warmup_steps = v["warmup_steps"]
-    c.optim.schedule = "cosine"
-    c.optim.end_lr = 1e-6
-    c.optim.clip_norm = v["clip_norm"]
-    c.optim.accum_steps = 1
+    # lr1 for everything but the visual encoder (lr2).
+    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
+                                    warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
+                                    frozen=UNUSED_HEADS)
 
     c.mesh = common.mesh_config(tiny)
 
@@ -147,11 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        num_examples_shown=5)
 
     if arg.mode == "smoke":
-        c.total_steps, c.total_epochs = 20, 0.0
-        c.input.batch_size = 16
+        common.smoke_run(c)
         c.input.train_size = max(c.input.train_size, 1024) if tiny else 1024
-        c.optim.warmup_steps = 5
-        c.log_every_steps = 5
-        c.ckpt_every_steps = 10
         c.evals.val.update(num_examples=64, batch_size=32)
     return c
