@@ -123,3 +123,41 @@ def test_generate_smoke(tmp_path):
                            "warmup_s": row[f"{k}_warmup_s"]}, repeats=1)
         assert row["speedup"] == pytest.approx(row["recompute_median_s"] / row["cache_median_s"])
     assert out["rows"]["caption_beam5"]["length"] > out["rows"]["vqa_beam5"]["length"]
+
+
+def test_mplug2_smoke(tmp_path):
+    res = _load("mplug2").main(["--smoke", "--out-dir", str(tmp_path)])
+    stem = tmp_path / "mplug2_smoke_cpu{}".format(res["device"]["cpus"])
+    out = json.loads(stem.with_suffix(".json").read_text())
+    _check_header(out, "mplug2")
+    assert stem.with_suffix(".png").is_file()
+    frames, latents = out["settings"]["frames"], out["settings"]["latents"]
+    assert len(frames) == 2 and len(latents) == 2
+    assert out["settings"]["latent_frames"] == frames[-1:]  # smoke: the sweep at the most frames
+    expected = ({f"encoder_T{t}_{k}" for t in frames for k in ("lt", "nolt")}
+                | {f"universal_T{frames[-1]}_L{n}" for n in latents})
+    assert set(out["rows"]) == expected
+    rows = out["rows"]
+    for row in rows.values():
+        _check_timing(row, repeats=1)
+        assert row["peak_bytes"] > 0 and row["xla_gflops"] > 0 and row["compile_s"] > 0
+    for t in frames:
+        on, off = rows[f"encoder_T{t}_lt"], rows[f"encoder_T{t}_nolt"]
+        # Dropping the LT modules removes parameters and work, never adds any.
+        assert on["params"] > off["params"] and on["xla_gflops"] > off["xla_gflops"]
+        lt = out["ratios"]["lt_overhead_pct"][f"encoder_T{t}"]
+        assert lt["time"] == pytest.approx(100 * (on["median_s"] / off["median_s"] - 1))
+        # One round: the paired ratio is the ratio of the two single times.
+        assert lt["time_paired"] == pytest.approx(lt["time"])
+        assert lt["params"] > 0
+    lo, hi = frames
+    fr = out["ratios"]["frames"][f"encoder_lt_T{hi}_over_T{lo}"]
+    assert fr["time"] == pytest.approx(rows[f"encoder_T{hi}_lt"]["median_s"]
+                                       / rows[f"encoder_T{lo}_lt"]["median_s"])
+    assert fr["xla_flops"] > 1 and fr["linear"] == hi / lo
+    small, big = latents
+    t = frames[-1]  # more latent queries: more parameters and flops
+    assert rows[f"universal_T{t}_L{big}"]["params"] > rows[f"universal_T{t}_L{small}"]["params"]
+    assert out["ratios"]["latents"][f"universal_T{t}_L{big}_over_L{small}"]["xla_flops"] > 1
+    share = out["ratios"]["universal_share"][f"T{t}_L{out['settings']['preset_latents']}"]
+    assert 0 < share["of_encoder_lt_flops"] < 1  # the encoder case includes the universal layers
