@@ -334,18 +334,9 @@ def dataset(src, input_cfg, *, image_size: int, batch_size: int, train: bool, se
         src, image_size=image_size, max_query_len=int(input_cfg.max_query_len), seed=seed,
         augment=augment, epoch_length=per_shard if train else n, train=train,
         imagenet_eval=bool(input_cfg.get("official_eval_normalisation", False))))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4,
-                                                 prefetch_buffer_size=2 * batch_size))
-    it_ds = pipeline._DropSkippedIterDataset(it_ds).batch(batch_size,
-                                                          drop_remainder=drop_remainder)
-    workers = int(input_cfg.get("workers", 0)) if train else 0
-    if workers > 0:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return pipeline._SkipAccountingIterDataset(
-        it_ds, max_skip_rate=float(input_cfg.get("max_skip_rate", 0.01)), min_records=1000)
+    return pipeline.batched(ds, batch_size, drop_remainder=drop_remainder,
+                            workers=int(input_cfg.get("workers", 0)) if train else 0,
+                            max_skip_rate=float(input_cfg.get("max_skip_rate", 0.01)))
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:

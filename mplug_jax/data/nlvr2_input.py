@@ -164,16 +164,9 @@ def train_batches(config, process_index: int, process_count: int) -> tuple[Any, 
     ds = ds.map_with_index(_NLVR2Record(
         src, image_size=config.model.image_size, max_tokens=int(inp.max_tokens),
         seed=int(inp.shuffle_seed), augment=_augment(inp), epoch_length=per_shard, train=True))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=2 * batch))
-    it_ds = pipeline._DropSkippedIterDataset(it_ds).batch(batch, drop_remainder=True)
-    workers = int(inp.get("workers", 0))
-    if workers > 0:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    it_ds = pipeline._SkipAccountingIterDataset(it_ds, max_skip_rate=float(inp.max_skip_rate),
-                                                min_records=1000)
+    it_ds = pipeline.batched(ds, batch, drop_remainder=True,
+                             workers=int(inp.get("workers", 0)),
+                             max_skip_rate=float(inp.max_skip_rate))
     return iter(it_ds), n
 
 

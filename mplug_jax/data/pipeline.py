@@ -266,9 +266,20 @@ def pretrain_dataset(source: Sequence[dict], *, image_size: int, batch_size: int
     ds = ds.map_with_index(_PretrainRecord(
         source, image_size=image_size, max_words=max_words, max_tokens=max_tokens, seed=seed,
         augment=augment, epoch_length=per_shard, max_pixels=max_pixels))
+    return batched(ds, batch_size, workers=workers, max_skip_rate=max_skip_rate,
+                   skip_check_after=skip_check_after, read_threads=read_threads)
+
+
+def batched(ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool = True,
+            workers: int = 0, max_skip_rate: float = 0.01, skip_check_after: int = 1000,
+            read_threads: int = 4) -> grain.IterDataset:
+    """The shared tail of every input pipeline: a MapDataset of processed records (dicts, or
+    skip markers for bad records) -> batches of `batch_size` without the skipped records,
+    grain worker processes when `workers` > 0, and the skip accounting that raises
+    :class:`DataError` above `max_skip_rate` (checked after `skip_check_after` records)."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=2 * batch_size))
-    it_ds = _DropSkippedIterDataset(it_ds).batch(batch_size, drop_remainder=True)
+    it_ds = _DropSkippedIterDataset(it_ds).batch(batch_size, drop_remainder=drop_remainder)
     if workers > 0:
         # grain reads absl flags when starting workers; outside an absl app (pytest, notebooks,
         # our CLI) they are unparsed and grain raises, so accept the defaults.

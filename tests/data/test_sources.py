@@ -114,7 +114,7 @@ def test_grounding_json_tuples_and_pth(tmp_path):
     rows = [["a.jpg", 0, [10, 20, 30, 40], "Left Man", []], ["b.jpg", 0, [1, 1, 0, 5], "x", []]]
     src = sources.grounding(_dump(tmp_path / "unc_val.json", rows), "/imgs", max_skip_rate=0.5)
     assert len(src) == 1 and src[0] == {"image": "/imgs/a.jpg", "bbox": [10.0, 20.0, 30.0, 40.0],
-                                        "phrase": "left man"}
+                                        "phrase": "left man", "id": 0}
     flickr = sources.grounding(_dump(tmp_path / "f.json", [["c.jpg", [5, 6, 15, 26], "Dog"]]),
                                "/f", flickr=True)
     assert flickr[0]["bbox"] == [5.0, 6.0, 10.0, 20.0]
