@@ -97,6 +97,18 @@ class VideoEval:
         self.skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
         self.skipped_ids: list[str] = []
 
+    @classmethod
+    def from_eval_block(cls, source: Sequence[dict], ecfg, config, name: str,
+                        **kwargs) -> "VideoEval":
+        """The batches an eval block asks for: `ecfg.num_frames` frames at the model's
+        resolution, `ecfg.batch_size` videos, and `workers` / `limit` / `log_every` /
+        `resize` from the block when set; `kwargs` (text_fields, text_prep) pass through."""
+        return cls(source, num_frames=int(ecfg.num_frames), image_size=config.model.image_size,
+                   batch_size=int(ecfg.batch_size), workers=int(ecfg.get("workers", 4)),
+                   limit=int(ecfg.get("limit", 0) or 0),
+                   log_every=int(ecfg.get("log_every", 0) or 0), name=name,
+                   resize=str(ecfg.get("resize", "bicubic")), **kwargs)
+
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())

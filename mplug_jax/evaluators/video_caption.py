@@ -63,11 +63,8 @@ class Evaluator:
             raise ValueError(f"video_caption eval format must be 'vatex_caption' or "
                              f"'video_caption', got {fmt!r}")
         self.source = video_input.eval_source(ecfg, fmt, int(config.seed))
-        self.input = video_input.VideoEval(
-            self.source, num_frames=int(ecfg.num_frames), image_size=config.model.image_size,
-            batch_size=self.batch_size, workers=int(ecfg.get("workers", 4)),
-            limit=int(ecfg.get("limit", 0) or 0), log_every=int(ecfg.get("log_every", 0) or 0),
-            name="video caption", resize=str(ecfg.get("resize", "bicubic")))
+        self.input = video_input.VideoEval.from_eval_block(self.source, ecfg, config,
+                                                           "video caption")
         self.metrics = tuple(ecfg.get("metrics", scoring.METRICS))
         self.tokenize = str(ecfg.get("tokenize", "ptb"))
         encode = video_input.video_encoder(predict_fns, "video_caption")

@@ -50,13 +50,9 @@ class Evaluator:
             raise ValueError(f"need 1 <= min_length <= max_length, got {ecfg.min_length} / "
                              f"{ecfg.max_length}")
         self.source = video_input.eval_source(ecfg, "video_qa", int(config.seed))
-        self.input = video_input.VideoEval(
-            self.source, num_frames=int(ecfg.num_frames), image_size=config.model.image_size,
-            batch_size=self.batch_size,
+        self.input = video_input.VideoEval.from_eval_block(
+            self.source, ecfg, config, "video QA",
             text_fields={"question": int(ecfg.get("max_question_tokens", 40))},
-            workers=int(ecfg.get("workers", 4)), limit=int(ecfg.get("limit", 0) or 0),
-            log_every=int(ecfg.get("log_every", 0) or 0), name="video QA",
-            resize=str(ecfg.get("resize", "bicubic")),
             # official (v1 and mPLUG-2 readers): pre_question to 50 words at test time
             text_prep={"question": lambda q: text.pre_question(q, 50)})
         encode, gen = video_input.video_encoder(predict_fns, "video_qa"), functools.partial(

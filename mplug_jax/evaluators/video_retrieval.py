@@ -87,11 +87,8 @@ class Evaluator(image_retrieval.Evaluator):
         if int(ecfg.k_test) < 1:
             raise ValueError(f"evals.<video_retrieval>.k_test must be >= 1, got {ecfg.k_test}")
         self.source = video_input.eval_source(ecfg, "msrvtt_retrieval", int(config.seed))
-        self.input = video_input.VideoEval(
-            self.source, num_frames=int(ecfg.num_frames), image_size=config.model.image_size,
-            batch_size=int(ecfg.batch_size), workers=int(ecfg.get("workers", 4)),
-            limit=int(ecfg.get("limit", 0) or 0), log_every=int(ecfg.get("log_every", 0) or 0),
-            name="video retrieval")
+        self.input = video_input.VideoEval.from_eval_block(self.source, ecfg, config,
+                                                           "video retrieval")
         self.max_tokens = int(ecfg.get("max_text_tokens", 35))
         self.kept: list[int] = []
         rep = replicated(mesh)
