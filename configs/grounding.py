@@ -69,7 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "grounding"
-    c.task.loss_weighting = "official"  # 'official' (G7 broadcasting) | 'per_sample'
+    # 'official' (G7 broadcasting) | 'per_sample' | 'none' (plain token cross-entropy)
+    c.task.loss_weighting = "official"
 
     c.input = ml_collections.ConfigDict()
     name = "synthetic" if tiny else _DATASETS[arg.variant.rsplit("_", 1)[0]][0]

@@ -63,6 +63,8 @@ def test_iou_quantisation_and_loss_by_hand():
     np.testing.assert_allclose(aux["nll"], nll, rtol=1e-5)
     loss_ps, _ = coordinate_loss(jnp.asarray(lg), jnp.asarray(gt), weighting="per_sample")
     assert float(loss_ps) == pytest.approx((nll * wb * wg[:, None]).mean(), rel=1e-5)
+    loss_ce, _ = coordinate_loss(jnp.asarray(lg), jnp.asarray(gt), weighting="none")
+    assert float(loss_ce) == pytest.approx(nll.mean(), rel=1e-5)
     with pytest.raises(ValueError, match="weighting"):
         coordinate_loss(jnp.asarray(lg), jnp.asarray(gt), weighting="mean")
 

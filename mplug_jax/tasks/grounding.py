@@ -13,7 +13,7 @@ which is the same cross-entropy), per-token NLL weighted by clamp(|pred - gt|, 0
 1 - GIoU(pred, gt), where pred is the teacher-forced argmax box (no gradient through the
 weights). `task.loss_weighting='official'` reproduces the official broadcasting (G7: every
 token weighted by the batch-mean weight of its coordinate); 'per_sample' is the intended
-per-sample weighting. `coordinate_loss` is the one implementation (the parity check of
+per-sample weighting; 'none' is the plain token cross-entropy (an ablation). `coordinate_loss` is the one implementation (the parity check of
 `interop.parity_tasks` calls it too).
 
 Inference: `generate.coordinate_greedy` (4 greedy steps over the coordinate ids, KV cache).
@@ -31,7 +31,7 @@ from mplug_jax.data import grounding_input
 from mplug_jax.scoring import grounding as G
 from mplug_jax.tasks import base
 
-WEIGHTINGS = ("official", "per_sample")
+WEIGHTINGS = ("official", "per_sample", "none")
 GIOU_EPS = G.GIOU_EPS
 
 
@@ -86,8 +86,10 @@ def coordinate_loss(coord_logits: jax.Array, gt_box: jax.Array, *,
     if weighting == "official":
         # mean over (i, j, k) of nll[i, k] * wb[j, k] * wg[j], factorised.
         loss = jnp.mean(jnp.mean(nll, 0) * jnp.mean(wb * wg[:, None], 0))
-    else:
+    elif weighting == "per_sample":
         loss = jnp.mean(nll * wb * wg[:, None])
+    else:  # plain token cross-entropy
+        loss = jnp.mean(nll)
     return loss, dict(target=target, nll=nll, argmax=a, pred=pred, l1=l1, weight_bbox=wb,
                       weight_giou=wg)
 
