@@ -365,11 +365,11 @@ CONFIG_FILE = "mplug2_config.json"
 
 
 def is_mplug2_config(config_bert: str) -> bool:
-    """Whether an official config_bert.json is an mPLUG-2 one (it has the universal-layer /
-    text-encoder-depth keys that mPLUG v1 configs lack)."""
+    """Whether an official config_bert.json is an mPLUG-2 one: it has `num_uni_layer` (the
+    universal layers); mPLUG v1 configs share every other key, `text_encoder_layers` too."""
     with open(config_bert) as f:
         bert = json.load(f)
-    return "num_uni_layer" in bert or "text_encoder_layers" in bert
+    return "num_uni_layer" in bert
 
 
 def is_converted_dir(path: str) -> bool:
