@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mplug_jax import pretrained
+from mplug_jax import losses, pretrained
 from mplug_jax.models.mplug import MPLUG
-from mplug_jax.train_state import momentum_update
+from mplug_jax.train_state import enqueue, momentum_update
 
 
 class KeyStream:
@@ -73,6 +74,70 @@ def fused_states(apply: Callable, params: Any, img: jax.Array, ids: jax.Array,
     f_img, f_txt = apply(params, "fuse", img, txt, mask, rng=key())
     return (jnp.concatenate([f_img, f_txt], 1),
             jnp.concatenate([jnp.ones(f_img.shape[:2], jnp.int32), mask.astype(jnp.int32)], 1))
+
+
+def momentum_copy(params: dict, keep: Callable[[str], bool]) -> dict:
+    """The momentum copy `extra['params_m']`: the top-level entries of `params` that `keep`
+    accepts, as new arrays with the same logical-axis boxes."""
+    return {k: jax.tree.map(lambda x: x, v) for k, v in params.items() if keep(k)}
+
+
+def feature_queues(rng: jax.Array, size: int, dim: int) -> dict:
+    """ITC feature queues as ALBEF's `normalize(randn(E, Q))`: 'image_queue' / 'text_queue'
+    float32[size, dim] random unit rows, boxed with the logical axes ('queue', None) so the
+    `fsdp` presets shard them like parameters, and the write pointer 'queue_ptr'."""
+    k_img, k_txt = jax.random.split(rng)
+
+    def unit(k):
+        x = jax.random.normal(k, (size, dim), jnp.float32)
+        return nn.LogicallyPartitioned(x / jnp.linalg.norm(x, axis=-1, keepdims=True),
+                                       ("queue", None))
+
+    return {"image_queue": unit(k_img), "text_queue": unit(k_txt),
+            "queue_ptr": jnp.zeros((), jnp.int32)}
+
+
+def enqueue_features(extra: dict, img_feat_m: jax.Array, txt_feat_m: jax.Array) -> dict:
+    """The queues of `feature_queues` after writing this batch's momentum features
+    float32[B, E] at 'queue_ptr' (pointer advanced); {} when `extra` holds no queue."""
+    if "queue_ptr" not in extra:
+        return {}
+    ptr = extra["queue_ptr"]
+    image_queue, new_ptr = enqueue(extra["image_queue"], ptr, img_feat_m)
+    text_queue, _ = enqueue(extra["text_queue"], ptr, txt_feat_m)
+    return {"image_queue": image_queue, "text_queue": text_queue, "queue_ptr": new_ptr}
+
+
+def itm_with_hard_negatives(apply: Callable, params: Any, key: jax.Array, img: jax.Array,
+                            txt: jax.Array, mask: jax.Array, sim_i2t: jax.Array,
+                            sim_t2i: jax.Array, matches: jax.Array,
+                            rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """ITM over the B positive pairs, (hard image, text j) and (image i, hard text): the hard
+    negatives drawn from the similarities float32[B, >=B] (`losses.sample_hard_negatives`,
+    never where `matches` bool[B, B] is true), the 3B pairs fused (dropout keyed by `rng`)
+    and classified from the fused text [CLS].
+
+    Args:
+      apply: `(params, method, *args, rng=None)` (`Task._apply`).
+      img: float[B, N, D] image states; txt: float[B, L, D] text states; mask: int[B, L].
+    Returns:
+      (float32[] ITM loss, float32[] ITM accuracy).
+    """
+    b = txt.shape[0]
+    neg_txt, neg_img = losses.sample_hard_negatives(key, sim_i2t, sim_t2i, matches)
+    img_all = jnp.concatenate([img, img[neg_img], img], 0)
+    txt_all = jnp.concatenate([txt, txt, txt[neg_txt]], 0)
+    mask_all = jnp.concatenate([mask, mask, mask[neg_txt]], 0)
+    _, fused = apply(params, "fuse", img_all, txt_all, mask_all, rng=rng)
+    logits = apply(params, "itm_logits", fused[:, 0])
+    labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+    return losses.itm_loss(logits, labels)
+
+
+def clamp_temperature(params: dict, itc) -> dict:
+    """`params` with the ITC temperature clamped into [itc.temp_min, itc.temp_max] (ALBEF
+    clamps it in place after every update)."""
+    return {**params, "temp": jnp.clip(params["temp"], itc.temp_min, itc.temp_max)}
 
 
 def refuse_synthetic(config, what: str, how: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +24,6 @@ from mplug_jax import generate, losses
 from mplug_jax.data import pretrain_input
 from mplug_jax.models import layers
 from mplug_jax.tasks import base
-from mplug_jax.train_state import enqueue
 
 LOSSES = ("itc", "itm", "mlm", "prefix_lm")
 # Top-level params the momentum forwards read (`encode_image`, `encode_text`, `itc_project`,
@@ -139,20 +137,10 @@ class Task(base.Task):
         """
         extra = {"dropped_targets": jnp.zeros((), jnp.int32)}
         if self._needs_momentum:
-            keep = self.momentum_filter()
-            extra["params_m"] = {k: jax.tree.map(lambda x: x, v) for k, v in params.items()
-                                 if keep(k)}
+            extra["params_m"] = base.momentum_copy(params, self.momentum_filter())
         if self.weights["itc"] and self.itc.queue_size:
-            q, e = int(self.itc.queue_size), self.model.embed_dim
-            k_img, k_txt = jax.random.split(rng)
-
-            def unit(k):
-                x = jax.random.normal(k, (q, e), jnp.float32)
-                return nn.LogicallyPartitioned(
-                    x / jnp.linalg.norm(x, axis=-1, keepdims=True), ("queue", None))
-
-            extra.update(image_queue=unit(k_img), text_queue=unit(k_txt),
-                         queue_ptr=jnp.zeros((), jnp.int32))
+            extra.update(base.feature_queues(rng, int(self.itc.queue_size),
+                                             self.model.embed_dim))
         return extra
 
     def init_from_pretrained(self, state):
@@ -187,8 +175,7 @@ class Task(base.Task):
 
     def after_update(self, params):
         """Clamp the temperature into [temp_min, temp_max] (ALBEF clamps it in place)."""
-        return {**params, "temp": jnp.clip(params["temp"], self.itc.temp_min,
-                                           self.itc.temp_max)}
+        return base.clamp_temperature(params, self.itc)
 
     def loss(self, params, extra: dict, batch: dict, rng: jax.Array, step: jax.Array):
         """Weighted sum of the enabled losses on one (micro-)batch.
@@ -233,11 +220,7 @@ class Task(base.Task):
                 extra.get("text_queue", empty), temp, alpha if self._distill else 0.0)
             metrics["loss_itc"] = loss_itc
             total += w["itc"] * loss_itc
-            if "queue_ptr" in extra:
-                ptr = extra["queue_ptr"]
-                new_extra["image_queue"], new_extra["queue_ptr"] = enqueue(
-                    extra["image_queue"], ptr, img_feat_m)
-                new_extra["text_queue"], _ = enqueue(extra["text_queue"], ptr, txt_feat_m)
+            new_extra.update(base.enqueue_features(extra, img_feat_m, txt_feat_m))
         if w["itm"]:
             if w["itc"]:
                 sim_i2t, sim_t2i = sims["sim_i2t"], sims["sim_t2i"]
@@ -246,15 +229,9 @@ class Task(base.Task):
                 sim_t2i = sim_i2t.T
             # Identical captions (frequent in small-vocabulary data) are matches, not negatives.
             same_text = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
-            neg_txt, neg_img = losses.sample_hard_negatives(k_neg, sim_i2t, sim_t2i, same_text)
-            # Pairs: b positives, (hard image, text j), (image i, hard text).
-            img_all = jnp.concatenate([img, img[neg_img], img], 0)
-            txt_all = jnp.concatenate([txt, txt, txt[neg_txt]], 0)
-            mask_all = jnp.concatenate([mask, mask, mask[neg_txt]], 0)
-            _, fused = self._apply(params, "fuse", img_all, txt_all, mask_all, rng=next(drop))
-            logits = self._apply(params, "itm_logits", fused[:, 0])
-            labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-            loss_itm, metrics["itm_acc"] = losses.itm_loss(logits, labels)
+            loss_itm, metrics["itm_acc"] = base.itm_with_hard_negatives(
+                self._apply, params, k_neg, img, txt, mask, sim_i2t, sim_t2i, same_text,
+                rng=next(drop))
             metrics["loss_itm"] = loss_itm
             total += w["itm"] * loss_itm
         if w["mlm"]:

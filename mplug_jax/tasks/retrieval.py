@@ -33,7 +33,6 @@ import numpy as np
 from mplug_jax import losses
 from mplug_jax.data import retrieval_input
 from mplug_jax.tasks import base
-from mplug_jax.train_state import enqueue
 
 # The official momentum pairs (visual encoder, text encoder, projections, visn_fc / LN); the
 # fusion encoder is not among them (R9).
@@ -142,22 +141,11 @@ class Task(base.Task):
         """Momentum copy (keeping the boxes of `params`), the ITC queues (random unit vectors,
         as the official `normalize(randn(E, Q))`), their image ids (-100: matches nothing) and
         the write pointer."""
-        keep = self.momentum_filter()
-        extra = {"params_m": {k: jax.tree.map(lambda x: x, v) for k, v in params.items()
-                              if keep(k)}}
-        q, e = self.queue_size, self.model.embed_dim
-        if q:
-            k_img, k_txt = jax.random.split(rng)
-
-            def unit(k):
-                x = jax.random.normal(k, (q, e), jnp.float32)
-                return nn.LogicallyPartitioned(
-                    x / jnp.linalg.norm(x, axis=-1, keepdims=True), ("queue", None))
-
-            extra.update(image_queue=unit(k_img), text_queue=unit(k_txt),
+        extra = {"params_m": base.momentum_copy(params, self.momentum_filter())}
+        if self.queue_size:
+            extra.update(base.feature_queues(rng, self.queue_size, self.model.embed_dim),
                          idx_queue=nn.LogicallyPartitioned(
-                             jnp.full((q,), EMPTY_ID, jnp.int32), ("queue",)),
-                         queue_ptr=jnp.zeros((), jnp.int32))
+                             jnp.full((self.queue_size,), EMPTY_ID, jnp.int32), ("queue",)))
         return extra
 
     def init_from_pretrained(self, state):
@@ -173,8 +161,7 @@ class Task(base.Task):
 
     def after_update(self, params):
         """Clamp the temperature into [temp_min, temp_max] (module docstring)."""
-        return {**params, "temp": jnp.clip(params["temp"], self.itc.temp_min,
-                                           self.itc.temp_max)}
+        return base.clamp_temperature(params, self.itc)
 
     # ---- step -------------------------------------------------------------------------------
 
@@ -206,23 +193,15 @@ class Task(base.Task):
             img_feat, txt_feat, img_feat_m, txt_feat_m, extra.get("image_queue", empty),
             extra.get("text_queue", empty), temp, alpha, positives)
         new_extra = dict(extra)
+        new_extra.update(base.enqueue_features(extra, img_feat_m, txt_feat_m))
         if self.queue_size:
-            ptr = extra["queue_ptr"]
-            new_extra["image_queue"], new_extra["queue_ptr"] = enqueue(
-                extra["image_queue"], ptr, img_feat_m)
-            new_extra["text_queue"], _ = enqueue(extra["text_queue"], ptr, txt_feat_m)
-            new_extra["idx_queue"] = jax.lax.dynamic_update_slice(idx_queue, idx, (ptr,))
+            new_extra["idx_queue"] = jax.lax.dynamic_update_slice(idx_queue, idx,
+                                                                  (extra["queue_ptr"],))
 
         same = (idx[:, None] == idx[None, :]) | jnp.all(ids[:, None, :] == ids[None, :, :], -1)
-        neg_txt, neg_img = losses.sample_hard_negatives(k_neg, sims["sim_i2t"], sims["sim_t2i"],
-                                                        same)
-        img_all = jnp.concatenate([img, img[neg_img], img], 0)
-        txt_all = jnp.concatenate([txt, txt, txt[neg_txt]], 0)
-        mask_all = jnp.concatenate([mask, mask, mask[neg_txt]], 0)
-        _, fused = self._apply(params, "fuse", img_all, txt_all, mask_all, rng=next(drop))
-        logits = self._apply(params, "itm_logits", fused[:, 0])
-        labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-        loss_itm, itm_acc = losses.itm_loss(logits, labels)
+        loss_itm, itm_acc = base.itm_with_hard_negatives(
+            self._apply, params, k_neg, img, txt, mask, sims["sim_i2t"], sims["sim_t2i"], same,
+            rng=next(drop))
         total = self.w_itc * loss_itc + self.w_itm * loss_itm
         metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": itm_acc,
                    "temp": temp, "alpha": alpha,

@@ -139,9 +139,7 @@ class Task(base.Task):
         extra = {"answers_dropped": jnp.zeros((), jnp.int32),
                  "targets_dropped": jnp.zeros((), jnp.int32)}
         if self.distill:
-            keep = self.momentum_filter()
-            extra["params_m"] = {k: jax.tree.map(lambda x: x, v) for k, v in params.items()
-                                 if keep(k)}
+            extra["params_m"] = base.momentum_copy(params, self.momentum_filter())
         return extra
 
     def init_from_pretrained(self, state):
