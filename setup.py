@@ -35,7 +35,7 @@ setup(
         "torch": ["torch==2.13.0"],
         # video: decode .mp4/.avi/.gif for video QA / captioning (frame folders need nothing).
         "video": ["av>=12"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.40", "av>=12"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers>=4.40", "av>=12"],
     },
     entry_points={"console_scripts": ["mplug-jax=mplug_jax.cli:main"]},
 )

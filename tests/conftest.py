@@ -18,6 +18,20 @@ SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 
 
+# Files that take minutes (training runs in subprocesses, several processes): they are handed
+# to the xdist workers first (run.sh passes --no-loadscope-reorder), so the suite never ends
+# with one worker alone on a long file. Longest first; every other file keeps pytest's order.
+SLOW_FILES = ("test_trainer.py", "test_caption.py", "test_multihost.py", "test_vqa.py",
+              "test_mplug2_video_qa.py", "test_retrieval.py", "test_train_step.py",
+              "test_sharding_strategies.py", "test_grounding.py", "test_nlvr2.py",
+              "test_snli_ve.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 def fixture_dirs():
     """Every official parity fixture folder under ../shared/fixtures (empty if absent)."""
     if not FIXTURES.is_dir():
