@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 from etils import epath
 
-from mplug_jax import pretrained, trainer
+from mplug_jax import trainer
 from mplug_jax.evaluators import common as evaluators
 
 
@@ -34,11 +34,7 @@ def load_params(config, checkpoint: str, step: int = 0):
     s = trainer.setup(config, 1)
     init = jax.jit(lambda k: nn.meta.unbox(s.task.init_params(k)),
                    out_shardings=s.shardings.params)
-    params = init(jax.random.PRNGKey(config.seed))
-    loaded = pretrained.load(config.init, s.task.model)
-    flat = pretrained.select(loaded.params, s.task.pretrained_rename(),
-                             s.task.pretrained_skip())
-    return s, pretrained.put(params, flat, s.task.model)
+    return s, s.task.pretrained_params(init(jax.random.PRNGKey(config.seed)))
 
 
 def evaluate(config, checkpoint: str, out_dir: str, step: int = 0, log=print) -> dict:

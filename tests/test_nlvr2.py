@@ -78,7 +78,7 @@ def test_two_image_fusion_reduces_to_single_image_fusion(layout):
 def test_init_loads_pretrained_cross_attention_into_both_branches(pretrain_workdir):
     """From a pretraining workdir: encoders and fusion equal the checkpoint, both branches
     equal its cross-attention, the classifier is new, the decoder / heads are not in the tree;
-    random initialisation is refused unless allowed."""
+    `mplug-jax evaluate` loads the same; random initialisation is refused unless allowed."""
     from mplug_jax import workdir
     c = small_config()
     c.init.checkpoint = str(pretrain_workdir)
@@ -94,6 +94,12 @@ def test_init_loads_pretrained_cross_attention_into_both_branches(pretrain_workd
         np.testing.assert_array_equal(np.asarray(v), np.asarray(src[k.replace("cross_attn_1",
                                                                                "cross_attn")]))
     assert any("text/cross_attn_1/" in k for k in got)
+    # `mplug-jax evaluate` of the pretraining workdir with this config loads it the same way.
+    from mplug_jax import evaluate
+    _, params = evaluate.load_params(c, str(pretrain_workdir))
+    for k, v in _flat(params).items():
+        if not k.startswith("cls_head/"):
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(got[k]), err_msg=k)
 
     c.init.checkpoint = ""
     s = trainer.setup(c, 1)

@@ -218,25 +218,40 @@ class Task:
         """A fresh TrainState with its params (and a momentum copy, if the task keeps one)
         overwritten from `config.init` (`mplug_jax.pretrained`); unchanged when none is set.
 
-        Subclasses adapt names with `pretrained_rename` / `pretrained_skip`."""
+        Subclasses adapt names with `pretrained_rename` / `pretrained_skip` /
+        `adapt_pretrained`."""
         init_cfg = self.config.get("init")
         if not pretrained.requested(init_cfg):
             return state
         loaded = pretrained.load(init_cfg, self.model)
-        flat = pretrained.select(loaded.params, self.pretrained_rename(),
-                                 self.pretrained_skip())
-        params = pretrained.put(state.params, flat, self.model)
+        params, n = self._put_pretrained(state.params, loaded.params)
         extra = dict(state.extra)
         if "params_m" in extra:
-            mom = pretrained.select(loaded.momentum or loaded.params, self.pretrained_rename(),
-                                    self.pretrained_skip())
-            keep = self.momentum_filter()
-            extra["params_m"] = pretrained.put(extra["params_m"], {
-                k: v for k, v in mom.items() if keep(k)}, self.model, "momentum")
+            extra["params_m"], _ = self._put_pretrained(
+                extra["params_m"], loaded.momentum or loaded.params, self.momentum_filter(),
+                "momentum")
         if jax.process_index() == 0:
-            print(f"initialised {len(flat)} arrays from " + ", ".join(loaded.sources),
-                  flush=True)
+            print(f"initialised {n} arrays from " + ", ".join(loaded.sources), flush=True)
         return state.replace(params=params, extra=extra)
+
+    def pretrained_params(self, params):
+        """`params` (a sharded tree of this task's model) with the arrays of `config.init` put
+        in, adapted as `init_from_pretrained` adapts them: what `mplug-jax evaluate` scores."""
+        return self._put_pretrained(params, pretrained.load(self.config.init,
+                                                            self.model).params)[0]
+
+    def _put_pretrained(self, tree, source, keep: Callable[[str], bool] | None = None,
+                        what: str = "params"):
+        flat = self.adapt_pretrained(pretrained.select(source, self.pretrained_rename(),
+                                                       self.pretrained_skip()))
+        if keep is not None:
+            flat = {k: v for k, v in flat.items() if keep(k)}
+        return pretrained.put(tree, flat, self.model, what), len(flat)
+
+    def adapt_pretrained(self, flat: dict) -> dict:
+        """The selected pretrained arrays {name: array} as this model takes them (default
+        unchanged; NLVR2 copies the cross-attention into its second branch)."""
+        return flat
 
     def pretrained_rename(self) -> dict[str, str]:
         """{regex: replacement} applied to pretrained names (default none)."""

@@ -97,23 +97,16 @@ class Task(base.Task):
     def pretrained_skip(self) -> tuple[str, ...]:
         return (NOT_LOADED,)
 
+    def adapt_pretrained(self, flat: dict) -> dict:
+        return twin_cross_attention(flat)
+
     def init_from_pretrained(self, state):
-        """Params from `config.init` with the cross-attention copied into both branches;
-        refuses random weights unless `init.allow_scratch`."""
+        """Params from `config.init` with the cross-attention copied into both branches
+        (`adapt_pretrained`); refuses random weights unless `init.allow_scratch`."""
         self.require_init("NLVR2 config fine-tunes a pretrained mPLUG: set "
                           "--config.init.checkpoint=PRETRAINING_WORKDIR (or an official / "
                           "converted checkpoint)")
-        init_cfg = self.config.get("init")
-        if not pretrained.requested(init_cfg):
-            return state
-        loaded = pretrained.load(init_cfg, self.model)
-        flat = twin_cross_attention(pretrained.select(loaded.params, self.pretrained_rename(),
-                                                      self.pretrained_skip()))
-        params = pretrained.put(state.params, flat, self.model)
-        if jax.process_index() == 0:
-            print(f"initialised {len(flat)} arrays from " + ", ".join(loaded.sources)
-                  + " (cross-attention copied into both image branches)", flush=True)
-        return state.replace(params=params)
+        return super().init_from_pretrained(state)
 
     # ---- step -------------------------------------------------------------------------------
 
