@@ -7,7 +7,11 @@ mPLUG-2 video QA fine-tuning (paper section 4.2.2; release `video_qa_mplug2.py`,
 search (5 / min 1 / max 10). Variants:
 
   tiny   `mplug2_tiny` at 32 px (8 px patches), 4 frames, from scratch on the built-in synthetic
-         motion QA (`data.synthetic_motion`: direction / order / count questions that need time)
+         motion QA (`data.synthetic_motion`: direction / order / count questions that need time).
+         Measured: from scratch it stays at the answer prior for 600 steps (batch 16, lr 2e-3,
+         held-out accuracy per kind = majority), even on 'order' alone (needs only which shape
+         is in which frame); it can memorise 32 training videos in 200 steps, so the visual
+         path works but shape recognition from scratch is too slow for a CPU learning test.
   base   `mplug2_base` (the paper's base model; no official checkpoint), the large recipe
   large  the release: `mplug2_large`, 224 px, 16 frames, global batch 32 (4 per GPU x 8),
          lr 2e-5 (vision 2e-6), wd 0.02, per-step cosine with 200 warm-up steps to min lr 1e-6,

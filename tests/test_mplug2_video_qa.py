@@ -51,6 +51,32 @@ def test_synthetic_motion_needs_time(tmp_path):
         synthetic_motion.question_kind("what colour is it?")
 
 
+def test_direction_path_does_not_leak_the_answer():
+    """Regression: 'direction' movers used to start at one fixed edge of their lane (right /
+    down from the low side, left / up from the high side), so the mean position over the
+    frames (what a model without time sees) told left from right: 0.39 vs 0.61 of the side, a
+    threshold on it 98% right. The path is now drawn independently of the direction and frames
+    show the middles of their time slots: the mean positions of the two directions on an axis
+    agree, and a threshold on them is at chance."""
+    rng = np.random.default_rng(0)
+    mean_pos = {d: [] for d in synthetic_motion.DIRECTIONS}
+    for _ in range(600):
+        v = synthetic_motion.sample_video(rng, "direction")
+        axis = 0 if v.answer in ("left", "right") else 1
+        track = [(s.cx, s.cy)[axis] for s in
+                 (v.scene_at(synthetic_motion.frame_time(f, 8)).shapes[0]
+                  for f in range(8))]
+        mean_pos[v.answer].append(np.mean(track))
+    for a, b in (("left", "right"), ("up", "down")):
+        x, y = np.asarray(mean_pos[a]), np.asarray(mean_pos[b])
+        assert abs(x.mean() - y.mean()) < 0.03, (a, x.mean(), b, y.mean())
+        # the best threshold on the mean position separates the two directions at chance
+        both = np.concatenate([x, y])
+        best = max(max(np.mean(np.r_[x < t, y >= t]), np.mean(np.r_[x >= t, y < t]))
+                   for t in np.quantile(both, np.linspace(0.05, 0.95, 19)))
+        assert best < 0.62, (a, b, best)
+
+
 def test_input_batches_skip_bad_videos(tmp_path):
     """Train batches: shapes, dtypes, 'rand' frames, one answer; a deleted video is skipped and
     counted; eval batches keep the order and use the official test transform."""

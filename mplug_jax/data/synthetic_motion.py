@@ -5,7 +5,9 @@ noise in every frame) and belongs to one question kind:
 
 - 'direction': one shape moves straight across about half the frame (left, right, up or
   down), sometimes next to a static distractor of another colour and shape:
-  "which way does the red circle move?" -> left / right / up / down.
+  "which way does the red circle move?" -> left / right / up / down. Where the path lies is
+  drawn independently of the direction, so the positions visited (without their order) do
+  not give the answer away.
 - 'order': two shapes of different kinds, the first visible in the first half of the video
   only, the second in the second half only: "which shape appears first?" -> circle / square /
   triangle. Both are on screen equally long, so only the order tells them apart.
@@ -108,7 +110,12 @@ def sample_video(rng: np.random.Generator, kind: str) -> MotionVideo:
         travel = float(rng.uniform(0.45, 0.55))
         lo, hi = half + 0.02, 1.0 - half - 0.02
         travel = min(travel, hi - lo)
-        along = {"left": hi, "right": lo, "up": hi, "down": lo}[direction]
+        # The path [a, a + travel] is drawn independently of the direction, so the set of
+        # positions a video visits (what a model without time sees) says nothing about which
+        # way it is travelled: starting at `lo` for right / down and at `hi` for left / up
+        # would put the mean position on the side the shape comes from (a time-free leak).
+        a = float(rng.uniform(lo, hi - travel))
+        along = {"left": a + travel, "right": a, "up": a + travel, "down": a}[direction]
         across = float(rng.uniform(lo, hi))
         horizontal = direction in ("left", "right")
         cx, cy = (along, across) if horizontal else (across, along)
@@ -177,10 +184,22 @@ class SyntheticMotion:
         return sample_video(self._rng(index, 0), KINDS[index % len(KINDS)])
 
     def frames(self, index: int) -> np.ndarray:
-        """uint8[F, R, R, 3]; frame f shows time f / F."""
+        """uint8[F, R, R, 3]; frame f shows time `frame_time(f, F)` = (f + 0.5) / F."""
         v = self.video(index)
-        return np.stack([render(v.scene_at(f / self.raw_frames), self.image_size,
+        return np.stack([render(v.scene_at(frame_time(f, self.raw_frames)), self.image_size,
                                 self._rng(index, 1)) for f in range(self.raw_frames)])
+
+
+def frame_time(f: int, raw_frames: int) -> float:
+    """The time in [0, 1) frame f of `raw_frames` shows: the middle of its slot, (f + 0.5) / F.
+
+    Symmetric under time reversal (frame F-1-f shows 1 - t), so a 'direction' video and its
+    reversal visit the same positions (frame f / F would end a slot early: the mover's mean
+    position would lean towards where it comes from by travel / (2F)). The official
+    segment-middle test sampling (`data.video.frame_indices`, frames 0, 2, 4, 6 of 8) is itself
+    not symmetric: it sees the mover travel / (2T) nearer its start on average.
+    """
+    return (f + 0.5) / raw_frames
 
 
 def write_motion_files(directory: str, size: int = 96, *, split: str = "heldout",
