@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import pretrained
 from mplug_jax.data import nlvr2_input
 from mplug_jax.models.nlvr2 import NLVR2Model
 from mplug_jax.tasks import base
