@@ -34,7 +34,6 @@ builds the task (imports JAX, computes nothing) to read its gather capacities.
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 LOSSES = ("itc", "itm", "mlm", "prefix_lm")

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
