@@ -18,6 +18,13 @@ From any checkpoint whose task has the ITC / ITM heads (a pretraining or retriev
    txt_r* = video -> text, vid_r* = text -> video (the paper's number), vid_mdR = median rank
    (1-based) of text -> video, r_mean.
 
+mPLUG-2 (`mplug2_retrieval` / `mplug2_pretrain` tasks): when the task has a `video_embed`
+predict fn, step 1 uses it instead: the whole clip float32[B, T, R, R, 3] through the model's
+own video path (dual vision encoder with the local temporal modules, universal layers), its
+pooled unit ITC feature and its universal-layer tokens float[B, N, H] as the ITM input; with
+`resize='nearest'` (the mPLUG-2 configs) frames get the release's test transform. Steps 2-4
+are the same (score = ITM logit + similarity unless add_similarity=False).
+
 Videos that cannot be decoded are skipped with their captions and counted
 ('num_skipped_videos'). Result file `video_retrieval_result.json` in the format of
 `scoring.retrieval.result_file` (video ids as the item keys, "<video id>#0" as text keys).
@@ -44,7 +51,9 @@ from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import retrieval as R
 from mplug_jax.sharding import replicated
 
-PREDICT_FNS = ("image_embed", "text_embed", "itm_score")
+# Plus 'video_embed' (mPLUG-2) or 'image_embed' (mPLUG v1, frames averaged): checked in
+# `Evaluator.__init__`.
+PREDICT_FNS = ("text_embed", "itm_score")
 RESULT_FILE = "video_retrieval_result.json"
 
 
@@ -65,7 +74,8 @@ class Evaluator(image_retrieval.Evaluator):
     """Evaluator `video_retrieval` (see module docstring).
 
     Args:
-      predict_fns: {'image_embed', 'text_embed', 'itm_score'} (pretrain or retrieval task).
+      predict_fns: {'text_embed', 'itm_score'} and 'video_embed' (mPLUG-2 tasks: used as is)
+        or 'image_embed' (mPLUG v1 pretrain / retrieval: per frame, averaged).
       ecfg: eval block (module docstring).
       config: run config (model.image_size, seed).
       mesh: the run's mesh; None = a 1-device mesh on this process's first device.
@@ -94,8 +104,14 @@ class Evaluator(image_retrieval.Evaluator):
         rep = replicated(mesh)
         rows = NamedSharding(mesh, PartitionSpec(tuple(
             a for a in ("data", "fsdp") if a in mesh.axis_names) or None))
-        self._video = jax.jit(video_embed_fn(predict_fns["image_embed"]),
-                              out_shardings=(rep, rows))
+        if "video_embed" in predict_fns:
+            video_fn = predict_fns["video_embed"]
+        elif "image_embed" in predict_fns:
+            video_fn = video_embed_fn(predict_fns["image_embed"])
+        else:
+            raise ValueError("evaluator 'video_retrieval' needs predict fn 'video_embed' or "
+                             f"'image_embed'; the task has {sorted(predict_fns)}")
+        self._video = jax.jit(video_fn, out_shardings=(rep, rows))
         self._text = jax.jit(predict_fns["text_embed"], out_shardings=(rep, rows))
         itm = predict_fns["itm_score"]
 
