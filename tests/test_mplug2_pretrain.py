@@ -132,14 +132,17 @@ def test_bad_configs(tmp_path):
             tasks.get_class("mplug2_pretrain").train_input(cfg_lib.get_config(variant))
 
 
-SMOKE_STEPS = 60
+SMOKE_STEPS = 40
 
 
 def test_pretraining_run_every_loss_decreases(tmp_path):
-    """The tiny config from scratch through the CLI (subprocess, XLA default optimisation):
-    the mean of the last logged values of each objective is below the first ones."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    overrides = {"total_steps": SMOKE_STEPS, "log_every_steps": 5, "optim.warmup_steps": 10,
+    """The tiny config from scratch through the CLI (subprocess on 1 device, keeping the suite's
+    -O0 codegen: the mixed step's compile dominates 40 steps): the mean of the last three
+    logged values of each objective is below the first two (measured: ITC 3.3 -> 2.7, ITM 0.72
+    -> 0.63, MLM 10.3 -> 9.1, LM 10.4 -> 8.5)."""
+    env = dict(os.environ)
+    overrides = {"total_steps": SMOKE_STEPS, "log_every_steps": 5, "optim.warmup_steps": 5,
+                 "mesh.shape.data": 1,
                  "input.batch_size": 8, "input.image_batch_size": 8, "input.train_size": 64,
                  "input.images.train_size": 256, "ckpt_every_steps": 1000,
                  "input.synthetic_dir": str(tmp_path / "videos")}

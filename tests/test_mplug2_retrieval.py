@@ -233,5 +233,7 @@ def test_finetune_from_scratch_beats_chance(tmp_path):
                       **{k: ev[k] for k in ev if k.startswith("val/")}}))
     chance = 100.0 / ev["val/num_videos"]
     assert last < first - 0.3, (first, last)
-    assert ev["val/vid_r1"] >= 2.5 * chance, ev
+    # R@1 is 4 of 64 videos: only asked to beat chance; R@5 / R@10 clearly (4x / 3x measured).
+    assert ev["val/vid_r1"] > chance, ev
     assert ev["val/vid_r5"] >= 2.0 * 5 * chance, ev
+    assert ev["val/vid_r10"] >= 2.0 * 10 * chance, ev
