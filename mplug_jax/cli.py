@@ -161,13 +161,55 @@ def _ground(args, pred=None) -> int:
     return 0
 
 
+def _predict_video(args, pred) -> int:
+    if args.text or args.out:
+        raise ValueError("--text / --out are for grounding checkpoints (--task ground)")
+    if pred.task == "video_qa":
+        if not args.question:
+            raise ValueError(f"{args.checkpoint} answers questions about videos: pass --question")
+        if len(args.question) not in (1, len(args.video)):
+            raise ValueError(f"{len(args.video)} --video but {len(args.question)} --question")
+        questions = args.question * (len(args.video) if len(args.question) == 1 else 1)
+        texts = pred.answer(args.video, questions)
+    else:
+        if args.question:
+            raise ValueError(f"{args.checkpoint} captions videos (task {pred.task!r}): drop "
+                             "--question")
+        texts = pred.caption(args.video)
+    for i, text in enumerate(texts):
+        if args.json:
+            row = {"video": args.video[i]}
+            row.update({"question": questions[i], "answer": text} if pred.task == "video_qa"
+                       else {"caption": text})
+            print(json.dumps(row))
+        else:
+            print(text if len(texts) == 1 else f"{args.video[i]}\t{text}")
+    return 0
+
+
 def _predict(args) -> int:
-    from mplug_jax.predict import Predictor
+    from mplug_jax.predict import Predictor, VideoPredictor
+    if bool(args.image) == bool(args.video):
+        raise ValueError("pass --image (photos) or --video (video files / frame folders), "
+                         "not both or neither")
+    if args.video and args.task in ("ground", "grounding", "vqa", "caption"):
+        raise ValueError(f"--task {args.task} takes --image; videos use --task video_qa or "
+                         "video_caption (or an mPLUG-2 workdir without --task)")
     if args.task in ("ground", "grounding"):
         return _ground(args)
+    if args.video:
+        pred = VideoPredictor.from_checkpoint(args.checkpoint, task=args.task, step=args.step,
+                                              beam_size=args.beam_size,
+                                              min_length=args.min_length,
+                                              max_length=args.max_length)
+        return _predict_video(args, pred)
     pred = Predictor.from_checkpoint(args.checkpoint, task=args.task, step=args.step,
                                      beam_size=args.beam_size, min_length=args.min_length,
                                      max_length=args.max_length)
+    if isinstance(pred, VideoPredictor):
+        raise ValueError(f"{args.checkpoint} is an mPLUG-2 video checkpoint (task "
+                         f"{pred.task!r}): pass --video (a video file or frame folder), not "
+                         "--image")
     if pred.task == "grounding":
         return _ground(args, pred)
     if args.text or args.out:
@@ -296,14 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--momentum", action="store_true", help="export the momentum params")
     s.set_defaults(fn=_export)
 
-    s = sub.add_parser("predict", help="answer a question about an image, caption it, or "
-                       "locate a referring expression (--task ground)")
+    s = sub.add_parser("predict", help="answer a question about an image or a video, caption "
+                       "it, or locate a referring expression (--task ground)")
     s.add_argument("--checkpoint", required=True, help="a workdir of ours (VQA, caption, or "
-                   "pretraining: zero-shot captions) or a `mplug-jax convert` directory")
-    s.add_argument("--image", action="append", required=True, help="image file; repeat for "
-                   "several")
-    s.add_argument("--question", action="append", help="VQA question (one, or one per image)")
-    s.add_argument("--task", choices=("vqa", "caption", "ground", "grounding"),
+                   "pretraining: zero-shot captions; mPLUG-2 video QA / caption for --video) or "
+                   "a `mplug-jax convert` directory")
+    s.add_argument("--image", action="append", help="image file; repeat for several")
+    s.add_argument("--video", action="append", help="video file (PyAV / OpenCV) or folder of "
+                   "frame images, for mPLUG-2 video checkpoints; repeat for several")
+    s.add_argument("--question", action="append", help="VQA question (one, or one per image "
+                   "or video)")
+    s.add_argument("--task", choices=("vqa", "caption", "ground", "grounding", "video_qa",
+                                      "video_caption"),
                    help="required for converted checkpoints; default: the workdir's task "
                    "(ground = grounding: the box of --text)")
     s.add_argument("--text", action="append", help="grounding: referring expression (one, or "
@@ -311,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="grounding: save the image with the box drawn as this PNG")
     s.add_argument("--step", type=int, default=0, help="workdir step (0 = latest)")
     s.add_argument("--beam-size", type=int, help="default 5 (official)")
-    s.add_argument("--min-length", type=int, help="default 1 (VQA) / 8 (caption)")
-    s.add_argument("--max-length", type=int, help="default 10 (VQA) / 25 (caption)")
+    s.add_argument("--min-length", type=int, help="default 1 (VQA) / 8 (caption) / 4 (video "
+                   "caption)")
+    s.add_argument("--max-length", type=int, help="default 10 (VQA) / 25 (caption) / 20 "
+                   "(video caption)")
     s.add_argument("--json", action="store_true", help="one JSON object per image")
     s.set_defaults(fn=_predict)
 

@@ -1,6 +1,9 @@
 """`Predictor` / `mplug-jax predict`: checkpoints of each task, real photos, bad inputs."""
 import json
+import os
+import re
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -88,3 +91,116 @@ def test_predict_cli(pretrain_workdir, photo, capsys):
     assert row["image"].endswith("astronaut.jpg") and isinstance(row["caption"], str)
     assert cli.main(["predict", "--checkpoint", str(pretrain_workdir), "--image", "x.jpg"]) == 2
     assert "pretraining workdir" in capsys.readouterr().err
+
+
+# ---- mPLUG-2 video (Predictor.from_checkpoint -> VideoPredictor) ---------------------------
+
+def _video_workdir(path, config):
+    """A workdir of an mPLUG-2 video task holding its freshly initialised state at step 1
+    (what predict reads; no training: the tests check the plumbing, not the answers)."""
+    import functools
+
+    from etils import epath
+
+    from mplug_jax import checkpoint, tasks, workdir
+    from mplug_jax import sharding as shd
+    from mplug_jax import train_state as ts
+    config.mesh.sharding = "dp"
+    task = tasks.build(config)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    tx, _, _, shardings = ts.state_spec(task, config.optim, 10, mesh, shd.rules("dp"))
+    state = jax.jit(functools.partial(ts.init_state, task.init_params, task.init_extra, tx),
+                    out_shardings=shardings)(jax.random.PRNGKey(0))
+    path = epath.Path(path)
+    path.mkdir(parents=True)
+    workdir.write_config(path, config)
+    ck = checkpoint.Checkpointer(path / workdir.CKPT, async_save=False)
+    ck.save(1, state, None, force=True)
+    ck.close()
+    return path, task
+
+
+@pytest.fixture(scope="module")
+def video_setup(tmp_path_factory):
+    """A video QA and a video caption workdir (tiny, 4 frames at 32 px) and two synthetic
+    clips as frame folders (+ mp4 files when PyAV is installed)."""
+    from configs import mplug2_video_caption, mplug2_video_qa
+    from mplug_jax.data import synthetic_video
+    d = tmp_path_factory.mktemp("video_predict")
+    qa_cfg = mplug2_video_qa.get_config("tiny")
+    cap_cfg = mplug2_video_caption.get_config("tiny")
+    cap_cfg.task.generation.update(beam_size=2, min_length=1, max_length=5)
+    qa_dir, qa_task = _video_workdir(d / "qa", qa_cfg)
+    cap_dir, cap_task = _video_workdir(d / "cap", cap_cfg)
+    paths = synthetic_video.write_video_files(str(d / "clips"), 2, num_frames=6, image_size=32)
+    return dict(qa=qa_dir, cap=cap_dir, qa_task=qa_task, cap_task=cap_task, paths=paths, dir=d)
+
+
+def test_video_predictor_answers_and_captions_as_the_tasks(video_setup):
+    """Predictions on a frame folder equal the task's own generation on the release's test
+    frames (segment middles, eval_clip), decoded as the release; an mp4 also works."""
+    from mplug_jax.data import video as video_lib
+    from mplug_jax.predict import VideoPredictor
+    from mplug_jax.tasks.mplug2_video_caption import decode_caption
+    s = video_setup
+    folder = os.path.join(s["paths"]["frames_root"], s["paths"]["video_ids"][0])
+    clip = video_lib.eval_clip(video_lib.load_frames(folder, 4), 32)[None]
+
+    qa = Predictor.from_checkpoint(s["qa"], beam_size=2, max_length=4)
+    assert isinstance(qa, VideoPredictor) and qa.task == "video_qa" and qa.num_frames == 4
+    q = "which way does the red circle move?"
+    ans = qa.answer([folder], [q])
+    ids, mask = qa.tokenizer.encode([q], max_length=qa.max_question_tokens)
+    want = jax.jit(lambda p, v, i, m: s["qa_task"].generate(p, v, i, m, beam_size=2,
+                                                            max_length=4)["ids"][:, 0])(
+        qa.params, clip, ids, mask)
+    assert ans == [qa.tokenizer.decode_official(np.asarray(want)[0])]
+
+    cap = Predictor.from_checkpoint(s["cap"])
+    assert cap.task == "video_caption" and cap.prompt == "a video of"
+    assert cap.settings == Settings(2, 1, 5, True)  # the workdir's task.generation
+    text = cap(folder)
+    want = jax.jit(s["cap_task"].caption_beam)(cap.params, clip)["ids"]
+    assert text == decode_caption(np.asarray(want)[0])
+    if s["paths"]["mp4_root"]:
+        mp4 = os.path.join(s["paths"]["mp4_root"], s["paths"]["video_ids"][1] + ".mp4")
+        assert isinstance(cap(mp4), str)
+
+
+def test_video_predict_cli_and_errors(video_setup, pretrain_workdir, capsys):
+    s = video_setup
+    folder = os.path.join(s["paths"]["frames_root"], s["paths"]["video_ids"][0])
+    assert cli.main(["predict", "--checkpoint", str(s["cap"]), "--video", folder, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["video"] == folder and isinstance(row["caption"], str)
+    rc = cli.main(["predict", "--checkpoint", str(s["qa"]), "--video", folder, "--question",
+                   "which way does the red circle move?", "--max-length", "4",
+                   "--beam-size", "2", "--json"])
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert rc == 0 and len(rows) == 1 and isinstance(rows[0]["answer"], str)
+
+    empty = s["dir"] / "empty_clip"
+    empty.mkdir(exist_ok=True)
+    (empty / "notes.txt").write_text("no frames here")
+    broken = s["dir"] / "broken.mp4"
+    broken.write_bytes(b"\x00\x01 not a video" * 10)
+    cap = Predictor.from_checkpoint(s["cap"])
+    with pytest.raises(ValueError, match="cannot use video .*empty_clip: no decodable frame"):
+        cap(empty)
+    with pytest.raises(ValueError, match="broken.mp4"):
+        cap(broken)
+    with pytest.raises(FileNotFoundError, match="nope.mp4 does not exist"):
+        cap(s["dir"] / "nope.mp4")
+    with pytest.raises(ValueError, match="takes no question"):
+        cap(folder, "what?")
+    for argv, msg in (
+            (["--checkpoint", str(pretrain_workdir), "--video", folder],
+             "is an image checkpoint .*takes --image, not --video"),
+            (["--checkpoint", str(s["cap"]), "--image", "x.jpg"], "pass --video"),
+            (["--checkpoint", str(s["qa"]), "--video", folder], "pass --question"),
+            (["--checkpoint", str(s["cap"]), "--video", str(empty)], "no decodable frame"),
+            (["--checkpoint", str(s["cap"])], "pass --image .* or --video"),
+            (["--checkpoint", str(s["qa"]), "--video", folder, "--task", "video_caption"],
+             "not a 'video_caption' one")):
+        assert cli.main(["predict"] + argv) == 2
+        assert re.search(msg, capsys.readouterr().err), msg

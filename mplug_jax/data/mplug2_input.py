@@ -22,6 +22,14 @@ Train batch (per process, B rows):
   video float32[B, T, R, R, 3]; question_ids / question_mask int32[B, Lq];
   answer_ids / answer_mask int32[B, La]; answer_weights float32[B]; idx int32[B].
 Eval batch: video, question_ids, question_mask, idx (in order, no augmentation).
+
+Video captioning (`caption_*` functions, same frames and skipping): the official caption jsonl
+(train {video_id, caption}, one record per caption; test {video_id, golden_captions}) or the
+built-in moving-shape captions (`data.synthetic_video`, 'synthetic'); training targets =
+`pre_caption(caption, 80)` joined to `task.prompt` as `task.prompt_join` says (`caption_text`),
+"[SEP]" appended, `[CLS] ...` truncated and padded to `input.max_caption_tokens`.
+Caption train batch: video float32[B, T, R, R, 3]; caption_ids / caption_mask int32[B, Lc];
+idx int32[B].
 """
 from __future__ import annotations
 
@@ -130,10 +138,27 @@ def dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_size: int
     """Batches of `src` (module docstring); a checkpointable iterator (grain state plus skip
     counters). `train`: answers, shuffling every epoch, per-process shards, 'rand' sampling and
     augmentation when `input.augment.enabled`."""
-    n = len(src)
+    def record(augment, epoch_length):
+        return _VideoQARecord(
+            src, num_frames=num_frames, image_size=image_size,
+            max_question_tokens=int(input_cfg.max_question_tokens),
+            max_answer_tokens=int(input_cfg.max_answer_tokens), seed=seed, augment=augment,
+            epoch_length=epoch_length, train=train)
+    return _batched_records(len(src), record, input_cfg, "video QA", num_frames=num_frames,
+                            batch_size=batch_size, train=train, seed=seed,
+                            shard_index=shard_index, shard_count=shard_count,
+                            num_epochs=num_epochs, drop_remainder=drop_remainder)
+
+
+def _batched_records(n: int, record, input_cfg, what: str, *, num_frames: int,
+                     batch_size: int, train: bool, seed: int, shard_index: int,
+                     shard_count: int, num_epochs: int | None,
+                     drop_remainder: bool) -> grain.IterDataset:
+    """Shared pipeline of the QA and caption datasets: `record(augment, epoch_length)` makes the
+    per-example map fn."""
     per_shard = n // shard_count
     if train and per_shard < batch_size:
-        raise ValueError(f"{n} video QA records over {shard_count} processes give {per_shard} "
+        raise ValueError(f"{n} {what} records over {shard_count} processes give {per_shard} "
                          f"per process, fewer than the batch of {batch_size}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -144,11 +169,7 @@ def dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_size: int
     ds = grain.MapDataset.range(n)
     if train:
         ds = ds.shuffle(seed=seed)[shard_index:per_shard * shard_count:shard_count]
-    ds = ds.repeat(num_epochs).map_with_index(_VideoQARecord(
-        src, num_frames=num_frames, image_size=image_size,
-        max_question_tokens=int(input_cfg.max_question_tokens),
-        max_answer_tokens=int(input_cfg.max_answer_tokens), seed=seed, augment=augment,
-        epoch_length=per_shard if train else n, train=train))
+    ds = ds.repeat(num_epochs).map_with_index(record(augment, per_shard if train else n))
     return pipeline.batched(ds, batch_size, drop_remainder=drop_remainder,
                             workers=int(input_cfg.get("workers", 0)) if train else 0,
                             max_skip_rate=float(input_cfg.max_skip_rate))
@@ -175,3 +196,163 @@ def eval_batches(src, input_cfg, *, num_frames: int, image_size: int,
     return list(dataset(src, input_cfg, num_frames=num_frames, image_size=image_size,
                         batch_size=batch_size, train=False, num_epochs=1,
                         drop_remainder=False))
+
+
+# ---- video captioning (official `video_caption_mplug2.py` / `video_downstream_datasets.py`) ----
+
+CAPTION_WORDS = 80  # official pre_caption(caption, 80) of training captions
+PROMPT_JOINS = ("release", "space")
+
+
+def caption_text(caption: str, prompt: str, join: str = "release") -> str:
+    """Decoder target text of one training caption: `pre_caption(caption, 80)` joined to the
+    prompt and "[SEP]" appended. join='release': `prompt + caption` with NO space, as the release
+    (FORMAT.md 6.2: "a video of" + "an astronaut" -> "a video ofan astronaut" -> `of ##an`);
+    'space': `prompt + " " + caption` (the corrected form). Empty prompt: the caption alone."""
+    if join not in PROMPT_JOINS:
+        raise ValueError(f"prompt_join must be one of {PROMPT_JOINS}, got {join!r}")
+    cap = text.pre_caption(caption, CAPTION_WORDS)
+    sep = " " if join == "space" and prompt else ""
+    return prompt + sep + cap + tokenizer.EOS
+
+
+def prompt_length(prompt: str) -> int:
+    """Leading decoder positions without a loss, as the release computes it:
+    `len(tokenizer(prompt).input_ids) - 1` = [CLS] + prompt wordpieces - 1 (the repo tokenizer
+    adds no [SEP]), so the LAST prompt word stays a target (quirk 6: "a video of" -> 3: [CLS],
+    'a', 'video' masked, 'of' trained). 0 for an empty prompt."""
+    if not prompt:
+        return 0
+    ids, _ = tokenizer.get_tokenizer().encode([prompt])
+    return int(ids.shape[1]) - 1
+
+
+def encode_captions(captions: list[str], prompt: str, join: str, max_tokens: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Training captions -> decoder ids / mask int32[N, max_tokens]: `caption_text`, tokenised
+    as `[CLS] ...`, truncated to `max_tokens` ids (official max_length 20: a long caption loses
+    its end, [SEP] included) and right-padded with 0."""
+    if max_tokens <= prompt_length(prompt) + 1:
+        raise ValueError(f"input.max_caption_tokens={max_tokens} leaves no caption token after "
+                         f"the prompt {prompt!r} ({prompt_length(prompt) + 1} ids)")
+    return tokenizer.get_tokenizer().encode([caption_text(c, prompt, join) for c in captions],
+                                            max_length=max_tokens, pad_to=max_tokens)
+
+
+def caption_synthetic_files(input_cfg, split: str, seed: int) -> dict:
+    """`data.synthetic_video.write_video_files` paths of the built-in moving-shape captions
+    ('train' or 'heldout'), written on first use under `input.synthetic_dir/caption_<split>_<n>`
+    (frame folders; `input.refs_per_video` captions per video)."""
+    from mplug_jax.data import synthetic_video
+    folder = input_cfg.get("synthetic_dir") or ""
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="mplug2_captions_")
+        input_cfg.synthetic_dir = folder
+    size = int(input_cfg.train_size if split == "train" else input_cfg.eval_size)
+    sub = os.path.join(folder, f"caption_{split}_{size}")
+    kw = dict(split=split, num_frames=int(input_cfg.synthetic_raw_frames),
+              image_size=int(input_cfg.synthetic_image_size), seed=seed, mp4=False,
+              refs_per_video=int(input_cfg.get("refs_per_video", 5)))
+    if not os.path.exists(os.path.join(sub, "video_caption_train.jsonl")):
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"caption_{split}_", dir=folder)
+        synthetic_video.write_video_files(tmp, size, **kw)
+        try:
+            os.rename(tmp, sub)  # atomic: concurrent writers of one folder keep one copy
+        except OSError:
+            if not os.path.exists(os.path.join(sub, "video_caption_train.jsonl")):
+                raise
+    return {"train": os.path.join(sub, "video_caption_train.jsonl"),
+            "test": os.path.join(sub, "video_caption.jsonl"),
+            "frames_root": os.path.join(sub, "frames")}
+
+
+def caption_source(input_cfg, split: str, seed: int = 0):
+    """Video caption records of `input.dataset` for `split`: 'train' -> {video, video_id,
+    caption} (one per caption), 'heldout' -> {video, video_id, gold_captions}."""
+    kind, train = input_cfg.dataset, split == "train"
+    if kind == "synthetic":
+        paths = caption_synthetic_files(input_cfg, split, seed)
+        ann, root = paths["train" if train else "test"], paths["frames_root"]
+    elif kind == "json":
+        key = "annotations" if train else "eval_annotations"
+        ann, root = input_cfg.get(key), input_cfg.get("video_root")
+        if not ann or not root:
+            raise ValueError(f"input.dataset='json' needs input.{key} (an official mPLUG-2 "
+                             "video caption jsonl: train {video_id, caption}, test {video_id, "
+                             "golden_captions}) and input.video_root")
+    else:
+        raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
+    return sources.video_caption(str(ann), str(root), train=train,
+                                 max_skip_rate=float(input_cfg.max_skip_rate))
+
+
+class _VideoCaptionRecord:
+    """(position, index) -> {video, caption_ids, caption_mask, idx}; picklable for grain."""
+
+    def __init__(self, source, *, num_frames: int, image_size: int, max_tokens: int,
+                 prompt: str, join: str, seed: int, augment: dict | None, epoch_length: int,
+                 train: bool):
+        self.source, self.t, self.r, self.seed = source, num_frames, image_size, seed
+        self.max_tokens, self.prompt, self.join = max_tokens, prompt, join
+        self.augment, self.epoch_length, self.train = augment, epoch_length, train
+
+    def __call__(self, position: int, index: int) -> dict[str, Any]:
+        epoch = position // max(self.epoch_length, 1)
+        index = int(index)
+        try:
+            record = self.source[index]
+            rng = np.random.default_rng([self.seed, epoch, index, 3])
+            frames = video.load_frames(record["video"], self.t, train=self.train, rng=rng)
+            if self.augment is not None:
+                clip = video.train_clip(frames, self.r, rng, **self.augment)
+            else:
+                clip = video.eval_clip(frames, self.r)
+            caption = record["caption"] if self.train else record["gold_captions"][0]
+        except BadRecord as e:
+            logger.warning("skipping video caption record %d (%s): %s", index, e.reason, e)
+            return {pipeline._SKIP_KEY: e.reason}
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
+            logger.warning("skipping video caption record %d (bad_record): %r", index, e)
+            return {pipeline._SKIP_KEY: "bad_record"}
+        ids, mask = encode_captions([caption], self.prompt, self.join, self.max_tokens)
+        return {"video": clip.astype(np.float32), "caption_ids": ids[0],
+                "caption_mask": mask[0], "idx": np.int32(index)}
+
+
+def caption_dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_size: int,
+                    prompt: str, join: str, train: bool, seed: int = 0, shard_index: int = 0,
+                    shard_count: int = 1, num_epochs: int | None = None,
+                    drop_remainder: bool = True) -> grain.IterDataset:
+    """Caption batches of `src` (train: shuffled, sharded, 'rand' frames, augmentation when
+    `input.augment.enabled`; eval records use their first golden caption):
+      video float32[B, T, R, R, 3]; caption_ids / caption_mask int32[B, input.max_caption_tokens]
+      (`encode_captions`); idx int32[B]."""
+    max_tokens = int(input_cfg.max_caption_tokens)
+    encode_captions(["x"], prompt, join, max_tokens)  # config errors before any worker starts
+
+    def record(augment, epoch_length):
+        return _VideoCaptionRecord(src, num_frames=num_frames, image_size=image_size,
+                                   max_tokens=max_tokens, prompt=prompt, join=join, seed=seed,
+                                   augment=augment, epoch_length=epoch_length, train=train)
+    return _batched_records(len(src), record, input_cfg, "video caption", num_frames=num_frames,
+                            batch_size=batch_size, train=train, seed=seed,
+                            shard_index=shard_index, shard_count=shard_count,
+                            num_epochs=num_epochs, drop_remainder=drop_remainder)
+
+
+def caption_train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
+    """(checkpointable iterator of this process's caption train batches, records per epoch);
+    prompt and join from `config.task`."""
+    inp = config.input
+    if inp.batch_size % process_count:
+        raise ValueError(f"input.batch_size {inp.batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    src = caption_source(inp, "train", config.seed)
+    ds = caption_dataset(src, inp, num_frames=int(config.model.num_frames),
+                         image_size=int(config.model.image_size),
+                         batch_size=inp.batch_size // process_count,
+                         prompt=str(config.task.prompt), join=str(config.task.prompt_join),
+                         train=True, seed=inp.shuffle_seed, shard_index=process_index,
+                         shard_count=process_count)
+    return iter(ds), len(src)

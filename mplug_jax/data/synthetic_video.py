@@ -16,7 +16,9 @@ is one bert-base-uncased token.
 - ``msrvtt_qa.jsonl``: MSRVTT-QA / MSVD-QA jsonl (video_id, question, answer; question id =
   line index), `qa_per_video` questions per video;
 - ``vatex.json``: VATEX public test (array of {videoID, enCap: [references]});
-- ``video_caption.jsonl``: the mPLUG-2 video caption test jsonl (video_id, golden_captions).
+- ``video_caption.jsonl``: the mPLUG-2 video caption test jsonl (video_id, golden_captions);
+- ``video_caption_train.jsonl``: the mPLUG-2 video caption train jsonl (video_id, caption; one
+  line per reference, as MSRVTT's 20 captions per video are 20 records).
 mPLUG-2 video tasks can reuse it as is (the same records, other readers).
 """
 from __future__ import annotations
@@ -187,7 +189,7 @@ def write_video_files(directory: str, size: int = 16, *, split: str = "heldout",
       refs_per_video: references per video in vatex.json / video_caption.jsonl.
     Returns:
       {'frames_root', 'mp4_root' (None when not written), 'msrvtt_retrieval', 'msrvtt_qa',
-       'vatex', 'video_caption': paths; 'video_ids': list}.
+       'vatex', 'video_caption', 'video_caption_train': paths; 'video_ids': list}.
     """
     if mp4 is None:
         try:
@@ -204,8 +206,9 @@ def write_video_files(directory: str, size: int = 16, *, split: str = "heldout",
            "msrvtt_qa": os.path.join(directory, "msrvtt_qa.jsonl"),
            "vatex": os.path.join(directory, "vatex.json"),
            "video_caption": os.path.join(directory, "video_caption.jsonl"),
+           "video_caption_train": os.path.join(directory, "video_caption_train.jsonl"),
            "video_ids": [ds.video_id(i) for i in range(size)]}
-    retrieval, qa, vatex, caps = [], [], [], []
+    retrieval, qa, vatex, caps, cap_train = [], [], [], [], []
     for i, vid in enumerate(out["video_ids"]):
         frames = ds.frames(i)
         folder = os.path.join(out["frames_root"], vid)
@@ -221,9 +224,11 @@ def write_video_files(directory: str, size: int = 16, *, split: str = "heldout",
                for q, a in ds.questions(i, qa_per_video)]
         vatex.append({"videoID": vid, "enCap": refs})
         caps.append({"video_id": vid, "golden_captions": refs})
+        cap_train += [{"video_id": vid, "caption": r} for r in refs]
     _write_jsonl(out["msrvtt_retrieval"], retrieval)
     _write_jsonl(out["msrvtt_qa"], qa)
     _write_jsonl(out["video_caption"], caps)
+    _write_jsonl(out["video_caption_train"], cap_train)
     with open(out["vatex"], "w", encoding="utf-8") as f:
         json.dump(vatex, f)
     return out

@@ -9,15 +9,24 @@ search (`task.generation`; official VATEX: beam 10, min 15, max 25). Predictions
 with the official post-processing and the official prompt list (`OFFICIAL_PROMPTS`) is
 stripped from their start (official `videocap_mplug.py`).
 
+mPLUG-2 video captioning (`tasks.mplug2_video_caption`) uses the same evaluator with the
+task's own `encode_video` (temporal modules, universal layers), `resize='nearest'` (the
+release's test resize) and `prompt_strip='split'`: the release's `.split(prompt)[-1].strip()`
+(FORMAT.md 7.2), which also removes a prompt glued to the caption ("a video ofa red circle").
+
 Metrics: BLEU-1..4 / METEOR / ROUGE-L / CIDEr via `scoring.caption.evaluate` against the
-references (VATEX `enCap`). Result files: `vatex_submission.json` {videoID: caption} (the
-official submission dict) and `caption_results.json` (official form: question_id = video id,
-pred_caption, gold_caption). Videos that cannot be decoded are skipped and counted
+references (VATEX `enCap`, mPLUG-2 `golden_captions`). Result files: `caption_results.json`
+(official mPLUG v1 form: question_id = video id, pred_caption, gold_caption) and, by format,
+`vatex_submission.json` {videoID: caption} (the official VATEX submission dict) or
+`video_caption_result.json` [{"video_id", "pred_caption", "gold_caption"}] (the mPLUG-2
+release's result file). Videos that cannot be decoded are skipped and counted
 ('num_skipped_videos').
 
 Eval block keys: type='video_caption', dataset ('json' | 'synthetic'), format
 ('vatex_caption' | 'video_caption' = mPLUG-2 jsonl), annotations, video_root, num_frames,
-batch_size, metrics, tokenize, limit, workers, log_every, num_examples_shown, synthetic_*.
+batch_size, metrics, tokenize, limit, workers, log_every, num_examples_shown, resize
+('bicubic' | 'nearest'), prompt_strip ('official_list' = `OFFICIAL_PROMPTS`, default | 'split'
+= the mPLUG-2 release) with prompt (for 'split'), synthetic_*.
 """
 from __future__ import annotations
 
@@ -33,6 +42,8 @@ PREDICT_FNS = ("caption_beam_embeds",)  # + encode_video or encode_image
 OFFICIAL_PROMPTS = ("a video tutorial on", "a video clip of", "a video showing", "a picture of",
                     "a video of")
 SUBMISSION_FILE = "vatex_submission.json"
+MPLUG2_RESULT_FILE = "video_caption_result.json"
+PROMPT_STRIPS = ("official_list", "split")
 
 
 def strip_prompts(text: str, prompts=OFFICIAL_PROMPTS) -> str:
@@ -42,6 +53,12 @@ def strip_prompts(text: str, prompts=OFFICIAL_PROMPTS) -> str:
         if text == p or text.startswith(p + " "):
             return text[len(p):].strip()
     return text
+
+
+def split_prompt(text: str, prompt: str) -> str:
+    """The mPLUG-2 release's post-processing: `text.split(prompt)[-1].strip()` (no-op for an
+    empty prompt)."""
+    return text.split(prompt)[-1].strip() if prompt else text.strip()
 
 
 class Evaluator:
@@ -65,6 +82,15 @@ class Evaluator:
         self.source = video_input.eval_source(ecfg, fmt, int(config.seed))
         self.input = video_input.VideoEval.from_eval_block(self.source, ecfg, config,
                                                            "video caption")
+        self.format = fmt
+        self.prompt_strip = str(ecfg.get("prompt_strip", "official_list"))
+        if self.prompt_strip not in PROMPT_STRIPS:
+            raise ValueError(f"video_caption eval prompt_strip must be one of {PROMPT_STRIPS}, "
+                             f"got {self.prompt_strip!r}")
+        self.prompt = str(ecfg.get("prompt", "") or "")
+        if self.prompt_strip == "split" and not self.prompt:
+            raise ValueError("video_caption eval prompt_strip='split' needs the prompt (e.g. "
+                             "prompt='a video of')")
         self.metrics = tuple(ecfg.get("metrics", scoring.METRICS))
         self.tokenize = str(ecfg.get("tokenize", "ptb"))
         encode = video_input.video_encoder(predict_fns, "video_caption")
@@ -83,8 +109,14 @@ class Evaluator:
                                                                               b["frames"])))
             for j, row, ok in zip(b["idx"], ids, b["valid"]):
                 if ok:
-                    out[int(j)] = strip_prompts(tok.decode_official(row))
+                    out[int(j)] = self.clean(tok.decode_official(row))
         return out
+
+    def clean(self, text: str) -> str:
+        """Decoded text -> the caption written to the result files (prompt removed)."""
+        if self.prompt_strip == "split":
+            return split_prompt(text, self.prompt)
+        return strip_prompts(text)
 
     def run(self, params) -> dict:
         """Metrics, a few examples and the result files (module docstring)."""
@@ -99,8 +131,14 @@ class Evaluator:
         res["num_skipped_videos"] = self.input.num_skipped
         k = int(self.cfg.get("num_examples_shown", 5) or 0)
         res["captions"] = list(zip(vids[:k], preds[:k], [r[0] for r in refs[:k]]))
-        res[FILES] = {SUBMISSION_FILE: dict(zip(vids, preds)),
-                      "caption_results.json": scoring.result_rows(vids, preds, refs)}
+        files = {"caption_results.json": scoring.result_rows(vids, preds, refs)}
+        if self.format == "video_caption":
+            files[MPLUG2_RESULT_FILE] = [
+                {"video_id": v, "pred_caption": p, "gold_caption": list(r)}
+                for v, p, r in zip(vids, preds, refs)]
+        else:
+            files[SUBMISSION_FILE] = dict(zip(vids, preds))
+        res[FILES] = files
         return res
 
     @staticmethod
