@@ -5,9 +5,11 @@ predict fns."""
 import json
 import os
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -215,3 +217,37 @@ def test_eval_captions_are_the_task_predict_fns(caption_workdir):
     assert task.model.decoder_layers == 1
     ids = np.asarray(jax.jit(task.caption_beam)(params, clips)["ids"])
     assert [m2cap.decode_caption(r) for r in ids] == [r["pred_caption"] for r in rows]
+
+
+def test_evaluate_and_video_qa_load_the_caption_workdir(caption_workdir):
+    """`mplug-jax evaluate` (evaluate.load_params) puts the workdir's params in through the
+    task; a video QA config starts from the caption workdir (same backbone names); another
+    task's workdir is refused by name."""
+    from configs import mplug2_video_qa as qa_cfg
+    from mplug_jax import evaluate, workdir
+    from mplug_jax.tasks import mplug2_video_qa as m2qa
+    path, _, c = caption_workdir
+    _, want, _ = workdir.restore_params(path)
+    want = flax.traverse_util.flatten_dict(nn.meta.unbox(want), sep="/")
+    cfg = c.copy_and_resolve_references()
+    cfg.evals = {"val": cfg.evals.val}
+    _, got = evaluate.load_params(cfg, str(path))
+    got = flax.traverse_util.flatten_dict(nn.meta.unbox(got), sep="/")
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+    q = qa_cfg.get_config("tiny,mode=smoke")
+    q.model = c.model
+    flat, what = m2qa.load_checkpoint(tasks.build(q).model, ml_collections.ConfigDict(
+        {"checkpoint": str(path), "step": 0}), "mplug2_video_qa")
+    assert set(flat) == set(want) and "mplug2_video_caption workdir" in what
+    original = (path / "config.json").read_text()
+    other = json.loads(original)
+    other["task"]["name"] = "vqa"
+    (path / "config.json").write_text(json.dumps(other))
+    try:
+        with pytest.raises(ValueError, match="is a 'vqa' workdir"):
+            m2qa.load_checkpoint(tasks.build(q).model, ml_collections.ConfigDict(
+                {"checkpoint": str(path), "step": 0}), "mplug2_video_qa")
+    finally:
+        (path / "config.json").write_text(original)

@@ -161,6 +161,9 @@ class Task(base.Task):
                                  "mPLUG-2 checkpoint: set --config.init.checkpoint=CONVERTED_DIR"
                                  " or an mPLUG-2 workdir")
 
+    def pretrained_params(self, params):
+        return m2ret.pretrained_params(self, params)
+
     def alpha(self, step: jax.Array) -> jax.Array:
         return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
 

@@ -36,26 +36,22 @@ Batch: `data.mplug2_pretrain_input` (video, text_ids, text_mask, video_index, id
 """
 from __future__ import annotations
 
-import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from mplug_jax import losses
 from mplug_jax import params as P
 from mplug_jax.data import mplug2_pretrain_input
 from mplug_jax.models import mplug2_heads
-from mplug_jax.models.vit import resample_posemb
 from mplug_jax.tasks import base
 from mplug_jax.tasks import mplug2_video_qa as m2vqa
 
 MOMENTUM_PARAMS = ("vision", "visn_fc", "visn_ln", "visn_emb_norm", "text", "vision_proj",
                    "text_proj")
 EMPTY_ID = -100  # idx_queue value of an entry never written (matches nothing)
-WORKDIR_TASKS = ("mplug2_video_qa", "mplug2_retrieval", "mplug2_pretrain")
 
 
 def check_itc_config(itc) -> None:
@@ -115,25 +111,14 @@ def queue_state(rng: jax.Array, size: int, dim: int, with_ids: bool) -> dict:
 
 
 def load_mplug2_checkpoint(task, init) -> tuple[dict[str, np.ndarray], str]:
-    """(flat params fitted to `task.model`, description) of `init.checkpoint`: a workdir of
-    one of `WORKDIR_TASKS`, or what `mplug2_video_qa` loads (converted dir / official file)."""
-    from mplug_jax import workdir as workdir_lib
-    path = epath.Path(init.checkpoint)
-    if not (path / "config.json").exists():
-        return m2vqa.Task.load_checkpoint(task, init)
-    cfg = workdir_lib.read_config(path)
-    if cfg.task.name not in WORKDIR_TASKS:
-        raise ValueError(f"init.checkpoint={path} is a {cfg.task.name!r} workdir; "
-                         f"{task.name!r} loads workdirs of {WORKDIR_TASKS} or mPLUG-2 "
-                         "checkpoints")
-    tree = workdir_lib.restore_params(path, init.get("step") or None)[1]
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in P.flatten(nn.meta.unbox(tree)).items()}
-    if not task.model.temporal:
-        flat = {k: v for k, v in flat.items() if not re.search(m2vqa.TEMPORAL_PARAMS, k)}
-    grid = task.model.image_size // task.model.patch_size
-    if m2vqa.POSEMB in flat and flat[m2vqa.POSEMB].shape[0] != grid * grid + 1:
-        flat[m2vqa.POSEMB] = resample_posemb(flat[m2vqa.POSEMB], grid)
-    return flat, f"{cfg.task.name} workdir {path}"
+    """(flat params fitted to `task.model`, description) of `init.checkpoint`
+    (`mplug2_video_qa.load_checkpoint`: converted dir, official file or mPLUG-2 workdir)."""
+    return m2vqa.load_checkpoint(task.model, init, task.name)
+
+
+def pretrained_params(task, params):
+    """`params` with `config.init.checkpoint` put in (what `mplug-jax evaluate` scores)."""
+    return m2vqa.put_flat(params, load_mplug2_checkpoint(task, task.config.init)[0])
 
 
 def init_mplug2(task, state, what: str):
@@ -271,6 +256,9 @@ class Task(base.Task):
         return init_mplug2(self, state, "mPLUG-2 retrieval config fine-tunes a released "
                            "mPLUG-2: set --config.init.checkpoint=CONVERTED_DIR (`mplug-jax "
                            "convert`) or an mPLUG-2 workdir")
+
+    def pretrained_params(self, params):
+        return pretrained_params(self, params)
 
     def alpha(self, step: jax.Array) -> jax.Array:
         return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)

@@ -37,12 +37,16 @@ from mplug_jax import params as P
 from mplug_jax.data import mplug2_input
 from mplug_jax.losses import CLS_ID, PAD_ID, SEP_ID
 from mplug_jax.models import mplug2
+from mplug_jax.models.mplug2_heads import HEAD_PARAMS
 from mplug_jax.models.vit import resample_posemb
 from mplug_jax.tasks import base
 from mplug_jax.tasks.vqa import answer_nll, vqa_loss
 
 POSEMB = "vision/pos_embed"
 TEMPORAL_PARAMS = r"^vision/blocks_\d+/lmhra[12]/"
+# Workdirs whose params any mPLUG-2 task loads (same backbone names; see `load_checkpoint`).
+WORKDIR_TASKS = ("mplug2_video_qa", "mplug2_video_caption", "mplug2_retrieval",
+                 "mplug2_pretrain")
 
 
 def video_states(m: mplug2.MPLUG2, video, q_ids, q_mask):
@@ -142,39 +146,13 @@ class Task(base.Task):
         return state.replace(params=params)
 
     def load_checkpoint(self, init) -> tuple[dict[str, np.ndarray], str]:
-        """(flat params fitted to this model, description) of `init.checkpoint`."""
-        from mplug_jax import workdir as workdir_lib
-        from mplug_jax.interop import mplug2_convert
-        path = epath.Path(init.checkpoint)
-        if mplug2_convert.is_converted_dir(str(path)):
-            tree, what = mplug2_convert.load_converted(str(path)).params, f"converted {path}"
-        elif (path / "config.json").exists():
-            cfg = workdir_lib.read_config(path)
-            if cfg.task.name != self.name:
-                raise ValueError(f"init.checkpoint={path} is a {cfg.task.name!r} workdir; "
-                                 f"this task loads {self.name!r} workdirs or mPLUG-2 "
-                                 "checkpoints")
-            tree = workdir_lib.restore_params(path, init.get("step") or None)[1]
-            what = f"workdir {path}"
-        elif path.is_file():
-            if not init.get("config_bert") or not init.get("config_yaml"):
-                raise ValueError(f"init.checkpoint={path} is an official file: also set "
-                                 "init.config_bert and init.config_yaml (the release's "
-                                 "config_bert_large_text.json and VideoQA yaml)")
-            tree = mplug2_convert.load_official(str(path), init.config_bert,
-                                                init.config_yaml).params
-            what = f"official mPLUG-2 checkpoint {path}"
-        else:
-            raise FileNotFoundError(f"init.checkpoint={path}: neither a `mplug-jax convert` "
-                                    "mPLUG-2 directory, a workdir of this task nor a file")
-        flat = {k: np.asarray(jax.device_get(v))
-                for k, v in P.flatten(nn.meta.unbox(tree)).items()}
-        if not self.model.temporal:
-            flat = {k: v for k, v in flat.items() if not _is_temporal(k)}
-        grid = self.model.image_size // self.model.patch_size
-        if POSEMB in flat and flat[POSEMB].shape[0] != grid * grid + 1:
-            flat[POSEMB] = resample_posemb(flat[POSEMB], grid)
-        return flat, what
+        """(flat params fitted to this model, description) of `init.checkpoint`
+        (`load_checkpoint`)."""
+        return load_checkpoint(self.model, init, self.name)
+
+    def pretrained_params(self, params):
+        """`params` with `config.init.checkpoint` put in (what `mplug-jax evaluate` scores)."""
+        return put_flat(params, self.load_checkpoint(self.config.init)[0])
 
     # ---- step -------------------------------------------------------------------------------
 
@@ -227,6 +205,49 @@ class Task(base.Task):
                                     beam_size=beam_size, min_length=min_length,
                                     max_length=max_length, bos_id=CLS_ID, eos_id=SEP_ID,
                                     pad_id=PAD_ID)
+
+
+def load_checkpoint(model: mplug2.MPLUG2, init, task_name: str
+                    ) -> tuple[dict[str, np.ndarray], str]:
+    """(flat params fitted to `model`, description) of `init.checkpoint`: a `mplug-jax convert`
+    mPLUG-2 directory, an official file (with `init.config_bert` / `init.config_yaml`) or a
+    workdir of any task in `WORKDIR_TASKS` (the heads of retrieval / pretraining are dropped
+    for a model without them). Temporal params are dropped for `model.temporal=False`; the
+    visual positional embedding is resampled to the model's frame grid."""
+    from mplug_jax import workdir as workdir_lib
+    from mplug_jax.interop import mplug2_convert
+    path = epath.Path(init.checkpoint)
+    if mplug2_convert.is_converted_dir(str(path)):
+        tree, what = mplug2_convert.load_converted(str(path)).params, f"converted {path}"
+    elif (path / "config.json").exists():
+        cfg = workdir_lib.read_config(path)
+        if cfg.task.name not in WORKDIR_TASKS:
+            raise ValueError(f"init.checkpoint={path} is a {cfg.task.name!r} workdir; "
+                             f"{task_name!r} loads workdirs of {WORKDIR_TASKS} or mPLUG-2 "
+                             "checkpoints")
+        tree = workdir_lib.restore_params(path, init.get("step") or None)[1]
+        what = f"{cfg.task.name} workdir {path}"
+    elif path.is_file():
+        if not init.get("config_bert") or not init.get("config_yaml"):
+            raise ValueError(f"init.checkpoint={path} is an official file: also set "
+                             "init.config_bert and init.config_yaml (the release's "
+                             "config_bert_large_text.json and VideoQA yaml)")
+        tree = mplug2_convert.load_official(str(path), init.config_bert,
+                                            init.config_yaml).params
+        what = f"official mPLUG-2 checkpoint {path}"
+    else:
+        raise FileNotFoundError(f"init.checkpoint={path}: neither a `mplug-jax convert` "
+                                "mPLUG-2 directory, a workdir of an mPLUG-2 task nor a file")
+    flat = {k: np.asarray(jax.device_get(v))
+            for k, v in P.flatten(nn.meta.unbox(tree)).items()}
+    if not hasattr(model, "itc_project"):  # not `mplug2_heads.MPLUG2WithHeads`
+        flat = {k: v for k, v in flat.items() if k.split("/", 1)[0] not in HEAD_PARAMS}
+    if not model.temporal:
+        flat = {k: v for k, v in flat.items() if not _is_temporal(k)}
+    grid = model.image_size // model.patch_size
+    if POSEMB in flat and flat[POSEMB].shape[0] != grid * grid + 1:
+        flat[POSEMB] = resample_posemb(flat[POSEMB], grid)
+    return flat, what
 
 
 def _is_temporal(name: str) -> bool:
