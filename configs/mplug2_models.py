@@ -37,3 +37,20 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     if variant not in MPLUG2_PRESETS:
         raise ValueError(f"unknown mPLUG-2 variant {variant!r}; valid: {sorted(MPLUG2_PRESETS)}")
     return ml_collections.ConfigDict({**_COMMON, **MPLUG2_PRESETS[variant]})
+
+
+def task_model(preset: str, *, image_size: int, num_frames: int, dropout: float, tiny: bool,
+               **extra) -> ml_collections.ConfigDict:
+    """The `model` block of an mPLUG-2 task config: `preset` at `image_size` px with
+    `num_frames` frames per clip (train and eval), the local temporal modules on, dropout
+    `dropout`, plus `extra` fields (e.g. the heads' embed_dim). tiny: 8 px patches (4 x 4 per
+    32 px frame: a 2 x 2 grid of 16 px patches is too coarse to see a shape move) and a
+    ~width^-0.5 init so the width-64 model learns from scratch; otherwise bfloat16 compute."""
+    m = model_config(preset)
+    m.update(image_size=image_size, num_frames=num_frames, temporal=True, dropout_rate=dropout,
+             **extra)
+    if tiny:
+        m.update(patch_size=8, init_std=0.1)
+    else:
+        m.dtype = "bfloat16"
+    return m

@@ -30,7 +30,7 @@ refuse the synthetic data and random weights unless asked.
 import ml_collections
 
 from configs import common
-from configs.mplug2_models import model_config
+from configs.mplug2_models import task_model
 
 _VARIANTS = {
     "tiny": dict(model="mplug2_tiny", batch_size=16, image_batch_size=16, lr=5e-4,
@@ -55,17 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = arg.variant == "tiny"
     c.total_steps, c.total_epochs = v["total_steps"], v["epochs"]
 
-    c.model = model_config(v["model"])
-    c.model.image_size = v["image_size"]
-    c.model.num_frames = v["num_frames"]
-    c.model.temporal = True
-    c.model.dropout_rate = 0.0 if tiny else 0.1
-    c.model.embed_dim = 32 if tiny else 256
-    c.model.temp_init = 0.07
-    if tiny:
-        c.model.update(patch_size=8, init_std=0.1)
-    else:
-        c.model.dtype = "bfloat16"
+    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
+                         dropout=0.0 if tiny else 0.1, tiny=tiny,
+                         embed_dim=32 if tiny else 256, temp_init=0.07)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "mplug2_pretrain"

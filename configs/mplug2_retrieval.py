@@ -44,7 +44,7 @@ the decoder and MLM head get no gradient and are frozen (`optim.frozen`).
 import ml_collections
 
 from configs import common
-from configs.mplug2_models import model_config
+from configs.mplug2_models import task_model
 
 _MSRVTT = dict(batch_size=192, lr=2e-5, lr2=2e-6, warmup_steps=100, total_steps=0,
                epochs=10.0, image_size=224, num_frames=12, eval_frames=12, queue_size=65472,
@@ -71,17 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = arg.variant == "tiny"
     c.total_steps, c.total_epochs = v["total_steps"], v["epochs"]
 
-    c.model = model_config(v["model"])
-    c.model.image_size = v["image_size"]
-    c.model.num_frames = v["num_frames"]  # frames per clip in training
-    c.model.temporal = True
-    c.model.dropout_rate = v["dropout"]
-    c.model.embed_dim = 32 if tiny else 256
-    c.model.temp_init = 0.07
-    if tiny:
-        c.model.update(patch_size=8, init_std=0.1)  # as configs/mplug2_video_qa.py:tiny
-    else:
-        c.model.dtype = "bfloat16"
+    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
+                         dropout=v["dropout"], tiny=tiny, embed_dim=32 if tiny else 256,
+                         temp_init=0.07)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "mplug2_retrieval"

@@ -46,7 +46,7 @@ import shutil
 import ml_collections
 
 from configs import common
-from configs.mplug2_models import model_config
+from configs.mplug2_models import task_model
 
 _VARIANTS = {
     "tiny": dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
@@ -69,16 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = arg.variant == "tiny"
     c.total_steps, c.total_epochs = v["total_steps"], v["total_epochs"]
 
-    c.model = model_config(v["model"])
-    c.model.image_size = v["image_size"]
-    c.model.num_frames = v["num_frames"]  # frames sampled per video (train and eval)
-    c.model.temporal = True
-    c.model.dropout_rate = v["dropout"]
-    if tiny:
-        # As the video QA tiny: 4 x 4 patches per frame, ~width^-0.5 init to learn from scratch.
-        c.model.update(patch_size=8, init_std=0.1)
-    else:
-        c.model.dtype = "bfloat16"
+    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
+                         dropout=v["dropout"], tiny=tiny)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "mplug2_video_caption"
