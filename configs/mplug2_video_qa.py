@@ -7,11 +7,20 @@ mPLUG-2 video QA fine-tuning (paper section 4.2.2; release `video_qa_mplug2.py`,
 search (5 / min 1 / max 10). Variants:
 
   tiny   `mplug2_tiny` at 32 px (8 px patches), 4 frames, from scratch on the built-in synthetic
-         motion QA (`data.synthetic_motion`: direction / order / count questions that need time).
-         Measured: from scratch it stays at the answer prior for 600 steps (batch 16, lr 2e-3,
-         held-out accuracy per kind = majority), even on 'order' alone (needs only which shape
-         is in which frame); it can memorise 32 training videos in 200 steps, so the visual
-         path works but shape recognition from scratch is too slow for a CPU learning test.
+         motion QA, its 'easy' variant (`data.synthetic_motion`: one large red or blue shape on
+         a plain background; 'direction' left / right and 'order' "which colour appears
+         first?" red / blue, chance 50%) with 4 raw frames = the 4 sampled, so a video and its
+         time reversal give the model without temporal modules the same frame set. Batch 32,
+         lr 1e-3 everywhere (lr2 = lr: the vision encoder is trained from scratch), 30 warm-up
+         steps, init_std 0.1, dropout 0, 500 steps (cosine to 1e-5). Measured (candidate
+         ranking on 200 held-out videos, 2000 training videos, ~0.2-0.5 s/step on 2 cores):
+         temporal 1.00 direction / 1.00 order at step 400 and 500 (0.71 / 0.99 at 300);
+         temporal=False 0.44 / 0.54 at 500 (chance 0.5: it is exactly invariant to time
+         reversal). A 300-step schedule is at the onset (in-process 0.65 / 0.68, the CLI run
+         0.48 / 0.54). The first ~75 steps learn the answer words (loss 12 -> 1); lr 3e-3
+         learns them by step 50 but then stays at chance for 200 steps. The standard variant
+         (4 directions, order by shape, counting, distractors, noise) stays at the answer prior
+         for 600 steps (`--config.input.synthetic_variant=standard` selects it).
   base   `mplug2_base` (the paper's base model; no official checkpoint), the large recipe
   large  the release: `mplug2_large`, 224 px, 16 frames, global batch 32 (4 per GPU x 8),
          lr 2e-5 (vision 2e-6), wd 0.02, per-step cosine with 200 warm-up steps to min lr 1e-6,
@@ -41,7 +50,7 @@ from configs.mplug2_models import model_config
 
 _VARIANTS = {
     "tiny": dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
-                 total_steps=400, total_epochs=0.0, image_size=32, num_frames=4,
+                 total_steps=500, total_epochs=0.0, image_size=32, num_frames=4,
                  max_question_tokens=12, max_answer_tokens=4, dropout=0.0),
     "base": dict(model="mplug2_base", batch_size=32, lr=2e-5, lr2=2e-6, warmup_steps=200,
                  total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
@@ -81,7 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.eval_annotations = ""
     c.input.video_root = ""  # frame folders <root>/<video_id>/ or <root>/<video_id>.mp4
     c.input.synthetic_dir = ""  # where the synthetic set is written ('' = a temporary folder)
-    c.input.synthetic_raw_frames = 8
+    # tiny: 'easy' motion QA with every raw frame sampled (module docstring).
+    c.input.synthetic_variant = "easy" if tiny else "standard"
+    c.input.synthetic_raw_frames = 4 if tiny else 8
     c.input.synthetic_image_size = 32
     c.input.train_size = 3000  # synthetic videos (one question each)
     c.input.eval_size = 192

@@ -60,14 +60,16 @@ def synthetic_files(input_cfg, split: str, seed: int) -> tuple[str, str]:
         folder = tempfile.mkdtemp(prefix="mplug2_motion_")
         input_cfg.synthetic_dir = folder  # train and eval of the run share one folder
     size = int(input_cfg.train_size if split == "train" else input_cfg.eval_size)
-    sub = os.path.join(folder, f"{split}_{size}")
+    variant = str(input_cfg.get("synthetic_variant", "standard"))
+    # The variant and frame count in the name: a reused synthetic_dir never serves other data.
+    sub = os.path.join(folder, f"{split}_{size}_{variant}_{int(input_cfg.synthetic_raw_frames)}")
     ann = os.path.join(sub, "msrvtt_qa.jsonl")
     if not os.path.exists(ann):
         os.makedirs(folder, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f"{split}_", dir=folder)
         synthetic_motion.write_motion_files(
             tmp, size, split=split, raw_frames=int(input_cfg.synthetic_raw_frames),
-            image_size=int(input_cfg.synthetic_image_size), seed=seed)
+            image_size=int(input_cfg.synthetic_image_size), seed=seed, variant=variant)
         try:
             os.rename(tmp, sub)  # atomic: concurrent writers of one folder keep one copy
         except OSError:

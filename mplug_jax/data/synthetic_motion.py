@@ -19,6 +19,19 @@ time embedding) cannot answer 'direction' beyond the axis of motion nor 'order' 
 shapes present: a video and its time reversal give the same set. 'count' needs all frames but
 not their order.
 
+Variant 'easy' (`variant="easy"`, what the tiny learning test trains on): the same two
+temporal kinds made as easy to see as possible while still needing the order of frames. One
+large shape of one colour on a plain (solid) background, no distractors, no noise:
+
+- 'direction': it moves left or right across about 60% of the frame (2 answers, chance 50%);
+  the path is again drawn independently of the direction.
+- 'order': "which colour appears first?" -> red / blue: a red and a blue copy of one shape
+  in two different places, one in the first half of the video only, the other in the second.
+
+No 'count' questions (they do not need time). Use it with `raw_frames == num_frames` so every
+frame is sampled: a video and its time reversal then give a model without temporal modules the
+same frames in reverse order (an unordered-set model is at chance on both kinds).
+
 `write_motion_files(directory, size, split=...)` writes the official MSRVTT-QA layout, so the
 reader of real data (`data.sources.video_qa`) serves it: frame folders
 ``frames/<video_id>/frame_0000.png ...`` and ``msrvtt_qa.jsonl`` (video_id, question, answer;
@@ -39,12 +52,17 @@ from mplug_jax.data.synthetic import (BACKGROUND_STYLES, BACKGROUNDS, COLORS, GR
                                       SHAPES, SPLITS, Scene, Shape, render)
 
 KINDS = ("direction", "order", "count")
+VARIANTS = ("standard", "easy")
+EASY_KINDS = ("direction", "order")
+EASY_DIRECTIONS = ("left", "right")
+EASY_COLORS = ("red", "blue")
 TEMPORAL_KINDS = ("direction", "order")  # unanswerable from an unordered set of frames
 DIRECTIONS = ("left", "right", "up", "down")
 _STEP = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 _QUESTIONS = {"direction": "which way does the {color} {shape} move?",
               "order": "which shape appears first?",
               "count": "how many squares appear in the video?"}
+_EASY_ORDER_QUESTION = "which colour appears first?"
 
 
 def question_kind(question: str) -> str:
@@ -52,16 +70,32 @@ def question_kind(question: str) -> str:
     q = question.strip().lower()
     if q.startswith("which way"):
         return "direction"
-    if q.startswith("which shape appears"):
+    if q.startswith("which shape appears") or q.startswith("which colour appears"):
         return "order"
     if q.startswith("how many"):
         return "count"
     raise ValueError(f"not a synthetic motion question: {question!r}")
 
 
-def answer_choices(kind: str) -> tuple[str, ...]:
-    """The answers a question of `kind` can have (uniform chance = 1 / len)."""
+def kinds(variant: str = "standard") -> tuple[str, ...]:
+    """The question kinds of `variant`, in the order videos cycle through them."""
+    _check_variant(variant)
+    return EASY_KINDS if variant == "easy" else KINDS
+
+
+def answer_choices(kind: str, variant: str = "standard") -> tuple[str, ...]:
+    """The answers a question of `kind` can have in `variant` (uniform chance = 1 / len)."""
+    if kind not in kinds(variant):
+        raise ValueError(f"unknown kind {kind!r} for variant {variant!r}; valid: "
+                         f"{kinds(variant)}")
+    if variant == "easy":
+        return {"direction": EASY_DIRECTIONS, "order": EASY_COLORS}[kind]
     return {"direction": DIRECTIONS, "order": SHAPES, "count": NUMBERS}[kind]
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown synthetic motion variant {variant!r}; valid: {VARIANTS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +129,38 @@ def _cells(rng: np.random.Generator, n: int, half: float) -> list[tuple[float, f
     return out
 
 
-def sample_video(rng: np.random.Generator, kind: str) -> MotionVideo:
-    """A random `MotionVideo` of `kind` (module docstring)."""
+def _sample_easy(rng: np.random.Generator, kind: str) -> MotionVideo:
+    """A random `MotionVideo` of the 'easy' variant (module docstring)."""
+    bg = str(rng.choice(list(BACKGROUNDS)))
+    half = float(rng.uniform(0.15, 0.19))
+    shape = str(rng.choice(SHAPES))
+    lo, hi = half + 0.01, 1.0 - half - 0.01
+    if kind == "direction":
+        direction = EASY_DIRECTIONS[int(rng.integers(2))]
+        color = str(rng.choice(EASY_COLORS))
+        travel = min(float(rng.uniform(0.5, 0.6)), hi - lo)
+        a = lo + float(rng.uniform(0.0, hi - lo - travel))  # independent of the direction
+        cx = a + travel if direction == "left" else a
+        cy = float(rng.uniform(lo, hi))
+        dx = -travel if direction == "left" else travel
+        tracks = ((Shape(color, shape, cx, cy, half, (0, 0)), 0.0, 1.0, (dx, 0.0)),)
+        question = _QUESTIONS["direction"].format(color=color, shape=shape)
+        return MotionVideo(kind, bg, "solid", tracks, question, direction)
+    first, second = [str(c) for c in rng.permutation(EASY_COLORS)]
+    (ax, ay, ac), (bx, by, bc) = _cells(rng, 2, half)
+    still = (0.0, 0.0)
+    tracks = ((Shape(first, shape, ax, ay, half, ac), 0.0, 0.5, still),
+              (Shape(second, shape, bx, by, half, bc), 0.5, 1.0, still))
+    return MotionVideo(kind, bg, "solid", tracks, _EASY_ORDER_QUESTION, first)
+
+
+def sample_video(rng: np.random.Generator, kind: str, variant: str = "standard") -> MotionVideo:
+    """A random `MotionVideo` of `kind` in `variant` (module docstring)."""
+    if kind not in kinds(variant):
+        raise ValueError(f"unknown kind {kind!r} for variant {variant!r}; valid: "
+                         f"{kinds(variant)}")
+    if variant == "easy":
+        return _sample_easy(rng, kind)
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid: {KINDS}")
     bg = str(rng.choice(list(BACKGROUNDS)))
@@ -138,12 +202,12 @@ def sample_video(rng: np.random.Generator, kind: str) -> MotionVideo:
         question, answer = _QUESTIONS[kind], shapes[0]
     else:
         n = int(rng.integers(0, 4))
-        kinds = ["square"] * n + [str(rng.choice(("circle", "triangle"))) for _ in range(3 - n)]
-        kinds = [kinds[i] for i in rng.permutation(3)]
+        drawn = ["square"] * n + [str(rng.choice(("circle", "triangle"))) for _ in range(3 - n)]
+        drawn = [drawn[i] for i in rng.permutation(3)]
         edges = (0.0, 3 / 8, 6 / 8, 1.0)
         tracks = [(Shape(str(rng.choice(list(COLORS))), k, x, y, half, c), edges[i],
                    edges[i + 1], still)
-                  for i, (k, (x, y, c)) in enumerate(zip(kinds, _cells(rng, 3, half)))]
+                  for i, (k, (x, y, c)) in enumerate(zip(drawn, _cells(rng, 3, half)))]
         question, answer = _QUESTIONS[kind], NUMBERS[n]
     return MotionVideo(kind, bg, style, tuple(tracks), question, answer)
 
@@ -157,17 +221,19 @@ class SyntheticMotion:
       raw_frames: frames per video (>= 2 * the frames a model samples).
       image_size: frame side in pixels.
       seed: base seed.
+      variant: 'standard' or 'easy' (module docstring).
     """
 
     def __init__(self, split: str = "heldout", size: int = 96, *, raw_frames: int = 8,
-                 image_size: int = 32, seed: int = 0):
+                 image_size: int = 32, seed: int = 0, variant: str = "standard"):
+        _check_variant(variant)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {sorted(SPLITS)}")
         if size < 1 or raw_frames < 2 or image_size < 8:
             raise ValueError(f"need size >= 1, raw_frames >= 2, image_size >= 8; got {size}, "
                              f"{raw_frames}, {image_size}")
         self.split, self.size, self.raw_frames = split, size, raw_frames
-        self.image_size, self.seed = image_size, seed
+        self.image_size, self.seed, self.variant = image_size, seed, variant
 
     def __len__(self) -> int:
         return self.size
@@ -181,7 +247,8 @@ class SyntheticMotion:
         return f"motion_{self.split}{index}"
 
     def video(self, index: int) -> MotionVideo:
-        return sample_video(self._rng(index, 0), KINDS[index % len(KINDS)])
+        ks = kinds(self.variant)
+        return sample_video(self._rng(index, 0), ks[index % len(ks)], self.variant)
 
     def frames(self, index: int) -> np.ndarray:
         """uint8[F, R, R, 3]; frame f shows time `frame_time(f, F)` = (f + 0.5) / F."""
@@ -203,14 +270,16 @@ def frame_time(f: int, raw_frames: int) -> float:
 
 
 def write_motion_files(directory: str, size: int = 96, *, split: str = "heldout",
-                       raw_frames: int = 8, image_size: int = 32, seed: int = 0) -> dict:
-    """Write `size` videos of `split` and their questions under `directory`.
+                       raw_frames: int = 8, image_size: int = 32, seed: int = 0,
+                       variant: str = "standard") -> dict:
+    """Write `size` videos of `split` (of `variant`) and their questions under `directory`.
 
     Returns:
       {'frames_root': folder of the frame folders, 'msrvtt_qa': the jsonl, 'kinds': the kind
        of each line}.
     """
-    ds = SyntheticMotion(split, size, raw_frames=raw_frames, image_size=image_size, seed=seed)
+    ds = SyntheticMotion(split, size, raw_frames=raw_frames, image_size=image_size, seed=seed,
+                         variant=variant)
     root = os.path.join(directory, "frames")
     rows, kinds = [], []
     for i in range(size):
