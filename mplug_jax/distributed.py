@@ -15,6 +15,7 @@ import jax
 
 logger = logging.getLogger(__name__)
 _initialized = False
+_barriers = 0
 
 
 def _explicit() -> dict | None:
@@ -57,3 +58,19 @@ def maybe_initialize() -> None:
     logger.info("jax.distributed: process %d of %d, %d local / %d global devices",
                 jax.process_index(), jax.process_count(), jax.local_device_count(),
                 jax.device_count())
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Wait until every process has reached this point; nothing in a single-process run.
+
+    Goes through JAX's coordination service, not a device collective: CPU (gloo) collectives
+    give up after 30 s, so the first one after a compile fails when another process is still
+    compiling (a loaded host compiles the same program much later). Call it after each compile
+    that precedes a collective."""
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client orbax's barriers use too
+    _barriers += 1  # every process calls the same barriers in the same order
+    jax_distributed.global_state.client.wait_at_barrier(f"mplug_{name}_{_barriers}",
+                                                        timeout_s * 1000)

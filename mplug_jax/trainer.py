@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from mplug_jax import checkpoint as ckpt_lib
+from mplug_jax import distributed
 from mplug_jax import metrics as mlib
 from mplug_jax import optim
 from mplug_jax import sharding as shd
@@ -264,6 +265,7 @@ def run(config, workdir: str) -> dict:
     batch0 = next(host_iter)
     host_iter.set_state(first_local)  # the loop reads batch 0 again (through the prefetcher)
     s, step_c, stats = prepare(config, n_train, global_batch_shapes(batch0))
+    distributed.barrier("compiled")  # before the first cross-process collective (orbax's)
     data = DevicePrefetch(host_iter, lambda b: make_global_batch(b, s.mesh))
     writer = mlib.MetricWriter(workdir)
     ckpt = ckpt_lib.Checkpointer(workdir / "ckpt", keep=config.keep_ckpts)
