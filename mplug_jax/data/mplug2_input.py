@@ -33,6 +33,7 @@ idx int32[B].
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -45,37 +46,50 @@ from mplug_jax.data import pipeline, sources, text, tokenizer, video
 from mplug_jax.data.transforms import BadRecord
 from mplug_jax.data.vqa_input import encode_answers
 
-logger = logging.getLogger(__name__)
-
 DATASETS = ("synthetic", "json")
 TRAIN_QUESTION_WORDS, EVAL_QUESTION_WORDS = 30, 50  # official pre_question limits
 
 
-def synthetic_files(input_cfg, split: str, seed: int) -> tuple[str, str]:
-    """(jsonl, frames root) of the built-in motion set's `split`, written on first use under
-    `input.synthetic_dir/<split>` (kept: later runs with the same folder reuse it)."""
-    from mplug_jax.data import synthetic_motion
+def synthetic_folder(input_cfg, name: str, marker: str, write, *, prefix: str,
+                     tmp_prefix: str) -> str:
+    """`input.synthetic_dir/<name>`, written on first use (kept: later runs with the same
+    folder reuse it) by `write(tmp)` into a temporary folder then renamed into place; done when
+    it holds the file `marker`. An empty `input.synthetic_dir` becomes a fresh temporary folder
+    (`prefix`), set in `input_cfg` so that train and eval of the run share it."""
     folder = input_cfg.get("synthetic_dir") or ""
     if not folder:
-        folder = tempfile.mkdtemp(prefix="mplug2_motion_")
-        input_cfg.synthetic_dir = folder  # train and eval of the run share one folder
-    size = int(input_cfg.train_size if split == "train" else input_cfg.eval_size)
-    variant = str(input_cfg.get("synthetic_variant", "standard"))
-    # The variant and frame count in the name: a reused synthetic_dir never serves other data.
-    sub = os.path.join(folder, f"{split}_{size}_{variant}_{int(input_cfg.synthetic_raw_frames)}")
-    ann = os.path.join(sub, "msrvtt_qa.jsonl")
-    if not os.path.exists(ann):
+        folder = tempfile.mkdtemp(prefix=prefix)
+        input_cfg.synthetic_dir = folder
+    sub = os.path.join(folder, name)
+    if not os.path.exists(os.path.join(sub, marker)):
         os.makedirs(folder, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f"{split}_", dir=folder)
-        synthetic_motion.write_motion_files(
-            tmp, size, split=split, raw_frames=int(input_cfg.synthetic_raw_frames),
-            image_size=int(input_cfg.synthetic_image_size), seed=seed, variant=variant)
+        tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=folder)
+        write(tmp)
         try:
             os.rename(tmp, sub)  # atomic: concurrent writers of one folder keep one copy
         except OSError:
-            if not os.path.exists(ann):
+            if not os.path.exists(os.path.join(sub, marker)):
                 raise
-    return ann, os.path.join(sub, "frames")
+    return sub
+
+
+def synthetic_files(input_cfg, split: str, seed: int) -> tuple[str, str]:
+    """(jsonl, frames root) of the built-in motion set's `split`, written on first use under
+    `input.synthetic_dir` (`synthetic_folder`)."""
+    from mplug_jax.data import synthetic_motion
+    size = int(input_cfg.train_size if split == "train" else input_cfg.eval_size)
+    variant = str(input_cfg.get("synthetic_variant", "standard"))
+    raw = int(input_cfg.synthetic_raw_frames)
+
+    def write(tmp):
+        synthetic_motion.write_motion_files(
+            tmp, size, split=split, raw_frames=raw,
+            image_size=int(input_cfg.synthetic_image_size), seed=seed, variant=variant)
+
+    # The variant and frame count in the name: a reused synthetic_dir never serves other data.
+    sub = synthetic_folder(input_cfg, f"{split}_{size}_{variant}_{raw}", "msrvtt_qa.jsonl",
+                           write, prefix="mplug2_motion_", tmp_prefix=f"{split}_")
+    return os.path.join(sub, "msrvtt_qa.jsonl"), os.path.join(sub, "frames")
 
 
 def source(input_cfg, split: str, seed: int = 0):
@@ -94,39 +108,80 @@ def source(input_cfg, split: str, seed: int = 0):
     return sources.video_qa(str(ann), str(root), max_skip_rate=float(input_cfg.max_skip_rate))
 
 
-class _VideoQARecord:
-    """(position, index) -> processed example (module docstring); picklable for grain."""
+def read_clip(path, num_frames: int, image_size: int, *, train: bool,
+              rng: np.random.Generator, augment: dict | None) -> np.ndarray:
+    """One video (frame folder or file) -> clip float[T, R, R, 3]: `num_frames` T frames
+    (`video.load_frames`: 'rand' when `train`, else the segment middles), then
+    `video.train_clip(**augment)` (one draw of `rng` for all frames) or, when `augment` is None,
+    `video.eval_clip`. Raises BadRecord / OSError / ValueError ... for an unusable video."""
+    frames = video.load_frames(path, num_frames, train=train, rng=rng)
+    if augment is not None:
+        return video.train_clip(frames, image_size, rng, **augment)
+    return video.eval_clip(frames, image_size)
 
-    def __init__(self, source, *, num_frames: int, image_size: int, max_question_tokens: int,
-                 max_answer_tokens: int, seed: int, augment: dict | None, epoch_length: int,
-                 train: bool):
+
+class ClipRecord:
+    """(position, index) -> example of one video record (`read_clip` + text fields), or the
+    `pipeline` skip marker when the record cannot be used (logged); picklable for grain.
+
+    Subclasses set `what` (the record kind in skip log lines) and `rng_tag` (last entry of
+    the per-record seed [seed, epoch, index, rng_tag]) and define `read_text(record)` (the raw
+    text fields; runs under the skip guard) and `example(record, clip, text, index)` (the output
+    dict; clip float32[T, R, R, 3])."""
+
+    what = "video"
+    rng_tag = 3
+
+    def __init__(self, source, *, num_frames: int, image_size: int, seed: int,
+                 augment: dict | None, epoch_length: int, train: bool):
         self.source, self.t, self.r, self.seed = source, num_frames, image_size, seed
-        self.lq, self.la, self.augment = max_question_tokens, max_answer_tokens, augment
-        self.epoch_length, self.train = epoch_length, train
+        self.augment, self.epoch_length, self.train = augment, epoch_length, train
+
+    def read_text(self, record: dict) -> Any:
+        raise NotImplementedError
+
+    def example(self, record: dict, clip: np.ndarray, text: Any, index: int) -> dict[str, Any]:
+        raise NotImplementedError
 
     def __call__(self, position: int, index: int) -> dict[str, Any]:
         epoch = position // max(self.epoch_length, 1)
         index = int(index)
+        # The subclass's module logger: skip lines keep the logger name of their pipeline.
+        log = logging.getLogger(type(self).__module__)
         try:
             record = self.source[index]
-            rng = np.random.default_rng([self.seed, epoch, index, 2])
-            frames = video.load_frames(record["video"], self.t, train=self.train, rng=rng)
-            if self.augment is not None:
-                clip = video.train_clip(frames, self.r, rng, **self.augment)
-            else:
-                clip = video.eval_clip(frames, self.r)
-            words = TRAIN_QUESTION_WORDS if self.train else EVAL_QUESTION_WORDS
-            question = text.pre_question(record["question"], words)
+            rng = np.random.default_rng([self.seed, epoch, index, self.rng_tag])
+            clip = read_clip(record["video"], self.t, self.r, train=self.train, rng=rng,
+                             augment=self.augment)
+            fields = self.read_text(record)
         except BadRecord as e:
-            logger.warning("skipping video QA record %d (%s): %s", index, e.reason, e)
+            log.warning("skipping %s record %d (%s): %s", self.what, index, e.reason, e)
             return {pipeline._SKIP_KEY: e.reason}
         except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            logger.warning("skipping video QA record %d (bad_record): %r", index, e)
+            log.warning("skipping %s record %d (bad_record): %r", self.what, index, e)
             return {pipeline._SKIP_KEY: "bad_record"}
+        return self.example(record, clip.astype(np.float32), fields, index)
+
+
+class _VideoQARecord(ClipRecord):
+    """Video QA example (module docstring)."""
+
+    what, rng_tag = "video QA", 2
+
+    def __init__(self, source, *, max_question_tokens: int, max_answer_tokens: int, **clip):
+        super().__init__(source, **clip)
+        self.lq, self.la = max_question_tokens, max_answer_tokens
+
+    def read_text(self, record: dict) -> str:
+        words = TRAIN_QUESTION_WORDS if self.train else EVAL_QUESTION_WORDS
+        return text.pre_question(record["question"], words)
+
+    def example(self, record: dict, clip: np.ndarray, question: str,
+                index: int) -> dict[str, Any]:
         tok = tokenizer.get_tokenizer()
         q_ids, q_mask = tok.encode([question], max_length=self.lq, pad_to=self.lq)
-        out = {"video": clip.astype(np.float32), "question_ids": q_ids[0],
-               "question_mask": q_mask[0], "idx": np.int32(index)}
+        out = {"video": clip, "question_ids": q_ids[0], "question_mask": q_mask[0],
+               "idx": np.int32(index)}
         if self.train:
             a_ids, a_mask = encode_answers([record["answer"]], 1, self.la)
             out.update(answer_ids=a_ids[0], answer_mask=a_mask[0],
@@ -140,30 +195,32 @@ def dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_size: int
     """Batches of `src` (module docstring); a checkpointable iterator (grain state plus skip
     counters). `train`: answers, shuffling every epoch, per-process shards, 'rand' sampling and
     augmentation when `input.augment.enabled`."""
-    def record(augment, epoch_length):
-        return _VideoQARecord(
-            src, num_frames=num_frames, image_size=image_size,
-            max_question_tokens=int(input_cfg.max_question_tokens),
-            max_answer_tokens=int(input_cfg.max_answer_tokens), seed=seed, augment=augment,
-            epoch_length=epoch_length, train=train)
-    return _batched_records(len(src), record, input_cfg, "video QA", num_frames=num_frames,
-                            batch_size=batch_size, train=train, seed=seed,
-                            shard_index=shard_index, shard_count=shard_count,
-                            num_epochs=num_epochs, drop_remainder=drop_remainder)
+    record = functools.partial(_VideoQARecord,
+                               max_question_tokens=int(input_cfg.max_question_tokens),
+                               max_answer_tokens=int(input_cfg.max_answer_tokens))
+    return clip_batches(src, record, input_cfg, "video QA", num_frames=num_frames,
+                        image_size=image_size, batch_size=batch_size, train=train, seed=seed,
+                        shard_index=shard_index, shard_count=shard_count,
+                        num_epochs=num_epochs, drop_remainder=drop_remainder)
 
 
-def _batched_records(n: int, record, input_cfg, what: str, *, num_frames: int,
-                     batch_size: int, train: bool, seed: int, shard_index: int,
-                     shard_count: int, num_epochs: int | None,
-                     drop_remainder: bool) -> grain.IterDataset:
-    """Shared pipeline of the QA and caption datasets: `record(augment, epoch_length)` makes the
-    per-example map fn."""
+def clip_batches(src, record, input_cfg, what: str, *, num_frames: int, image_size: int,
+                 batch_size: int, train: bool, seed: int, shard_index: int = 0,
+                 shard_count: int = 1, num_epochs: int | None = None,
+                 drop_remainder: bool = True,
+                 frames_key: str = "num_frames") -> grain.IterDataset:
+    """The pipeline of every mPLUG-2 video dataset: record indices of `src` (train: shuffled
+    every epoch, this process's shard, augmentation when `input.augment.enabled`) mapped by
+    `record(src, num_frames=, image_size=, seed=, augment=, epoch_length=, train=)` (a
+    `ClipRecord`), batched by `pipeline.batched` with skip accounting. `what` names the records
+    and `frames_key` the frame count in errors."""
+    n = len(src)
     per_shard = n // shard_count
     if train and per_shard < batch_size:
         raise ValueError(f"{n} {what} records over {shard_count} processes give {per_shard} "
                          f"per process, fewer than the batch of {batch_size}")
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        raise ValueError(f"{frames_key} must be >= 1, got {num_frames}")
     augment = None
     aug = input_cfg.get("augment")
     if train and aug is not None and aug.get("enabled"):
@@ -171,23 +228,30 @@ def _batched_records(n: int, record, input_cfg, what: str, *, num_frames: int,
     ds = grain.MapDataset.range(n)
     if train:
         ds = ds.shuffle(seed=seed)[shard_index:per_shard * shard_count:shard_count]
-    ds = ds.repeat(num_epochs).map_with_index(record(augment, per_shard if train else n))
+    ds = ds.repeat(num_epochs).map_with_index(record(
+        src, num_frames=num_frames, image_size=image_size, seed=seed, augment=augment,
+        epoch_length=per_shard if train else n, train=train))
     return pipeline.batched(ds, batch_size, drop_remainder=drop_remainder,
                             workers=int(input_cfg.get("workers", 0)) if train else 0,
                             max_skip_rate=float(input_cfg.max_skip_rate))
 
 
+def _process_batch_size(input_cfg, process_count: int) -> int:
+    """`input.batch_size` per process (ValueError when the processes do not divide it)."""
+    if input_cfg.batch_size % process_count:
+        raise ValueError(f"input.batch_size {input_cfg.batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    return input_cfg.batch_size // process_count
+
+
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    if inp.batch_size % process_count:
-        raise ValueError(f"input.batch_size {inp.batch_size} is not divisible by the "
-                         f"{process_count} processes")
+    batch_size = _process_batch_size(inp, process_count)
     src = source(inp, "train", config.seed)
     ds = dataset(src, inp, num_frames=int(config.model.num_frames),
-                 image_size=int(config.model.image_size),
-                 batch_size=inp.batch_size // process_count, train=True, seed=inp.shuffle_seed,
-                 shard_index=process_index, shard_count=process_count)
+                 image_size=int(config.model.image_size), batch_size=batch_size, train=True,
+                 seed=inp.shuffle_seed, shard_index=process_index, shard_count=process_count)
     return iter(ds), len(src)
 
 
@@ -246,24 +310,13 @@ def caption_synthetic_files(input_cfg, split: str, seed: int) -> dict:
     ('train' or 'heldout'), written on first use under `input.synthetic_dir/caption_<split>_<n>`
     (frame folders; `input.refs_per_video` captions per video)."""
     from mplug_jax.data import synthetic_video
-    folder = input_cfg.get("synthetic_dir") or ""
-    if not folder:
-        folder = tempfile.mkdtemp(prefix="mplug2_captions_")
-        input_cfg.synthetic_dir = folder
     size = int(input_cfg.train_size if split == "train" else input_cfg.eval_size)
-    sub = os.path.join(folder, f"caption_{split}_{size}")
     kw = dict(split=split, num_frames=int(input_cfg.synthetic_raw_frames),
               image_size=int(input_cfg.synthetic_image_size), seed=seed, mp4=False,
               refs_per_video=int(input_cfg.get("refs_per_video", 5)))
-    if not os.path.exists(os.path.join(sub, "video_caption_train.jsonl")):
-        os.makedirs(folder, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f"caption_{split}_", dir=folder)
-        synthetic_video.write_video_files(tmp, size, **kw)
-        try:
-            os.rename(tmp, sub)  # atomic: concurrent writers of one folder keep one copy
-        except OSError:
-            if not os.path.exists(os.path.join(sub, "video_caption_train.jsonl")):
-                raise
+    sub = synthetic_folder(input_cfg, f"caption_{split}_{size}", "video_caption_train.jsonl",
+                           lambda tmp: synthetic_video.write_video_files(tmp, size, **kw),
+                           prefix="mplug2_captions_", tmp_prefix=f"caption_{split}_")
     return {"train": os.path.join(sub, "video_caption_train.jsonl"),
             "test": os.path.join(sub, "video_caption.jsonl"),
             "frames_root": os.path.join(sub, "frames")}
@@ -289,37 +342,24 @@ def caption_source(input_cfg, split: str, seed: int = 0):
                                  max_skip_rate=float(input_cfg.max_skip_rate))
 
 
-class _VideoCaptionRecord:
-    """(position, index) -> {video, caption_ids, caption_mask, idx}; picklable for grain."""
+class _VideoCaptionRecord(ClipRecord):
+    """Video caption example {video, caption_ids, caption_mask, idx} (eval records: their first
+    golden caption)."""
 
-    def __init__(self, source, *, num_frames: int, image_size: int, max_tokens: int,
-                 prompt: str, join: str, seed: int, augment: dict | None, epoch_length: int,
-                 train: bool):
-        self.source, self.t, self.r, self.seed = source, num_frames, image_size, seed
+    what = "video caption"
+
+    def __init__(self, source, *, max_tokens: int, prompt: str, join: str, **clip):
+        super().__init__(source, **clip)
         self.max_tokens, self.prompt, self.join = max_tokens, prompt, join
-        self.augment, self.epoch_length, self.train = augment, epoch_length, train
 
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        epoch = position // max(self.epoch_length, 1)
-        index = int(index)
-        try:
-            record = self.source[index]
-            rng = np.random.default_rng([self.seed, epoch, index, 3])
-            frames = video.load_frames(record["video"], self.t, train=self.train, rng=rng)
-            if self.augment is not None:
-                clip = video.train_clip(frames, self.r, rng, **self.augment)
-            else:
-                clip = video.eval_clip(frames, self.r)
-            caption = record["caption"] if self.train else record["gold_captions"][0]
-        except BadRecord as e:
-            logger.warning("skipping video caption record %d (%s): %s", index, e.reason, e)
-            return {pipeline._SKIP_KEY: e.reason}
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            logger.warning("skipping video caption record %d (bad_record): %r", index, e)
-            return {pipeline._SKIP_KEY: "bad_record"}
+    def read_text(self, record: dict) -> str:
+        return record["caption"] if self.train else record["gold_captions"][0]
+
+    def example(self, record: dict, clip: np.ndarray, caption: str,
+                index: int) -> dict[str, Any]:
         ids, mask = encode_captions([caption], self.prompt, self.join, self.max_tokens)
-        return {"video": clip.astype(np.float32), "caption_ids": ids[0],
-                "caption_mask": mask[0], "idx": np.int32(index)}
+        return {"video": clip, "caption_ids": ids[0], "caption_mask": mask[0],
+                "idx": np.int32(index)}
 
 
 def caption_dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_size: int,
@@ -332,28 +372,22 @@ def caption_dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_s
       (`encode_captions`); idx int32[B]."""
     max_tokens = int(input_cfg.max_caption_tokens)
     encode_captions(["x"], prompt, join, max_tokens)  # config errors before any worker starts
-
-    def record(augment, epoch_length):
-        return _VideoCaptionRecord(src, num_frames=num_frames, image_size=image_size,
-                                   max_tokens=max_tokens, prompt=prompt, join=join, seed=seed,
-                                   augment=augment, epoch_length=epoch_length, train=train)
-    return _batched_records(len(src), record, input_cfg, "video caption", num_frames=num_frames,
-                            batch_size=batch_size, train=train, seed=seed,
-                            shard_index=shard_index, shard_count=shard_count,
-                            num_epochs=num_epochs, drop_remainder=drop_remainder)
+    record = functools.partial(_VideoCaptionRecord, max_tokens=max_tokens, prompt=prompt,
+                               join=join)
+    return clip_batches(src, record, input_cfg, "video caption", num_frames=num_frames,
+                        image_size=image_size, batch_size=batch_size, train=train, seed=seed,
+                        shard_index=shard_index, shard_count=shard_count,
+                        num_epochs=num_epochs, drop_remainder=drop_remainder)
 
 
 def caption_train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's caption train batches, records per epoch);
     prompt and join from `config.task`."""
     inp = config.input
-    if inp.batch_size % process_count:
-        raise ValueError(f"input.batch_size {inp.batch_size} is not divisible by the "
-                         f"{process_count} processes")
+    batch_size = _process_batch_size(inp, process_count)
     src = caption_source(inp, "train", config.seed)
     ds = caption_dataset(src, inp, num_frames=int(config.model.num_frames),
-                         image_size=int(config.model.image_size),
-                         batch_size=inp.batch_size // process_count,
+                         image_size=int(config.model.image_size), batch_size=batch_size,
                          prompt=str(config.task.prompt), join=str(config.task.prompt_join),
                          train=True, seed=inp.shuffle_seed, shard_index=process_index,
                          shard_count=process_count)

@@ -28,19 +28,15 @@ per step (global; an epoch counts the video records). The iterator is checkpoint
 """
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import os
-import tempfile
 from typing import Any
 
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline, pretrain_input, sources, tokenizer, video
-from mplug_jax.data.transforms import BadRecord
-
-logger = logging.getLogger(__name__)
+from mplug_jax.data import mplug2_input, pretrain_input, sources, tokenizer
 
 DATASETS = ("synthetic", "json")
 RETRIEVAL_FILE = "msrvtt_retrieval_train.jsonl"
@@ -50,17 +46,10 @@ def synthetic_files(input_cfg, seed: int) -> tuple[str, str]:
     """(retrieval jsonl, frames root) of the built-in train videos, written on first use under
     `input.synthetic_dir` (kept: later runs with the same settings reuse them)."""
     from mplug_jax.data import synthetic_video
-    folder = input_cfg.get("synthetic_dir") or ""
-    if not folder:
-        folder = tempfile.mkdtemp(prefix="mplug2_videos_")
-        input_cfg.synthetic_dir = folder
     size, caps = int(input_cfg.train_size), int(input_cfg.get("captions_per_video", 1))
     raw, res = int(input_cfg.synthetic_raw_frames), int(input_cfg.synthetic_image_size)
-    sub = os.path.join(folder, f"train_{size}_{caps}_{raw}_{res}_{seed}")
-    ann = os.path.join(sub, RETRIEVAL_FILE)
-    if not os.path.exists(ann):
-        os.makedirs(folder, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix="train_", dir=folder)
+
+    def write(tmp):
         paths = synthetic_video.write_video_files(tmp, size, split="train", num_frames=raw,
                                                   image_size=res, seed=seed, mp4=False,
                                                   qa_per_video=1, refs_per_video=max(caps, 1))
@@ -70,12 +59,11 @@ def synthetic_files(input_cfg, seed: int) -> tuple[str, str]:
             for r in rows:
                 for cap in r["golden_captions"][:max(caps, 1)]:
                     f.write(json.dumps({"clip_name": r["video_id"], "caption": cap}) + "\n")
-        try:
-            os.rename(tmp, sub)  # atomic: concurrent writers of one folder keep one copy
-        except OSError:
-            if not os.path.exists(ann):
-                raise
-    return ann, os.path.join(sub, "frames")
+
+    sub = mplug2_input.synthetic_folder(input_cfg, f"train_{size}_{caps}_{raw}_{res}_{seed}",
+                                        RETRIEVAL_FILE, write, prefix="mplug2_videos_",
+                                        tmp_prefix="train_")
+    return os.path.join(sub, RETRIEVAL_FILE), os.path.join(sub, "frames")
 
 
 def video_text_source(input_cfg, seed: int = 0):
@@ -98,36 +86,24 @@ def video_text_source(input_cfg, seed: int = 0):
     return src, index
 
 
-class _VideoTextRecord:
-    """(position, index) -> processed example (module docstring); picklable for grain."""
+class _VideoTextRecord(mplug2_input.ClipRecord):
+    """Video-caption example (module docstring): {video, text_ids, text_mask, idx,
+    video_index}."""
 
-    def __init__(self, source, video_index, *, num_frames: int, image_size: int,
-                 max_tokens: int, seed: int, augment: dict | None, epoch_length: int):
-        self.source, self.video_index = source, video_index
-        self.t, self.r, self.max_tokens, self.seed = num_frames, image_size, max_tokens, seed
-        self.augment, self.epoch_length = augment, epoch_length
+    what = "video-caption"
 
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        epoch = position // max(self.epoch_length, 1)
-        index = int(index)
-        try:
-            record = self.source[index]
-            rng = np.random.default_rng([self.seed, epoch, index, 3])
-            frames = video.load_frames(record["video"], self.t, train=True, rng=rng)
-            if self.augment is not None:
-                clip = video.train_clip(frames, self.r, rng, **self.augment)
-            else:
-                clip = video.eval_clip(frames, self.r)
-            caption = record["caption"]
-        except BadRecord as e:
-            logger.warning("skipping video-caption record %d (%s): %s", index, e.reason, e)
-            return {pipeline._SKIP_KEY: e.reason}
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            logger.warning("skipping video-caption record %d (bad_record): %r", index, e)
-            return {pipeline._SKIP_KEY: "bad_record"}
+    def __init__(self, source, *, video_index: np.ndarray, max_tokens: int, **clip):
+        super().__init__(source, **clip)
+        self.video_index, self.max_tokens = video_index, max_tokens
+
+    def read_text(self, record: dict) -> str:
+        return record["caption"]
+
+    def example(self, record: dict, clip: np.ndarray, caption: str,
+                index: int) -> dict[str, Any]:
         ids, mask = tokenizer.get_tokenizer().encode([caption], max_length=self.max_tokens,
                                                      pad_to=self.max_tokens)
-        return {"video": clip.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
+        return {"video": clip, "text_ids": ids[0], "text_mask": mask[0],
                 "idx": np.int32(index), "video_index": np.int32(self.video_index[index])}
 
 
@@ -136,25 +112,12 @@ def video_text_dataset(src, video_index, input_cfg, *, num_frames: int, image_si
                        shard_count: int = 1, num_epochs: int | None = None
                        ) -> grain.IterDataset:
     """Shuffled train batches of video-caption records (module docstring)."""
-    n = len(src)
-    per_shard = n // shard_count
-    if per_shard < batch_size:
-        raise ValueError(f"{n} video-caption records over {shard_count} processes give "
-                         f"{per_shard} per process, fewer than the batch of {batch_size}")
-    if num_frames < 1:
-        raise ValueError(f"model.num_frames must be >= 1, got {num_frames}")
-    augment = None
-    aug = input_cfg.get("augment")
-    if aug is not None and aug.get("enabled"):
-        augment = {k: v for k, v in aug.items() if k != "enabled"}
-    ds = grain.MapDataset.range(n).shuffle(seed=seed)
-    ds = ds[shard_index:per_shard * shard_count:shard_count].repeat(num_epochs)
-    ds = ds.map_with_index(_VideoTextRecord(
-        src, video_index, num_frames=num_frames, image_size=image_size,
-        max_tokens=int(input_cfg.max_tokens), seed=seed, augment=augment,
-        epoch_length=per_shard))
-    return pipeline.batched(ds, batch_size, workers=int(input_cfg.get("workers", 0)),
-                            max_skip_rate=float(input_cfg.max_skip_rate))
+    record = functools.partial(_VideoTextRecord, video_index=video_index,
+                               max_tokens=int(input_cfg.max_tokens))
+    return mplug2_input.clip_batches(
+        src, record, input_cfg, "video-caption", num_frames=num_frames, image_size=image_size,
+        batch_size=batch_size, train=True, seed=seed, shard_index=shard_index,
+        shard_count=shard_count, num_epochs=num_epochs, frames_key="model.num_frames")
 
 
 def _check_batch(batch_size: int, process_count: int, key: str) -> int:

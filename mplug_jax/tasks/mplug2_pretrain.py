@@ -40,7 +40,7 @@ import numpy as np
 
 from mplug_jax import losses
 from mplug_jax.data import mplug2_pretrain_input, tokenizer
-from mplug_jax.models import mplug2, mplug2_heads
+from mplug_jax.models import mplug2
 from mplug_jax.tasks import base
 from mplug_jax.tasks import mplug2_retrieval as m2ret
 
@@ -59,7 +59,7 @@ def lm_targets(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return d_ids.astype(jnp.int32), (pos <= n).astype(jnp.int32)
 
 
-class Task(base.Task):
+class Task(m2ret.HeadsTask):
     """mPLUG-2 pretraining (module docstring).
 
     Args:
@@ -68,12 +68,11 @@ class Task(base.Task):
     """
 
     name = "mplug2_pretrain"
-    capacity_hint = "nothing is dropped by this task"
+    init_text = "video_text"
+    queue_ids = False  # positives are identical captions of the batch, the queue has no ids
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
-        self.model = mplug2_heads.from_config(config.model)
-        self.train_model = self.model.clone(deterministic=self.model.dropout_rate == 0)
         t = config.task
         unknown = set(t.loss_weights) - set(LOSSES)
         if unknown:
@@ -82,8 +81,6 @@ class Task(base.Task):
         if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
             raise ValueError(f"task.loss_weights must be >= 0 with at least one > 0, got "
                              f"{dict(t.loss_weights)}")
-        self.itc = t.itc
-        m2ret.check_itc_config(self.itc)
         self.mask_prob = float(t.mlm.mask_prob)
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"task.mlm.mask_prob must be in (0, 1), got {self.mask_prob}")
@@ -104,14 +101,10 @@ class Task(base.Task):
                 raise ValueError(f"input.{key}={size} must be a multiple of optim.accum_steps "
                                  f"({accum}) with at least 2 per loss call (hard negatives)")
         self.sizes = {m: s // accum for m, s in self.sizes.items()}
-        self.queue_size = int(self.itc.queue_size)
         both = sum(self.sizes.values())
         if self.weights["itc"] and self.queue_size % both:
             raise ValueError(f"task.itc.queue_size={self.queue_size} must be a multiple of the "
                              f"clips + images one loss call sees ({both})")
-        self.momentum = float(self.itc.momentum)
-        self.alpha_warmup_steps = int(round(float(self.itc.alpha_warmup_epochs)
-                                            * self.steps_per_epoch))
         self.max_len = int(inp.max_tokens)
         if self.max_len < 3:
             raise ValueError(f"input.max_tokens must be >= 3, got {self.max_len}")
@@ -138,37 +131,14 @@ class Task(base.Task):
 
     # ---- state ------------------------------------------------------------------------------
 
-    def init_params(self, rng: jax.Array):
-        b = self.dummy_batch(1)
-        k_params, k_drop = jax.random.split(rng)
-        ids, mask = b["video_text_ids"], b["video_text_mask"]
-        return self.model.init({"params": k_params, "dropout": k_drop}, b["video"], ids, mask,
-                               ids, mask)["params"]
-
-    def momentum_filter(self):
-        return lambda name: name.split("/", 1)[0] in m2ret.MOMENTUM_PARAMS
-
     def init_extra(self, params, rng: jax.Array) -> dict:
         """Momentum copy and ITC queues (when ITC is on)."""
-        if not self.weights["itc"]:
-            return {}
-        extra = {"params_m": base.momentum_copy(params, self.momentum_filter())}
-        extra.update(m2ret.queue_state(rng, self.queue_size, self.model.embed_dim, False))
-        return extra
+        return super().init_extra(params, rng) if self.weights["itc"] else {}
 
     def init_from_pretrained(self, state):
         return m2ret.init_mplug2(self, state, "mPLUG-2 pretraining config starts from an "
                                  "mPLUG-2 checkpoint: set --config.init.checkpoint=CONVERTED_DIR"
                                  " or an mPLUG-2 workdir")
-
-    def pretrained_params(self, params):
-        return m2ret.pretrained_params(self, params)
-
-    def alpha(self, step: jax.Array) -> jax.Array:
-        return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
-
-    def after_update(self, params):
-        return base.clamp_temperature(params, self.itc)
 
     # ---- step -------------------------------------------------------------------------------
 
@@ -290,7 +260,7 @@ class Task(base.Task):
     def predict_fns(self) -> dict:
         """The retrieval predict fns (`mplug2_retrieval.embedding_fns`: zero-shot
         `video_retrieval`) and `lm_generate` (greedy instruction-prompted captions)."""
-        return {**m2ret.embedding_fns(self), "lm_generate": self.lm_generate}
+        return {**super().predict_fns(), "lm_generate": self.lm_generate}
 
     def lm_generate(self, params, visual: jax.Array, max_len: int = 12) -> jax.Array:
         """Greedy caption of videos float32[B, T, R, R, 3] (prompt `instructions.video`) or

@@ -173,7 +173,61 @@ def embedding_fns(task) -> dict:
             "itm_score": itm_score}
 
 
-class Task(base.Task):
+class HeadsTask(base.Task):
+    """What the mPLUG-2 tasks on `MPLUG2WithHeads` (this one, `mplug2_pretrain`) share: the
+    model, the `task.itc` settings, parameter / momentum / ITC queue init, checkpoint loading,
+    the distillation ramp, the temperature clamp and the retrieval predict fns.
+
+    Subclasses set `init_text` (the dummy-batch key prefix of the text `init_params` feeds)
+    and `queue_ids` (whether the ITC queue keeps item ids, 'idx_queue')."""
+
+    capacity_hint = "nothing is dropped by this task"
+    init_text = "text"
+    queue_ids = True
+
+    def __init__(self, config, steps_per_epoch: int = 1):
+        super().__init__(config, steps_per_epoch)
+        self.model = mplug2_heads.from_config(config.model)
+        self.train_model = self.model.clone(deterministic=self.model.dropout_rate == 0)
+        self.itc = config.task.itc
+        check_itc_config(self.itc)
+        self.queue_size = int(self.itc.queue_size)
+        self.momentum = float(self.itc.momentum)
+        self.alpha_warmup_steps = int(round(float(self.itc.alpha_warmup_epochs)
+                                            * self.steps_per_epoch))
+
+    def init_params(self, rng: jax.Array):
+        b = self.dummy_batch(1)
+        k_params, k_drop = jax.random.split(rng)
+        ids, mask = b[f"{self.init_text}_ids"], b[f"{self.init_text}_mask"]
+        return self.model.init({"params": k_params, "dropout": k_drop}, b["video"], ids, mask,
+                               ids, mask)["params"]
+
+    def momentum_filter(self):
+        return lambda name: name.split("/", 1)[0] in MOMENTUM_PARAMS
+
+    def init_extra(self, params, rng: jax.Array) -> dict:
+        """Momentum copy, ITC queues (random unit rows), their ids (`queue_ids`) and the
+        pointer."""
+        extra = {"params_m": base.momentum_copy(params, self.momentum_filter())}
+        extra.update(queue_state(rng, self.queue_size, self.model.embed_dim, self.queue_ids))
+        return extra
+
+    def pretrained_params(self, params):
+        return pretrained_params(self, params)
+
+    def alpha(self, step: jax.Array) -> jax.Array:
+        return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
+
+    def after_update(self, params):
+        return base.clamp_temperature(params, self.itc)
+
+    def predict_fns(self) -> dict:
+        """`embedding_fns`: the `video_retrieval` evaluator's predict fns."""
+        return embedding_fns(self)
+
+
+class Task(HeadsTask):
     """mPLUG-2 text-video retrieval (module docstring).
 
     Args:
@@ -182,23 +236,16 @@ class Task(base.Task):
     """
 
     name = "mplug2_retrieval"
-    capacity_hint = "nothing is dropped by this task"
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
-        self.model = mplug2_heads.from_config(config.model)
-        self.train_model = self.model.clone(deterministic=self.model.dropout_rate == 0)
-        t = config.task
-        self.itc = t.itc
-        check_itc_config(self.itc)
-        lw = dict(t.loss_weights)
+        lw = dict(config.task.loss_weights)
         unknown = set(lw) - {"itc", "itm"}
         self.w_itc, self.w_itm = float(lw.get("itc", 1.0)), float(lw.get("itm", 1.0))
         if unknown or self.w_itc < 0 or self.w_itm < 0 or not (self.w_itc or self.w_itm):
             raise ValueError(f"task.loss_weights takes itc / itm >= 0, not both 0; got {lw}")
         accum = max(int(config.optim.get("accum_steps", 1)), 1)
         self.batch_size = int(config.input.batch_size) // accum
-        self.queue_size = int(self.itc.queue_size)
         if self.batch_size < 2:
             raise ValueError(f"{self.name} needs at least 2 clips per loss call (hard "
                              f"negatives), got input.batch_size / optim.accum_steps = "
@@ -207,9 +254,6 @@ class Task(base.Task):
             raise ValueError(
                 f"task.itc.queue_size={self.queue_size} must be a multiple of the batch one "
                 f"loss call sees: input.batch_size / optim.accum_steps = {self.batch_size}")
-        self.momentum = float(self.itc.momentum)
-        self.alpha_warmup_steps = int(round(float(self.itc.alpha_warmup_epochs)
-                                            * self.steps_per_epoch))
         self.max_len = int(config.input.max_tokens)
         if self.max_len < 2:
             raise ValueError(f"input.max_tokens must be >= 2, got {self.max_len}")
@@ -236,35 +280,10 @@ class Task(base.Task):
 
     # ---- state ------------------------------------------------------------------------------
 
-    def init_params(self, rng: jax.Array):
-        b = self.dummy_batch(1)
-        k_params, k_drop = jax.random.split(rng)
-        ids, mask = b["text_ids"], b["text_mask"]
-        return self.model.init({"params": k_params, "dropout": k_drop}, b["video"], ids, mask,
-                               ids, mask)["params"]
-
-    def momentum_filter(self):
-        return lambda name: name.split("/", 1)[0] in MOMENTUM_PARAMS
-
-    def init_extra(self, params, rng: jax.Array) -> dict:
-        """Momentum copy, ITC queues (random unit rows), their video ids and the pointer."""
-        extra = {"params_m": base.momentum_copy(params, self.momentum_filter())}
-        extra.update(queue_state(rng, self.queue_size, self.model.embed_dim, True))
-        return extra
-
     def init_from_pretrained(self, state):
         return init_mplug2(self, state, "mPLUG-2 retrieval config fine-tunes a released "
                            "mPLUG-2: set --config.init.checkpoint=CONVERTED_DIR (`mplug-jax "
                            "convert`) or an mPLUG-2 workdir")
-
-    def pretrained_params(self, params):
-        return pretrained_params(self, params)
-
-    def alpha(self, step: jax.Array) -> jax.Array:
-        return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
-
-    def after_update(self, params):
-        return base.clamp_temperature(params, self.itc)
 
     # ---- step -------------------------------------------------------------------------------
 
@@ -311,8 +330,3 @@ class Task(base.Task):
                    "same_video_pairs": (jnp.sum(vidx[:, None] == vidx[None, :]) - b)
                    .astype(jnp.float32) / max(b * (b - 1), 1)}
         return total, (metrics, new_extra)
-
-    # ---- predict fns (used by evaluators) ---------------------------------------------------
-
-    def predict_fns(self) -> dict:
-        return embedding_fns(self)
