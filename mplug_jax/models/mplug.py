@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mplug_jax.models import layers
+from mplug_jax.models import heads, layers
 from mplug_jax.models.bert import TextEncoder
 from mplug_jax.models.decoder import TextDecoder
 from mplug_jax.models.fusion import FusionEncoder, fusion_pattern
@@ -47,6 +47,10 @@ class MPLUG(nn.Module):
     vision_layers: int = 12
     vision_heads: int = 12
     vision_ln_eps: float = 1e-5  # ... and every CLIP LayerNorm 1e-5
+    # Std of the ViT position embeddings at init; 0 = CLIP's vision_width ** -0.5. That is ~15x
+    # below the patch embeddings' scale, so a tiny model trained for minutes never learns where
+    # things are (grounding predicts one box); the tiny preset sets it.
+    vision_posemb_init_std: float = 0.0
     # Heads.
     embed_dim: int = 256
     temp_init: float = 0.07
@@ -83,6 +87,8 @@ class MPLUG(nn.Module):
         need(self.vision_width % self.vision_heads == 0,
              f"vision_width {self.vision_width} not divisible by vision_heads "
              f"{self.vision_heads}")
+        need(self.vision_posemb_init_std >= 0,
+             f"vision_posemb_init_std {self.vision_posemb_init_std} < 0 (0 = CLIP's default)")
         need(self.image_size % self.patch_size == 0,
              f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         need(self.remat_policy in layers.REMAT_POLICIES,
@@ -121,6 +127,7 @@ class MPLUG(nn.Module):
         self.vision = VisionEncoder(image_size=self.image_size, patch_size=self.patch_size,
                                     width=self.vision_width, depth=self.vision_layers,
                                     num_heads=self.vision_heads, eps=self.vision_ln_eps,
+                                    posemb_init_std=self.vision_posemb_init_std,
                                     scan_layers=self.scan_layers, **stacks)
         if self.has_visn_fc:
             self.visn_fc = layers.dense(self.hidden_size, ("mlp", "embed"), opts=opts,
@@ -131,19 +138,7 @@ class MPLUG(nn.Module):
         self.fusion = FusionEncoder(pattern=self.pattern, num_heads=self.num_heads,
                                     mlp_dim=self.mlp_dim, eps=self.text_ln_eps, **stacks)
         self.decoder = TextDecoder(depth=self.decoder_layers, **bert)
-        self.vision_proj = layers.dense(self.embed_dim, ("embed", None), opts=opts,
-                                        name="vision_proj")
-        self.text_proj = layers.dense(self.embed_dim, ("embed", None), opts=opts,
-                                      name="text_proj")
-        self.itm_head = layers.dense(2, ("embed", None), opts=opts, name="itm_head")
-        self.mlm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), opts=opts,
-                                          name="mlm_transform")
-        self.mlm_ln = layers.layer_norm(eps=self.text_ln_eps, opts=opts, name="mlm_ln")
-        self.mlm_bias = self.param("mlm_bias", layers.partitioned(nn.initializers.zeros,
-                                                                  ("vocab",)),
-                                   (self.vocab_size,), opts.param_dtype)
-        self.temp = self.param("temp", layers.partitioned(
-            nn.initializers.constant(self.temp_init), ()), (), opts.param_dtype)
+        heads.setup_heads(self)
 
     def __call__(self, image, text_ids, text_mask, dec_ids, dec_mask) -> dict:
         """Full forward touching every parameter (used by `init`); VQA-style decoding over
@@ -177,15 +172,11 @@ class MPLUG(nn.Module):
         return self.decoder(ids, mask, states, states_mask)
 
     def itc_project(self, img_cls: jax.Array, txt_cls: jax.Array):
-        def norm(x):
-            x = x.astype(jnp.float32)
-            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        return norm(self.vision_proj(img_cls)), norm(self.text_proj(txt_cls))
+        return heads.itc_project(self, img_cls, txt_cls)
 
     def itm_logits(self, fused_cls: jax.Array) -> jax.Array:
-        return self.itm_head(fused_cls).astype(jnp.float32)
+        return heads.itm_logits(self, fused_cls)
 
     def mlm_logits(self, fused_txt: jax.Array) -> jax.Array:
-        h = self.mlm_ln(layers.gelu(self.mlm_transform(fused_txt)))
-        return self.text.embeddings.attend(h) + self.mlm_bias.astype(jnp.float32)
+        return heads.mlm_logits(self, fused_txt)
 

@@ -2,13 +2,8 @@
 
 `MPLUG2WithHeads` is `models.mplug2.MPLUG2` (same fields, same parameter names: a converted
 release checkpoint or a `mplug2_video_qa` workdir loads into it unchanged) plus, at the top of
-the parameter tree, ALBEF-style heads named as mPLUG v1's:
-
-  vision_proj / text_proj  H -> E projections of the pooled visual / text token (ITC)
-  itm_head                 H -> 2 on the fused text [CLS] (vision-language matching)
-  mlm_transform / mlm_ln / mlm_bias   BERT MLM head on the fused text, tied to the word
-                           embeddings of the text encoder
-  temp                     the learnable ITC temperature (init `temp_init`)
+the parameter tree, the ALBEF-style heads of mPLUG v1 (`models/heads.py`: ITC projections, ITM
+head, tied MLM head, temperature).
 
 These heads are new parameters: loading a release checkpoint leaves them at their random init
 (documented in the tasks).
@@ -25,14 +20,11 @@ Stages added (shapes; H = hidden_size, E = embed_dim):
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from mplug_jax.models import layers, mplug2
+from mplug_jax.models import heads, mplug2
 
-HEAD_PARAMS = ("vision_proj", "text_proj", "itm_head", "mlm_transform", "mlm_ln", "mlm_bias",
-               "temp")
+HEAD_PARAMS = heads.PARAM_NAMES
 
 
 class MPLUG2WithHeads(mplug2.MPLUG2):
@@ -51,20 +43,7 @@ class MPLUG2WithHeads(mplug2.MPLUG2):
 
     def setup(self):
         super().setup()
-        opts = self.opts
-        self.vision_proj = layers.dense(self.embed_dim, ("embed", None), opts=opts,
-                                        name="vision_proj")
-        self.text_proj = layers.dense(self.embed_dim, ("embed", None), opts=opts,
-                                      name="text_proj")
-        self.itm_head = layers.dense(2, ("embed", None), opts=opts, name="itm_head")
-        self.mlm_transform = layers.dense(self.hidden_size, ("embed", "mlp"), opts=opts,
-                                          name="mlm_transform")
-        self.mlm_ln = layers.layer_norm(eps=self.text_ln_eps, opts=opts, name="mlm_ln")
-        self.mlm_bias = self.param("mlm_bias", layers.partitioned(nn.initializers.zeros,
-                                                                  ("vocab",)),
-                                   (self.vocab_size,), opts.param_dtype)
-        self.temp = self.param("temp", layers.partitioned(
-            nn.initializers.constant(self.temp_init), ()), (), opts.param_dtype)
+        heads.setup_heads(self)
 
     def __call__(self, video, text_ids, text_mask, dec_ids, dec_mask) -> dict:
         """Forward touching every parameter (used by `init`): video float32[B, T, R, R, 3],
@@ -91,20 +70,15 @@ class MPLUG2WithHeads(mplug2.MPLUG2):
 
     def itc_project(self, img_cls: jax.Array, txt_cls: jax.Array):
         """(float[B, H], float[B, H]) -> L2-normalised float32[B, E] image / text features."""
-        def norm(x):
-            x = x.astype(jnp.float32)
-            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        return norm(self.vision_proj(img_cls)), norm(self.text_proj(txt_cls))
+        return heads.itc_project(self, img_cls, txt_cls)
 
     def itm_logits(self, fused_cls: jax.Array) -> jax.Array:
         """Fused text [CLS] float[B, H] -> float32[B, 2] (class 1 = match)."""
-        return self.itm_head(fused_cls).astype(jnp.float32)
+        return heads.itm_logits(self, fused_cls)
 
     def mlm_logits(self, fused_txt: jax.Array) -> jax.Array:
         """Fused text float[B, L, H] -> float32[B, L, V] (tied to the word embeddings)."""
-        h = self.mlm_ln(layers.gelu(self.mlm_transform(fused_txt)))
-        return (self.text.embeddings.attend(h).astype(jnp.float32)
-                + self.mlm_bias.astype(jnp.float32))
+        return heads.mlm_logits(self, fused_txt)
 
 
 def from_config(cfg, **overrides) -> MPLUG2WithHeads:

@@ -41,6 +41,7 @@ class VisionEncoder(nn.Module, kw_only=True):
     depth: int = 12
     num_heads: int = 12
     eps: float = 1e-5
+    posemb_init_std: float = 0.0  # 0: CLIP's width ** -0.5
     remat_policy: str = "none"
     scan_layers: bool = False
     opts: layers.ModuleOptions = layers.DEFAULT_OPTS
@@ -69,7 +70,8 @@ class VisionEncoder(nn.Module, kw_only=True):
         cls = self.param("cls_token", layers.partitioned(nn.initializers.normal(scale),
                                                          ("embed",)),
                          (self.width,), opts.param_dtype)
-        pos = self.param("pos_embed", layers.partitioned(nn.initializers.normal(scale),
+        pos_scale = self.posemb_init_std or scale
+        pos = self.param("pos_embed", layers.partitioned(nn.initializers.normal(pos_scale),
                                                          (None, "embed")),
                          (self.grid ** 2 + 1, self.width), opts.param_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, self.width)), x], 1)

@@ -1,4 +1,5 @@
 """MPLUG module behaviour: fusion layouts, layouts of params, numerics, sharding, bad inputs."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,6 +152,21 @@ def test_clear_errors_for_bad_inputs_and_configs():
         MPLUG.from_config(model_config("tiny"), num_heads=3)
     with pytest.raises(ValueError, match="remat_policy"):
         MPLUG.from_config(model_config("tiny"), remat_policy="sometimes")
+    with pytest.raises(ValueError, match="vision_posemb_init_std -1"):
+        MPLUG.from_config(model_config("tiny"), vision_posemb_init_std=-1.0)
+
+
+def test_posemb_init_std():
+    """0 keeps CLIP's width ** -0.5 for the position table; a positive value sets its std; the
+    class token and the patch embedding do not move."""
+    def vision(**kw):
+        model = MPLUG.from_config(model_config("tiny"), vision_layers=1, **kw)
+        return nn.unbox(P.init_params(model, jax.random.PRNGKey(1)))["vision"]
+    clip, wide = vision(), vision(vision_posemb_init_std=3.0)
+    assert float(np.std(clip["pos_embed"])) == pytest.approx(64 ** -0.5, rel=0.05)
+    assert float(np.std(wide["pos_embed"])) == pytest.approx(3.0, rel=0.05)
+    np.testing.assert_array_equal(clip["cls_token"], wide["cls_token"])
+    np.testing.assert_array_equal(clip["patch_embed"]["kernel"], wide["patch_embed"]["kernel"])
 
 
 def test_posemb_resample_matches_torch_bilinear():
