@@ -17,6 +17,7 @@ _COMMON = dict(
     remat_policy="none",
     scan_layers=False,
     attention_impl="xla",
+    vision_posemb_init_std=0.0,  # CLIP's vision_width ** -0.5
 )
 
 MODEL_PRESETS = {
@@ -103,6 +104,7 @@ def set_run_defaults(c: ml_collections.ConfigDict, tiny: bool, *, allow_scratch:
     c.best = dict(eval="", metric="", mode="max")
     c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
     c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU
+    c.eval_at_start = False  # also run every eval before the first step of a fresh run (step 0)
 
 
 # Official `create_two_optimizer`: no weight decay for names containing "bias" or

@@ -280,9 +280,11 @@ def run(config, workdir: str) -> dict:
     _log(f"ready in {time.perf_counter() - t0:.1f}s: {stats['flops'] / 1e9:.2f} GFLOP/device, "
          f"peak memory {stats['peak_bytes'] / 2**20:.0f} MiB/device; peak {peak / 1e9:.1f} "
          f"GFLOP/s/device ({how}) x {s.mesh.size}; {s.total_steps} steps of {b}")
+    evals = {}  # built on first use
+    if first == 0 and config.get("eval_at_start", False):
+        run_evals(config, s, state.params, 0, writer, evals)  # the baseline, logged at step 0
     chrono = mlib.Chrono(first, s.total_steps, b)
     warned = mlib.CounterWatch("train/dropped_", s.task.capacity_hint)
-    evals = {}  # built on first use
     stopped, step, prev = "done", first, None
     with _Stop(ckpt) as stop:
         for step in range(first + 1, s.total_steps + 1):

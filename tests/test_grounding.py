@@ -157,12 +157,18 @@ def test_synthetic_layout_options(tmp_path):
         assert 0.75 * 16 - 0.02 <= w <= 0.9 * 16 + 0.02
         assert col * 16 <= x and x + w <= (col + 1) * 16 and row * 16 <= y and \
             y + h <= (row + 1) * 16
+    solid = dict(tiny, styles="solid")
+    for i in range(10):  # one style only: the same scenes otherwise (same random draws)
+        scene, plain = (synthetic_grounding.sample_with_scene("train", i, 32, 0, o)[3]
+                        for o in (tiny, solid))
+        assert plain.style == "solid" and plain.shapes == scene.shapes
     shapes = {synthetic_grounding.sample("train", i, 32)[0].shape for i in range(20)}
     assert any(s != (32, 32, 3) for s in shapes)  # default: widened or heightened canvases
     for bad, match in ((dict(grid=0), "grid"), (dict(grid=1, max_objects=2), "max_objects"),
                        (dict(fill=(0.9, 0.8)), "fill"), (dict(fill=(0.9, 0.9), jitter=0.1),
                                                         "jitter"),
-                       (dict(max_extra=-1), "max_extra"), (dict(cells=2), "unknown")):
+                       (dict(max_extra=-1), "max_extra"), (dict(cells=2), "unknown"),
+                       (dict(styles="solid,plaid"), "styles"), (dict(styles=" , "), "styles")):
         with pytest.raises(ValueError, match=match):
             synthetic_grounding.layout(bad)
     root = str(tmp_path)
@@ -246,7 +252,7 @@ def test_configs():
         grounding_config.get_config("refclef_base")
 
 
-LEARN = {"total_steps": 300, "optim.lr": 3e-3, "optim.warmup_steps": 30,
+LEARN = {"total_steps": 500, "optim.lr": 3e-3, "optim.warmup_steps": 30,
          "log_every_steps": 100, "ckpt_every_steps": 10000, "mesh.shape.data": 1,
          "input.train_size": 4000, "evals.val.num_examples": 256}
 
@@ -264,24 +270,22 @@ def mean_box_baseline(inp, n_train: int, n_eval: int, size: int) -> tuple[float,
     return G.accuracy_at(iou)[1], float(iou.mean())
 
 
-def test_finetune_tiny_then_predict_png(pretrain_workdir, tmp_path, capsys):
-    """`configs/grounding.py:tiny` (SMALL_MODEL at 64 px) fine-tuned from the 2-step
-    pretraining workdir through the CLI in a subprocess (the tiny 2x2-grid layout); the eval's
-    numbers and the mean-box baseline are printed, not asserted: at this model size the run
-    does not yet use the image (measured: 300-1000-step runs at 32 px predict one box for
-    every record, ~18-27% Acc@0.5 = the share of the most frequent cell; with one shape per
-    image and plain cross-entropy a 1500-step run memorises the training images, train NLL
-    2.52 -> 2.13, while held-out Acc@0.5 stays at 23-28%). The measured cause: the ViT
-    position embeddings (std width^-0.5 = 0.18) are ~15x smaller than the patch embeddings
-    (normal(init_std=0.1) over 3 x 16 x 16 inputs: std ~2.8); with them scaled x20 at the
-    start of fine-tuning, one shape per image reaches 40-42% held-out Acc@0.5 at step 300
-    (vs 27%), 3 shapes with expressions 34-36% at step 800 (vs 18-29%), too slow for a CPU
-    test. Then `mplug-jax predict --task ground` prints the box and draws it into a PNG."""
+def test_finetune_tiny_learns_then_predict_png(pretrain_workdir, tmp_path, capsys):
+    """`configs/grounding.py:tiny` (SMALL_MODEL at 64 px: a 4x4 patch grid) fine-tuned 500
+    steps from the 2-step pretraining workdir through the CLI in a subprocess, on one shape per
+    image (the tiny 2x2-grid layout) over solid backgrounds: held-out Acc@0.5 must clearly beat
+    always predicting the mean training box (measured: 25-27% for that box, the run 0.98).
+    Two things decide whether this model localises at all (measured, 600-step runs): the
+    pretraining init's position embeddings (`test_trainer.loop_config` sets std 3.0; with
+    CLIP's width ** -0.5 every run predicted one box for every image) and the backgrounds (with
+    the gradient and noise styles too, 4 of 9 runs stayed at the constant box; solid only, 2 of
+    2 learned). 1-3 shapes with expressions need far more steps than a CPU test can afford
+    (27% at step 1000). Then `mplug-jax predict --task ground` prints the box and draws it."""
     overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
     overrides.update(LEARN, **{"model.image_size": 64, "init.checkpoint": str(pretrain_workdir),
                                "input.synthetic_dir": str(tmp_path / "shapes"),
-                               "total_steps": 40, "input.train_size": 640,
-                               "evals.val.num_examples": 64})
+                               "input.synthetic.max_objects": 1,
+                               "input.synthetic.styles": "solid"})
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = tmp_path / "run"
@@ -290,14 +294,19 @@ def test_finetune_tiny_then_predict_png(pretrain_workdir, tmp_path, capsys):
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [r for r in metrics.read_jsonl(str(run / "metrics.jsonl")) if "val/accu" in r]
-    assert [r["step"] for r in rows] == [40]
+    steps = LEARN["total_steps"]
+    assert [r["step"] for r in rows] == [steps]
     c = grounding_config.get_config("tiny")
     c.input.synthetic_dir = str(tmp_path / "shapes")
-    base_acc, base_miou = mean_box_baseline(c.input, 640, 64, 64)
+    c.input.synthetic.update(max_objects=1, styles="solid")
+    base_acc, base_miou = mean_box_baseline(c.input, LEARN["input.train_size"],
+                                            LEARN["evals.val.num_examples"], 64)
+    acc, miou = rows[0]["val/accu"], rows[0]["val/miou"]
     with capsys.disabled():
-        print(f"held-out Acc@0.5 {rows[0]['val/accu']:.4f} mIoU {rows[0]['val/miou']:.4f}; "
-              f"mean-box baseline Acc@0.5 {base_acc:.4f} mIoU {base_miou:.4f}")
-    result = run / "results" / "val_step40" / "grounding_result.json"
+        print(f"held-out Acc@0.5 {acc:.4f} mIoU {miou:.4f}; mean-box baseline Acc@0.5 "
+              f"{base_acc:.4f} mIoU {base_miou:.4f}")
+    assert acc > max(0.5, base_acc + 0.2) and miou > base_miou + 0.1, (acc, base_acc)
+    result = run / "results" / f"val_step{steps}" / "grounding_result.json"
     split = synthetic_grounding.split_file(c.input.synthetic_dir, "heldout")
     assert G.score_file(str(result), split)["accu"] == pytest.approx(rows[0]["val/pixel_accu"])
 

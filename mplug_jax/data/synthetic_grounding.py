@@ -78,14 +78,16 @@ def referring_expressions(scene: Scene) -> list[tuple[int, str]]:
 
 # The layout of `synthetic._sample_scene` (3x3 grid, box side 0.52-0.72 of a cell, centre
 # jitter +-0.08 cell, canvas widened or heightened by up to half a side, 1-3 objects).
-DEFAULT_LAYOUT = dict(grid=3, fill=(0.52, 0.72), jitter=0.08, max_extra=0.5, max_objects=3)
+DEFAULT_LAYOUT = dict(grid=3, fill=(0.52, 0.72), jitter=0.08, max_extra=0.5, max_objects=3,
+                      styles=",".join(BACKGROUND_STYLES))
 
 
 def layout(options=None) -> dict:
     """`DEFAULT_LAYOUT` updated with `options` (a dict or ConfigDict, e.g. `input.synthetic`),
     checked. Keys: grid (cells per side), fill ((lo, hi) box side / cell side), jitter (max
     centre offset / cell side), max_extra (max canvas widening / scene side; 0 = square
-    images), max_objects (1..3 objects per scene, at most grid^2)."""
+    images), max_objects (1..3 objects per scene, at most grid^2), styles (the background
+    styles drawn from, comma-separated: solid, gradient, noise)."""
     opts = dict(options or {})
     unknown = set(opts) - set(DEFAULT_LAYOUT)
     if unknown:
@@ -107,8 +109,12 @@ def layout(options=None) -> dict:
                          f"jitter <= 0.5), got jitter {jitter} with fill hi {hi}")
     if extra < 0:
         raise ValueError(f"max_extra must be >= 0, got {extra}")
+    styles = [v.strip() for v in str(out["styles"]).split(",") if v.strip()]
+    if not styles or set(styles) - set(BACKGROUND_STYLES):
+        raise ValueError(f"styles must be a comma-separated subset of {BACKGROUND_STYLES}, got "
+                         f"{out['styles']!r}")
     return dict(grid=grid, fill=(lo, hi), jitter=jitter, max_extra=extra,
-                max_objects=max_objects)
+                max_objects=max_objects, styles=",".join(styles))
 
 
 def sample_scene(rng: np.random.Generator, lay: dict) -> Scene:
@@ -131,7 +137,7 @@ def sample_scene(rng: np.random.Generator, lay: dict) -> Scene:
         half = float(rng.uniform(*lay["fill"])) * step / 2
         shapes.append(Shape(color, shape, (col + 0.5) * step + float(jx),
                             (row + 0.5) * step + float(jy), half, (row, col)))
-    return Scene(str(rng.choice(list(BACKGROUNDS))), str(rng.choice(BACKGROUND_STYLES)),
+    return Scene(str(rng.choice(list(BACKGROUNDS))), str(rng.choice(lay["styles"].split(","))),
                  tuple(shapes))
 
 
