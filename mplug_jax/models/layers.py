@@ -67,6 +67,46 @@ class ModuleOptions:
         return self.dropout_rate > 0 and not self.deterministic
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def options_of(model) -> ModuleOptions:
+    """The `ModuleOptions` of a model dataclass with the fields dropout_rate, deterministic,
+    attention_impl, init_std and dtype / param_dtype (names in `DTYPE_NAMES`)."""
+    return ModuleOptions(dropout_rate=model.dropout_rate, deterministic=model.deterministic,
+                         attention_impl=model.attention_impl, init_std=model.init_std,
+                         dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
+
+
+def build_model(cls, cfg, overrides: dict, what: str):
+    """`cls(**cfg, **overrides)` followed by `validate()`; keys that are not fields of `cls`
+    give a ValueError naming them and the valid ones (`what` names the model in it)."""
+    kwargs = {**dict(cfg), **overrides}
+    valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; valid keys: {sorted(valid)}")
+    model = cls(**kwargs)
+    model.validate()
+    return model
+
+
+def check_common_fields(model, need) -> None:
+    """The checks every model config shares (head splits, patch grid, attention kernel, dtype
+    names); `need(cond, msg)` raises the model's ValueError."""
+    need(model.hidden_size % model.num_heads == 0,
+         f"hidden_size {model.hidden_size} not divisible by num_heads {model.num_heads}")
+    need(model.vision_width % model.vision_heads == 0,
+         f"vision_width {model.vision_width} not divisible by vision_heads "
+         f"{model.vision_heads}")
+    need(model.image_size % model.patch_size == 0,
+         f"image_size {model.image_size} not divisible by patch_size {model.patch_size}")
+    need(model.attention_impl in ATTENTION_IMPLS,
+         f"attention_impl {model.attention_impl!r} not in {ATTENTION_IMPLS}")
+    for f in ("dtype", "param_dtype"):
+        need(getattr(model, f) in DTYPE_NAMES, f"{f} {getattr(model, f)!r} not in {DTYPE_NAMES}")
+
+
 DEFAULT_OPTS = ModuleOptions()
 
 

@@ -12,7 +12,6 @@ uses the same module:
 """
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -68,36 +67,18 @@ class MPLUG(nn.Module):
     @classmethod
     def from_config(cls, cfg, **overrides) -> "MPLUG":
         """Build from a mapping of fields; unknown keys or bad values give a readable error."""
-        kwargs = {**dict(cfg), **overrides}
-        valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(valid)}")
-        model = cls(**kwargs)
-        model.validate()
-        return model
+        return layers.build_model(cls, cfg, overrides, "model")
 
     def validate(self) -> None:
         """Check the config before any tracing; raises ValueError naming the bad field."""
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"invalid model config: {msg}")
-        need(self.hidden_size % self.num_heads == 0,
-             f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        need(self.vision_width % self.vision_heads == 0,
-             f"vision_width {self.vision_width} not divisible by vision_heads "
-             f"{self.vision_heads}")
+        layers.check_common_fields(self, need)
         need(self.vision_posemb_init_std >= 0,
              f"vision_posemb_init_std {self.vision_posemb_init_std} < 0 (0 = CLIP's default)")
-        need(self.image_size % self.patch_size == 0,
-             f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         need(self.remat_policy in layers.REMAT_POLICIES,
              f"remat_policy {self.remat_policy!r} not in {sorted(layers.REMAT_POLICIES)}")
-        need(self.attention_impl in layers.ATTENTION_IMPLS,
-             f"attention_impl {self.attention_impl!r} not in {layers.ATTENTION_IMPLS}")
-        for f in ("dtype", "param_dtype"):
-            need(getattr(self, f) in ("float32", "bfloat16", "float16"),
-                 f"{f} {getattr(self, f)!r} not in ('float32', 'bfloat16', 'float16')")
         fusion_pattern(self.fusion_layout, self.fusion_layers, self.fusion_stride)
 
     @property
@@ -112,10 +93,7 @@ class MPLUG(nn.Module):
     @property
     def opts(self) -> layers.ModuleOptions:
         """The settings every submodule shares, from this config."""
-        return layers.ModuleOptions(
-            dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-            attention_impl=self.attention_impl, init_std=self.init_std,
-            dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+        return layers.options_of(self)
 
     def setup(self):
         opts = self.opts

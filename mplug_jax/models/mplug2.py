@@ -16,7 +16,6 @@ named in a comment at the place it happens (FORMAT.md sections 10-11).
 """
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -270,40 +269,21 @@ class MPLUG2(nn.Module):
     @classmethod
     def from_config(cls, cfg, **overrides) -> "MPLUG2":
         """Build from a mapping of fields; unknown keys or bad values give a readable error."""
-        kwargs = {**dict(cfg), **overrides}
-        valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise ValueError(f"unknown mPLUG-2 config keys {unknown}; valid keys: "
-                             f"{sorted(valid)}")
-        model = cls(**kwargs)
-        model.validate()
-        return model
+        return layers.build_model(cls, cfg, overrides, "mPLUG-2")
 
     def validate(self) -> None:
         """Check the config before any tracing; raises ValueError naming the bad field."""
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"invalid mPLUG-2 config: {msg}")
-        need(self.hidden_size % self.num_heads == 0,
-             f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        need(self.vision_width % self.vision_heads == 0,
-             f"vision_width {self.vision_width} not divisible by vision_heads "
-             f"{self.vision_heads}")
+        layers.check_common_fields(self, need)
         need(self.vision_width % 2 == 0, f"vision_width {self.vision_width} must be even "
              "(local temporal bottleneck C/2)")
-        need(self.image_size % self.patch_size == 0,
-             f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         need(1 <= self.universal_layers <= self.text_layers,
              f"universal_layers {self.universal_layers} must be in 1..text_layers "
              f"({self.text_layers})")
         need(self.num_latents >= 1, f"num_latents must be >= 1, got {self.num_latents}")
         need(self.decoder_layers >= 1, f"decoder_layers must be >= 1, got {self.decoder_layers}")
-        need(self.attention_impl in layers.ATTENTION_IMPLS,
-             f"attention_impl {self.attention_impl!r} not in {layers.ATTENTION_IMPLS}")
-        for f in ("dtype", "param_dtype"):
-            need(getattr(self, f) in ("float32", "bfloat16", "float16"),
-                 f"{f} {getattr(self, f)!r} not in ('float32', 'bfloat16', 'float16')")
         fusion_pattern("skip", self.fusion_layers, self.fusion_stride)
 
     @property
@@ -318,10 +298,7 @@ class MPLUG2(nn.Module):
 
     @property
     def opts(self) -> layers.ModuleOptions:
-        return layers.ModuleOptions(
-            dropout_rate=self.dropout_rate, deterministic=self.deterministic,
-            attention_impl=self.attention_impl, init_std=self.init_std,
-            dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+        return layers.options_of(self)
 
     def setup(self):
         opts = self.opts
