@@ -161,29 +161,34 @@ def _ground(args, pred=None) -> int:
     return 0
 
 
-def _predict_video(args, pred) -> int:
+def _answer_or_caption(args, pred, inputs: list[str], key: str, qa_task: str,
+                       about: str) -> int:
+    """Answers (`pred.task == qa_task`: one --question for all inputs or one each) or captions
+    for `inputs`, printed one per line (tab-separated with the input when several; JSON rows
+    keyed `key` with --json). `about` names the inputs in the errors ('' or ' videos')."""
     if args.text or args.out:
         raise ValueError("--text / --out are for grounding checkpoints (--task ground)")
-    if pred.task == "video_qa":
+    if pred.task == qa_task:
         if not args.question:
-            raise ValueError(f"{args.checkpoint} answers questions about videos: pass --question")
-        if len(args.question) not in (1, len(args.video)):
-            raise ValueError(f"{len(args.video)} --video but {len(args.question)} --question")
-        questions = args.question * (len(args.video) if len(args.question) == 1 else 1)
-        texts = pred.answer(args.video, questions)
+            what = f"questions about{about}" if about else "questions"
+            raise ValueError(f"{args.checkpoint} answers {what}: pass --question")
+        if len(args.question) not in (1, len(inputs)):
+            raise ValueError(f"{len(inputs)} --{key} but {len(args.question)} --question")
+        questions = args.question * (len(inputs) if len(args.question) == 1 else 1)
+        texts = pred.answer(inputs, questions)
     else:
         if args.question:
-            raise ValueError(f"{args.checkpoint} captions videos (task {pred.task!r}): drop "
+            raise ValueError(f"{args.checkpoint} captions{about} (task {pred.task!r}): drop "
                              "--question")
-        texts = pred.caption(args.video)
+        texts = pred.caption(inputs)
     for i, text in enumerate(texts):
         if args.json:
-            row = {"video": args.video[i]}
-            row.update({"question": questions[i], "answer": text} if pred.task == "video_qa"
+            row = {key: inputs[i]}
+            row.update({"question": questions[i], "answer": text} if pred.task == qa_task
                        else {"caption": text})
             print(json.dumps(row))
         else:
-            print(text if len(texts) == 1 else f"{args.video[i]}\t{text}")
+            print(text if len(texts) == 1 else f"{inputs[i]}\t{text}")
     return 0
 
 
@@ -202,7 +207,7 @@ def _predict(args) -> int:
                                               beam_size=args.beam_size,
                                               min_length=args.min_length,
                                               max_length=args.max_length)
-        return _predict_video(args, pred)
+        return _answer_or_caption(args, pred, args.video, "video", "video_qa", " videos")
     pred = Predictor.from_checkpoint(args.checkpoint, task=args.task, step=args.step,
                                      beam_size=args.beam_size, min_length=args.min_length,
                                      max_length=args.max_length)
@@ -212,28 +217,7 @@ def _predict(args) -> int:
                          "--image")
     if pred.task == "grounding":
         return _ground(args, pred)
-    if args.text or args.out:
-        raise ValueError("--text / --out are for grounding checkpoints (--task ground)")
-    if pred.task == "vqa":
-        if not args.question:
-            raise ValueError(f"{args.checkpoint} answers questions: pass --question")
-        if len(args.question) not in (1, len(args.image)):
-            raise ValueError(f"{len(args.image)} --image but {len(args.question)} --question")
-        questions = args.question * (len(args.image) if len(args.question) == 1 else 1)
-        texts = pred.answer(args.image, questions)
-    else:
-        if args.question:
-            raise ValueError(f"{args.checkpoint} captions (task {pred.task!r}): drop --question")
-        texts = pred.caption(args.image)
-    for i, text in enumerate(texts):
-        if args.json:
-            row = {"image": args.image[i]}
-            row.update({"question": questions[i], "answer": text} if pred.task == "vqa"
-                       else {"caption": text})
-            print(json.dumps(row))
-        else:
-            print(text if len(texts) == 1 else f"{args.image[i]}\t{text}")
-    return 0
+    return _answer_or_caption(args, pred, args.image, "image", "vqa", "")
 
 
 def _score(args) -> int:
