@@ -54,6 +54,8 @@ _DATASETS = {"refcoco": ("unc", ("val", "testA", "testB")),
              "vg_uni": ("vg_uni", ("val",))}
 _VARIANTS = {"tiny"} | {f"{d}_{s}" for d in _DATASETS for s in ("base", "large")}
 UNUSED_HEADS = common.PRETRAIN_HEADS
+# Background styles of the synthetic images (`input.synthetic.styles`; e.g. 'solid' alone).
+_ALL_STYLES = "solid,gradient,noise"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -84,9 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # that nearly fill their cell on a square canvas, so the box follows from the referent's
     # cell; the default (grid 3, fill (0.52, 0.72), jitter 0.08, max_extra 0.5) is finer.
     c.input.synthetic = dict(grid=2, fill=(0.75, 0.9), jitter=0.04, max_extra=0.0,
-                             max_objects=3, styles="solid,gradient,noise") if tiny else \
+                             max_objects=3, styles=_ALL_STYLES) if tiny else \
         dict(grid=3, fill=(0.52, 0.72), jitter=0.08, max_extra=0.5, max_objects=3,
-             styles="solid,gradient,noise")
+             styles=_ALL_STYLES)
     c.input.train_size = 8000 if tiny else 0  # synthetic records
     c.input.batch_size = 32 if tiny else _OFFICIAL["batch_size"]
     c.input.max_query_len = 20

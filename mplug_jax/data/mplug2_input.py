@@ -33,6 +33,7 @@ idx int32[B].
 """
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 import os
@@ -120,7 +121,7 @@ def read_clip(path, num_frames: int, image_size: int, *, train: bool,
     return video.eval_clip(frames, image_size)
 
 
-class ClipRecord:
+class ClipRecord(abc.ABC):
     """(position, index) -> example of one video record (`read_clip` + text fields), or the
     `pipeline` skip marker when the record cannot be used (logged); picklable for grain.
 
@@ -137,11 +138,13 @@ class ClipRecord:
         self.source, self.t, self.r, self.seed = source, num_frames, image_size, seed
         self.augment, self.epoch_length, self.train = augment, epoch_length, train
 
+    @abc.abstractmethod
     def read_text(self, record: dict) -> Any:
-        raise NotImplementedError
+        """The raw text fields of `record` (KeyError etc. skip the record)."""
 
+    @abc.abstractmethod
     def example(self, record: dict, clip: np.ndarray, text: Any, index: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """The output dict of one usable record."""
 
     def __call__(self, position: int, index: int) -> dict[str, Any]:
         epoch = position // max(self.epoch_length, 1)
@@ -236,18 +239,10 @@ def clip_batches(src, record, input_cfg, what: str, *, num_frames: int, image_si
                             max_skip_rate=float(input_cfg.max_skip_rate))
 
 
-def _process_batch_size(input_cfg, process_count: int) -> int:
-    """`input.batch_size` per process (ValueError when the processes do not divide it)."""
-    if input_cfg.batch_size % process_count:
-        raise ValueError(f"input.batch_size {input_cfg.batch_size} is not divisible by the "
-                         f"{process_count} processes")
-    return input_cfg.batch_size // process_count
-
-
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    batch_size = _process_batch_size(inp, process_count)
+    batch_size = pipeline.process_batch_size(inp, process_count)
     src = source(inp, "train", config.seed)
     ds = dataset(src, inp, num_frames=int(config.model.num_frames),
                  image_size=int(config.model.image_size), batch_size=batch_size, train=True,
@@ -384,7 +379,7 @@ def caption_train_batches(config, process_index: int, process_count: int) -> tup
     """(checkpointable iterator of this process's caption train batches, records per epoch);
     prompt and join from `config.task`."""
     inp = config.input
-    batch_size = _process_batch_size(inp, process_count)
+    batch_size = pipeline.process_batch_size(inp, process_count)
     src = caption_source(inp, "train", config.seed)
     ds = caption_dataset(src, inp, num_frames=int(config.model.num_frames),
                          image_size=int(config.model.image_size), batch_size=batch_size,

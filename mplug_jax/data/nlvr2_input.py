@@ -149,10 +149,7 @@ def _augment(input_cfg) -> dict | None:
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    if inp.batch_size % process_count:
-        raise ValueError(f"input.batch_size {inp.batch_size} is not divisible by the "
-                         f"{process_count} processes")
-    batch = inp.batch_size // process_count
+    batch = pipeline.process_batch_size(inp, process_count)
     src = source(config, "train")
     n = len(src)
     per_shard = n // process_count

@@ -291,6 +291,14 @@ def batched(ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool = Tru
                                       min_records=skip_check_after)
 
 
+def process_batch_size(input_cfg, process_count: int) -> int:
+    """`input.batch_size` per process (ValueError when the processes do not divide it)."""
+    if input_cfg.batch_size % process_count:
+        raise ValueError(f"input.batch_size {input_cfg.batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    return input_cfg.batch_size // process_count
+
+
 def make_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
                       batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict[str, jax.Array]:
     """Process-local numpy batch -> global jax.Arrays sharded on dim 0 over `batch_axes`.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mplug_jax.data import sources
+from mplug_jax.data import pipeline, sources
 from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.synthetic import SyntheticShapes
 from mplug_jax.data.tfds_builders import load_prepared
@@ -46,14 +46,12 @@ def train_batches(input_cfg, image_size: int, seed: int, process_index: int,
 
     Batches: see `mplug_jax.data.pipeline` (`image`, `text_ids`, `text_mask`, `idx`).
     """
-    if input_cfg.batch_size % process_count:
-        raise ValueError(f"input.batch_size {input_cfg.batch_size} is not divisible by the "
-                         f"{process_count} processes")
+    batch_size = pipeline.process_batch_size(input_cfg, process_count)
     src = source(input_cfg, "train", input_cfg.train_size, image_size, seed)
     aug = input_cfg.augment
     augment = {k: v for k, v in aug.items() if k != "enabled"} if aug.enabled else None
     ds = pretrain_dataset(src, image_size=image_size,
-                          batch_size=input_cfg.batch_size // process_count,
+                          batch_size=batch_size,
                           max_words=input_cfg.max_words, max_tokens=input_cfg.max_tokens,
                           seed=input_cfg.shuffle_seed, train=True, augment=augment,
                           workers=input_cfg.workers, shard_index=process_index,

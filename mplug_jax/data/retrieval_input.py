@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mplug_jax.data import sources, synthetic_retrieval, tokenizer, transforms
+from mplug_jax.data import pipeline, sources, synthetic_retrieval, tokenizer, transforms
 from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.sources import RecordSource
 from mplug_jax.data.transforms import BadRecord, DataError
@@ -171,15 +171,13 @@ class _AddImageIndex:
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    if inp.batch_size % process_count:
-        raise ValueError(f"input.batch_size {inp.batch_size} is not divisible by the "
-                         f"{process_count} processes")
+    batch_size = pipeline.process_batch_size(inp, process_count)
     src = train_source(inp, config.model.image_size, config.seed)
     image_index = np.asarray([r["image_index"] for r in src.records], np.int32)
     aug = inp.augment
     augment = {k: v for k, v in aug.items() if k != "enabled"} if aug.enabled else None
     ds = pretrain_dataset(src, image_size=config.model.image_size,
-                          batch_size=inp.batch_size // process_count, max_words=MAX_WORDS,
+                          batch_size=batch_size, max_words=MAX_WORDS,
                           max_tokens=int(inp.max_tokens), seed=inp.shuffle_seed, train=True,
                           augment=augment, workers=int(inp.workers),
                           shard_index=process_index, shard_count=process_count,

@@ -120,11 +120,9 @@ class _Record:
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    if inp.batch_size % process_count:
-        raise ValueError(f"input.batch_size {inp.batch_size} is not divisible by the "
-                         f"{process_count} processes")
+    batch = pipeline.process_batch_size(inp, process_count)
     src = source(config, "train")
-    n, batch = len(src), inp.batch_size // process_count
+    n = len(src)
     per_shard = n // process_count
     if per_shard < batch:
         raise ValueError(f"{n} SNLI-VE train records over {process_count} processes give "

@@ -182,13 +182,11 @@ def dataset(src, input_cfg, *, image_size: int, max_answers: int, batch_size: in
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    if inp.batch_size % process_count:
-        raise ValueError(f"input.batch_size {inp.batch_size} is not divisible by the "
-                         f"{process_count} processes")
+    batch_size = pipeline.process_batch_size(inp, process_count)
     src = source(inp, "train", inp.train_size, config.model.image_size, config.seed)
     ds = dataset(src, inp, image_size=config.model.image_size,
                  max_answers=int(config.task.max_answers),
-                 batch_size=inp.batch_size // process_count, train=True,
+                 batch_size=batch_size, train=True,
                  seed=inp.shuffle_seed, shard_index=process_index, shard_count=process_count)
     return iter(ds), len(src)
 
