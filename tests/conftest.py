@@ -28,6 +28,17 @@ SLOW_FILES = ("test_trainer.py", "test_caption.py", "test_mplug2_video_qa.py",
               "test_mplug2_video_caption.py", "test_nlvr2.py", "test_snli_ve.py")
 
 
+# Test tiers: `learning` (fine-tuning runs that must beat a named baseline) and `integration`
+# (several processes, signals). `bash tests/run.sh --quick` leaves both out.
+TIERS = {"learning": "a run that must learn beyond a named baseline (minutes)",
+         "integration": "several processes or signals (minutes)"}
+
+
+def pytest_configure(config):
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

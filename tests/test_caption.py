@@ -255,6 +255,7 @@ def finetuned(pretrain_workdir, tmp_path_factory):
     return cfg, root / "run", proc.stdout
 
 
+@pytest.mark.learning
 def test_finetuning_from_pretraining_names_colours_and_shapes(finetuned, tmp_path):
     """Held-out CIDEr far above the shuffled-caption baseline, and most captions name only
     colours that are in the image (measured: see the README / report)."""
@@ -286,6 +287,7 @@ def test_finetuning_from_pretraining_names_colours_and_shapes(finetuned, tmp_pat
     assert colour_ok >= 0.5 * len(preds), (colour_ok, preds[:5])
 
 
+@pytest.mark.learning
 def test_scst_from_the_finetuned_workdir_resumes_bit_identically(finetuned, tmp_path,
                                                                  monkeypatch):
     """A few SCST steps: rewards are computed (> 0 for a model that names shapes), the loss is
@@ -353,6 +355,7 @@ def _with(c, **task_fields):
     return c
 
 
+@pytest.mark.learning
 def test_predictor_reproduces_the_evaluator_captions(finetuned):
     """`Predictor.from_checkpoint(workdir)` (the run's own generation settings) captions the
     held-out images exactly as the evaluator wrote them to the result file."""
@@ -370,6 +373,7 @@ def test_predictor_reproduces_the_evaluator_captions(finetuned):
     assert pred.caption(images) == [r["pred_caption"] for r in rows[:6]]
 
 
+@pytest.mark.learning
 def test_scst_sampling_variant_runs_with_a_greedy_baseline(finetuned, tmp_path):
     """`task.scst.mode='sample'`: K sampled captions per image (generate.sample), baseline = the
     greedy caption's reward; two steps from the fine-tuned workdir train with finite losses,

@@ -270,6 +270,7 @@ def mean_box_baseline(inp, n_train: int, n_eval: int, size: int) -> tuple[float,
     return G.accuracy_at(iou)[1], float(iou.mean())
 
 
+@pytest.mark.learning
 def test_finetune_tiny_learns_then_predict_png(pretrain_workdir, tmp_path, capsys):
     """`configs/grounding.py:tiny` (SMALL_MODEL at 64 px: a 4x4 patch grid) fine-tuned 500
     steps from the 2-step pretraining workdir through the CLI in a subprocess, on one shape per

@@ -135,6 +135,7 @@ def test_bad_configs(tmp_path):
 SMOKE_STEPS = 40
 
 
+@pytest.mark.learning
 def test_pretraining_run_every_loss_decreases(tmp_path):
     """The tiny config from scratch through the CLI (subprocess on 1 device, keeping the suite's
     -O0 codegen: the mixed step's compile dominates 40 steps): the mean of the last three

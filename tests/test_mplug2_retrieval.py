@@ -212,6 +212,7 @@ def test_bad_configs_and_init(tmp_path):
             tasks.get_class("mplug2_retrieval").train_input(big)
 
 
+@pytest.mark.learning
 def test_finetune_from_scratch_beats_chance(tmp_path):
     """The tiny config as is (250 steps from scratch, CLI subprocess, XLA default
     optimisation): the train loss falls and held-out text->video R@1 / R@5 beat chance

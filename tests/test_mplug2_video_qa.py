@@ -320,6 +320,7 @@ def _train(tmp_path, data, temporal: bool):
     return wd.restore_params(work)[:2]
 
 
+@pytest.mark.learning
 def test_temporal_modules_beat_flat_model_on_temporal_questions(tmp_path):
     """The tiny config (easy motion QA: 'direction' left/right and 'order' of two colours,
     chance 0.5 each; 4 raw = 4 sampled frames) fine-tuned 500 steps from scratch by the CLI.

@@ -67,6 +67,8 @@ import pytest  # noqa: E402
 
 from mplug_jax import metrics  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -273,6 +273,7 @@ LEARN = {"total_steps": 400, "optim.lr": 3e-3, "optim.lr_groups.vision.mult": 1.
          "evals.val.batch_size": 128}
 
 
+@pytest.mark.learning
 def test_finetuning_tiny_learns_nlvr2(pretrain_workdir, tmp_path):
     """`configs/nlvr2.py:tiny` from the (2-step, near-random) pretraining workdir, 32 px,
     400 steps of 32 synthetic pairs: held-out accuracy (classify evaluator) clearly above 50%

@@ -244,6 +244,7 @@ LEARN = {"total_steps": 300, "optim.lr": 3e-3, "optim.warmup_steps": 30,
          "evals.val.k_test": 16}
 
 
+@pytest.mark.learning
 def test_finetuning_tiny_learns_retrieval(pretrain_workdir, tmp_path):
     """`configs/retrieval.py:tiny` from the (2-step, near-random) pretraining workdir at 48 px,
     300 steps on 1000 synthetic images x 2 captions: held-out R@1 and R@5 both ways (100

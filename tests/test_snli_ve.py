@@ -267,6 +267,7 @@ LEARN = {"total_steps": 300, "optim.lr": 3e-3, "optim.warmup_steps": 30,
          "model.image_size": 48}
 
 
+@pytest.mark.learning
 def test_finetuning_tiny_learns_snli_ve(pretrain_workdir, tmp_path, capsys):
     """`configs/snli_ve.py:tiny` with the 32-wide model of the (2-step, near-random) pretraining
     workdir, at 48 px (one 16 px patch per grid cell), 300 steps from `init.checkpoint`:

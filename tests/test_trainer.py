@@ -39,6 +39,7 @@ def _losses(workdir) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.integration
 def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
     cfg = loop_config()
     full = trainer.run(cfg, str(tmp_path / "full"))
@@ -86,6 +87,7 @@ LEARN_OVERRIDES = {"total_steps": 300, "optim.lr": 1e-3, "optim.warmup_steps": 3
                    "evals.heldout.num_captions": 0, "eval_at_start": True}
 
 
+@pytest.mark.learning
 def test_pretraining_learns_above_chance(tmp_path):
     """The README job (`tiny`, all four losses, its loss weights), shortened to 300 steps at a
     2x learning rate: held-out retrieval, ITM and MLM all beat their step-0 values (the run's

@@ -399,6 +399,7 @@ LEARN = {"total_steps": 300, "optim.lr": 3e-3, "optim.warmup_steps": 30,
          "evals.val.num_examples": 256, "evals.val.batch_size": 64}
 
 
+@pytest.mark.learning
 def test_finetuning_tiny_learns_vqa(pretrain_workdir, tmp_path):
     """`configs/vqa.py:tiny` from the (2-step, i.e. near-random) pretraining workdir, its model
     fine-tuned at 48 px (position embedding resampled from 2x2 to 3x3 patches), 300 steps:
