@@ -11,7 +11,7 @@ import os
 import jax
 import numpy as np
 
-from mplug_jax import optim
+from mplug_jax import optim, trainer
 
 
 def lr_table(config, steps_per_epoch: int) -> dict[str, list[float]]:
@@ -25,19 +25,18 @@ def lr_table(config, steps_per_epoch: int) -> dict[str, list[float]]:
     Returns:
       group name ('base', and e.g. 'vision') -> float list of length total_steps.
     """
-    from mplug_jax import trainer  # the run length rule (exactly one of steps / epochs)
-
     if int(steps_per_epoch) < 1:
         raise ValueError(f"steps per epoch must be >= 1, got {steps_per_epoch}")
-    total = trainer.total_steps(config, int(steps_per_epoch))
+    total = trainer.total_steps(config, int(steps_per_epoch))  # the trainer's run length rule
     if total < 1:
         raise ValueError(f"the run has no optimizer updates (total_steps {total})")
     schedules = optim.make_schedules(config.optim, total, int(steps_per_epoch))
     steps = np.arange(total, dtype=np.int32)
     out = {}
     for name, schedule in schedules.items():
-        values = np.asarray(jax.jit(schedule)(steps), np.float64)
-        out[name] = np.broadcast_to(values, (total,)).tolist()  # constant schedules: a scalar
+        values = np.broadcast_to(np.asarray(jax.jit(schedule)(steps), np.float32), (total,))
+        # The float32 the train step uses, written in its shortest form (1e-05, not 9.99e-06).
+        out[name] = [float(str(v)) for v in values]
     return out
 
 
