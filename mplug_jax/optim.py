@@ -72,11 +72,12 @@ def epoch_cosine_schedule(peak: float, *, warmup_lr: float, end_lr: float, warmu
     warmup_lr + t * (peak - warmup_lr) / warmup_stairs, and stair `warmup_stairs` is the peak,
     held for the rest of epoch 0. Epoch e >= 1 holds
     end_lr + (peak - end_lr) * (1 + cos(pi * e / num_epochs)) / 2 (the last epoch stays above
-    end_lr). The scheduler call comes after the optimizer step, so the update that contains
-    micro-batch 100 * t (its last micro-batch) still runs at stair t - 1: with accumulation A,
-    update u (its last micro-batch (u + 1) * A - 1) runs at stair
-    min(((u + 1) * A - 2) // stair_microbatches, warmup_stairs); A = 1: updates 0..100 at
-    warmup_lr, 101..200 at stair 1, ...; A = 4: updates 0..24, 25..49, 50..74, 75..99, 100+.
+    end_lr). The scheduler call comes after micro-batch i's optimizer step (if any), so an
+    update runs at the stair of the last call before its last micro-batch: with accumulation
+    A, update u (last micro-batch (u + 1) * A - 1) runs at stair
+    min(((u + 1) * A - 2) // stair_microbatches, warmup_stairs). A = 1: updates 0..100 at
+    warmup_lr (update 100 = micro-batch 100 precedes its call), 101..200 at stair 1, ...;
+    A = 4: stairs 0, 1, 2, 3 at updates 0..24, 25..49, 50..74, 75..99, the peak from 100.
     A warm-up longer than epoch 0 is cut at the end of epoch 0, as in the official loop.
 
     Args:
