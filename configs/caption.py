@@ -24,9 +24,15 @@ Official values (official-formats.md sections 2-4): CE lr1 / lr2 1e-5 / 5e-6 (vi
 wd 0.02, 5 epochs, 400 warm-up iterations (= 100 optimizer steps with accumulation 4), min lr
 1e-6, 64 images/GPU x 4 GPUs x 4 accumulation = 1024 per update, targets truncated at 25
 tokens, beam 5 / min 8 / max 25, prompt ''. SCST: lr 1e-6 for all, min lr 8e-8, 32 (base) /
-64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image. Differences: the official
-scheduler steps per epoch after a warm-up from warmup_lr 1e-5 (which warms SCST's 1e-6 *down*);
-here the warm-up is linear from 0 and the cosine is per step. `mode=zeroshot` is for
+64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image.
+
+Learning-rate schedule: base / large (CE and SCST) use the official one
+(`optim.schedule='epoch_cosine'`, mplug_jax/optim.py): every group starts at warmup_lr 1e-5 and
+reaches its peak in 4 stairs of 100 micro-batches (CE: 25 updates of 4 micro-batches each; the
+visual encoder's 5e-6 warms *down*; SCST: 100 updates, so its first 400 updates run at 3-10x
+its 1e-6), then one cosine value per epoch to min lr 1e-6 (SCST 8e-8) over 5 epochs.
+`--config.optim.schedule=cosine` selects ours instead (linear warm-up from 0 over
+`optim.warmup_steps` updates, per-update cosine); `tiny` uses ours. `mode=zeroshot` is for
 `mplug-jax evaluate` (no training; through the trainer it would run one step at lr 0).
 """
 import ml_collections
@@ -100,9 +106,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                                       else 1))
     c.optim.schedule = "cosine"
     c.optim.end_lr = 0.0 if zeroshot else (8e-8 if scst and not tiny else 1e-6)
+    c.optim.warmup_lr, c.optim.warmup_stairs, c.optim.stair_microbatches = 0.0, 0, 100
     c.optim.clip_norm = 0.0
     # Official CE: 4 accumulated batches per update; SCST: none.
     c.optim.accum_steps = 1 if tiny or scst else 4
+    if not (tiny or zeroshot):  # official schedular: warmup_lr 1e-5, warmup_epochs 4
+        common.official_schedule(c.optim, warmup_lr=1e-5, warmup_stairs=4,
+                                 min_lr=8e-8 if scst else 1e-6)
 
     c.mesh = common.mesh_config(tiny)
 

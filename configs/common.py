@@ -149,9 +149,11 @@ def finetune_optim(lr: float, *, wd: float, warmup_steps: int, clip_norm: float 
                    vision_lr: float | None = None, no_wd: str = OFFICIAL_NO_WD,
                    frozen: str | None = None, end_lr: float = 1e-6,
                    accum_steps: int = 1) -> ml_collections.ConfigDict:
-    """AdamW (0.9, 0.999, 1e-8) with linear warm-up then cosine to `end_lr`; the visual
-    encoder at `vision_lr` (official lr2) when given; `frozen`: regex of params never
-    updated (None: no such key)."""
+    """AdamW (0.9, 0.999, 1e-8) with our schedule ('cosine': linear warm-up from 0 over
+    `warmup_steps` updates, then a per-update cosine to `end_lr`); the visual encoder at
+    `vision_lr` (official lr2) when given; `frozen`: regex of params never updated (None: no
+    such key). The fields of the official schedule ('epoch_cosine', mplug_jax/optim.py) are
+    present with neutral values; `official_schedule` selects and fills them."""
     o = ml_collections.ConfigDict()
     o.lr = lr
     o.lr_groups = {} if vision_lr is None else dict(
@@ -160,19 +162,36 @@ def finetune_optim(lr: float, *, wd: float, warmup_steps: int, clip_norm: float 
     if frozen is not None:
         o.frozen = frozen
     o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
-    o.warmup_steps = warmup_steps
     o.schedule = "cosine"
+    o.warmup_steps = warmup_steps  # 'cosine' / 'constant': warm-up updates from 0
     o.end_lr = end_lr
+    # 'epoch_cosine': every group starts at warmup_lr and reaches its peak in warmup_stairs
+    # stairs of stair_microbatches micro-batches (official warmup_lr, warmup_epochs, 100).
+    o.warmup_lr = 0.0
+    o.warmup_stairs = 0
+    o.stair_microbatches = 100
     o.clip_norm = clip_norm
     o.accum_steps = accum_steps
     return o
 
 
+def official_schedule(o: ml_collections.ConfigDict, *, warmup_lr: float, warmup_stairs: int,
+                      min_lr: float) -> None:
+    """Select the official mPLUG fine-tuning schedule ('epoch_cosine') in optim block `o`:
+    the yaml's `schedular` warmup_lr, warmup_epochs (stairs of 100 micro-batches) and min_lr.
+    `--config.optim.schedule=cosine` switches back to ours (`o.warmup_steps` updates)."""
+    o.schedule = "epoch_cosine"
+    o.warmup_lr, o.warmup_stairs, o.stair_microbatches = warmup_lr, warmup_stairs, 100
+    o.end_lr = min_lr
+
+
 def smoke_run(c: ml_collections.ConfigDict, batch_size: int = 16) -> None:
-    """`mode=smoke`: 20 steps of `batch_size`, short warm-up, frequent logs and checkpoints
-    (the task config then shrinks its data and evals)."""
+    """`mode=smoke`: 20 steps of `batch_size`, short warm-up (our 'cosine' schedule: 20 steps
+    would never leave the official schedule's first stair), frequent logs and checkpoints (the
+    task config then shrinks its data and evals)."""
     c.total_steps, c.total_epochs = 20, 0.0
     c.input.batch_size = batch_size
+    c.optim.schedule = "cosine"
     c.optim.warmup_steps = 5
     c.log_every_steps = 5
     c.ckpt_every_steps = 10

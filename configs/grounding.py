@@ -34,11 +34,19 @@ Deviations from the official recipe (documented): images are CLIP-normalised in 
 evaluation; the official evaluation uses the ImageNet mean/std instead (quirk G2, a train/eval
 mismatch) - set `--config.input.official_eval_normalisation=True` for parity with official
 numbers. Evaluation is batched (official: batch 1; identical results, every text is padded to
-max_query_len). The warm-up ramps from 0 and the cosine decays per step (official: per epoch,
-from warmup_lr 1e-6). The official loss broadcasting (G7) is kept (`task.loss_weighting`
+max_query_len). The official loss broadcasting (G7) is kept (`task.loss_weighting`
 ='official'; 'per_sample' is the intended weighting). The official gradient accumulation
 (4, but zero_grad before every backward: only every 4th batch counts) is not reproduced:
-accum_steps 1. The heads grounding never reads (ITC/ITM/MLM, temperature) are frozen.
+accum_steps 1, so an epoch here has 4x the official number of updates. The heads grounding
+never reads (ITC/ITM/MLM, temperature) are frozen.
+
+Learning-rate schedule: every variant but `tiny` uses the official one
+(`optim.schedule='epoch_cosine'`, mplug_jax/optim.py; the base variants follow the large
+recipe): both groups start at warmup_lr 1e-6 and reach their peaks (2e-5; 5e-6 for the visual
+encoder) in 20 stairs of 100 batches (one batch = one update here, as the official batches
+are counted whether or not their gradient is applied), then one cosine value per epoch to min
+lr 1e-6 over 120 epochs. `--config.optim.schedule=cosine` selects ours instead (linear warm-up
+from 0 over `optim.warmup_steps` = 2000 updates, per-update cosine); `tiny` uses ours.
 """
 import ml_collections
 
@@ -107,6 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = common.finetune_optim(lr, vision_lr=lr if tiny else _OFFICIAL["lr2"], wd=0.02,
                                     warmup_steps=50 if tiny else _OFFICIAL["warmup_steps"],
                                     frozen=UNUSED_HEADS)
+    if not tiny:  # official schedular: warmup_lr 1e-6, warmup_epochs 20, min_lr 1e-6
+        common.official_schedule(c.optim, warmup_lr=1e-6, warmup_stairs=20, min_lr=1e-6)
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 5000)

@@ -39,7 +39,8 @@ official file with init.config_bert / init.config_yaml), or an mPLUG-2 workdir o
 ITM head, temperature) are not in the release and start random.
 
 Deviations (documented): the temperature is clamped to [0.001, 0.5]; warm-up ramps from 0;
-the decoder and MLM head get no gradient and are frozen (`optim.frozen`).
+the decoder and MLM head get no gradient and are frozen (`optim.frozen`). Learning-rate
+schedule: ours (`optim.schedule='cosine'`) for every variant (the release has no retrieval code).
 """
 import ml_collections
 

@@ -39,7 +39,9 @@ caption; test jsonl {"video_id", "golden_captions": [...]}. Result files of the 
 `mplug-jax score --task caption`).
 
 Deviations (documented): the warm-up ramps from 0 (official: from warmup_lr 1e-6); no apex AMP
-(base / large compute in bfloat16 with float32 params).
+(base / large compute in bfloat16 with float32 params). Learning-rate schedule: ours
+(`optim.schedule='cosine'`) for every variant; the mPLUG-2 release uses a per-iteration cosine
+(`cosine_step`), not mPLUG's stair-and-epoch schedule ('epoch_cosine').
 """
 import shutil
 

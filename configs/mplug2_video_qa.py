@@ -41,7 +41,9 @@ init.checkpoint to the official file with init.config_bert / init.config_yaml). 
 test suite evaluates its workdir with the task's predict fns).
 
 Deviations (documented): the warm-up ramps from 0 (official: from warmup_lr 1e-6); no apex AMP
-(large computes in bfloat16 with float32 params).
+(large computes in bfloat16 with float32 params). Learning-rate schedule: ours
+(`optim.schedule='cosine'`) for every variant; the mPLUG-2 release uses a per-iteration cosine
+(`cosine_step`), not mPLUG's stair-and-epoch schedule ('epoch_cosine').
 """
 import ml_collections
 

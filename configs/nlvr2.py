@@ -35,6 +35,8 @@ without weight decay (official `create_two_optimizer`); dropout 0.1; sentences u
 flip, RandAugment 2/7) on each image independently, plus the training-only image / left-right
 swap (data/nlvr2_input.py); evaluation is deterministic (the official reader also swaps at
 test time). The model has no decoder and no pretraining heads (nothing to freeze).
+Learning-rate schedule: ours (`optim.schedule='cosine'`) for every variant; no official NLVR2
+script was released, so there is no official schedule to reproduce.
 """
 import ml_collections
 

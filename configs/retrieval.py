@@ -39,10 +39,16 @@ Official values (official-formats.md sections 2 and 4): per-GPU batch 128 x 8 GP
 lr1 1e-5 / lr2 (CLIP) 2e-6, weight decay 0.02, 8 epochs, cosine to min_lr 1e-6, 100 warm-up
 iterations, queue 65536, momentum 0.995, temp 0.07, E 256, alpha 0.4 ramped over epoch 0,
 k_test 256 (COCO) / 128 (Flickr30K, paper section 5.2.3), texts 30 tokens. The paper's Table 11
-lists batch 256 / 5 epochs instead; the released configs are used here. Deviations
-(documented): warm-up ramps from 0 (official: from warmup_lr 1e-5, so lr2 warms down) and the
-cosine decays per step (official: per epoch); the temperature is clamped to [0.001, 0.5];
-the decoder and MLM head (absent from the official retrieval model) are frozen.
+lists batch 256 / 5 epochs instead; the released configs are used here.
+
+Learning-rate schedule: every variant but `tiny` uses the official one
+(`optim.schedule='epoch_cosine'`, mplug_jax/optim.py; the base variants follow the large
+recipe): both groups start at warmup_lr 1e-5 and reach their peaks (1e-5; 2e-6 for the visual
+encoder, which warms *down*) after one stair of 100 updates, then one cosine value per epoch to
+min lr 1e-6 over 8 epochs. `--config.optim.schedule=cosine` selects ours instead (linear
+warm-up from 0 over `optim.warmup_steps` = 100 updates, per-update cosine); `tiny` uses ours.
+Deviations (documented): the temperature is clamped to [0.001, 0.5]; the decoder and MLM head
+(absent from the official retrieval model) are frozen.
 """
 import ml_collections
 
@@ -108,6 +114,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
                                     warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
                                     frozen=UNUSED_HEADS)
+    if not tiny:  # official schedular: warmup_lr 1e-5, warmup_epochs 1, min_lr 1e-6
+        common.official_schedule(c.optim, warmup_lr=1e-5, warmup_stairs=1, min_lr=1e-6)
 
     c.mesh = common.mesh_config(tiny)
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)

@@ -29,6 +29,8 @@ schedule; the rest is ours): one learning rate for every parameter (Table 11 lis
 value for SNLI-VE); 400 warm-up steps from 0 (as the VQA configs); bias and BERT-side LayerNorm
 scales without weight decay (official `create_two_optimizer`); hypotheses up to 40 tokens
 (pre_caption keeps 30 words); ALBEF's VE augmentation (crop 0.5-1, flip, RandAugment 2/7).
+Learning-rate schedule: ours (`optim.schedule='cosine'`) for every variant; no official SNLI-VE
+script was released, so there is no official schedule to reproduce.
 """
 import ml_collections
 

@@ -26,10 +26,15 @@ Submission for the test server: set input.eval_annotations to vqa_test_ocr.json 
 only the result file is written). Score any result file with
 `mplug-jax score --task vqa --results R --annotations A` (mplug_jax/scoring/vqa.py).
 
-Deviations from the official recipe (documented): the warm-up ramps from 0 (official: from
-warmup_lr 1e-5, which makes lr2 = 5e-6 warm *down*) and the cosine decays per step (official:
-per epoch); the heads VQA never reads (ITC/ITM/MLM, temperature) are frozen instead of being
-absent.
+Learning-rate schedule: base / large use the official one (`optim.schedule='epoch_cosine'`,
+mplug_jax/optim.py): both groups start at warmup_lr 1e-5 and reach their peaks (3e-5, and
+5e-6 for the visual encoder, which warms *down*) in 4 stairs of 100 updates, then one cosine
+value per epoch to min lr 1e-6 over 8 epochs. `--config.optim.schedule=cosine` selects ours
+instead (linear warm-up from 0 over `optim.warmup_steps` = 400 updates, per-update cosine);
+`tiny` uses ours. The official script also hands the scheduler to DeepSpeed, which may step it
+once more per update depending on the DeepSpeed version; only the training loop's own calls
+are reproduced. Deviation (documented): the heads VQA never reads (ITC/ITM/MLM, temperature)
+are frozen instead of being absent.
 """
 import ml_collections
 
@@ -106,6 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
                                     warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
                                     frozen=UNUSED_HEADS)
+    if not tiny:  # official schedular: warmup_lr 1e-5, warmup_epochs 4, min_lr 1e-6
+        common.official_schedule(c.optim, warmup_lr=1e-5, warmup_stairs=4, min_lr=1e-6)
 
     c.mesh = common.mesh_config(tiny)
 

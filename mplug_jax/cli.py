@@ -292,6 +292,15 @@ def _plan(args) -> int:
     return 0 if result.fits else 3
 
 
+def _schedule(args) -> int:
+    from mplug_jax import lr_schedule, plan
+    config = plan.load_config(args.config, args.overrides)
+    json_path, png = lr_schedule.write_lr_table(config, args.steps_per_epoch, args.out)
+    print(f"wrote the learning rate of every optimizer group at every update "
+          f"(optim.schedule={config.optim.schedule}) to {json_path} and {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mplug-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -385,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="memory of one target device in GB (default 40); exit code 3 "
                                 "when the step does not fit")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("schedule", help="write the learning rate of every optimizer group at "
+                       "every update of a run: JSON {group: [lr, ...]} and a PNG beside it. "
+                       "Config fields can be overridden with --config.a.b=value.")
+    s.__class__ = _ConfigOverridesParser  # keep the --config.x=y overrides
+    s.add_argument("--config", required=True, help="config file[:arg], e.g. configs/vqa.py:base")
+    s.add_argument("--steps-per-epoch", type=int, required=True,
+                   help="optimizer updates per epoch (train examples // input.batch_size)")
+    s.add_argument("--out", required=True, help="output .json (the plot: same name, .png)")
+    s.set_defaults(fn=_schedule)
 
     s = sub.add_parser("prepare", help="build a TFDS (array_record) dataset from official "
                                        "annotations")

@@ -111,7 +111,8 @@ def abstract_state(init_params: Callable, init_extra: Callable,
     return abstract, shardings
 
 
-def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple):
+def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple,
+               steps_per_epoch: int | None = None):
     """Optimizer and state layout of a task (no compute).
 
     Args:
@@ -119,12 +120,13 @@ def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple):
       optim_cfg: the `optim` config block.
       total_steps: optimizer updates of the run (schedules).
       mesh, rule_set: where the state lives and the logical-axis rules.
+      steps_per_epoch: optimizer updates per epoch (schedule 'epoch_cosine' needs it).
     Returns:
       (tx, {group: lr schedule}, abstract TrainState, TrainState of NamedShardings).
     """
     rng = jax.random.PRNGKey(0)  # shapes do not depend on the key
     params_shape = nn.meta.unbox(jax.eval_shape(task.init_params, rng))
-    tx, schedules = optim.make_optimizer(optim_cfg, params_shape, total_steps)
+    tx, schedules = optim.make_optimizer(optim_cfg, params_shape, total_steps, steps_per_epoch)
     abstract, shardings = abstract_state(task.init_params, task.init_extra, tx, rng, mesh,
                                          rule_set)
     return tx, schedules, abstract, shardings

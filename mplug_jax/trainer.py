@@ -150,7 +150,8 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
             f"micro-batch is split over the batch shards)")
     steps = total_steps(config, steps_per_epoch)
     task = tasks.build(config, steps_per_epoch)
-    tx, schedules, abstract, shardings = ts.state_spec(task, config.optim, steps, mesh, rule_set)
+    tx, schedules, abstract, shardings = ts.state_spec(task, config.optim, steps, mesh, rule_set,
+                                                        steps_per_epoch)
     init = jax.jit(functools.partial(ts.init_state, task.init_params, task.init_extra, tx),
                    out_shardings=shardings)
     return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init,

@@ -64,8 +64,8 @@ def restore_params(workdir: str | epath.Path, step: int | None = None):
         task = tasks.build(config)
         mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                              devices=jax.local_devices()[:1])
-        _, _, abstract, shardings = ts.state_spec(task, config.optim, 1, mesh,
-                                                  shd.rules(config.mesh.sharding))
+        _, _, abstract, shardings = ts.state_spec(task, config.optim, 1, mesh,  # shapes only
+                                                  shd.rules(config.mesh.sharding), 1)
         state = ckpt.restore(step, abstract, shardings, None)
     finally:
         ckpt.close()
