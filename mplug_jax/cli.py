@@ -350,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score a result file in a task's official format "
                        "against official annotations; prints the metrics JSON")
-    s.add_argument("--task", required=True, help="task whose result format and metrics to use "
-                   "(mplug_jax/scoring/<task>.py), e.g. vqa, caption")
+    from mplug_jax import scoring
+    s.add_argument("--task", required=True, choices=scoring.TASKS,
+                   help="task whose result format and metrics to use "
+                   "(mplug_jax/scoring/<task>.py)")
     s.add_argument("--results", required=True, help="result file (ours or the official code's)")
     s.add_argument("--annotations", required=True, help="annotation file in the official format")
     s.add_argument("--out", help="also write the metrics JSON here")

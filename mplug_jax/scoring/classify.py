@@ -6,10 +6,11 @@ Result rows (the evaluator's `<task>_result.json`): [{"id": record index, "pred"
 """
 from __future__ import annotations
 
-import json
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from mplug_jax.scoring import checks
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int], labels: Sequence[str]) -> dict:
@@ -78,18 +79,24 @@ def score_rows(rows: Sequence[Mapping], gold: Mapping[int, str], labels: Sequenc
             disagree.append(i)
         pred.append(index[r["pred"]])
         ref.append(index[gold[i]])
+    if not pred:
+        raise checks.ScoreInputError(f"none of the {len(rows)} result rows has an id of the "
+                                     f"annotation file ({len(gold)} records): nothing to score")
     if disagree:
         raise ValueError(f"{len(disagree)} result rows carry a label that disagrees with the "
                          f"annotation file (ids {disagree[:5]}): scored against another file?")
-    out = accuracy(pred, ref, labels) if pred else {"acc": 0.0, "n": 0}
+    out = accuracy(pred, ref, labels)
     out.update(unscored=unscored, unanswered=sum(1 for i in gold if i not in seen))
     return out
 
 
 def load_rows(path: str) -> list[dict]:
-    """A result file: a JSON array of rows."""
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON array of {{id, pred, label}} rows")
+    """A result file: a non-empty JSON array of {id: int, pred: str, label?: str} rows with
+    unique ids (`checks.ScoreInputError` otherwise)."""
+    rows = checks.check_rows(path, checks.read_json(path), {"id": checks.INT,
+                                                            "pred": checks.STR},
+                             key="id", what="{id, pred, label} rows")
+    for i, r in enumerate(rows):
+        if "label" in r:
+            checks.check_entry(path, i, r, {"label": checks.STR})
     return rows
