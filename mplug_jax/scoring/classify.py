@@ -51,11 +51,13 @@ def result_rows(idx: Sequence[int], pred: Sequence[int], gold: Sequence[int],
     return sorted(rows, key=lambda r: r["id"])
 
 
-def score_rows(rows: Sequence[Mapping], gold: Mapping[int, str], labels: Sequence[str]) -> dict:
+def score_rows(rows: Sequence[Mapping], gold: Mapping[int, str], labels: Sequence[str],
+               source: str = "results") -> dict:
     """`accuracy` of result rows against gold {id: class name} (the annotation file).
 
     Rows whose id the annotation lacks are counted in 'unscored'; annotation ids without a row
     in 'unanswered' (an evaluation of the first N records leaves the rest unanswered).
+    `source` names the rows in errors (the result file's path).
 
     Raises:
       ValueError: a row is malformed, names an unknown class, repeats an id, or carries a
@@ -80,8 +82,9 @@ def score_rows(rows: Sequence[Mapping], gold: Mapping[int, str], labels: Sequenc
         pred.append(index[r["pred"]])
         ref.append(index[gold[i]])
     if not pred:
-        raise checks.ScoreInputError(f"none of the {len(rows)} result rows has an id of the "
-                                     f"annotation file ({len(gold)} records): nothing to score")
+        raise checks.ScoreInputError(f"{source}: none of the {len(rows)} result rows has an "
+                                     f"id of the annotation file ({len(gold)} records): "
+                                     "nothing to score")
     if disagree:
         raise ValueError(f"{len(disagree)} result rows carry a label that disagrees with the "
                          f"annotation file (ids {disagree[:5]}): scored against another file?")

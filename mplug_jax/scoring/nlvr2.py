@@ -23,4 +23,5 @@ def load_gold(annotation: str) -> dict[int, str]:
 def score_file(results: str, annotations: str) -> dict:
     """Accuracy metrics (`scoring.classify.score_rows`: acc, n, acc_/n_/pred_<class>,
     unscored, unanswered) of a result file."""
-    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS)
+    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS,
+                              results)
