@@ -194,6 +194,10 @@ def _answer_or_caption(args, pred, inputs: list[str], key: str, qa_task: str,
 
 def _predict(args) -> int:
     from mplug_jax.predict import Predictor, VideoPredictor
+    if args.min_length is not None and args.max_length is not None \
+            and args.min_length > args.max_length:
+        raise ValueError(f"--min-length {args.min_length} is above --max-length "
+                         f"{args.max_length}: no output could satisfy both")
     if bool(args.image) == bool(args.video):
         raise ValueError("pass --image (photos) or --video (video files / frame folders), "
                          "not both or neither")

@@ -91,7 +91,12 @@ def _to_numpy(value) -> np.ndarray | None:
 
 
 def save_state_dict(state: Mapping[str, np.ndarray], path: str) -> None:
-    """Write `.safetensors`, or `.pth` ({"model": state_dict}, needs torch)."""
+    """Write `.safetensors`, or `.pth` ({"model": state_dict}, needs torch); missing parent
+    folders are created."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory: pass a file path ending in .safetensors "
+                              "or .pth")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
         save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path)
