@@ -64,14 +64,23 @@ class _StorageType:
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
     """torch._utils._rebuild_tensor_v2 -> a numpy array (a copy: storages may be shared)."""
-    flat = storage
+    flat, offset = storage, int(offset)
+    if not (isinstance(flat, np.ndarray) and flat.ndim == 1 and flat.dtype != object
+            and flat.flags.c_contiguous):
+        raise ValueError("a tensor whose storage is not one of the file's raw storages")
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
+    if (len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0
+            or (0 not in size and last >= flat.size)):
+        # as_strided does not check bounds: a lying file must not read outside its storage.
+        raise ValueError(f"tensor of size {size} / stride {stride} at offset {offset} does not "
+                         f"fit its storage of {flat.size} elements")
     if not size:
-        return np.array(flat[int(offset)])
+        return np.array(flat[offset])
     if 0 in size:
         return np.zeros(size, flat.dtype)
     view = np.lib.stride_tricks.as_strided(
-        flat[int(offset):], size, tuple(s * flat.itemsize for s in stride), writeable=False)
+        flat[offset:], size, tuple(s * flat.itemsize for s in stride), writeable=False)
     return np.array(view)
 
 

@@ -201,3 +201,39 @@ def test_checkpoint_reads_without_torch(tmp_path, monkeypatch):
         assert without[k].dtype == with_torch[k].dtype
         np.testing.assert_array_equal(without[k], with_torch[k])
     np.testing.assert_array_equal(without["w_t"], weight.t().numpy())
+
+
+@pytest.mark.parametrize("size, ok", [((4,), True), ((2, 2), True), ((5,), False),
+                                      ((100,), False)])
+def test_tensor_views_must_fit_their_storage(tmp_path, size, ok):
+    """A file claiming a tensor larger than its storage must not read memory beyond it."""
+    torch = pytest.importorskip("torch", reason="torch extra not installed")
+    import collections
+    import io
+
+    class Ref:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            stride = (2, 1) if len(size) == 2 else (1,)
+            return torch._utils._rebuild_tensor_v2, (Ref(), 0, size, stride, False,
+                                                     collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, Ref) \
+                else None
+
+    data = io.BytesIO()
+    Pickler(data, protocol=2).dump({"w": Tensor()})
+    path = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", data.getvalue())
+        zf.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    if ok:
+        np.testing.assert_array_equal(safe_pickle.load(str(path))["w"],
+                                      np.arange(4, dtype=np.float32).reshape(size))
+    else:
+        with pytest.raises(safe_pickle.PickleReadError, match="does not fit its storage"):
+            safe_pickle.load(str(path))

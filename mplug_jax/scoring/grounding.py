@@ -148,7 +148,7 @@ def score_file(results_path: str, annotations_path: str) -> dict:
     Args:
       results_path: JSON list of {"id": position in the split file, "pred_box": [x1, y1, x2,
         y2] original-image pixels, ...} (what the `grounding` evaluator writes).
-      annotations_path: the split file (`.pth` list of tuples, needs torch, or `.json` list of
+      annotations_path: the split file (`.pth` list of tuples, read safely, or `.json` list of
         the same): COCO-style (file, _, [x, y, w, h], phrase, ...) or flickr (file, [x1, y1,
         x2, y2], phrase).
     Returns:
