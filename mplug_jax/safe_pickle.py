@@ -96,7 +96,11 @@ _SAFE = {("collections", "OrderedDict"): collections.OrderedDict,
          ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
          ("builtins", "complex"): complex,
          ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
+         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+         # TorchScript's typed containers: identity functions in torch.jit._pickle too.
+         ("torch.jit._pickle", "restore_type_tag"): lambda value, type_str=None: value,
+         **{("torch.jit._pickle", f"build_{kind}list"): list
+            for kind in ("int", "double", "bool", "tensor")}}
 
 
 class _Unpickler(pickle.Unpickler):

@@ -10,6 +10,7 @@ import os
 import pickle
 import sys
 import zipfile
+from typing import List
 
 import ml_collections
 import numpy as np
@@ -162,13 +163,17 @@ def test_split_file_of_another_type_is_a_one_line_error(tmp_path):
 def _scripted_module(torch):
     """A scripted module (TorchScript reads the class source, so it is defined in a file)."""
     class Tiny(torch.nn.Module):
+        sizes: List[int]  # typed containers pickle through torch.jit._pickle helpers
+
         def __init__(self):
             super().__init__()
             self.proj = torch.nn.Linear(3, 2)
             self.register_buffer("scale", torch.full((2,), 0.5, dtype=torch.float16))
+            self.sizes = [1, 2]
+            self.names = {"a": 1}
 
         def forward(self, x):
-            return self.proj(x) * self.scale
+            return self.proj(x) * self.scale * len(self.sizes) * self.names["a"]
 
     return torch.jit.script(Tiny())
 
@@ -179,6 +184,7 @@ def test_torchscript_archive_reads_like_torch_jit_load(tmp_path):
     module = _scripted_module(torch)
     module.save(path)
     assert safe_pickle.is_torchscript(path)
+    assert safe_pickle.load(path).attrs["sizes"] == [1, 2]
     want = {k: v.float().numpy() for k, v in torch.jit.load(path).state_dict().items()}
     got = official_io.load_state_dict(path)
     assert sorted(got) == sorted(want)
