@@ -194,6 +194,10 @@ def _answer_or_caption(args, pred, inputs: list[str], key: str, qa_task: str,
 
 def _predict(args) -> int:
     from mplug_jax.predict import Predictor, VideoPredictor
+    if args.min_length is not None and args.max_length is not None \
+            and args.min_length > args.max_length:
+        raise ValueError(f"--min-length {args.min_length} is above --max-length "
+                         f"{args.max_length}: no output could satisfy both")
     if bool(args.image) == bool(args.video):
         raise ValueError("pass --image (photos) or --video (video files / frame folders), "
                          "not both or neither")
@@ -359,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score a result file in a task's official format "
                        "against official annotations; prints the metrics JSON")
-    s.add_argument("--task", required=True, help="task whose result format and metrics to use "
-                   "(mplug_jax/scoring/<task>.py), e.g. vqa, caption")
+    from mplug_jax import scoring
+    s.add_argument("--task", required=True, choices=scoring.TASKS,
+                   help="task whose result format and metrics to use "
+                   "(mplug_jax/scoring/<task>.py)")
     s.add_argument("--results", required=True, help="result file (ours or the official code's)")
     s.add_argument("--annotations", required=True, help="annotation file in the official format")
     s.add_argument("--out", help="also write the metrics JSON here")

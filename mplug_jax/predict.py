@@ -60,6 +60,15 @@ class Settings:
     max_length: int = 10
     official: bool = True  # official beam search (FORMAT.md 10.4) or the standard one
 
+    def __post_init__(self):
+        if self.beam_size < 1 or self.max_length < 1 or self.min_length < 0:
+            raise ValueError(f"generation needs beam_size >= 1, max_length >= 1 and "
+                             f"min_length >= 0, got {self.beam_size} / {self.max_length} / "
+                             f"{self.min_length}")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} is above max_length "
+                             f"{self.max_length}: no output could satisfy both")
+
     @classmethod
     def for_task(cls, task: str, **overrides) -> "Settings":
         """Official defaults of `task` (grounding ignores them: 4 greedy coordinate tokens)."""

@@ -43,5 +43,7 @@ def test_evaluate_without_evals_is_a_clear_error(pretrain_workdir, tmp_path):
 
 
 def test_score_cli_errors(tmp_path, capsys):
-    assert cli.main(["score", "--task", "nope", "--results", "r", "--annotations", "a"]) == 2
-    assert "no scorer for task 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse lists the valid tasks
+        cli.main(["score", "--task", "nope", "--results", "r", "--annotations", "a"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
             image_root: str, out_dir: str, *, split: str = "train", train: bool | None = None,
             roots: dict[str, str] | None = None, flickr: bool = False,
             max_pixels: int = transforms.MAX_PIXELS, max_skip_rate: float = 0.05,
-            num_frames: int = 16) -> dict[str, Any]:
+            num_frames: int = 16, allow_outside_root: bool = False) -> dict[str, Any]:
     """Build a TFDS array_record dataset from official annotation files.
 
     Args:
@@ -86,6 +86,9 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
       max_pixels: image size guard (larger JPEGs are reduced, other formats skipped).
       max_skip_rate: a split skipping more raises DataError and writes nothing.
       num_frames: frames sampled per video (video formats only).
+      allow_outside_root: read images that the annotations place outside `image_root` and
+        `roots` (`../` or absolute paths); by default such records are skipped, counted as
+        'outside_root' and logged.
     Returns:
       Report dict: format, path, and per split records written and skipped by reason.
     """
@@ -103,14 +106,19 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
     if format in tfds_builders.VIDEO_FORMATS:
         _check_num_frames(out_dir, format, num_frames)
         extra["num_frames"] = num_frames
+    image_roots = None if allow_outside_root else [image_root, *(roots or {}).values()]
     builder = tfds_builders.BUILDERS[format](
         data_dir=out_dir, splits=splits, max_pixels=max_pixels, max_skip_rate=max_skip_rate,
-        **extra)
+        image_roots=image_roots, **extra)
     builder.download_and_prepare()
     report = {"format": format, "path": tfds_builders.dataset_dir(out_dir, format), "splits": {
         name: {"written": builder.written.get(name, 0),
                "skipped": {k: v for k, v in builder.skipped.get(name, {}).items() if v}}
         for name in splits}}
+    outside = sum(s["skipped"].get("outside_root", 0) for s in report["splits"].values())
+    if outside:
+        logger.warning("%d records point outside the image root (../ or absolute paths) and "
+                       "were skipped; --allow-outside-root reads them", outside)
     if not builder.written:
         logger.warning("%s already prepared at %s; nothing regenerated", format, report["path"])
         report["already_prepared"] = True
@@ -168,6 +176,10 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-skip-rate", type=float, default=0.05)
     parser.add_argument("--num-frames", type=_positive_int, default=16,
                         help="frames sampled per video (video_qa, video_caption)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="read images that the annotations place outside --image-root / "
+                             "--root (../ or absolute paths); default: skip them (counted as "
+                             "outside_root)")
     parser.add_argument("--report-json", help="also write the report here")
 
 
@@ -184,7 +196,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         report = prepare(args.format, args.annotations, args.image_root, args.out,
                          split=args.split, train=train, roots=roots, flickr=args.flickr,
                          max_pixels=args.max_pixels, max_skip_rate=args.max_skip_rate,
-                         num_frames=args.num_frames)
+                         num_frames=args.num_frames,
+                         allow_outside_root=args.allow_outside_root)
     except transforms.DataError as e:
         print(f"prepare failed: {e}")
         return 1

@@ -296,15 +296,21 @@ def retrieval(annotations: str | Sequence[str], image_root: str, *, train: bool 
 # -- 1.8 RefCOCO grounding -------------------------------------------------------------------
 
 def _load_split_file(path: str) -> list:
-    if path.endswith(".pth"):
-        try:
-            import torch
-        except ImportError as e:
-            raise DataError(f"{path} is a torch file and torch is not installed: pip install "
-                            "mplug-jax[torch], or convert it to a json list of the same tuples"
-                            ) from e
-        return list(torch.load(path, weights_only=False))
-    return read_annotations(path)
+    """The records of a TransVG split file: `.pth` (torch-saved list of tuples, read without
+    torch and without running code from the file) or a json/jsonl list of the same."""
+    if not path.endswith(".pth"):
+        return read_annotations(path)
+    from mplug_jax import safe_pickle
+    if not os.path.isfile(path):
+        raise DataError(f"grounding split file not found: {path}")
+    try:
+        records = safe_pickle.load(path)
+    except safe_pickle.PickleReadError as e:
+        raise DataError(f"grounding split file: {e}") from e
+    if not isinstance(records, (list, tuple)):
+        raise DataError(f"grounding split file {path} holds a {type(records).__name__}, not a "
+                        "list of tuples")
+    return list(records)
 
 
 def grounding(split_file: str, image_dir: str, *, flickr: bool = False,

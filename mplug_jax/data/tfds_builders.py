@@ -23,7 +23,7 @@ import collections
 import io
 import logging
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -81,17 +81,22 @@ class _MplugBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, splits: dict[str, SourceFactory] | None = None,
                  max_pixels: int = transforms.MAX_PIXELS, max_skip_rate: float = 0.05,
-                 **kwargs):
+                 image_roots: Sequence[str] | None = None, **kwargs):
         """Builder of one dataset; `splits` is only needed to generate it.
 
         Args:
           splits: split name -> zero-argument reader returning a RecordSource.
           max_pixels: image size guard (see :func:`encode_image`).
           max_skip_rate: raise DataError when a split skips a larger fraction of records.
+          image_roots: when given, records whose image / video path leads outside all of
+            these folders (`../` or an absolute path in the annotations) are skipped as
+            'outside_root'; None reads any path.
           **kwargs: tfds DatasetBuilder arguments (data_dir, file_format='array_record', ...).
         """
         self._split_sources = dict(splits or {})
         self._max_pixels, self._max_skip_rate = max_pixels, max_skip_rate
+        self._roots = None if image_roots is None else [
+            os.path.join(os.path.normpath(os.path.abspath(r)), "") for r in image_roots]
         self.skipped: dict[str, dict[str, int]] = {}
         self.written: dict[str, int] = {}
         kwargs.setdefault("file_format", "array_record")
@@ -120,12 +125,28 @@ class _MplugBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _image(self, path) -> bytes:
         return encode_image(path, self._max_pixels)
 
+    def _check_inside_roots(self, record: dict) -> None:
+        """BadRecord('outside_root') when a media path of `record` leaves the image roots
+        (lexically: `..` and absolute paths count, symlinks inside a root are followed)."""
+        if self._roots is None:
+            return
+        paths = [record.get(k) for k in ("image", "video")] + list(record.get("images") or [])
+        for path in paths:
+            if not isinstance(path, str):
+                continue
+            full = os.path.normpath(os.path.abspath(path))
+            if not any(full.startswith(root) for root in self._roots):
+                raise BadRecord("outside_root", f"{path} is outside the image root "
+                                f"({', '.join(r.rstrip(os.sep) for r in self._roots)}); "
+                                "pass --allow-outside-root to read it")
+
     def _generate_examples(self, split: str, make_source: SourceFactory):
         src = make_source()
         skipped = dict(src.skipped)
         self.skipped[split], self.written[split] = skipped, 0
         for index in tqdm.tqdm(range(len(src)), desc=f"{self.name}/{split}", unit="rec"):
             try:
+                self._check_inside_roots(src[index])
                 example = self._example(src[index], src, index)
             except BadRecord as e:
                 skipped[e.reason] += 1

@@ -27,7 +27,7 @@ CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 
 # Why a record was skipped; pipeline and source skip counters use these keys.
 SKIP_REASONS = ("missing_file", "empty_file", "truncated", "bad_image", "too_large",
-                "bad_caption", "bad_record")
+                "bad_caption", "bad_record", "outside_root")
 # Decoded images above this many pixels are reduced (JPEG DCT scaling) or skipped.
 MAX_PIXELS = 64_000_000
 

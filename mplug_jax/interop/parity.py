@@ -125,7 +125,7 @@ def check_generation(fixture: str, meta: dict, model, params, got: dict,
     [fusion image; fusion question], caption: image states; section 10.3), with the run's
     [SEP]-bias weight change; ids / lengths / traces / end steps / stored hypotheses exactly,
     scores within the run's suggested_atol, post-processed texts exactly."""
-    gen = dict(np.load(os.path.join(fixture, "generation.npz")))
+    gen = dict(np.load(os.path.join(fixture, "generation.npz"), allow_pickle=False))
     with open(os.path.join(fixture, "generation.json")) as f:
         gen_json = json.load(f)
     g = meta["generation"]
@@ -225,8 +225,8 @@ def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
     if meta.get("task", "vqa") not in ("vqa", "caption"):  # ../shared/fixtures-tasks format
         from mplug_jax.interop.parity_tasks import run_task_parity
         return run_task_parity(fixture, meta, image_atol)
-    inputs = dict(np.load(path("inputs.npz")))
-    expected = dict(np.load(path("expected.npz")))
+    inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))
+    expected = dict(np.load(path("expected.npz"), allow_pickle=False))
     with open(path("text.json")) as f:
         rows = _check_text(fixture, json.load(f))
 

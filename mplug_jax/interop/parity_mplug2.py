@@ -35,7 +35,7 @@ GEN_TASKS = ("vqa", "caption")
 # ---- preprocessing (FORMAT.md 6.1: mplug_jax.data.video's frame_indices and eval_clip) ----------
 
 def _check_preprocessing(fixture: str, inputs: dict, num_frames: int) -> list[Row]:
-    frames = dict(np.load(os.path.join(fixture, "frames.npz")))
+    frames = dict(np.load(os.path.join(fixture, "frames.npz"), allow_pickle=False))
     video = inputs["video"]  # B x 3 x T x R x R
     bad_idx = err = 0.0
     bad_png = 0
@@ -190,7 +190,7 @@ def official_text(tok, ids, prompt: str = "") -> str:
 def check_generation(fixture: str, meta: dict, model: MPLUG2, params, got: dict,
                      inputs: dict, prompt: str) -> list[Row]:
     """FORMAT.md 7.3 for every run and task of generation.npz."""
-    gen = dict(np.load(os.path.join(fixture, "generation.npz")))
+    gen = dict(np.load(os.path.join(fixture, "generation.npz"), allow_pickle=False))
     with open(os.path.join(fixture, "generation.json")) as f:
         gen_json = json.load(f)
     settings = meta["generation"]["settings"]
@@ -298,8 +298,8 @@ def run_mplug2_parity(fixture: str, meta: dict | None = None, generation: bool =
     if meta is None:
         with open(path("meta.json")) as f:
             meta = json.load(f)
-    inputs = dict(np.load(path("inputs.npz")))
-    expected = dict(np.load(path("expected.npz")))
+    inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))
+    expected = dict(np.load(path("expected.npz"), allow_pickle=False))
     prompt = ""
     if os.path.isfile(path("config_caption.yaml")):
         with open(path("config_caption.yaml")) as f:

@@ -311,8 +311,8 @@ def retrieval_outputs(fixture: str, conv: Converted | None = None) -> dict[str, 
     """
     def path(*p):
         return os.path.join(fixture, *p)
-    inputs = dict(np.load(path("inputs.npz")))
-    expected = dict(np.load(path("expected.npz")))
+    inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))
+    expected = dict(np.load(path("expected.npz"), allow_pickle=False))
     if conv is None:
         conv = load_official(path("model.safetensors"), path("config_bert.json"),
                              path("config.yaml"), allow_missing=RETRIEVAL_ALLOW_MISSING)
@@ -377,8 +377,8 @@ def retrieval_parity_rows(fixture: str, meta: dict, got: dict[str, np.ndarray],
     `retrieval_outputs`) with its expected.npz."""
     def path(*p):
         return os.path.join(fixture, *p)
-    inputs = dict(np.load(path("inputs.npz")))
-    expected = dict(np.load(path("expected.npz")))
+    inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))
+    expected = dict(np.load(path("expected.npz"), allow_pickle=False))
     with open(path("text.json")) as f:
         rows = _check_retrieval_text(json.load(f), inputs)
     res = inputs["image"].shape[-1]
@@ -497,8 +497,8 @@ def grounding_outputs(fixture: str, conv: Converted | None = None) -> dict[str, 
 
     def path(*p):
         return os.path.join(fixture, *p)
-    inputs = dict(np.load(path("inputs.npz")))
-    expected = dict(np.load(path("expected.npz")))
+    inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))
+    expected = dict(np.load(path("expected.npz"), allow_pickle=False))
     if conv is None:
         conv = load_grounding_checkpoint(fixture)
     params = nn.meta.unbox(conv.params)
@@ -618,8 +618,8 @@ def grounding_parity_rows(fixture: str, meta: dict, got: dict[str, np.ndarray],
     `got` with expected.npz."""
     def path(*p):
         return os.path.join(fixture, *p)
-    inputs = dict(np.load(path("inputs.npz")))
-    expected = dict(np.load(path("expected.npz")))
+    inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))
+    expected = dict(np.load(path("expected.npz"), allow_pickle=False))
     with open(path("text.json")) as f:
         samples = json.load(f)["samples"]
     res = inputs["image"].shape[-1]

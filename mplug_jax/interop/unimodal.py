@@ -136,16 +136,5 @@ def clip_params(clip_state: Mapping[str, np.ndarray], model_cfg: Mapping) -> Arr
 
 def load_unimodal(path: str) -> Arrays:
     """Read a BERT or CLIP checkpoint (.safetensors, or torch pickle incl. OpenAI CLIP's
-    TorchScript `.pt` files when torch is installed)."""
-    try:
-        return official_io.load_state_dict(path)
-    except CheckpointError:
-        if path.endswith(".safetensors"):
-            raise
-    import torch  # OpenAI CLIP releases are TorchScript archives
-    try:
-        module = torch.jit.load(path, map_location="cpu")
-    except Exception as err:
-        raise CheckpointError(f"could not read {path} as a state dict or a "
-                              f"TorchScript CLIP model ({err})") from err
-    return {k: v.float().numpy() for k, v in module.state_dict().items()}
+    TorchScript `.pt` files, whose tensors are read without running their code)."""
+    return official_io.load_state_dict(path)

@@ -2,13 +2,20 @@
 
 Each task module defines `score_file(results_path, annotations_path) -> {metric: value}` for
 result files in the format the benchmark's server or official script takes (ours, or one the
-official code wrote), so `mplug-jax score` compares systems on the same metric code.
+official code wrote), so `mplug-jax score` compares systems on the same metric code. Bad input
+files (not JSON, empty, duplicate queries, null / NaN values) raise
+`checks.ScoreInputError` naming the file and the first bad entry.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import pkgutil
+
+
+# The tasks with a `score_file` (what `available()` finds), named here so that the CLI can list
+# them without importing every module.
+TASKS = ("caption", "grounding", "nlvr2", "retrieval", "snli_ve", "video_qa", "vqa")
 
 
 def available() -> list[str]:

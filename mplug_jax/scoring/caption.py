@@ -27,6 +27,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mplug_jax.scoring import checks
+
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 _JAVA_HELP = ("install a Java runtime (e.g. `apt-get install default-jre-headless`, or a JDK "
               "from adoptium.net) so that `java` is on the PATH")
@@ -195,31 +197,37 @@ def _image_key(value) -> str:
 
 def read_results(results_path: str) -> dict[str, str]:
     """{image key: caption} from an official result file (`question_id` = file name,
-    `pred_caption`) or a COCO-server file (`image_id` int, `caption`)."""
-    with open(results_path, encoding="utf-8") as f:
-        rows = json.load(f)
-    if not isinstance(rows, list):
-        raise ValueError(f"{results_path}: expected a JSON array of results")
-    out = {}
+    `pred_caption`) or a COCO-server file (`image_id` int, `caption`).
+
+    Raises `checks.ScoreInputError` for an empty file, a null/NaN/non-string caption, or two
+    results for one image (the same id, or a file name and its COCO id)."""
+    rows = checks.nonempty_list(results_path, checks.read_json(results_path),
+                                "caption results")
+    out: dict[str, str] = {}
+    seen = checks.Unique(results_path, "image")
     for i, r in enumerate(rows):
         if isinstance(r, dict) and "pred_caption" in r and "question_id" in r:
-            key, cap = r["question_id"], r["pred_caption"]
+            spec = {"question_id": checks.ID, "pred_caption": checks.STR}
         elif isinstance(r, dict) and "caption" in r and "image_id" in r:
-            key, cap = r["image_id"], r["caption"]
+            spec = {"image_id": checks.ID, "caption": checks.STR}
         else:
-            raise ValueError(f"{results_path} entry {i}: expected {{'question_id', "
-                             f"'pred_caption'}} or {{'image_id', 'caption'}}, got {r!r:.100}")
-        out[_image_key(key)] = str(cap)
+            raise checks.ScoreInputError(
+                f"{results_path} entry {i}: expected {{'question_id', 'pred_caption'}} or "
+                f"{{'image_id', 'caption'}}, got {r!r:.100}")
+        checks.check_entry(results_path, i, r, spec)
+        key, cap = (r[k] for k in spec)
+        seen.add(i, _image_key(key))
+        out[_image_key(key)] = cap
     return out
 
 
 def read_references(annotations_path: str) -> dict[str, list[str]]:
     """{image key: lowercased raw sentences} from a Karpathy-format annotation file
     (official-formats.md 1.6: `filename`, `sentences[].raw`)."""
-    with open(annotations_path, encoding="utf-8") as f:
-        rows = json.load(f)
+    rows = checks.read_json(annotations_path, "annotations")
     if not isinstance(rows, list):
-        raise ValueError(f"{annotations_path}: expected a JSON array of Karpathy entries")
+        raise checks.ScoreInputError(f"{annotations_path}: expected a JSON array of Karpathy "
+                                     "entries")
     out = {}
     for i, r in enumerate(rows):
         try:

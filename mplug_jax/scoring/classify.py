@@ -6,10 +6,11 @@ Result rows (the evaluator's `<task>_result.json`): [{"id": record index, "pred"
 """
 from __future__ import annotations
 
-import json
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from mplug_jax.scoring import checks
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int], labels: Sequence[str]) -> dict:
@@ -50,11 +51,13 @@ def result_rows(idx: Sequence[int], pred: Sequence[int], gold: Sequence[int],
     return sorted(rows, key=lambda r: r["id"])
 
 
-def score_rows(rows: Sequence[Mapping], gold: Mapping[int, str], labels: Sequence[str]) -> dict:
+def score_rows(rows: Sequence[Mapping], gold: Mapping[int, str], labels: Sequence[str],
+               source: str = "results") -> dict:
     """`accuracy` of result rows against gold {id: class name} (the annotation file).
 
     Rows whose id the annotation lacks are counted in 'unscored'; annotation ids without a row
     in 'unanswered' (an evaluation of the first N records leaves the rest unanswered).
+    `source` names the rows in errors (the result file's path).
 
     Raises:
       ValueError: a row is malformed, names an unknown class, repeats an id, or carries a
@@ -78,18 +81,25 @@ def score_rows(rows: Sequence[Mapping], gold: Mapping[int, str], labels: Sequenc
             disagree.append(i)
         pred.append(index[r["pred"]])
         ref.append(index[gold[i]])
+    if not pred:
+        raise checks.ScoreInputError(f"{source}: none of the {len(rows)} result rows has an "
+                                     f"id of the annotation file ({len(gold)} records): "
+                                     "nothing to score")
     if disagree:
         raise ValueError(f"{len(disagree)} result rows carry a label that disagrees with the "
                          f"annotation file (ids {disagree[:5]}): scored against another file?")
-    out = accuracy(pred, ref, labels) if pred else {"acc": 0.0, "n": 0}
+    out = accuracy(pred, ref, labels)
     out.update(unscored=unscored, unanswered=sum(1 for i in gold if i not in seen))
     return out
 
 
 def load_rows(path: str) -> list[dict]:
-    """A result file: a JSON array of rows."""
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON array of {{id, pred, label}} rows")
+    """A result file: a non-empty JSON array of {id: int, pred: str, label?: str} rows with
+    unique ids (`checks.ScoreInputError` otherwise)."""
+    rows = checks.check_rows(path, checks.read_json(path), {"id": checks.INT,
+                                                            "pred": checks.STR},
+                             key="id", what="{id, pred, label} rows")
+    for i, r in enumerate(rows):
+        if "label" in r:
+            checks.check_entry(path, i, r, {"label": checks.STR})
     return rows

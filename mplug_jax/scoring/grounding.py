@@ -148,7 +148,7 @@ def score_file(results_path: str, annotations_path: str) -> dict:
     Args:
       results_path: JSON list of {"id": position in the split file, "pred_box": [x1, y1, x2,
         y2] original-image pixels, ...} (what the `grounding` evaluator writes).
-      annotations_path: the split file (`.pth` list of tuples, needs torch, or `.json` list of
+      annotations_path: the split file (`.pth` list of tuples, read safely, or `.json` list of
         the same): COCO-style (file, _, [x, y, w, h], phrase, ...) or flickr (file, [x1, y1,
         x2, y2], phrase).
     Returns:
@@ -159,27 +159,22 @@ def score_file(results_path: str, annotations_path: str) -> dict:
     Raises:
       ValueError: malformed results, an id outside the split, a duplicate id, no results.
     """
-    import json
-
     from mplug_jax.data import sources
+    from mplug_jax.scoring import checks
 
-    with open(results_path, encoding="utf-8") as f:
-        results = json.load(f)
-    if not isinstance(results, list) or not results:
-        raise ValueError(f"{results_path}: expected a non-empty JSON list of "
-                         '{"id", "pred_box"} objects')
-    split = sources._load_split_file(annotations_path)
-    pred, gt, seen = [], [], set()
+    results = checks.check_rows(
+        results_path, checks.read_json(results_path),
+        {"id": checks.INT, "pred_box": checks.list_of(checks.NUMBER, 4)}, key="id",
+        what='{"id", "pred_box"} objects')
+    with checks.reading_annotations():
+        split = sources._load_split_file(annotations_path)
+    pred, gt = [], []
     for n, r in enumerate(results):
-        if not isinstance(r, dict) or "id" not in r or "pred_box" not in r:
-            raise ValueError(f"{results_path} entry {n}: needs 'id' and 'pred_box'")
         i = r["id"]
-        if not isinstance(i, int) or not 0 <= i < len(split):
-            raise ValueError(f"{results_path} entry {n}: id {i!r} is not a position in "
-                             f"{annotations_path} ({len(split)} records)")
-        if i in seen:
-            raise ValueError(f"{results_path}: id {i} appears twice")
-        seen.add(i)
+        if not 0 <= i < len(split):
+            raise checks.ScoreInputError(f"{results_path} entry {n}: id {i!r} is not a "
+                                         f"position in {annotations_path} ({len(split)} "
+                                         "records)")
         rec = split[i]
         if len(rec) == 3:  # flickr: (file, x1y1x2y2, phrase)
             g = [float(v) for v in rec[1]]
@@ -194,4 +189,4 @@ def score_file(results_path: str, annotations_path: str) -> dict:
     iou = pixel_iou(np.asarray(pred, np.float64), np.asarray(gt, np.float64))
     n_ok, acc = accuracy_at(iou)
     return {"accu": acc, "accu_num": n_ok, "miou": float(np.mean(iou)), "num": len(iou),
-            "num_missing": len(split) - len(seen)}
+            "num_missing": len(split) - len(results)}

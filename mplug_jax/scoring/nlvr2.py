@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from mplug_jax.data import sources
 from mplug_jax.data.nlvr2_input import LABELS
-from mplug_jax.scoring import classify
+from mplug_jax.scoring import checks, classify
 
 
 def load_gold(annotation: str) -> dict[int, str]:
     """{record index: "False" | "True"} of an official NLVR2 json (images are not needed)."""
-    src = sources.nlvr2(annotation, "", max_skip_rate=1.0)
+    with checks.reading_annotations():
+        src = sources.nlvr2(annotation, "", max_skip_rate=1.0)
     return {i: LABELS[r["label"]] for i, r in enumerate(src)}
 
 
 def score_file(results: str, annotations: str) -> dict:
     """Accuracy metrics (`scoring.classify.score_rows`: acc, n, acc_/n_/pred_<class>,
     unscored, unanswered) of a result file."""
-    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS)
+    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS,
+                              results)

@@ -13,10 +13,11 @@ can come from any implementation.
 """
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import numpy as np
+
+from mplug_jax.scoring import checks
 
 NON_CANDIDATE_SCORE = -100.0
 METRIC_NAMES = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10",
@@ -174,8 +175,7 @@ def result_file(scores_i2t: np.ndarray, scores_t2i: np.ndarray, image_keys: list
 
 def _annotation_keys(annotations_path: str) -> tuple[dict[str, list[str]], dict[str, str]]:
     """({image key: its text keys}, {text key: image key}) of an official eval json."""
-    with open(annotations_path, encoding="utf-8") as f:
-        records = json.load(f)
+    records = checks.read_json(annotations_path, "annotations")
     if not isinstance(records, list):
         raise ValueError(f"{annotations_path}: expected a JSON array of eval records "
                          "({'image', 'caption': [...]})")
@@ -199,26 +199,35 @@ def score_file(results_path: str, annotations_path: str) -> dict:
     result's queries (an evaluation drops images whose file is missing, and their captions).
     Returns `METRIC_NAMES` plus num_images, num_texts and missing_queries (annotation queries
     absent from the result file)."""
-    with open(results_path, encoding="utf-8") as f:
-        res = json.load(f)
+    res = checks.read_json(results_path)
     if not isinstance(res, dict) or res.get("format") != RESULT_FORMAT:
-        raise ValueError(f"{results_path}: not a retrieval result file (format "
-                         f"{RESULT_FORMAT!r})")
+        raise checks.ScoreInputError(f"{results_path}: not a retrieval result file (format "
+                                     f"{RESULT_FORMAT!r})")
+    top_n = res.get("top_n")
+    if not checks.INT[0](top_n) or top_n < 1:
+        raise checks.ScoreInputError(f"{results_path}: 'top_n' must be a positive integer, "
+                                     f"got {top_n!r:.40}")
+    checks.check_rows(results_path, res.get("i2t"), {"image": checks.STR,
+                                                     "texts": checks.list_of(checks.STR)},
+                      key="image", what="image queries", label="i2t entry")
+    checks.check_rows(results_path, res.get("t2i"), {"text": checks.STR,
+                                                     "images": checks.list_of(checks.STR)},
+                      key="text", what="text queries", label="t2i entry")
     img2txt, txt2img = _annotation_keys(annotations_path)
-    top_n = int(res["top_n"])
     i2t_rank, t2i_rank = [], []
     for q in res["i2t"]:
         if q["image"] not in img2txt:
-            raise ValueError(f"result image {q['image']!r} is not in {annotations_path}")
+            raise checks.ScoreInputError(f"{results_path}: result image {q['image']!r} is not "
+                                         f"in {annotations_path}")
         pos = [j for j, t in enumerate(q["texts"]) if t in set(img2txt[q["image"]])]
         i2t_rank.append(pos[0] if pos else top_n)
     for q in res["t2i"]:
         if q["text"] not in txt2img:
-            raise ValueError(f"result text {q['text']!r} is not in {annotations_path}")
+            raise checks.ScoreInputError(f"{results_path}: result text {q['text']!r} is not in "
+                                         f"{annotations_path}")
         pos = [j for j, i in enumerate(q["images"]) if i == txt2img[q["text"]]]
         t2i_rank.append(pos[0] if pos else top_n)
     out = recall_metrics(np.asarray(i2t_rank), np.asarray(t2i_rank))
     out.update(num_images=len(i2t_rank), num_texts=len(t2i_rank),
-               missing_queries=len(img2txt) - len({q["image"] for q in res["i2t"]})
-               + len(txt2img) - len({q["text"] for q in res["t2i"]}))
+               missing_queries=len(img2txt) - len(i2t_rank) + len(txt2img) - len(t2i_rank))
     return out

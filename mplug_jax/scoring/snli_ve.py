@@ -8,17 +8,19 @@ records in file order, as `sources.snli_ve` reads them (records it skips get no 
 from __future__ import annotations
 
 from mplug_jax.data import sources
-from mplug_jax.scoring import classify
+from mplug_jax.scoring import checks, classify
 
 LABELS = tuple(sorted(sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get))
 
 
 def load_gold(annotation: str) -> dict[int, str]:
     """{record index: class name} of an official SNLI-VE json (images are not needed)."""
-    src = sources.snli_ve(annotation, "", max_skip_rate=1.0)
+    with checks.reading_annotations():
+        src = sources.snli_ve(annotation, "", max_skip_rate=1.0)
     return {i: LABELS[r["label"]] for i, r in enumerate(src)}
 
 
 def score_file(results: str, annotations: str) -> dict:
     """Accuracy metrics (`scoring.classify.score_rows`) of a result file."""
-    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS)
+    return classify.score_rows(classify.load_rows(results), load_gold(annotations), LABELS,
+                              results)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Mapping
 
+from mplug_jax.scoring import checks
+
 RESULT_FILE = "video_qa_result.json"
 
 
@@ -47,19 +49,12 @@ def load_answers(annotations_path: str) -> dict[int, str]:
 
 
 def load_results(results_path: str) -> dict[int, str]:
-    """{question_id: answer} of a result file (JSON array of {question_id, answer})."""
-    with open(results_path, encoding="utf-8") as f:
-        rows = json.load(f)
-    if not isinstance(rows, list):
-        raise ValueError(f"{results_path}: expected a JSON array of {{question_id, answer}}")
-    out = {}
-    for i, r in enumerate(rows):
-        if not (isinstance(r, dict) and isinstance(r.get("answer"), str)
-                and isinstance(r.get("question_id"), int)):
-            raise ValueError(f"{results_path} entry {i}: expected {{'question_id': int, "
-                             f"'answer': str}}, got {r!r:.100}")
-        out[r["question_id"]] = r["answer"]
-    return out
+    """{question_id: answer} of a result file (non-empty JSON array of {question_id: int,
+    answer: str}, ids unique; `checks.ScoreInputError` otherwise)."""
+    rows = checks.check_rows(results_path, checks.read_json(results_path),
+                             {"question_id": checks.INT, "answer": checks.STR},
+                             key="question_id", what="{question_id, answer} objects")
+    return {r["question_id"]: r["answer"] for r in rows}
 
 
 def score_file(results_path: str, annotations_path: str) -> dict:

@@ -21,9 +21,10 @@ Result files: [{"question_id", "answer"}] (what the VQA evaluator writes as vqa_
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Mapping, Sequence
+
+from mplug_jax.scoring import checks
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -193,8 +194,7 @@ def annotations_from_records(records: Sequence[Mapping]) -> dict:
 
 def load_annotations(path: str) -> dict:
     """{question_id: annotation} of an annotation file in any format of the module doc."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = checks.read_json(path, "annotations")
     if isinstance(data, Mapping):
         if not isinstance(data.get("annotations"), list):
             raise ValueError(f"{path}: a JSON object must be VQA v2 annotations with an "
@@ -206,19 +206,12 @@ def load_annotations(path: str) -> dict:
 
 
 def load_results(path: str) -> dict:
-    """{question_id: answer} of a result file [{"question_id", "answer"}]."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of {{question_id, answer}}")
-    out = {}
-    for i, r in enumerate(data):
-        if not isinstance(r, Mapping) or "question_id" not in r or "answer" not in r:
-            raise ValueError(f"{path} entry {i} is not {{question_id, answer}}: {r!r:.80}")
-        if r["question_id"] in out:
-            raise ValueError(f"{path}: question_id {r['question_id']} answered twice")
-        out[r["question_id"]] = r["answer"]
-    return out
+    """{question_id: answer} of a result file [{"question_id", "answer"}] (non-empty, ids
+    unique, answers strings; `checks.ScoreInputError` otherwise)."""
+    rows = checks.check_rows(path, checks.read_json(path), {"question_id": checks.ID,
+                                                             "answer": checks.STR},
+                             key="question_id", what="{question_id, answer} objects")
+    return {r["question_id"]: r["answer"] for r in rows}
 
 
 def score_file(results_path: str, annotations_path: str) -> dict:

@@ -1,5 +1,6 @@
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -119,15 +120,17 @@ def test_grounding_json_tuples_and_pth(tmp_path):
                                "/f", flickr=True)
     assert flickr[0]["bbox"] == [5.0, 6.0, 10.0, 20.0]
     pth = tmp_path / "unc_testA.pth"
+    pth.write_bytes(pickle.dumps([("a.jpg", 0, [1, 2, 3, 4], "Cat", [])]))  # no torch needed
+    assert sources.grounding(str(pth), "/imgs")[0]["bbox"] == [1.0, 2.0, 3.0, 4.0]
     try:
         import torch
     except ImportError:
-        pth.write_bytes(b"not really torch")
-        with pytest.raises(DataError, match="torch is not installed"):
-            sources.grounding(str(pth), "/imgs")
         return
     torch.save([("a.jpg", 0, [1, 2, 3, 4], "Cat", [])], pth)
     assert sources.grounding(str(pth), "/imgs")[0]["bbox"] == [1.0, 2.0, 3.0, 4.0]
+    pth.write_bytes(b"not really torch")
+    with pytest.raises(DataError, match=f"cannot read {pth}: truncated"):
+        sources.grounding(str(pth), "/imgs")
 
 
 def test_nlvr2_and_snli_ve(tmp_path):
