@@ -46,7 +46,7 @@ def parse_sequence(argument: Any) -> list:
     text = argument.strip()
     if not text:
         return []
-    if text[0] in "[(":
+    if text[0] in "[({":
         try:
             value = json.loads(text)
         except ValueError:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
 from mplug_jax import config_args, config_checks, trainer
 
 GROUPS = ("params", "opt_state", "momentum", "queues", "other")
@@ -112,6 +111,7 @@ def state_table(config, mesh=None) -> str:
       config: a run config (`mesh.shape`, `mesh.sharding`, model, task, optim).
       mesh: optional mesh (default: `config.mesh.shape` over all devices).
     """
+    config_checks.check(config, training=mesh is None, files=False)
     s = trainer.setup(config, steps_per_epoch=1000, mesh=mesh)
     rows = leaf_rows(s.abstract, s.shardings, s.mesh)
     cols = [("leaf", "path"), ("shape", "shape"), ("dtype", "dtype"), ("spec", "spec"),
