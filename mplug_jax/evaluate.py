@@ -19,6 +19,7 @@ import jax
 from etils import epath
 
 from mplug_jax import config_checks, trainer
+from mplug_jax.errors import ConfigError
 from mplug_jax.evaluators import common as evaluators
 
 
@@ -54,7 +55,7 @@ def evaluate(config, checkpoint: str, out_dir: str, step: int = 0, log=print) ->
     config_checks.check(eval_config(config, checkpoint, step))
     bad_out = config_checks.unwritable(out_dir, "--out")
     if bad_out:
-        raise config_checks.ConfigError(bad_out)
+        raise ConfigError(bad_out)
     t0 = time.perf_counter()
     s, params = load_params(config, checkpoint, step)
     log(f"loaded {checkpoint} for task {config.task.name!r} in {time.perf_counter() - t0:.0f}s")
