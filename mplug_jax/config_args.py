@@ -133,6 +133,7 @@ def parse_flags(argv: Sequence[str], extra_flags=None, lock: bool = True):
     if extra_flags is not None:
         extra_flags(fv)
     specs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    specs += [b for a, b in zip(argv[1:], argv[2:]) if a == "--config"]  # `--config FILE`
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     if not specs:
         raise ConfigError("--config is required, e.g. --config=configs/pretrain.py:tiny")

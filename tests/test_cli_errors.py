@@ -81,7 +81,7 @@ def test_every_list_and_tuple_field_is_overridable(path):
         assert config_args.load_config(spec, [f"--config.{k}={text}"])[k] == \
             tuple(reversed(old)), k
     # The run entry (locked config) reads them the same way.
-    fv = config_args.parse_flags(["main", f"--config={spec}"] + comma[:1], lock=True)
+    fv = config_args.parse_flags(["main", "--config", spec] + comma[:1], lock=True)
     if lists:
         assert fv.config[lists[0]] == ["x.json", "y/z.json"]
 
