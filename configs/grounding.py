@@ -23,7 +23,7 @@ the `configs/pretrain.py:tiny` workdir), `refcoco_base|refcocop_base|refcocog_ba
   python -m mplug_jax.main --config=configs/grounding.py:tiny,mode=smoke --workdir=DIR \
     --config.init.checkpoint=PRETRAIN_WORKDIR
   mplug-jax evaluate --config configs/grounding.py:refcoco_large --checkpoint DIR \
-    --config.input.data_root=ln_data --config.input.split_root=data
+    --config.input.data_root=ln_data --config.input.split_root=data --out DIR/eval
   mplug-jax predict --checkpoint DIR --task ground --image photo.jpg \
     --text "the man on the left" --out boxed.png
 

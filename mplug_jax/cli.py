@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from mplug_jax import errors
+
 
 def _parity(args) -> int:
     import jax
@@ -237,8 +239,7 @@ def _score(args) -> int:
 
 def _train(rest: list[str]) -> int:
     from mplug_jax import main as train_main
-    train_main.cli(["mplug-jax train"] + rest)  # absl app: exits with the run's status
-    return 0
+    return train_main.run(["mplug-jax train"] + rest)
 
 
 class _ConfigOverridesParser(argparse.ArgumentParser):
@@ -265,6 +266,8 @@ def _reexec_with_cpu_devices(args) -> None:
     if os.environ.get("MPLUG_FAKE_DEVICES") == n:
         return
     env = dict(os.environ, MPLUG_FAKE_DEVICES=n, JAX_PLATFORMS="cpu")
+    if getattr(args, "debug", False):
+        env[errors.DEBUG_ENV] = "1"
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     fast = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
@@ -423,19 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run `mplug-jax ARGV`; returns the exit status. Config and input errors of every command
+    print one `error:` line and give 2 (`mplug_jax.errors`; `--debug` before or after the
+    command, or MPLUG_JAX_DEBUG=1, shows their traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     # Config files (configs/*.py) import `configs.common`: resolve them from the working
     # directory, as `python -m mplug_jax.main` does.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    debug = errors.debug_requested(argv)
+    argv = errors.without_debug(argv)
     if argv and argv[0] == "train":
-        return _train(argv[1:])
+        return errors.guarded(lambda: _train(argv[1:]), debug)
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args.debug = debug  # kept by a re-exec (_reexec_with_cpu_devices)
+    return errors.guarded(lambda: int(args.fn(args) or 0), debug)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ import flax.linen as nn
 import jax
 from etils import epath
 
-from mplug_jax import trainer
+from mplug_jax import config_checks, trainer
+from mplug_jax.errors import ConfigError
 from mplug_jax.evaluators import common as evaluators
 
 
-def load_params(config, checkpoint: str, step: int = 0):
-    """(Setup, params sharded as the config's train state would hold them) from `checkpoint`."""
+def eval_config(config, checkpoint: str, step: int = 0):
+    """A copy of `config` that initialises from `checkpoint` at `step` (`init.checkpoint`; no
+    CLIP / BERT) and has one train step if it had none (the train state's shapes need it)."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if "init" not in config:
@@ -31,6 +33,12 @@ def load_params(config, checkpoint: str, step: int = 0):
         config.init.update(clip="", bert="", checkpoint=str(checkpoint), step=int(step))
         if config.total_steps <= 0 and config.total_epochs <= 0:
             config.total_steps = 1
+    return config
+
+
+def load_params(config, checkpoint: str, step: int = 0):
+    """(Setup, params sharded as the config's train state would hold them) from `checkpoint`."""
+    config = eval_config(config, checkpoint, step)
     s = trainer.setup(config, 1)
     init = jax.jit(lambda k: nn.meta.unbox(s.task.init_params(k)),
                    out_shardings=s.shardings.params)
@@ -43,6 +51,11 @@ def evaluate(config, checkpoint: str, out_dir: str, step: int = 0, log=print) ->
     Returns {eval name: metrics}; writes `<out_dir>/metrics.json` and the result files."""
     if not config.get("evals"):
         raise ValueError(f"config (task {config.task.name!r}) has no evals to run")
+    # Every input named (the checkpoint as init.checkpoint) exists, before anything is built.
+    config_checks.check(eval_config(config, checkpoint, step))
+    bad_out = config_checks.unwritable(out_dir, "--out")
+    if bad_out:
+        raise ConfigError(bad_out)
     t0 = time.perf_counter()
     s, params = load_params(config, checkpoint, step)
     log(f"loaded {checkpoint} for task {config.task.name!r} in {time.perf_counter() - t0:.0f}s")

@@ -3,36 +3,51 @@
     python -m mplug_jax.main --config=configs/pretrain.py:tiny --workdir=DIR [--config.x=y ...]
 
 `--config` is an ml_collections config file with its argument after ':'; every field can be
-overridden with `--config.a.b=value`. The run resumes automatically from DIR's checkpoints.
+overridden with `--config.a.b=value` (list fields: `a.json,b.json` or `'["a.json", "b.json"]'`,
+see `mplug_jax.config_args`). The run resumes automatically from DIR's checkpoints.
+
+A bad config or input prints one `error: ...` line and exits with status 2 (`--debug` or
+MPLUG_JAX_DEBUG=1: the traceback, see `mplug_jax.errors`); a run stopped by SIGTERM exits 143.
 """
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+from mplug_jax import config_args, errors
 
 
-def main(argv) -> None:
-    del argv
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", flag_values=fv)
+    flags.DEFINE_bool("debug", False, "Show the traceback of config and input errors.",
+                      flag_values=fv)
+
+
+def run(argv: list[str]) -> int:
+    """Parse `argv` (argv[0]: the program name) and train; returns the exit status (0 done,
+    143 stopped by SIGTERM). Config and input errors raise (`mplug_jax.errors`)."""
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip())
+        return 0
+    fv = config_args.parse_flags(argv, _define_flags, lock=True)
+    if not fv.workdir:
+        raise errors.ConfigError("--workdir is required (the run directory)")
+    flags.FLAGS.mark_as_parsed()  # absl logging: no "logging before flag parsing" notice
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint stage at INFO
     from mplug_jax import distributed
     distributed.maybe_initialize()  # no-op for single-process runs
     from mplug_jax import trainer
-    result = trainer.run(_CONFIG.value, _WORKDIR.value)
-    if result["stopped"] != "done":
-        sys.exit(143)  # 128 + SIGTERM: the scheduler sees the preemption
+    result = trainer.run(fv.config, fv.workdir)
+    return 0 if result["stopped"] == "done" else 143  # 128 + SIGTERM: the scheduler sees it
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse absl flags from `argv` (default sys.argv) and run; used by `mplug-jax train`."""
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, argv=argv)
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m mplug_jax.main ARGS` (and `mplug-jax train ARGS` through `mplug_jax.cli`):
+    train, with config and input errors as one line (`errors.guarded`). Returns the status."""
+    argv = list(sys.argv if argv is None else argv)
+    return errors.guarded(lambda: run(argv), debug=errors.debug_requested(argv[1:]))
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

@@ -19,41 +19,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from absl import flags
-from ml_collections import config_flags
 
-from mplug_jax import trainer
+from mplug_jax import config_args, config_checks, trainer
 
 GROUPS = ("params", "opt_state", "momentum", "queues", "other")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()):
-    """A config from `path[:arg]` plus `--config.a.b=value` overrides (ml_collections syntax).
+    """A config from `path[:arg]` plus `--config.a.b=value` overrides (ml_collections syntax;
+    `config_args.load_config`, whose errors are one-line `ConfigError`s).
 
     Args:
       spec: e.g. 'configs/pretrain.py:large'.
       overrides: e.g. ['--config.model.dtype=bfloat16'] (the leading '--' is optional).
     """
-    # Config files import `configs.common`: make their repository importable.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(spec.split(":", 1)[0])))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    args = ["plan", f"--config={spec}"] + [o if o.startswith("--") else "--" + o
-                                           for o in overrides]
-    bad = [a for a in args[2:] if not a.startswith("--config.")]
-    if bad:
-        raise ValueError(f"config overrides must look like --config.a.b=value, got {bad}")
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
-                                    lock_config=False, sys_argv=args)
-    fv(args)
-    return fv.config
+    return config_args.load_config(spec, overrides)
 
 
 def _path(keypath) -> str:
@@ -127,6 +111,7 @@ def state_table(config, mesh=None) -> str:
       config: a run config (`mesh.shape`, `mesh.sharding`, model, task, optim).
       mesh: optional mesh (default: `config.mesh.shape` over all devices).
     """
+    config_checks.check(config, training=mesh is None, files=False)
     s = trainer.setup(config, steps_per_epoch=1000, mesh=mesh)
     rows = leaf_rows(s.abstract, s.shardings, s.mesh)
     cols = [("leaf", "path"), ("shape", "shape"), ("dtype", "dtype"), ("spec", "spec"),
@@ -189,6 +174,8 @@ def plan(config, mesh=None, device_memory_gb: float = 40.0) -> Plan:
       mesh: optional mesh (default: `config.mesh.shape` over all devices).
       device_memory_gb: memory of one target device, for `Plan.fits` (10^9 bytes).
     """
+    # Input files are not read; the batch split is checked against `mesh` by `setup`.
+    config_checks.check(config, training=mesh is None, files=False)
     s = trainer.setup(config, steps_per_epoch=max(
         config.input.train_size // config.input.batch_size, 1), mesh=mesh)
     batch = _batch_abstract(s, config)

@@ -48,6 +48,28 @@ def rules(name: str) -> tuple:
     return RULES[name]
 
 
+def mesh_sizes(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """{axis: size} of a mesh `shape` on `n_devices` (the -1 axis resolved); ValueError when
+    the shape is invalid or needs more devices than there are."""
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
+    if any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be >= 1 (or -1: the rest), got {dict(shape)}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ValueError(f"{n_devices} devices do not divide into mesh {dict(shape)}")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    if math.prod(sizes) > n_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"have {n_devices}")
+    return dict(zip(MESH_AXES, sizes))
+
+
 def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     """Mesh over `devices` (default all) from {data, fsdp, tensor} sizes; one size may be -1
     (the rest of the devices). A fully explicit shape smaller than the device count uses the
@@ -58,20 +80,7 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
       devices: optional device list (tests build a 1-device mesh this way).
     """
     devices = list(devices if devices is not None else jax.devices())
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {MESH_AXES}")
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % fixed:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(shape)}")
-        sizes[sizes.index(-1)] = len(devices) // fixed
-    if math.prod(sizes) > len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"have {len(devices)}")
+    sizes = list(mesh_sizes(shape, len(devices)).values())
     if math.prod(sizes) < len(devices):  # an explicit smaller shape uses the first devices
         logging.warning("mesh %s uses %d of %d devices", dict(zip(MESH_AXES, sizes)),
                         math.prod(sizes), len(devices))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from mplug_jax import checkpoint as ckpt_lib
+from mplug_jax import config_checks
 from mplug_jax import distributed
 from mplug_jax import metrics as mlib
 from mplug_jax import optim
@@ -257,6 +258,7 @@ def run(config, workdir: str) -> dict:
        'state': the final TrainState}.
     """
     config = config.copy_and_resolve_references()
+    config_checks.check(config, workdir=workdir)  # before anything is built or written
     workdir = workdir_lib.resolve(workdir)
     workdir_lib.write_config(workdir, config)
     task_cls = tasks.get_class(config.task.name)

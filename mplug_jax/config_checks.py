@@ -1,0 +1,196 @@
+"""Checks of a whole run config before anything is built: `check(config, ...)`.
+
+Called first by `trainer.run`, `evaluate.evaluate` and `plan.plan`, so a bad value or a missing
+input file stops a run in a second with one `ConfigError` that lists every problem found,
+instead of failing minutes later inside the input pipeline, the optimizer or a compile.
+
+What is checked (fields are found by name anywhere in the config, so every task's config is
+covered; a field a config lacks is skipped):
+
+- `task.name` is a task module;
+- value ranges: sizes and counts >= 1 (`batch_size`, `beam_size`, `max_length`, ...), steps,
+  rates and weights >= 0, fractions in [0, 1]; `min_length <= max_length` wherever a block has
+  both (the decoding settings);
+- training: exactly one of `total_steps` / `total_epochs` set; `input.batch_size` divisible by
+  the processes and by the mesh's batch shards times `optim.accum_steps`;
+- the workdir can be written (or created);
+- input files: every path a config names (annotation lists, image / video roots, dataset
+  folders, `init.*` checkpoints, `resume`) exists; `init.*` and `resume` only for a run that
+  starts fresh (they are not read when the workdir already holds a checkpoint). URLs
+  (gs://...) are not checked here.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterator
+
+import ml_collections
+from etils import epath
+
+from mplug_jax.errors import ConfigError
+
+_AT_LEAST_ONE = re.compile(
+    r"(.*_)?batch_size|beam_size|max_length|max_(\w+_)?tokens|max_words|max_answers|"
+    r"max_decode_len|num_frames|(log|ckpt)_every_steps|keep_ckpts|max_nonfinite_steps|"
+    r"accum_steps|k_test|rank_k|top_n|sim_chunk|(captions|refs)_per_\w+")
+_NON_NEGATIVE = re.compile(
+    r"workers|warmup_steps|total_steps|total_epochs|every_steps|log_every(_\w+)?|lr|end_lr|"
+    r"wd|clip_norm|(eval|train)_size|min_length|num_examples|limit|queue_size|mult|step|"
+    r"peak_flops|targets_per_question|gather_length|(\w+_)?warmup_epochs|num_samples|top_k|"
+    r"temperature|eps")
+_FRACTION = re.compile(r"max_skip_rate|mask_prob|momentum|distill_alpha|b1|b2|top_p")
+# Path fields by name (`synthetic_dir` is not one: it is created on first use).
+_PATH = re.compile(r"(\w+_)?annotations|(\w+_)?files?|(\w+_)?root|tfds_dir|eval_labels|"
+                   r"answer_list")
+_INIT_PATHS = ("clip", "bert", "checkpoint", "config_bert", "config_yaml")
+
+
+def _leaves(c, prefix: str = "") -> Iterator[tuple[str, str, Any, Any]]:
+    """(dotted path, field name, value, parent ConfigDict) of every non-ConfigDict field."""
+    for key, value in c.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, key, value, c
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def range_problems(config) -> list[str]:
+    """Out-of-range values: one message per field."""
+    out = []
+    for path, name, value, parent in _leaves(config):
+        if not _number(value) or path.startswith("model.") or path.startswith("mesh."):
+            continue
+        # (NaN passes: the trainer's non-finite handling is tested with a NaN learning rate.)
+        if _AT_LEAST_ONE.fullmatch(name) and value < 1:
+            out.append(f"{path} must be >= 1, got {value}")
+        elif (_NON_NEGATIVE.fullmatch(name) or path.startswith("task.loss_weights.")) \
+                and value < 0:
+            out.append(f"{path} must be >= 0, got {value}")
+        elif _FRACTION.fullmatch(name) and not 0 <= value <= 1:
+            out.append(f"{path} must be in [0, 1], got {value}")
+        if name == "max_length" and _number(parent.get("min_length")) and \
+                parent.min_length > value:
+            block = path[:-len(name)]
+            out.append(f"{block}min_length {parent.min_length} > {block}max_length {value}")
+    return out
+
+
+def training_problems(config) -> list[str]:
+    """Step count and batch divisibility (needs the device count: JAX starts here)."""
+    out = []
+    steps, epochs = config.get("total_steps", 0), config.get("total_epochs", 0)
+    if _number(steps) and _number(epochs) and (steps > 0) == (epochs > 0):
+        out.append(f"set exactly one of total_steps / total_epochs to a value > 0, got "
+                   f"{steps} / {epochs}")
+    inp, optim = config.get("input"), config.get("optim")
+    batch = inp.get("batch_size") if inp is not None else None
+    if not isinstance(batch, int) or batch < 1 or "mesh" not in config:
+        return out
+    import jax
+    from mplug_jax import sharding
+    if config.mesh.get("sharding") not in sharding.RULES:
+        out.append(f"unknown mesh.sharding {config.mesh.get('sharding')!r}; valid: "
+                   f"{sorted(sharding.RULES)}")
+    try:
+        sizes = sharding.mesh_sizes(config.mesh.shape, jax.device_count())
+    except ValueError as err:
+        return out + [f"mesh.shape: {err}"]
+    accum = optim.get("accum_steps", 1) if optim is not None else 1
+    shards = sizes["data"] * sizes["fsdp"]
+    if isinstance(accum, int) and accum >= 1 and batch % (shards * accum):
+        out.append(f"input.batch_size {batch} must be divisible by the {shards} batch shards "
+                   f"(mesh {sizes} on {jax.device_count()} devices) times optim.accum_steps "
+                   f"{accum}")
+    if batch % jax.process_count():
+        out.append(f"input.batch_size {batch} is not divisible by the {jax.process_count()} "
+                   "processes")
+    return out
+
+
+def _exists(path: str) -> bool:
+    return "://" in path or epath.Path(path).exists()
+
+
+def missing_inputs(config, fresh: bool = True) -> list[str]:
+    """'field: path, path' for every configured input path that does not exist."""
+    found: dict[str, list[str]] = {}
+    for path, name, value, _ in _leaves(config):
+        top = path.split(".", 1)[0]
+        if top == "init":
+            if not fresh or name not in _INIT_PATHS:
+                continue
+        elif path == "resume":
+            if not fresh:
+                continue
+        elif not (_PATH.fullmatch(name) or ".roots." in f".{path}"):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        gone = [v for v in values if isinstance(v, str) and v and not _exists(v)]
+        if gone:
+            found[path] = gone
+    return [f"{k}: {', '.join(v)}" for k, v in found.items()]
+
+
+def unwritable(folder, what: str) -> str | None:
+    """Why `folder` (created if missing) cannot be written, or None. URLs are not checked."""
+    text = str(folder)
+    if "://" in text:
+        return None
+    path = os.path.abspath(text)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{what} {text} cannot be created: {probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (f"{what} {text} is not writable ({probe} does not allow writing)"
+                if probe == path else f"{what} {text} cannot be created ({probe} does not "
+                                      "allow writing)")
+    return None
+
+
+def has_checkpoint(workdir) -> bool:
+    """Whether `workdir` holds a checkpoint step folder (so `init` / `resume` are not read)."""
+    if workdir is None:
+        return False
+    ckpt = epath.Path(str(workdir)) / "ckpt"
+    try:
+        return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    except OSError:
+        return False
+
+
+def check(config, *, workdir=None, training: bool = True, files: bool = True) -> None:
+    """Raise one `ConfigError` naming every problem of `config` (see the module docstring).
+
+    Args:
+      config: a run config (ConfigDict).
+      workdir: the run's workdir: it must be writable (or creatable); a checkpoint there means
+        `init` / `resume` are not read.
+      training: also check the step count and the batch split over devices.
+      files: also check that the configured input paths exist.
+    """
+    from mplug_jax import tasks
+    problems = []
+    name = config.task.get("name") if "task" in config else None
+    if name not in tasks.available():
+        problems.append(f"unknown task {name!r} (config.task.name); valid: {tasks.available()}")
+    problems += range_problems(config)
+    if training:
+        problems += training_problems(config)
+    if problems:
+        raise ConfigError("bad config: " + "; ".join(problems))
+    bad_workdir = unwritable(workdir, "workdir") if workdir is not None else None
+    if bad_workdir:
+        raise ConfigError(bad_workdir)
+    if files:
+        missing = missing_inputs(config, fresh=not has_checkpoint(workdir))
+        if missing:
+            raise ConfigError("missing input files or folders (relative paths are from the "
+                              "working directory): " + "; ".join(missing))
