@@ -98,8 +98,10 @@ class Checkpointer:
         try:
             return self.restore(step, abstract_state, shardings, data_iter)
         except Exception as err:  # noqa: BLE001 - any failure to read the files
-            raise CheckpointError(f"checkpoint step {step} of {self.directory} cannot be "
-                                  f"read: {_brief(err)}") from None
+            why = _brief(err)
+        # Raised here, not in `except`: the orbax error (and its pending futures) is let go.
+        raise CheckpointError(f"checkpoint step {step} of {self.directory} cannot be read: "
+                              f"{why}")
 
     def restore_latest(self, abstract_state: Any, shardings: Any, data_iter: Any,
                        warn: Callable[[str], None] = _warn) -> tuple[Any, int] | None:
@@ -127,6 +129,23 @@ class Checkpointer:
             warn(f"skipping checkpoint step {step} of {self.directory}: {why}")
         raise CheckpointError(f"no checkpoint of {self.directory} can be read ("
                               + "; ".join(reasons) + ")")
+
+    def set_aside(self, after: int) -> list[str]:
+        """Rename the step directories newer than `after` (unreadable ones that a resume
+        from `after` skipped) to `<step>.unreadable[-k]`, out of orbax's sight, so the run can
+        save those steps again; kept for inspection. Returns the new names (process 0)."""
+        moved = []
+        if jax.process_index() == 0:
+            for step in self.all_steps():
+                if step > after:
+                    target, k = self.directory / f"{step}.unreadable", 1
+                    while target.exists():
+                        target, k = self.directory / f"{step}.unreadable-{k}", k + 1
+                    (self.directory / str(step)).rename(target)
+                    moved.append(target.name)
+        distributed.barrier("ckpt_set_aside")
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -365,7 +365,9 @@ def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple
         ckpt.close()  # no half-open async manager left behind
         raise
     if found is not None:
-        return found[0], f"resumed from {ckpt.directory} at step {found[1]}", found[1]
+        moved = ckpt.set_aside(found[1])
+        return found[0], f"resumed from {ckpt.directory} at step {found[1]}" + (
+            f" (unreadable newer steps kept as {', '.join(moved)})" if moved else ""), found[1]
     if config.resume:
         other = ckpt_lib.Checkpointer(workdir_lib.resolve(config.resume) / "ckpt", keep=None,
                                       async_save=False, create=False)
