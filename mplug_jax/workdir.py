@@ -93,7 +93,7 @@ def claim(workdir: epath.Path, config):
     """Hold `workdir` for one training run: the lock (`workdir_lock`), then the config check
     (`check_resumable`), both before anything is written. Process 0 decides; every process
     raises its verdict (`WorkdirBusy` / `ConfigMismatch`). The lock is released on exit."""
-    lock, verdict = None, ""
+    lock, verdict, error = None, "", None
     if jax.process_index() == 0:
         try:
             lock = WorkdirLock.acquire(workdir)
@@ -103,14 +103,18 @@ def claim(workdir: epath.Path, config):
             elif lock.note:
                 print(f"{workdir}: {lock.note}", flush=True)
             check_resumable(workdir, config)
-        except (WorkdirBusy, ConfigMismatch) as err:
+        except Exception as err:  # noqa: BLE001 - every process must hear of it, then raise
             if lock is not None:
                 lock.release()
-            verdict = f"{type(err).__name__}:{err}"
+            error, verdict = err, f"{type(err).__name__}:{err}"
     verdict = distributed.from_process0("claim", verdict)
+    if error is not None:
+        raise error
     if verdict:
         kind, msg = verdict.split(":", 1)
-        raise (WorkdirBusy if kind == "WorkdirBusy" else ConfigMismatch)(msg)
+        raise {"WorkdirBusy": WorkdirBusy, "ConfigMismatch": ConfigMismatch}.get(
+            kind, RuntimeError)(msg if kind in ("WorkdirBusy", "ConfigMismatch") else
+                                f"process 0 could not claim {workdir}: {verdict}")
     try:
         yield
     finally:
