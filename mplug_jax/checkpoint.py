@@ -5,8 +5,9 @@ Layout under `<workdir>/ckpt/<step>/`: `state/` (the TrainState pytree, sharded 
 asynchronous (the device-to-host copy happens before `save` returns, so the donated state can
 be reused at once); `keep_ckpts` newest are kept. Which steps exist, and which is the newest,
 is orbax's answer (only finalised saves count); a finalised step that cannot be read (a
-damaged file) is skipped by `restore_latest` for the one before it. Multi-process preemption: `reached_preemption`
-is orbax's, which asks JAX's preemption sync manager for the step every process can reach.
+damaged file) is skipped by `restore_latest` for the one before it. Multi-process preemption:
+`reached_preemption` is orbax's, which asks JAX's preemption sync manager for the step every
+process can reach.
 """
 from __future__ import annotations
 

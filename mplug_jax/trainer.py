@@ -283,8 +283,9 @@ def _train(config, workdir) -> dict:
     state, origin, own_step = _initial_state(config, s, ckpt, data)
     _log(origin)
     workdir_lib.write_config(workdir, config)  # only now: a failed restore leaves the old one
-    for msg in filter(None, [writer.keep_until(own_step)]):
-        _log(msg)
+    dropped = writer.keep_until(own_step)  # rows the restored state has not seen
+    if dropped:
+        _log(dropped)
     first = int(jax.device_get(state.step))
     b = config.input.batch_size
     peak, how = mlib.peak_flops_per_device(config.peak_flops)
