@@ -92,7 +92,8 @@ def check_resumable(workdir: epath.Path, config) -> None:
 def claim(workdir: epath.Path, config):
     """Hold `workdir` for one training run: the lock (`workdir_lock`), then the config check
     (`check_resumable`), both before anything is written. Process 0 decides; every process
-    raises its verdict (`WorkdirBusy` / `ConfigMismatch`). The lock is released on exit."""
+    raises its verdict (`WorkdirBusy` / `ConfigMismatch`). The lock is released on exit
+    (on kill -9 the kernel drops it)."""
     lock, verdict, error = None, "", None
     if jax.process_index() == 0:
         try:
@@ -112,9 +113,9 @@ def claim(workdir: epath.Path, config):
         raise error
     if verdict:
         kind, msg = verdict.split(":", 1)
-        raise {"WorkdirBusy": WorkdirBusy, "ConfigMismatch": ConfigMismatch}.get(
-            kind, RuntimeError)(msg if kind in ("WorkdirBusy", "ConfigMismatch") else
-                                f"process 0 could not claim {workdir}: {verdict}")
+        known = {"WorkdirBusy": WorkdirBusy, "ConfigMismatch": ConfigMismatch}
+        raise known[kind](msg) if kind in known else RuntimeError(
+            f"process 0 could not claim {workdir}: {verdict}")
     try:
         yield
     finally:
