@@ -4,17 +4,39 @@ Layout under `<workdir>/ckpt/<step>/`: `state/` (the TrainState pytree, sharded 
 `data_iter/` (`process_<i>-of-<n>.json`, one grain iterator state per process). Saves are
 asynchronous (the device-to-host copy happens before `save` returns, so the donated state can
 be reused at once); `keep_ckpts` newest are kept. Which steps exist, and which is the newest,
-is orbax's answer (only finalised saves count). Multi-process preemption: `reached_preemption`
-is orbax's, which asks JAX's preemption sync manager for the step every process can reach.
+is orbax's answer (only finalised saves count); a finalised step that cannot be read (a
+damaged file) is skipped by `restore_latest` for the one before it. Multi-process preemption:
+`reached_preemption` is orbax's, which asks JAX's preemption sync manager for the step every
+process can reach.
 """
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from grain import checkpoint as grain_ckpt
+
+from mplug_jax import distributed
+from mplug_jax.errors import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """No checkpoint (or not the requested one) could be read."""
+
+
+def _brief(err: BaseException) -> str:
+    """'Type: first line' of an error, cut short (tensorstore errors carry a whole spec)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text.split(" See full TensorStore details")[0]
+    return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _warn(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
 
 
 def resolve(path: str | epath.Path) -> epath.Path:
@@ -71,6 +93,61 @@ class Checkpointer:
             args["data_iter"] = grain_ckpt.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         return out["state"]
+
+    def restore_step(self, step: int, abstract_state: Any, shardings: Any,
+                     data_iter: Any) -> Any:
+        """`restore`, with a one-line `CheckpointError` when the step cannot be read."""
+        try:
+            return self.restore(step, abstract_state, shardings, data_iter)
+        except Exception as err:  # noqa: BLE001 - any failure to read the files
+            why = _brief(err)
+        # Raised here, not in `except`: the orbax error (and its pending futures) is let go.
+        raise CheckpointError(f"checkpoint step {step} of {self.directory} cannot be read: "
+                              f"{why}")
+
+    def restore_latest(self, abstract_state: Any, shardings: Any, data_iter: Any,
+                       warn: Callable[[str], None] = _warn) -> tuple[Any, int] | None:
+        """(state, step) of the newest finalised step that every process can read, or None
+        when there is no step at all.
+
+        A step that fails to restore (damaged or truncated files, an empty iterator state,
+        a state that does not fit `abstract_state`) is skipped with a warning naming it and
+        why, and the one before it is tried; `CheckpointError` when none can be read. The
+        processes of a multi-process run agree on each step (one unreadable part skips it
+        everywhere)."""
+        steps = self.all_steps()
+        if not steps:
+            return None
+        reasons = []
+        for step in reversed(steps):
+            state, why = None, "unreadable on another process"
+            try:
+                state = self.restore(step, abstract_state, shardings, data_iter)
+            except Exception as err:  # noqa: BLE001 - any failure to read the files
+                why = _brief(err)
+            if distributed.all_true(f"restore_{step}", state is not None):
+                return state, step
+            reasons.append(f"step {step}: {why}")
+            warn(f"skipping checkpoint step {step} of {self.directory}: {why}")
+        raise CheckpointError(f"no checkpoint of {self.directory} can be read ("
+                              + "; ".join(reasons) + ")")
+
+    def set_aside(self, after: int) -> list[str]:
+        """Rename the step directories newer than `after` (unreadable ones that a resume
+        from `after` skipped) to `<step>.unreadable[-k]`, out of orbax's sight, so the run can
+        save those steps again; kept for inspection. Returns the new names (process 0)."""
+        moved = []
+        if jax.process_index() == 0:
+            for step in self.all_steps():
+                if step > after:
+                    target, k = self.directory / f"{step}.unreadable", 1
+                    while target.exists():
+                        target, k = self.directory / f"{step}.unreadable-{k}", k + 1
+                    (self.directory / str(step)).rename(target)
+                    moved.append(target.name)
+        distributed.barrier("ckpt_set_aside")
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

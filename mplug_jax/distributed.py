@@ -60,6 +60,17 @@ def maybe_initialize() -> None:
                 jax.device_count())
 
 
+def _client():
+    from jax._src import distributed as jax_distributed  # the client orbax's barriers use too
+    return jax_distributed.global_state.client
+
+
+def _key(name: str) -> str:
+    global _barriers
+    _barriers += 1  # every process makes the same calls in the same order
+    return f"mplug_{name}_{_barriers}"
+
+
 def barrier(name: str, timeout_s: int = 1800) -> None:
     """Wait until every process has reached this point; nothing in a single-process run.
 
@@ -67,10 +78,29 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
     give up after 30 s, so the first one after a compile fails when another process is still
     compiling (a loaded host compiles the same program much later). Call it after each compile
     that precedes a collective."""
-    global _barriers
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed  # the client orbax's barriers use too
-    _barriers += 1  # every process calls the same barriers in the same order
-    jax_distributed.global_state.client.wait_at_barrier(f"mplug_{name}_{_barriers}",
-                                                        timeout_s * 1000)
+    _client().wait_at_barrier(_key(name), timeout_s * 1000)
+
+
+def from_process0(name: str, value: str, timeout_s: int = 1800) -> str:
+    """Process 0's `value` on every process (e.g. a verdict only process 0 can reach, such as
+    the workdir lock's); `value` itself in a single-process run. Coordination service, no
+    device collective."""
+    if jax.process_count() == 1:
+        return value
+    key = _key(name)
+    if jax.process_index() == 0:
+        _client().key_value_set(key, value)
+        return value
+    return _client().blocking_key_value_get(key, timeout_s * 1000)
+
+
+def all_true(name: str, ok: bool, timeout_s: int = 1800) -> bool:
+    """Whether `ok` holds on every process (e.g. each read its part of a checkpoint)."""
+    if jax.process_count() == 1:
+        return ok
+    key, client = _key(name), _client()
+    client.key_value_set(f"{key}/{jax.process_index()}", "1" if ok else "0")
+    return all(client.blocking_key_value_get(f"{key}/{i}", timeout_s * 1000) == "1"
+               for i in range(jax.process_count()))

@@ -4,11 +4,18 @@ Only process 0 writes. JSONL rows are `{"step": int, "<name>": float, ...}` in
 `workdir/metrics.jsonl`; TensorBoard events go to `workdir/tb/` (tensorboardX). The console
 gets one compact line per log step (`progress_line`); the full set is in the files. Workdirs
 are `etils.epath` paths (local or bucket URLs).
+
+A process killed while writing leaves a partial last line: readers skip it with a warning and
+the writer starts on a fresh line. A resumed run first drops the rows past its restored step
+(`MetricWriter.keep_until`; moved to `metrics.dropped.jsonl`), so no step appears twice.
+TensorBoard event files are append-only and are not rewritten: after a resume, TensorBoard
+shows the redone steps a second time.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import tempfile
 import time
 from typing import Iterator, Mapping
@@ -108,8 +115,42 @@ class MetricWriter:
         if self.enabled:
             workdir.mkdir(parents=True, exist_ok=True)
             self._tb = _summary_writer(workdir / "tb")
-            if not self._local and self.path.exists():
-                self._rows = [self.path.read_text()]
+            if self.path.exists():
+                text = self.path.read_text()
+                if text and not text.endswith("\n"):  # killed mid-row: the next row starts anew
+                    text += "\n"
+                    if self._local:
+                        with self.path.open("a") as f:
+                            f.write("\n")
+                if not self._local:
+                    self._rows = [text]
+
+    def keep_until(self, step: int | None) -> str | None:
+        """Drop the JSONL rows written after `step` (None: every row), e.g. by a run that
+        was killed past its last checkpoint and is being resumed, plus unparsable lines;
+        they are appended to `metrics.dropped.jsonl`. Returns a log line when any went."""
+        if not self.enabled or not self.path.exists():
+            return None
+        keep, drop = [], []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                ok = step is not None and int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            (keep if ok else drop).append(line + "\n")
+        if not drop:
+            return None
+        dropped = self.workdir / "metrics.dropped.jsonl"
+        old = dropped.read_text() if dropped.exists() else ""
+        dropped.write_text(old + "".join(drop))
+        tmp = self.workdir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(keep))
+        tmp.replace(self.path)
+        self._rows = [] if self._local else keep
+        return (f"metrics.jsonl: moved {len(drop)} rows past step {step or 0} (not in the "
+                f"restored checkpoint) to {dropped}")
 
     def write(self, step: int, scalars: Mapping[str, float], console: bool = True) -> None:
         if not self.enabled:
@@ -199,10 +240,23 @@ class CounterWatch:
 
 
 def read_jsonl(path) -> list[dict]:
+    """The rows of a JSONL file ([] when absent); unparsable lines (a row cut short by a
+    killed process) are skipped with a warning."""
     path = epath.Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            bad.append(i)
+    if bad:
+        print(f"WARNING: {path}: skipped unparsable line(s) {bad[:5]} (a row cut short when "
+              "its writer was killed?)", file=sys.stderr, flush=True)
+    return rows
 
 
 def plot_losses(workdir, out_name: str = "losses.png") -> epath.Path | None:

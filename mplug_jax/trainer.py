@@ -1,9 +1,10 @@
 """The one training loop for every task (big_vision `train.py` main, split into functions).
 
-mesh -> data -> task -> abstract state + shardings (logical axes) -> jit(init, out_shardings)
--> resume (workdir checkpoint > `config.resume` > scratch) -> AOT-compiled step (state donated,
-explicit in/out shardings) -> loop (metrics fetched on log steps; checkpoints; SIGTERM save)
--> wait for checkpoints -> evaluators -> loss-curve PNG.
+workdir lock + config check -> mesh -> data -> task -> abstract state + shardings (logical
+axes) -> jit(init, out_shardings) -> resume (newest readable workdir checkpoint >
+`config.resume` > scratch) -> AOT-compiled step (state donated, explicit in/out shardings)
+-> loop (metrics fetched on log steps; checkpoints; SIGTERM save) -> wait for checkpoints
+-> evaluators -> loss-curve PNG.
 
 The step is generic: `task.begin_step`, value_and_grad of `task.loss` (optionally accumulated
 over micro-batches), one optax update, non-finite steps skipped (params, optimizer state and
@@ -256,11 +257,18 @@ def run(config, workdir: str) -> dict:
     Returns:
       {'step': last step, 'evals': {name: metrics}, 'stopped': 'done'|'sigterm',
        'state': the final TrainState}.
+    Raises `WorkdirBusy` (another trainer holds `workdir`), `ConfigMismatch` (its checkpoints
+    are of another task or model) or `CheckpointError` (none of them can be read).
     """
     config = config.copy_and_resolve_references()
     config_checks.check(config, workdir=workdir)  # before anything is built or written
     workdir = workdir_lib.resolve(workdir)
-    workdir_lib.write_config(workdir, config)
+    with workdir_lib.claim(workdir, config):  # the lock and config check, before any write
+        return _train(config, workdir)
+
+
+def _train(config, workdir) -> dict:
+    """`run` once the workdir is held."""
     task_cls = tasks.get_class(config.task.name)
     host_iter, n_train = task_cls.train_input(config)
     t0 = time.perf_counter()
@@ -275,8 +283,12 @@ def run(config, workdir: str) -> dict:
     # No evals at all (e.g. a smoke run that drops them): nothing can be best.
     best = workdir_lib.BestKeeper(workdir, config) \
         if config.get("best", {}).get("eval") and config.get("evals") else None
-    state, origin = _initial_state(config, s, ckpt, data)
+    state, origin, own_step = _initial_state(config, s, ckpt, data)
     _log(origin)
+    workdir_lib.write_config(workdir, config)  # only now: a failed restore leaves the old one
+    dropped = writer.keep_until(own_step)  # rows the restored state has not seen
+    if dropped:
+        _log(dropped)
     first = int(jax.device_get(state.step))
     b = config.input.batch_size
     peak, how = mlib.peak_flops_per_device(config.peak_flops)
@@ -346,26 +358,32 @@ def _keep_best(best, step: int, evals: dict, state) -> None:
         _log(msg)
 
 
-def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple[Any, str]:
-    """(state, where it came from): this workdir's newest checkpoint, else the newest of
-    `config.resume`'s, else a fresh state initialised by the task from `config.init`."""
-    step = ckpt.latest_step()
-    if step is not None:
-        return ckpt.restore(step, s.abstract, s.shardings, data), \
-            f"resumed from {ckpt.directory} at step {step}"
+def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple[Any, str,
+                                                                                  int | None]:
+    """(state, where it came from, its step if it is this workdir's): this workdir's newest
+    readable checkpoint, else the newest of `config.resume`'s, else a fresh state initialised
+    by the task from `config.init`. Unreadable steps are skipped (`restore_latest`)."""
+    try:
+        found = ckpt.restore_latest(s.abstract, s.shardings, data)
+    except ckpt_lib.CheckpointError:
+        ckpt.close()  # no half-open async manager left behind
+        raise
+    if found is not None:
+        moved = ckpt.set_aside(found[1])
+        return found[0], f"resumed from {ckpt.directory} at step {found[1]}" + (
+            f" (unreadable newer steps kept as {', '.join(moved)})" if moved else ""), found[1]
     if config.resume:
         other = ckpt_lib.Checkpointer(workdir_lib.resolve(config.resume) / "ckpt", keep=None,
                                       async_save=False, create=False)
         try:
-            step = other.latest_step()
-            if step is None:
+            found = other.restore_latest(s.abstract, s.shardings, data)
+            if found is None:
                 raise FileNotFoundError(f"config.resume={config.resume!r} has no checkpoint "
                                         f"under {other.directory}")
-            state = other.restore(step, s.abstract, s.shardings, data)
         finally:
             other.close()
-        return state, f"resumed from {other.directory} at step {step}"
-    return s.task.init_from_pretrained(init_state(s, config.seed)), "started fresh"
+        return found[0], f"resumed from {other.directory} at step {found[1]}", None
+    return s.task.init_from_pretrained(init_state(s, config.seed)), "started fresh", None
 
 
 def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,

@@ -7,16 +7,21 @@ script documents; only local paths are made absolute.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import jax
 import ml_collections
 from etils import epath
 
 from mplug_jax import checkpoint as ckpt_lib
+from mplug_jax import distributed
 from mplug_jax import sharding as shd
 from mplug_jax import tasks
 from mplug_jax import train_state as ts
+from mplug_jax.errors import ConfigError
+from mplug_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
 CONFIG = "config.json"
 CKPT = "ckpt"
@@ -25,6 +30,98 @@ BEST_RECORD = "best.json"
 
 
 resolve = ckpt_lib.resolve
+
+# Model fields that leave the parameters' names and shapes alone: a run may resume with them
+# changed (e.g. bf16 compute or rematerialisation for the rest of a run).
+RESUME_SAFE_MODEL_FIELDS = frozenset({"dtype", "remat_policy", "attention_impl", "dropout_rate",
+                                      "init_std", "vision_posemb_init_std"})
+
+
+class ConfigMismatch(ConfigError):
+    """A run was started in a workdir holding a checkpointed run of another task or model."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def has_checkpoint(workdir: epath.Path) -> bool:
+    """Whether `<workdir>/ckpt/` holds any step directory (finalised or not)."""
+    ckpt = workdir / CKPT
+    return ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def check_resumable(workdir: epath.Path, config) -> None:
+    """Raise `ConfigMismatch` when `workdir` holds checkpoints of another task or model.
+
+    Compared: `task.name` and every `model` field except `RESUME_SAFE_MODEL_FIELDS`; anything
+    else (total_steps, learning rate, data, evals, ...) may change when a run is extended. A
+    workdir without checkpoints has nothing to lose and is not checked."""
+    path = workdir / CONFIG
+    if not path.exists() or not has_checkpoint(workdir):
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigMismatch(f"{path} is not valid JSON ({err}); this workdir holds "
+                             "checkpoints, so its run config cannot be checked: restore the "
+                             "file or pick another --workdir") from None
+    new = json.loads(json.dumps(config.to_dict(), default=str))  # as `write_config` saves it
+    was, now = old.get("task", {}).get("name"), new.get("task", {}).get("name")
+    if was != now:
+        diffs = [f"task {was!r} != {now!r}"]
+    else:
+        a, b = _flat(old.get("model", {})), _flat(new.get("model", {}))
+        diffs = [f"model.{k} {a.get(k, '<unset>')!r} != {b.get(k, '<unset>')!r}"
+                 for k in sorted(set(a) | set(b))
+                 if k not in RESUME_SAFE_MODEL_FIELDS and a.get(k) != b.get(k)]
+    if diffs:
+        raise ConfigMismatch(
+            f"{workdir} holds checkpoints of a {was!r} run with another task or model ("
+            f"{'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}): refusing to mix "
+            f"them; to start from that run use a new --workdir with "
+            f"--config.init.checkpoint={workdir}")
+
+
+@contextlib.contextmanager
+def claim(workdir: epath.Path, config):
+    """Hold `workdir` for one training run: the lock (`workdir_lock`), then the config check
+    (`check_resumable`), both before anything is written. Process 0 decides; every process
+    raises its verdict (`WorkdirBusy` / `ConfigMismatch`). The lock is released on exit
+    (on kill -9 the kernel drops it)."""
+    lock, verdict, error = None, "", None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock.acquire(workdir)
+            if lock is None:
+                print(f"WARNING: {workdir} is remote: no workdir lock, make sure one trainer "
+                      "at a time uses it", file=sys.stderr, flush=True)
+            elif lock.note:
+                print(f"{workdir}: {lock.note}", flush=True)
+            check_resumable(workdir, config)
+        except Exception as err:  # noqa: BLE001 - every process must hear of it, then raise
+            if lock is not None:
+                lock.release()
+            error, verdict = err, f"{type(err).__name__}:{err}"
+    verdict = distributed.from_process0("claim", verdict)
+    if error is not None:
+        raise error
+    if verdict:
+        kind, msg = verdict.split(":", 1)
+        known = {"WorkdirBusy": WorkdirBusy, "ConfigMismatch": ConfigMismatch}
+        raise known[kind](msg) if kind in known else RuntimeError(
+            f"process 0 could not claim {workdir}: {verdict}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def write_config(workdir: epath.Path, config) -> None:
@@ -46,6 +143,9 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
 def restore_params(workdir: str | epath.Path, step: int | None = None):
     """Params of a workdir's checkpoint (latest, or `step`), on this process's first device.
 
+    Latest = the newest step that can be read (`Checkpointer.restore_latest`: unreadable
+    steps are skipped with a warning), the rule the trainer resumes by.
+
     Returns:
       (model, params, momentum params or None) of the workdir's task.
     """
@@ -57,8 +157,7 @@ def restore_params(workdir: str | epath.Path, step: int | None = None):
     ckpt = ckpt_lib.Checkpointer(workdir / CKPT, keep=None, async_save=False, create=False)
     try:
         available = ckpt.all_steps()
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in available:
+        if not available or (step is not None and step not in available):
             raise FileNotFoundError(f"no checkpoint at step {step} in {workdir / CKPT}; "
                                     f"available: {available}")
         task = tasks.build(config)
@@ -66,7 +165,10 @@ def restore_params(workdir: str | epath.Path, step: int | None = None):
                              devices=jax.local_devices()[:1])
         _, _, abstract, shardings = ts.state_spec(task, config.optim, 1, mesh,  # shapes only
                                                   shd.rules(config.mesh.sharding), 1)
-        state = ckpt.restore(step, abstract, shardings, None)
+        if step is None:  # the newest readable step (corrupt ones skipped, with a warning)
+            state, _ = ckpt.restore_latest(abstract, shardings, None)
+        else:
+            state = ckpt.restore_step(step, abstract, shardings, None)
     finally:
         ckpt.close()
     return task.model, state.params, state.extra.get("params_m")

@@ -23,9 +23,10 @@ FIXTURES = SHARED / "fixtures"
 # with one worker alone on a long file. Longest first; every other file keeps pytest's order.
 SLOW_FILES = ("test_trainer.py", "test_caption.py", "test_mplug2_video_qa.py",
               "test_mplug2_retrieval.py", "test_mplug2_pretrain.py", "test_vqa.py",
-              "test_train_step.py", "test_retrieval.py", "test_multihost.py",
-              "test_sharding_strategies.py", "test_grounding.py", "test_predict.py",
-              "test_mplug2_video_caption.py", "test_nlvr2.py", "test_snli_ve.py")
+              "test_train_step.py", "test_retrieval.py", "test_reliability.py",
+              "test_multihost.py", "test_sharding_strategies.py", "test_grounding.py",
+              "test_predict.py", "test_mplug2_video_caption.py", "test_nlvr2.py",
+              "test_snli_ve.py")
 
 
 # Test tiers: `learning` (fine-tuning runs that must beat a named baseline) and `integration`
