@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mplug_jax.data import augment_fast
+from mplug_jax.data import augment_fast, randaugment
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
@@ -284,3 +284,15 @@ def decode_train_image(image: Any, image_size: int, rng: np.random.Generator, *,
         sx, sy = img.size[0] / w, img.size[1] / h
         box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
     return train_image(img, image_size, rng, crop=box, **augment)
+
+
+def train_transform_reference(img: Image.Image, image_size: int, rng: np.random.Generator, *,
+                              crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
+                              randaug_n: int = 2, randaug_m: int = 7) -> np.ndarray:
+    """The straightforward :func:`train_transform` (numpy RandAugment of :mod:`randaugment`,
+    float normalisation): same draws, same float32[R, R, 3] output, several times slower.
+    Kept as the reference that tests compare the fast path with and benchmarks time."""
+    img = random_resized_crop(to_rgb(img), image_size, rng, scale=tuple(crop_scale))
+    if hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return normalize(randaugment.rand_augment(np.asarray(img), rng, n=randaug_n, m=randaug_m))
