@@ -16,8 +16,10 @@ Per pipeline, in one run:
 CPU time (user + system of this process and its grain workers) is recorded too: on a shared
 machine it says what the work costs when wall-clock rates are held down by other load.
 
-Also measured: how far the optional reduced-scale JPEG decoding (`input.reduced_decode`) moves
-pixels, on `--large-size` photos, compared with the gap between two resampling filters.
+Also measured: CPU milliseconds per image of each step (decode, crop + resize, flip, reference
+and fast RandAugment on the same draws, float normalisation, tokenisation), and how far the
+optional reduced-scale JPEG decoding (`input.reduced_decode`) moves pixels, on `--large-size`
+photos, compared with the gap between two resampling filters.
 
     python benchmarks/input_pipeline.py [--measure 512] [--workers 1,2] [--smoke]
 """
@@ -41,7 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (machine + load-average stamp of every results JSON)
-from mplug_jax.data import pipeline, sources, text, tokenizer, transforms, vqa_input  # noqa: E402
+from mplug_jax.data import (augment_fast, pipeline, randaugment, sources, text,  # noqa: E402
+                            tokenizer, transforms, vqa_input)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "retina",
           "hubble_deep_field")
@@ -154,6 +157,39 @@ def grain_run(kind: str, recs: list[dict], n: int, batch_size: int, workers: int
             "images_per_cpu_s": steps * batch_size / cpu, "images": steps * batch_size,
             "first_batch_s": first, "workers": workers, "read_threads": 1,
             "image_dtype": image_dtype}
+
+
+def stage_profile(kind: str, recs: list[dict], n: int) -> dict:
+    """Mean CPU milliseconds per image of each step of the per-record work, old and new."""
+    s = SETTINGS[kind]
+    size, aug = s["image_size"], s["augment"]
+    tok = tokenizer.get_tokenizer()
+    ms = dict.fromkeys(("decode", "crop_resize", "flip", "randaugment_reference",
+                        "randaugment_fast", "normalize_float32", "tokenise"), 0.0)
+
+    def timed(key, fn, *args):
+        t = time.process_time()
+        out = fn(*args)
+        ms[key] += 1e3 * (time.process_time() - t) / n
+        return out
+
+    for i in range(n):
+        rec, rng = recs[i % len(recs)], np.random.default_rng([0, 0, i, 1])
+        img = timed("decode", transforms.decode_image, rec["image"])
+        img = timed("crop_resize", transforms.random_resized_crop, img, size, rng,
+                    aug["crop_scale"])
+        if rng.random() < 0.5:
+            img = timed("flip", img.transpose, Image.FLIP_LEFT_RIGHT)
+        state = rng.bit_generator.state
+        ref = timed("randaugment_reference", randaugment.rand_augment, np.asarray(img), rng)
+        rng.bit_generator.state = state
+        fast = timed("randaugment_fast", augment_fast.rand_augment, img, rng)
+        assert np.array_equal(np.asarray(fast), ref)
+        timed("normalize_float32", transforms.normalize, ref)
+        words = (text.pre_caption(rec["caption"], 30) if kind == "pretrain"
+                 else sources.vqa_question_text(rec))
+        timed("tokenise", tok.encode, [words], s["max_tokens"], s["max_tokens"])
+    return {"images": n, "cpu_ms_per_image": ms}
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -277,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             per_core = one["images_per_s"]
             results["pipelines"][kind] = {
                 "settings": SETTINGS[kind], "runs": runs,
+                "stages": stage_profile(kind, recs, args.measure // 2),
                 "images_per_s_per_core": per_core,
                 "images_per_cpu_s_per_core": one["images_per_cpu_s"],
                 "per_core_from": "grain workers=1" if "grain workers=1" in runs else "fast loop",

@@ -187,6 +187,10 @@ def test_input_pipeline_smoke(tmp_path):
         assert p["per_core_from"] == "fast loop"
         assert p["images_per_s_per_core"] == p["runs"]["fast loop"]["images_per_s"]
         assert p["cores_per_gpu_needed"] == pytest.approx(1000 / p["images_per_s_per_core"])
+        stages = p["stages"]["cpu_ms_per_image"]
+        assert {"decode", "crop_resize", "randaugment_reference", "randaugment_fast",
+                "normalize_float32", "tokenise"} <= set(stages)
+        assert stages["decode"] > 0 and stages["crop_resize"] > 0
     q = out["reduced_decode_quality"]
     assert q["reduced_images"] == q["images"] == 4 and q["photo_size"] == [1600, 1200]
     assert 0 < q["mean_abs_diff_reduced_vs_full"] < 2 * q["mean_abs_diff_bilinear_vs_bicubic"]
