@@ -12,7 +12,8 @@ Per pipeline, in one run:
 - ``fast loop``: one process, the new per-record work as the pipeline does it;
 - ``grain workers=W``: the real grain pipeline (`input.image_dtype` uint8, the presets'
   default) with W worker processes, one read thread each; the 1-worker rate is the per-core
-  figure (its worker process does all the record work).
+  figure (its worker process does all the record work); ``... float32``: the first worker
+  count again with float32 batches normalised on the host.
 CPU time (user + system of this process and its grain workers) is recorded too: on a shared
 machine it says what the work costs when wall-clock rates are held down by other load.
 
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
             for w in workers:
                 runs[f"grain workers={w}"] = grain_run(kind, recs, args.measure,
                                                        args.batch_size, w)
+            if workers:  # the same with float32 batches normalised on the host (the old way)
+                runs[f"grain workers={workers[0]} float32"] = grain_run(
+                    kind, recs, args.measure, args.batch_size, workers[0], "float32")
             for name, run in runs.items():
                 print(f"{kind} {name}: {run['images_per_s']:.1f} images/s "
                       f"({run['images_per_cpu_s']:.1f} per CPU second)", flush=True)
