@@ -187,7 +187,8 @@ def test_input_pipeline_smoke(tmp_path):
         assert p["runs"]["grain workers=0"]["image_dtype"] == "uint8"
         # No 1-worker run here: the per-core figure comes from the one-process fast loop.
         assert p["per_core_from"] == "fast loop"
-        assert p["images_per_s_per_core"] == p["runs"]["fast loop"]["images_per_s"]
+        assert p["images_per_s_per_core"] == p["runs"]["fast loop"]["images_per_cpu_s"]
+        assert p["images_per_s_per_core_wall_clock"] == p["runs"]["fast loop"]["images_per_s"]
         assert p["cores_per_gpu_needed"] == pytest.approx(1000 / p["images_per_s_per_core"])
         stages = p["stages"]["cpu_ms_per_image"]
         assert {"decode", "crop_resize", "randaugment_reference", "randaugment_fast",
