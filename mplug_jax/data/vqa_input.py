@@ -13,7 +13,8 @@ heaviest (ties: first seen) and the others are counted in `answers_dropped` (and
 
 Train batch (per process, B rows):
   image float32[B, R, R, 3] (uint8 with `input.image_dtype='uint8'`, normalised on the device;
-  `input.reduced_decode`: see `pipeline.pretrain_dataset`); question_ids / question_mask int32[B, Lq];
+  `input.reduced_decode`: see `pipeline.pretrain_dataset`);
+  question_ids / question_mask int32[B, Lq];
   answer_ids / answer_mask int32[B, A, La] ([CLS] answer [SEP], right-padded);
   answer_weights float32[B, A]; answers_dropped int32[B]; idx int32[B] (source index).
 Eval batch: image, question_ids, question_mask, idx (no shuffling, no augmentation).
