@@ -141,6 +141,12 @@ def test_reduced_decode_stays_within_resampling_noise():
         transforms.decode_train_image(png.getvalue(), size, np.random.default_rng(0), **aug))
 
 
+def test_presets_ship_uint8_and_decode_at_full_scale():
+    from configs import pretrain, vqa
+    for config in (pretrain.get_config("base"), vqa.get_config("base")):
+        assert config.input.image_dtype == "uint8" and config.input.reduced_decode is False
+
+
 def test_pipelines_ship_uint8_images_that_normalise_to_the_float_batches():
     recs = [{"image": JPEGS[p], "caption": f"a photo of a {p}", "question": f"is it a {p}?",
              "answers": ["yes"], "weights": [1.0]} for p in PHOTOS]
@@ -154,6 +160,13 @@ def test_pipelines_ship_uint8_images_that_normalise_to_the_float_batches():
     np.testing.assert_array_equal(batches["uint8"]["idx"], batches["float32"]["idx"])
     with pytest.raises(ValueError, match="image_dtype must be one of"):
         pipeline.pretrain_dataset(recs, image_size=48, batch_size=4, image_dtype="float16")
+    # reduced_decode: 640x480 JPEGs, 48 px crops of at least 96 px: decoded at 1/2 or less.
+    reduced = next(iter(pipeline.pretrain_dataset(recs, image_size=48, batch_size=4,
+                                                  augment=aug, image_dtype="uint8",
+                                                  reduced_decode=True)))
+    assert reduced["image"].shape == batches["uint8"]["image"].shape
+    assert not np.array_equal(reduced["image"], batches["uint8"]["image"])
+    assert np.abs(reduced["image"].astype(int) - batches["uint8"]["image"]).mean() < 3.0
 
     def vqa_batch(**opts):
         cfg = ml_collections.ConfigDict({
