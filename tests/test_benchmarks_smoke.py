@@ -161,3 +161,39 @@ def test_mplug2_smoke(tmp_path):
     assert out["ratios"]["latents"][f"universal_T{t}_L{big}_over_L{small}"]["xla_flops"] > 1
     share = out["ratios"]["universal_share"][f"T{t}_L{out['settings']['preset_latents']}"]
     assert 0 < share["of_encoder_lt_flops"] < 1  # the encoder case includes the universal layers
+
+
+def test_input_pipeline_smoke(tmp_path):
+    """Both train pipelines at their official sizes: reference loop, fast loop and the grain
+    pipeline (in-process here), the per-core figure and the cores per GPU it implies, the
+    load average at start and end, and the reduced-decoding quality check."""
+    res = _load("input_pipeline").main(["--smoke", "--workers", "0", "--out", str(tmp_path)])
+    stem = tmp_path / "input_pipeline_smoke_cpu{}".format(res["machine"]["cpus"])
+    out = json.loads(stem.with_suffix(".json").read_text())
+    assert stem.with_suffix(".png").is_file()
+    for key in ("load_avg_start", "load_avg_end"):
+        assert len(out[key]) == 3 and all(isinstance(x, float) and x >= 0 for x in out[key])
+    assert out["machine"]["cpus"] >= 1 and out["machine"]["cpu_model"]
+    assert out["photo_size"] == [640, 480] and out["quality"] == 90
+    assert set(out["pipelines"]) == {"pretrain", "vqa"}
+    assert out["pipelines"]["vqa"]["settings"]["image_size"] == 384
+    assert out["pipelines"]["pretrain"]["settings"]["augment"]["crop_scale"] == [0.2, 1.0]
+    for p in out["pipelines"].values():
+        assert set(p["runs"]) == {"reference loop", "fast loop", "grain workers=0",
+                                  "grain workers=0 float32"}
+        assert p["runs"]["grain workers=0 float32"]["image_dtype"] == "float32"
+        for run in p["runs"].values():
+            assert run["images_per_s"] > 0 and run["images_per_cpu_s"] > 0
+        assert p["runs"]["grain workers=0"]["image_dtype"] == "uint8"
+        # No 1-worker run here: the per-core figure comes from the one-process fast loop.
+        assert p["per_core_from"] == "fast loop"
+        assert p["images_per_s_per_core"] == p["runs"]["fast loop"]["images_per_cpu_s"]
+        assert p["images_per_s_per_core_wall_clock"] == p["runs"]["fast loop"]["images_per_s"]
+        assert p["cores_per_gpu_needed"] == pytest.approx(1000 / p["images_per_s_per_core"])
+        stages = p["stages"]["cpu_ms_per_image"]
+        assert {"decode", "crop_resize", "randaugment_reference", "randaugment_fast",
+                "normalize_float32", "tokenise"} <= set(stages)
+        assert stages["decode"] > 0 and stages["crop_resize"] > 0
+    q = out["reduced_decode_quality"]
+    assert q["reduced_images"] == q["images"] == 4 and q["photo_size"] == [1600, 1200]
+    assert 0 < q["mean_abs_diff_reduced_vs_full"] < 2 * q["mean_abs_diff_bilinear_vs_bicubic"]

@@ -8,6 +8,7 @@ import pytest
 import test_sharding_strategies as strategies
 from mplug_jax import tasks, trainer
 from mplug_jax import sharding as shd
+from mplug_jax.data import transforms
 from mplug_jax.data.pipeline import make_global_batch
 
 B, V = strategies.B, 128
@@ -90,6 +91,21 @@ def test_step_updates_queue_momentum_and_skips_nonfinite():
         np.testing.assert_array_equal(x, y)
     state, m = step(state, make_global_batch(make_batch(2), mesh))
     assert int(m["train/nonfinite_total"]) == 1 and int(m["train/nonfinite_streak"]) == 0
+
+
+def test_uint8_images_step_exactly_like_their_normalised_floats():
+    """input.image_dtype='uint8': the step normalises on the device to the same floats."""
+    s, step, mesh = one_device()
+    raw = make_batch(3)
+    raw["image"] = np.random.default_rng(3).integers(0, 256, raw["image"].shape, np.uint8)
+    floats = {**raw, "image": transforms.normalize(raw["image"])}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), raw)
+    step_u8 = trainer.compile_step(s, small_config(), abstract)
+    (st_f, (m_f,)), (st_u, (m_u,)) = (run_steps(s, fn, mesh, [b])
+                                      for fn, b in ((step, floats), (step_u8, raw)))
+    assert m_u["train/loss"] == m_f["train/loss"] and np.isfinite(m_u["train/loss"])
+    for x, y in zip(jax.tree.leaves(jax.device_get(st_f)), jax.tree.leaves(jax.device_get(st_u))):
+        np.testing.assert_array_equal(x, y)
 
 
 def _count_dots(config) -> tuple[int, set]:

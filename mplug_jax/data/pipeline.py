@@ -13,7 +13,9 @@ Order of stages (official `pretrain_dataset_4m` + `create_loader` semantics, mad
    :class:`DataError` once the skip rate exceeds `max_skip_rate`;
 4. ``batch(drop_remainder=True)`` and ``mp_prefetch`` when ``workers > 0``.
 
-Batch: ``image`` float32[B, R, R, 3] (CLIP-normalised, channels last), ``text_ids`` and
+Batch: ``image`` float32[B, R, R, 3] (CLIP-normalised, channels last; or uint8[B, R, R, 3]
+before normalisation with ``image_dtype='uint8'``, normalised on the device by the vision
+encoder, bit-identically: a quarter of the bytes to copy and no float work here), ``text_ids`` and
 ``text_mask`` int32[B, max_tokens], ``idx`` int32[B] (source index of each record).
 
 The iterator of the returned dataset is checkpointable: ``it.get_state()`` / ``it.set_state()``
@@ -40,6 +42,29 @@ logger = logging.getLogger(__name__)
 _SKIP_KEY = "_skip_reason"
 _COUNT_KEY = "_skipped_before"
 DEFAULT_AUGMENT = {"crop_scale": (0.2, 1.0), "randaug_n": 2, "randaug_m": 7, "hflip": True}
+IMAGE_DTYPES = ("float32", "uint8")
+
+
+def check_image_dtype(image_dtype: str) -> str:
+    """`image_dtype` if it is one of :data:`IMAGE_DTYPES` (ValueError otherwise)."""
+    if image_dtype not in IMAGE_DTYPES:
+        raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
+    return image_dtype
+
+
+def process_image(image: Any, image_size: int, rng: np.random.Generator | None, *,
+                  augment: dict | None, image_dtype: str, reduced_decode: bool = False,
+                  max_pixels: int = transforms.MAX_PIXELS) -> np.ndarray:
+    """A record's image field -> uint8 or float32 (CLIP-normalised) [R, R, 3]: the official
+    test transform when `augment` is None, else the training one drawn from `rng`
+    (`reduced_decode`: see :func:`transforms.decode_train_image`). Raises BadRecord."""
+    if augment is None:
+        image = transforms.eval_image(transforms.decode_image(image, max_pixels=max_pixels),
+                                      image_size)
+    else:
+        image = transforms.decode_train_image(image, image_size, rng, max_pixels=max_pixels,
+                                              reduced_decode=reduced_decode, **augment)
+    return transforms.normalize(image) if image_dtype == "float32" else image
 
 
 @dataclasses.dataclass
@@ -99,10 +124,12 @@ class _PretrainRecord:
     """Index -> processed example (picklable, so it can run in grain worker processes)."""
 
     def __init__(self, source, *, image_size: int, max_words: int, max_tokens: int, seed: int,
-                 augment: dict | None, epoch_length: int, max_pixels: int):
+                 augment: dict | None, epoch_length: int, max_pixels: int, image_dtype: str,
+                 reduced_decode: bool):
         self.source, self.image_size, self.max_words = source, image_size, max_words
         self.max_tokens, self.seed, self.augment = max_tokens, seed, augment
         self.epoch_length, self.max_pixels = epoch_length, max_pixels
+        self.image_dtype, self.reduced_decode = image_dtype, reduced_decode
 
     def __call__(self, position: int, index: int) -> dict[str, Any]:
         epoch = position // self.epoch_length
@@ -116,12 +143,11 @@ class _PretrainRecord:
             caption = choose_caption(record["caption"],
                                      np.random.default_rng([self.seed, epoch, index, 0]),
                                      self.max_words)
-            img = transforms.decode_image(record["image"], max_pixels=self.max_pixels)
-            if self.augment is None:
-                image = transforms.eval_transform(img, self.image_size)
-            else:
-                rng = np.random.default_rng([self.seed, epoch, index, 1])
-                image = transforms.train_transform(img, self.image_size, rng, **self.augment)
+            image = process_image(record["image"], self.image_size,
+                                  np.random.default_rng([self.seed, epoch, index, 1]),
+                                  augment=self.augment, image_dtype=self.image_dtype,
+                                  reduced_decode=self.reduced_decode,
+                                  max_pixels=self.max_pixels)
         except BadRecord as e:
             logger.warning("skipping record %d (%s) %s: %s", index, e.reason,
                            _describe(record), e)
@@ -131,7 +157,7 @@ class _PretrainRecord:
             return {_SKIP_KEY: "bad_record"}
         ids, mask = tokenizer.get_tokenizer().encode([caption], max_length=self.max_tokens,
                                                      pad_to=self.max_tokens)
-        return {"image": image.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
+        return {"image": image, "text_ids": ids[0], "text_mask": mask[0],
                 "idx": np.int32(index)}
 
 
@@ -218,7 +244,8 @@ def pretrain_dataset(source: Sequence[dict], *, image_size: int, batch_size: int
                      train: bool = True, augment: dict | None = None, workers: int = 0,
                      shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                      max_skip_rate: float = 0.01, skip_check_after: int = 1000,
-                     read_threads: int = 4, max_pixels: int = transforms.MAX_PIXELS
+                     read_threads: int = 4, max_pixels: int = transforms.MAX_PIXELS,
+                     image_dtype: str = "float32", reduced_decode: bool = False
                      ) -> grain.IterDataset:
     """Image-caption batches for pretraining (also usable for captioning/retrieval inputs).
 
@@ -241,11 +268,16 @@ def pretrain_dataset(source: Sequence[dict], *, image_size: int, batch_size: int
       skip_check_after: records seen before the rate is checked.
       read_threads: threads reading/processing records per process.
       max_pixels: decompression-bomb guard, see :func:`transforms.decode_image`.
+      image_dtype: 'float32' (CLIP-normalised) or 'uint8' (raw RGB; the vision encoder
+        normalises it on the device to the same float32 values).
+      reduced_decode: decode training JPEGs at a reduced DCT scale when the drawn crop allows
+        it (not pixel-identical; see :func:`transforms.decode_train_image`).
     Returns:
-      A grain IterDataset of dicts: image float32[B, R, R, 3], text_ids int32[B, L],
+      A grain IterDataset of dicts: image float32 or uint8 [B, R, R, 3], text_ids int32[B, L],
       text_mask int32[B, L], idx int32[B].
     """
     n = len(source)
+    check_image_dtype(image_dtype)
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     per_shard = n // shard_count
@@ -265,7 +297,8 @@ def pretrain_dataset(source: Sequence[dict], *, image_size: int, batch_size: int
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_PretrainRecord(
         source, image_size=image_size, max_words=max_words, max_tokens=max_tokens, seed=seed,
-        augment=augment, epoch_length=per_shard, max_pixels=max_pixels))
+        augment=augment, epoch_length=per_shard, max_pixels=max_pixels,
+        image_dtype=image_dtype, reduced_decode=reduced_decode))
     return batched(ds, batch_size, workers=workers, max_skip_rate=max_skip_rate,
                    skip_check_after=skip_check_after, read_threads=read_threads)
 

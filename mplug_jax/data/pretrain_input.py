@@ -44,7 +44,8 @@ def train_batches(input_cfg, image_size: int, seed: int, process_index: int,
                   process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch).
 
-    Batches: see `mplug_jax.data.pipeline` (`image`, `text_ids`, `text_mask`, `idx`).
+    Batches: see `mplug_jax.data.pipeline` (`image`, `text_ids`, `text_mask`, `idx`); the
+    image is uint8 or float32 by `input.image_dtype`, `input.reduced_decode` as there.
     """
     batch_size = pipeline.process_batch_size(input_cfg, process_count)
     src = source(input_cfg, "train", input_cfg.train_size, image_size, seed)
@@ -55,5 +56,7 @@ def train_batches(input_cfg, image_size: int, seed: int, process_index: int,
                           max_words=input_cfg.max_words, max_tokens=input_cfg.max_tokens,
                           seed=input_cfg.shuffle_seed, train=True, augment=augment,
                           workers=input_cfg.workers, shard_index=process_index,
-                          shard_count=process_count, max_skip_rate=input_cfg.max_skip_rate)
+                          shard_count=process_count, max_skip_rate=input_cfg.max_skip_rate,
+                          image_dtype=input_cfg.get("image_dtype", "float32"),
+                          reduced_decode=bool(input_cfg.get("reduced_decode", False)))
     return iter(ds), len(src)

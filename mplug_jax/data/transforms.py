@@ -1,7 +1,8 @@
 """Image decoding and transforms matching the official torchvision pipelines.
 
 Official `dataset/__init__.py`: PIL bicubic resizes and CLIP mean/std everywhere; training adds
-RandomResizedCrop -> RandomHorizontalFlip -> RandomAugment (see `randaugment.py`). All randomness
+RandomResizedCrop -> RandomHorizontalFlip -> RandomAugment (`randaugment.py` is the reference,
+`augment_fast.py` the pixel-identical implementation used here). All randomness
 comes from a ``np.random.Generator`` passed in, so a record's augmentation is a pure function of
 its seed. Outputs are channels last, ``float32[R, R, 3]``.
 
@@ -15,12 +16,12 @@ import io
 import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mplug_jax.data import randaugment
+from mplug_jax.data import augment_fast, randaugment
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
@@ -47,7 +48,10 @@ class BadRecord(ValueError):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB."""
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB (an RGB image is
+    returned as it is, not copied)."""
+    if img.mode == "RGB":
+        return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() if arr.size and arr.max() > 255 else 255.0
@@ -69,10 +73,14 @@ def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
 
     Returns float32[image_size, image_size, 3] (channels last; the official tensor is CHW).
     """
+    return normalize(eval_image(img, image_size))
+
+
+def eval_image(img: Image.Image, image_size: int) -> np.ndarray:
+    """:func:`eval_transform` before normalisation: uint8[image_size, image_size, 3]."""
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    img = to_rgb(img).resize((image_size, image_size), Image.BICUBIC)
-    return normalize(img)
+    return np.asarray(to_rgb(img).resize((image_size, image_size), Image.BICUBIC))
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
@@ -82,8 +90,8 @@ def load_image(path: str, image_size: int) -> np.ndarray:
         return eval_transform(img, image_size)
 
 
-def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS,
-                 name: str | None = None) -> Image.Image:
+def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS, name: str | None = None,
+                 before_load: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """Turn a record's image field into a loaded 8-bit RGB PIL image.
 
     Args:
@@ -93,6 +101,8 @@ def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS,
         PIL's own decompression-bomb limit are always rejected.
       name: what error messages call the input (default: the path, or ``<bytes>`` for encoded
         bytes); callers that read the file themselves pass its path here.
+      before_load: called with the opened, not yet decoded image of encoded input that is
+        within `max_pixels` (its size is known; it may call ``Image.draft``).
     Returns:
       An RGB PIL image (grayscale, palette, RGBA, CMYK and 16-bit inputs are converted).
     Raises:
@@ -131,7 +141,9 @@ def decode_image(image: Any, *, max_pixels: int = MAX_PIXELS,
             if w * h > max_pixels and img.format != "JPEG":
                 raise BadRecord("too_large", f"{name}: {w}x{h} {img.format} image exceeds "
                                              f"max_pixels={max_pixels}")
-            if w * h > max_pixels:
+            if w * h <= max_pixels and before_load is not None:
+                before_load(img)
+            elif w * h > max_pixels:
                 # DCT-domain downscale by the smallest power of 2 (at most 8) that fits.
                 factor = 1
                 while factor < 8 and (w // factor) * (h // factor) > max_pixels:
@@ -199,8 +211,90 @@ def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator,
       hflip: apply the random horizontal flip.
       randaug_n, randaug_m: RandAugment ops per image and magnitude (0 ops disables it).
     Returns:
-      float32[R, R, 3] in CLIP mean/std units.
+      float32[R, R, 3] in CLIP mean/std units: ``normalize(train_image(...))``.
     """
+    return normalize(train_image(img, image_size, rng, crop_scale=crop_scale, hflip=hflip,
+                                 randaug_n=randaug_n, randaug_m=randaug_m))
+
+
+def train_image(img: Image.Image, image_size: int, rng: np.random.Generator, *,
+                crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
+                randaug_n: int = 2, randaug_m: int = 7,
+                crop: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """:func:`train_transform` before normalisation: uint8[R, R, 3], all steps in uint8 at the
+    output size with the PIL-native RandAugment of :mod:`augment_fast` (pixel-identical to
+    the reference ops of :mod:`randaugment`).
+
+    `crop`: a crop box (left, top, right, bottom) in `img`'s pixels, already drawn (see
+    :func:`decode_train_image`); it is resized with PIL's box argument, which reads the pixels
+    around the box for the filter support. None: draw the crop here and crop, then resize.
+    """
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    img = to_rgb(img)
+    if crop is None:
+        top, left, h, w = resized_crop_params(img.size[0], img.size[1], rng, tuple(crop_scale))
+        img = img.crop((left, top, left + w, top + h)).resize((image_size, image_size),
+                                                              Image.BICUBIC)
+    else:
+        img = img.resize((image_size, image_size), Image.BICUBIC, box=crop)
+    if hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(augment_fast.rand_augment(img, rng, n=randaug_n, m=randaug_m))
+
+
+def decode_train_image(image: Any, image_size: int, rng: np.random.Generator, *,
+                       reduced_decode: bool = False, max_pixels: int = MAX_PIXELS,
+                       **augment) -> np.ndarray:
+    """Decode a record's image field and apply :func:`train_image` -> uint8[R, R, 3].
+
+    reduced_decode: draw the crop from the JPEG header's size first, then decode at the
+      smallest DCT scale (1/2, 1/4 or 1/8, ``Image.draft``) that keeps both crop sides at
+      least `image_size` (so it never upsamples), and resize the crop box scaled to that
+      decode. Not pixel-identical to the full decode (JPEG's DCT downscale replaces
+      part of the bicubic one); other formats and inputs, crops too small to reduce and
+      images above `max_pixels` take the exact path. The same generator draws give the same
+      crop, flip and RandAugment ops either way.
+    augment: crop_scale, hflip, randaug_n, randaug_m (see :func:`train_image`).
+    Raises:
+      BadRecord: as :func:`decode_image`.
+    """
+    if not reduced_decode:
+        return train_image(decode_image(image, max_pixels=max_pixels), image_size, rng,
+                           **augment)
+    drawn: dict[str, Any] = {}
+
+    def draft(img: Image.Image) -> None:
+        w, h = img.size
+        drawn["size"] = (w, h)
+        drawn["crop"] = resized_crop_params(w, h, rng, tuple(augment.get("crop_scale",
+                                                                         (0.5, 1.0))))
+        _, _, ch, cw = drawn["crop"]
+        factor = 1
+        while factor < 8 and min(cw, ch) >= 2 * factor * image_size:
+            factor *= 2
+        if factor > 1 and img.format == "JPEG":
+            img.draft(img.mode, (math.ceil(w / factor), math.ceil(h / factor)))
+
+    img = decode_image(image, max_pixels=max_pixels, before_load=draft)
+    if "crop" not in drawn:  # not encoded, or above max_pixels: nothing drawn yet
+        return train_image(img, image_size, rng, **augment)
+    (w, h), (top, left, ch, cw) = drawn["size"], drawn["crop"]
+    if img.size == (w, h):  # not reduced: the exact crop, then resize
+        img = to_rgb(img).crop((left, top, left + cw, top + ch))
+        box = (0.0, 0.0, float(cw), float(ch))
+    else:
+        sx, sy = img.size[0] / w, img.size[1] / h
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    return train_image(img, image_size, rng, crop=box, **augment)
+
+
+def train_transform_reference(img: Image.Image, image_size: int, rng: np.random.Generator, *,
+                              crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
+                              randaug_n: int = 2, randaug_m: int = 7) -> np.ndarray:
+    """The straightforward :func:`train_transform` (numpy RandAugment of :mod:`randaugment`,
+    float normalisation): same draws, same float32[R, R, 3] output, several times slower.
+    Kept as the reference that tests compare the fast path with and benchmarks time."""
     img = random_resized_crop(to_rgb(img), image_size, rng, scale=tuple(crop_scale))
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)

@@ -12,7 +12,9 @@ have weight 0 and an all-zero mask; a question with more distinct answers keeps 
 heaviest (ties: first seen) and the others are counted in `answers_dropped` (and logged).
 
 Train batch (per process, B rows):
-  image float32[B, R, R, 3]; question_ids / question_mask int32[B, Lq];
+  image float32[B, R, R, 3] (uint8 with `input.image_dtype='uint8'`, normalised on the device;
+  `input.reduced_decode`: see `pipeline.pretrain_dataset`);
+  question_ids / question_mask int32[B, Lq];
   answer_ids / answer_mask int32[B, A, La] ([CLS] answer [SEP], right-padded);
   answer_weights float32[B, A]; answers_dropped int32[B]; idx int32[B] (source index).
 Eval batch: image, question_ids, question_mask, idx (no shuffling, no augmentation).
@@ -27,7 +29,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline, sources, tokenizer, transforms
+from mplug_jax.data import pipeline, sources, tokenizer
 from mplug_jax.data.synthetic import SyntheticVQA
 from mplug_jax.data.transforms import BadRecord
 
@@ -93,11 +95,12 @@ class _VQARecord:
 
     def __init__(self, source, *, image_size: int, max_question_tokens: int,
                  max_answer_tokens: int, max_answers: int, seed: int, augment: dict | None,
-                 epoch_length: int, add_ocr: bool, add_object: bool, train: bool):
+                 epoch_length: int, add_ocr: bool, add_object: bool, train: bool,
+                 image_dtype: str = "float32", reduced_decode: bool = False):
         self.source, self.image_size, self.seed, self.augment = source, image_size, seed, augment
         self.lq, self.la, self.na = max_question_tokens, max_answer_tokens, max_answers
         self.epoch_length, self.add_ocr, self.add_object = epoch_length, add_ocr, add_object
-        self.train = train
+        self.train, self.image_dtype, self.reduced_decode = train, image_dtype, reduced_decode
         self._warned = False
 
     def __call__(self, position: int, index: int) -> dict[str, Any]:
@@ -109,12 +112,10 @@ class _VQARecord:
             if not isinstance(record, dict) or "image" not in record or "question" not in record:
                 raise BadRecord("bad_record", f"record {index} lacks 'image'/'question'")
             question = sources.vqa_question_text(record, self.add_ocr, self.add_object)
-            img = transforms.decode_image(record["image"])
-            if self.augment is None:
-                image = transforms.eval_transform(img, self.image_size)
-            else:
-                rng = np.random.default_rng([self.seed, epoch, index, 1])
-                image = transforms.train_transform(img, self.image_size, rng, **self.augment)
+            image = pipeline.process_image(
+                record["image"], self.image_size,
+                np.random.default_rng([self.seed, epoch, index, 1]), augment=self.augment,
+                image_dtype=self.image_dtype, reduced_decode=self.reduced_decode)
             if self.train:
                 if "answers" in record:  # parsed by sources.vqa
                     answers, weights = record["answers"], record["weights"]
@@ -128,7 +129,7 @@ class _VQARecord:
             return {pipeline._SKIP_KEY: "bad_record"}
         q_ids, q_mask = tokenizer.get_tokenizer().encode([question], max_length=self.lq,
                                                          pad_to=self.lq)
-        out = {"image": image.astype(np.float32), "question_ids": q_ids[0],
+        out = {"image": image, "question_ids": q_ids[0],
                "question_mask": q_mask[0], "idx": np.int32(index)}
         if self.train:
             answers, weights, dropped = select_answers(list(answers), list(weights), self.na)
@@ -163,6 +164,9 @@ def dataset(src, input_cfg, *, image_size: int, max_answers: int, batch_size: in
     if train and aug is not None and aug.get("enabled"):
         augment = {**pipeline.DEFAULT_AUGMENT,
                    **{k: v for k, v in aug.items() if k != "enabled"}}
+    # uint8 images and reduced decoding are options of the training batches only.
+    image_dtype = pipeline.check_image_dtype(input_cfg.get("image_dtype", "float32")) \
+        if train else "float32"
     ds = grain.MapDataset.range(n)
     if train if shuffle is None else shuffle:
         ds = ds.shuffle(seed=seed)
@@ -173,7 +177,9 @@ def dataset(src, input_cfg, *, image_size: int, max_answers: int, batch_size: in
         max_answer_tokens=int(input_cfg.max_answer_tokens), max_answers=max_answers, seed=seed,
         augment=augment, epoch_length=per_shard if train else n,
         add_ocr=bool(input_cfg.get("add_ocr", False)),
-        add_object=bool(input_cfg.get("add_object", False)), train=train))
+        add_object=bool(input_cfg.get("add_object", False)), train=train,
+        image_dtype=image_dtype, reduced_decode=train and bool(input_cfg.get("reduced_decode",
+                                                                              False))))
     return pipeline.batched(ds, batch_size, drop_remainder=drop_remainder,
                             workers=int(input_cfg.get("workers", 0)) if train else 0,
                             max_skip_rate=input_cfg.max_skip_rate)

@@ -2,6 +2,9 @@
 
 image float32[B, R, R, 3] (channels last, CLIP-normalised) -> float[B, N, Wv], N = 1 + (R/P)^2,
 taken after `ln_post` (applied to every token), with no projection; LayerNorm eps 1e-5.
+The image may also come as uint8[B, R, R, 3] (RGB before normalisation, what the input
+pipelines ship with ``input.image_dtype='uint8'``): :func:`normalize_uint8` then normalises it
+inside the jitted computation, bit-identical to the pipeline's float32 output.
 """
 from __future__ import annotations
 
@@ -11,7 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from mplug_jax.data import transforms
 from mplug_jax.models import layers
+
+# float32[256, 3]: transforms.normalize of every uint8 value per channel (numpy, on the host).
+_NORMALIZE_TABLE = transforms.normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1))
+
+
+def normalize_uint8(image: jax.Array) -> jax.Array:
+    """uint8[..., 3] RGB -> float32[..., 3] CLIP-normalised, by looking up the table that
+    `transforms.normalize` computes on the host: bit-identical to normalising in the input
+    pipeline, whatever the device's float division does."""
+    table = jnp.asarray(_NORMALIZE_TABLE.reshape(-1))  # index 3 * value + channel
+    return jnp.take(table, image.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32))
 
 
 class ResidualBlock(nn.Module, kw_only=True):
@@ -34,7 +49,8 @@ class ResidualBlock(nn.Module, kw_only=True):
 
 class VisionEncoder(nn.Module, kw_only=True):
     """CLIP visual tower: patch conv (no bias) -> [CLS; patches] + posemb -> ln_pre -> blocks ->
-    ln_post. Call: float32[B, R, R, 3] -> float[B, 1 + (R/P)^2, width]."""
+    ln_post. Call: float32[B, R, R, 3] (CLIP-normalised) or uint8[B, R, R, 3] (raw RGB,
+    normalised here by :func:`normalize_uint8`) -> float[B, 1 + (R/P)^2, width]."""
     image_size: int = 224
     patch_size: int = 16
     width: int = 768
@@ -53,8 +69,13 @@ class VisionEncoder(nn.Module, kw_only=True):
     @nn.compact
     def __call__(self, image: jax.Array) -> jax.Array:
         if image.ndim != 4 or image.shape[-1] != 3:
-            raise ValueError(f"image must be float[B, H, W, 3] (channels last, RGB), got shape "
-                             f"{tuple(image.shape)}")
+            raise ValueError(f"image must be float[B, H, W, 3] or uint8[B, H, W, 3] (channels "
+                             f"last, RGB), got shape {tuple(image.shape)}")
+        if image.dtype == jnp.uint8:
+            image = normalize_uint8(image)
+        elif not jnp.issubdtype(image.dtype, jnp.floating):
+            raise ValueError(f"image must be float (CLIP-normalised) or uint8 (raw RGB), got "
+                             f"{image.dtype}")
         if image.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"image is {image.shape[1]}x{image.shape[2]} but the model expects "
                              f"{self.image_size}x{self.image_size} (config image_size)")

@@ -10,7 +10,8 @@ prefix LM through the decoder attending to [fused image; fused prefix]. A loss w
 float32. The temperature is clamped to [temp_min, temp_max] after every update (ALBEF clamps
 it in place), so it never sits outside the range with a zero gradient.
 
-Batch: {'image': float32[B, R, R, 3], 'text_ids': int32[B, L], 'text_mask': int32[B, L]}.
+Batch: {'image': float32[B, R, R, 3] (uint8 by `input.image_dtype`), 'text_ids': int32[B, L],
+'text_mask': int32[B, L]}.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import generate, losses
-from mplug_jax.data import pretrain_input
+from mplug_jax.data import pipeline, pretrain_input
 from mplug_jax.models import layers
 from mplug_jax.tasks import base
 
@@ -98,6 +99,7 @@ class Task(base.Task):
         self.alpha_warmup_steps = int(round(self.itc.alpha_warmup_epochs * self.steps_per_epoch))
         self.momentum = float(self.itc.momentum)
         self.max_len = int(config.input.max_tokens)
+        self.image_dtype = pipeline.check_image_dtype(config.input.get("image_dtype", "float32"))
 
     # ---- input ------------------------------------------------------------------------------
 
@@ -111,7 +113,7 @@ class Task(base.Task):
 
     def dummy_batch(self, batch_size: int) -> dict:
         r, length = self.model.image_size, self.max_len
-        return {"image": np.zeros((batch_size, r, r, 3), np.float32),
+        return {"image": np.zeros((batch_size, r, r, 3), self.image_dtype),
                 "text_ids": np.zeros((batch_size, length), np.int32),
                 "text_mask": np.ones((batch_size, length), np.int32)}
 

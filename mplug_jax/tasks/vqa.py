@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import generate, losses
-from mplug_jax.data import vqa_input
+from mplug_jax.data import pipeline, vqa_input
 from mplug_jax.losses import CLS_ID
 from mplug_jax.models import layers
 from mplug_jax.tasks import base
@@ -97,6 +97,7 @@ class Task(base.Task):
         self.targets_per_question = float(t.get("targets_per_question", 0) or 0)
         inp = config.input
         self.lq, self.la = int(inp.max_question_tokens), int(inp.max_answer_tokens)
+        self.image_dtype = pipeline.check_image_dtype(inp.get("image_dtype", "float32"))
         if self.la < 2:
             raise ValueError(f"input.max_answer_tokens must be >= 2 ([CLS] + [SEP]), got "
                              f"{self.la}")
@@ -113,7 +114,7 @@ class Task(base.Task):
         r, a = self.model.image_size, self.max_answers
         ans = np.zeros((batch_size, a, self.la), np.int32)
         ans[..., 0] = CLS_ID
-        return {"image": np.zeros((batch_size, r, r, 3), np.float32),
+        return {"image": np.zeros((batch_size, r, r, 3), self.image_dtype),
                 "question_ids": np.zeros((batch_size, self.lq), np.int32),
                 "question_mask": np.ones((batch_size, self.lq), np.int32),
                 "answer_ids": ans, "answer_mask": np.ones_like(ans),
