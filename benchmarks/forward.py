@@ -1,6 +1,6 @@
 """Per-component forward times of mPLUG-base vs the official PyTorch CPU numbers.
 
-Settings are those of ../shared/notes/official-cpu-timing.md: float32, random weights, batch 4,
+Settings are those of docs/official-timing.md: float32, random weights, batch 4,
 ViT-B/16 at 224 px (197 visual tokens), question 30 tokens (no padding), answer 10 tokens,
 median of 5 timed calls after 1 warm-up, wall clock, 2 CPU threads. Each component is one
 jitted function; rows: visual encoder, text encoder, fusion at stride 1/3/6, text decoder
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (sets sys.path to the repo root; must not import jax)
 
-OFFICIAL_NOTE = "../shared/notes/official-cpu-timing.md (AliceMind a6d5afe, torch 2.13 CPU)"
+OFFICIAL_NOTE = "docs/official-timing.md (AliceMind a6d5afe, torch 2.13 CPU)"
 # name -> (what runs, official median seconds)
 ROWS = {
     "visual": ("visual encoder: 12 ViT-B/16 blocks on B x 197 tokens, through ln_post", 1.359),

@@ -9,7 +9,7 @@ attention ('connected'), symmetric co-attention ('coattn'), asymmetric co-attent
 
 Each time ratio is printed beside: the paper's stated ratio and its conditions
 (`benchmarks/paper.py`: Figures 1, 3, 4 and the V100 Table 10), the ratio of the official
-PyTorch CPU timings (../shared/notes/official-cpu-timing.md), and the matmul-FLOP ratio of
+PyTorch CPU timings (docs/official-timing.md), and the matmul-FLOP ratio of
 the two networks (`benchmarks/flops.py`) at our token counts and at longer image sequences,
 which is what the differences come down to. Writes ``benchmarks/results/fusion_cpu<N>.json``
 and ``.png`` and prints the total runtime.
@@ -30,10 +30,10 @@ import common  # noqa: E402  (sets sys.path to the repo root; must not import ja
 import flops  # noqa: E402  (plain arithmetic, no jax)
 import paper  # noqa: E402
 
-# Official PyTorch mPLUG-base, 2-core CPU, batch 4, 197 + 30 tokens (official-cpu-timing.md).
+# Official PyTorch mPLUG-base, 2-core CPU, batch 4, 197 + 30 tokens (docs/official-timing.md).
 OFFICIAL_S = {"skip_S1": 0.601, "skip_S3": 0.277, "skip_S6": 0.216,
               "layer_c": 0.114, "layer_a": 0.036}
-OFFICIAL_NOTE = "../shared/notes/official-cpu-timing.md (torch 2.13 CPU, 2 threads, float32)"
+OFFICIAL_NOTE = "docs/official-timing.md (torch 2.13 CPU, 2 threads, float32)"
 
 BASE = dict(hidden=768, heads=12, mlp=3072, layers=6, image_tokens=197, text_tokens=30)
 # Smoke: tiny dims, op-by-op (no jit) and constant weights, so it runs in seconds.

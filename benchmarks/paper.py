@@ -1,9 +1,11 @@
 """The speed numbers the mPLUG paper states, in one place, each with where it is written.
 
-Sources (text extracted from the PDFs, in ../shared/papers/):
-  EMNLP = 000_e250ab6b30e26483.txt  (mPLUG, EMNLP 2022 version, with the appendix)
-  ARXIV = 001_90429c164e106b4c.txt  (mPLUG, arXiv version)
-Line numbers are lines of those files. The extraction garbled some tables, so every table
+Sources: the two versions of the mPLUG paper (Li et al.), as plain text extracted from their
+PDFs (not shipped with this repository):
+  EMNLP = mPLUG, EMNLP 2022 version, with the appendix (Table 10 and 11)
+  ARXIV = mPLUG, arXiv 2205.12005 version (Table 6, Figures 1, 3, 4)
+Line numbers ("l.") are lines of those text extractions; the table, figure and section named
+beside each one find the same place in the PDF. The extraction garbled some tables, so every table
 value below was checked against a second place (the row sums of a table, or the text that
 restates it); `check` says how.
 
@@ -17,8 +19,8 @@ pretraining wall time implies a higher rate than Table 6's last row (PRETRAIN_HO
 """
 from __future__ import annotations
 
-EMNLP = "../shared/papers/000_e250ab6b30e26483.txt"
-ARXIV = "../shared/papers/001_90429c164e106b4c.txt"
+EMNLP = "mPLUG (Li et al.), EMNLP 2022 version with appendix; text extraction"
+ARXIV = "mPLUG (Li et al.), arXiv 2205.12005; text extraction"
 
 # Timing protocol of Figures 1, 3, 4 and Table 10: total forward time of 100 samples.
 TIMING = ("total forward time of 100 samples (ARXIV l.22, l.264, l.277; EMNLP l.1101, "

@@ -20,11 +20,11 @@ asked (`input.allow_synthetic`, `init.allow_scratch`):
   mplug-jax evaluate --config=configs/caption.py:tiny,mode=zeroshot \
     --checkpoint=/tmp/mplug_pretrain_tiny --out=DIR3        # "a picture of" prompt, no training
 
-Official values (official-formats.md sections 2-4): CE lr1 / lr2 1e-5 / 5e-6 (visual encoder),
-wd 0.02, 5 epochs, 400 warm-up iterations (= 100 optimizer steps with accumulation 4), min lr
-1e-6, 64 images/GPU x 4 GPUs x 4 accumulation = 1024 per update, targets truncated at 25
-tokens, beam 5 / min 8 / max 25, prompt ''. SCST: lr 1e-6 for all, min lr 8e-8, 32 (base) /
-64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image.
+Official values (docs/official-formats.md#config-values and #optimiser-and-schedule): CE lr1 / lr2
+1e-5 / 5e-6 (visual encoder), wd 0.02, 5 epochs, 400 warm-up iterations (= 100 optimizer steps with
+accumulation 4), min lr 1e-6, 64 images/GPU x 4 GPUs x 4 accumulation = 1024 per update, targets
+truncated at 25 tokens, beam 5 / min 8 / max 25, prompt ''. SCST: lr 1e-6 for all, min lr 8e-8, 32
+(base) / 64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image.
 
 Learning-rate schedule: base / large (CE and SCST) use the official one
 (`optim.schedule='epoch_cosine'`, mplug_jax/optim.py): every group starts at warmup_lr 1e-5 and

@@ -2,7 +2,7 @@ r"""python -m mplug_jax.main --config=configs/grounding.py:tiny --workdir=/tmp/m
   --config.init.checkpoint=/tmp/mplug_pretrain_tiny
 
 Visual grounding on RefCOCO / RefCOCO+ / RefCOCOg (official `grounding_mplug.py`; the box as 4
-coordinate tokens, FORMAT.md fixtures-tasks section 3): the decoder over [fused image; fused
+coordinate tokens, docs/fixtures.md#grounding-fixtures): the decoder over [fused image; fused
 expression] is trained with the official weighted coordinate-token loss and evaluated with the
 greedy 4-token decode, Acc@0.5 and mIoU (official metric, padded frame) per test split, and a
 `grounding_result.json` ([{"id", "phrase", "pred_box", "gt_box"}] in original-image pixels)

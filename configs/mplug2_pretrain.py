@@ -22,7 +22,7 @@ are logged separately. Variants:
 Video annotations: MSRVTT-retrieval-style jsonl ({"clip_name", "caption"} per line, e.g. a
 WebVid-2M export); images: the mPLUG pretraining json lists (`data.pretrain_input`).
 base / large (paper section 4.1 / appendix, values it does not give taken from mPLUG v1's
-pretraining yaml, official-formats.md section 2): lr 1e-4 (vision 1e-5), wd 0.02, queue
+pretraining yaml, docs/official-formats.md#config-values): lr 1e-4 (vision 1e-5), wd 0.02, queue
 65536, momentum 0.995, temp 0.07, alpha 0.4 over epoch 0, mask 15%, 8 frames at 224 px,
 30 epochs. There is no mPLUG-2 pretraining from scratch on a CPU beyond `tiny`: base / large
 refuse the synthetic data and random weights unless asked.

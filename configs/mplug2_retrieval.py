@@ -16,10 +16,10 @@ video->text R@1/5/10 and MdR (mplug_jax/evaluators/video_retrieval.py), result f
 
 MSRVTT recipe (paper appendix B.2.3): 224 px, 12 frames sampled at random per segment in
 training and uniformly at test, RandomResizedCrop(0.5-1) + horizontal flip, 10 epochs, lr 2e-5,
-global batch 192; the rest as mPLUG v1 / ALBEF retrieval (official-formats.md section 4):
-wd 0.02, queue 65536 (a multiple of 192: 65472), momentum 0.995, temp 0.07, embed dim 256,
-alpha 0.4 ramped over epoch 0, k_test 128, captions 40 words / 35 tokens (v1 MSRVTT eval
-settings), visual encoder at lr 2e-6 as the release's video QA.
+global batch 192; the rest as mPLUG v1 / ALBEF retrieval
+(docs/official-formats.md#optimiser-and-schedule): wd 0.02, queue 65536 (a multiple of 192: 65472),
+momentum 0.995, temp 0.07, embed dim 256, alpha 0.4 ramped over epoch 0, k_test 128, captions 40
+words / 35 tokens (v1 MSRVTT eval settings), visual encoder at lr 2e-6 as the release's video QA.
 
   python -m mplug_jax.main --config=configs/mplug2_retrieval.py:large --workdir=DIR \
     --config.init.checkpoint=MPLUG2_CONVERTED_DIR --config.input.dataset=json \

@@ -32,7 +32,7 @@ need java). Variants:
     --config.task.prompt_join=space --config.task.prompt_loss=all     (the corrected form)
 
 MSVD: the same with the MSVD jsonl (`.avi` videos are found by `data.video.video_path`).
-Annotation format (official-formats.md 1.11): train jsonl {"video_id", "caption"} one line per
+Annotation format (docs/official-formats.md#video): train jsonl {"video_id", "caption"} one line per
 caption; test jsonl {"video_id", "golden_captions": [...]}. Result files of the `val` eval
 (`<workdir>/results/val_step<N>/`): `video_caption_result.json` (the release's
 [{"video_id", "pred_caption", "gold_caption"}]) and `caption_results.json` (ours, scored by
@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dataset="synthetic" if tiny else "json", annotations="", video_root="",
         num_frames=v["num_frames"], batch_size=16 if tiny else 8, limit=0,
         workers=1 if tiny else 4, log_every=0 if tiny else 50, num_examples_shown=5,
-        max_skip_rate=0.01, resize="nearest",  # the release's test resize (FORMAT.md 6.1)
+        max_skip_rate=0.01, resize="nearest",  # docs/fixtures.md#mplug-2-frames (release's resize)
         prompt_strip="split", prompt=c.task.prompt,  # the release's `.split(prompt)[-1]`
         metrics=METRICS if java or not tiny else tuple(m for m in METRICS if m != "METEOR"),
         tokenize="ptb" if java or not tiny else "simple",

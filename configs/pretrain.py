@@ -17,9 +17,10 @@ weights unless asked to (`input.allow_synthetic`, `init.allow_scratch`):
 
 Every field can be overridden, e.g. `--config.optim.lr=2e-4 --config.task.loss_weights.itm=0`
 (a loss weight of 0 removes that loss and its compute: the ablation rows are configs).
-Values from the official `pretrain_mplug_{base,large}.yaml` (official-formats.md section 2/4):
-lr1/lr2 1e-4/1e-5 (base), 5e-5/5e-6 (large), wd 0.02, queue 65536, momentum 0.995, temp 0.07,
-alpha 0.4 ramped over epoch 0, mask probability 0.15, min lr 1e-6, 30 epochs.
+Values from the official `pretrain_mplug_{base,large}.yaml` (docs/official-formats.md#config-values
+and #optimiser-and-schedule): lr1/lr2 1e-4/1e-5 (base), 5e-5/5e-6 (large), wd 0.02, queue 65536,
+momentum 0.995, temp 0.07, alpha 0.4 ramped over epoch 0, mask probability 0.15, min lr 1e-6, 30
+epochs.
 """
 import ml_collections
 

@@ -35,10 +35,10 @@ Use `--config.evals.val.annotations='["data/coco_val.json"]'` to evaluate anothe
 input.eval_annotations. Re-score a result file: `mplug-jax score --task retrieval --results
 DIR/results/val_stepN/retrieval_result.json --annotations data/coco_test.json`.
 
-Official values (official-formats.md sections 2 and 4): per-GPU batch 128 x 8 GPUs = 1024,
-lr1 1e-5 / lr2 (CLIP) 2e-6, weight decay 0.02, 8 epochs, cosine to min_lr 1e-6, 100 warm-up
-iterations, queue 65536, momentum 0.995, temp 0.07, E 256, alpha 0.4 ramped over epoch 0,
-k_test 256 (COCO) / 128 (Flickr30K, paper section 5.2.3), texts 30 tokens. The paper's Table 11
+Official values (docs/official-formats.md#config-values and #optimiser-and-schedule): per-GPU batch
+128 x 8 GPUs = 1024, lr1 1e-5 / lr2 (CLIP) 2e-6, weight decay 0.02, 8 epochs, cosine to min_lr 1e-6,
+100 warm-up iterations, queue 65536, momentum 0.995, temp 0.07, E 256, alpha 0.4 ramped over epoch
+0, k_test 256 (COCO) / 128 (Flickr30K, paper section 5.2.3), texts 30 tokens. The paper's Table 11
 lists batch 256 / 5 epochs instead; the released configs are used here.
 
 Learning-rate schedule: every variant but `tiny` uses the official one

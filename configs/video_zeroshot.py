@@ -25,7 +25,7 @@ one sequence. `get_config("BENCHMARK[,size=tiny|base|large][,task=...]")`:
 The config is the checkpoint's task config (`task.name` = pretrain | retrieval | vqa | caption,
 so `evaluate` builds that task and its predict fns) at the benchmark's frame resolution (the
 positional embeddings are resampled on load) with one eval block. Frame resolutions (official
-configs, official-formats.md 1.11): retrieval 224; QA 480 for base (the official base config;
+configs, docs/official-formats.md#video): retrieval 224; QA 480 for base (the official base config;
 16 frames x 901 tokens, batch 1 there), 336 for large (the large VQA resolution: no official
 large video QA config is documented); VATEX 448. `size=tiny` evaluates the tiny models on the
 built-in synthetic videos (`data.synthetic_video`: moving shapes, written as frame folders and

@@ -7,9 +7,9 @@ with the official beam search (5 / min 1 / max 10), VQA accuracy overall and per
 and a `vqa_result.json` submission file ([{"question_id", "answer"}]) under
 <workdir>/results/. Variants: `tiny` (the built-in synthetic VQA on a 2-core CPU, starting from
 the `configs/pretrain.py:tiny` workdir), `base` (ViT-B/16 at 384 px) and `large` (ViT-L/14 at
-336 px) with the official values (official-formats.md sections 2 and 4). base and large refuse
-the synthetic data and random initialisation unless asked (`input.allow_synthetic`,
-`init.allow_scratch`):
+336 px) with the official values (docs/official-formats.md#config-values and
+#optimiser-and-schedule). base and large refuse the synthetic data and random initialisation unless
+asked (`input.allow_synthetic`, `init.allow_scratch`):
 
   python -m mplug_jax.main --config=configs/vqa.py:base --workdir=DIR \
     --config.init.checkpoint=mplug_base.pth --config.init.config_bert=config_bert_stride3.json \

@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("parity", help="compare our model with an official golden fixture")
     s.add_argument("--fixture", action="append", required=True,
-                   help="fixture folder (FORMAT.md); repeat for several")
+                   help="fixture folder (docs/fixtures.md); repeat for several")
     s.add_argument("--image-atol", type=float, default=1e-4,
                    help="max abs difference allowed for image preprocessing")
     s.set_defaults(fn=_parity)

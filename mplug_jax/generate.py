@@ -8,9 +8,9 @@ Shapes are static (cache float[N, B, T, H, K] for T = max_len), so a whole searc
 
 Searches:
   greedy        argmax decoding -> int32[B, T] ([CLS] w1 .. [SEP] then [PAD]).
-  beam_search   the official mPLUG beam search with all its quirks (FORMAT.md section 10.4),
-                or (official=False) the standard beam search
-                -> n-best ids / lengths / scores (+ optional per-step trace).
+  beam_search   the official mPLUG beam search with all its quirks
+                (docs/fixtures.md#official-beam-search), or (official=False) the standard beam
+                search -> n-best ids / lengths / scores (+ optional per-step trace).
   sample        temperature / top-k / top-p sampling, N samples per example, with the
                 log-probs of the samples (SCST).
   make_search   any of them jitted over a device mesh, the batch split over data / fsdp.
@@ -253,8 +253,8 @@ def coordinate_greedy(model, params, states: jax.Array, states_mask: jax.Array, 
                       first_id: int, num_bins: int, prefix_id: int, steps: int = 4,
                       use_cache: bool = True, return_scores: bool = False):
     """Greedy decoding restricted to a contiguous range of coordinate tokens (grounding,
-    FORMAT.md fixtures-tasks 3.4): from `prefix_id`, `steps` argmax steps over the ids
-    first_id .. first_id + num_bins - 1 only. The official adds -10000 to every other logit
+    docs/fixtures.md#grounding-forward-and-decode): from `prefix_id`, `steps` argmax steps over the
+    ids first_id .. first_id + num_bins - 1 only. The official adds -10000 to every other logit
     and takes the argmax of the whole vocabulary, which picks the same token (first maximum).
 
     Args:
@@ -317,7 +317,7 @@ def beam_search(model, params, states: jax.Array, states_mask: jax.Array, *, bea
     at which it was stored.
 
     official=True, `TextGenerator._fast_translate_batch` (do_sample=False;
-    ../shared/fixtures/FORMAT.md section 10.4) with all its quirks: each step keeps the top K
+    docs/fixtures.md#official-beam-search) with all its quirks: each step keeps the top K
     of the K * V candidates; a slot that emits eos_id is stored as a hypothesis AND stays in
     the beam (it is extended further: later hypotheses can hold an inner [SEP]); an example
     ends only when its best slot emits eos_id (then all K slots are stored, [SEP] or not) or

@@ -12,7 +12,7 @@ checkpoint: the Python API behind `mplug-jax predict`.
     vid.answer(["clip.mp4"], ["which way does it move?"])            # -> a VideoPredictor
     Predictor.from_checkpoint("runs/m2cap").caption(["frames_dir/"])  # video captioning
 
-Generation is the official one (beam 5, FORMAT.md section 10.3): VQA from the fused
+Generation is the official one (beam 5, docs/fixtures.md#generation-settings): VQA from the fused
 [image; question] states (min 1, max 10 tokens), captions from the image states alone (min 8,
 max 25; a workdir's own `task.generation` settings take precedence), texts post-processed as
 the official evaluation. A pretraining workdir captions zero-shot: the prompt "a picture of"
@@ -58,7 +58,7 @@ class Settings:
     beam_size: int = 5
     min_length: int = 1
     max_length: int = 10
-    official: bool = True  # official beam search (FORMAT.md 10.4) or the standard one
+    official: bool = True  # docs/fixtures.md#official-beam-search, or the standard one
 
     def __post_init__(self):
         if self.beam_size < 1 or self.max_length < 1 or self.min_length < 0:

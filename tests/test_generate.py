@@ -233,7 +233,7 @@ def _official_search(fx: pathlib.Path, run: str):
     dec = params["decoder"]
     bias = dec["lm_bias"].at[SEP_ID].set(jnp.float32(gen[f"{run}_bias_sep"]))
     params = {**params, "decoder": {**dec, "lm_bias": bias}}
-    if meta.get("task", "vqa") == "vqa":  # FORMAT.md 10.3: [fusion image; fusion question]
+    if meta.get("task", "vqa") == "vqa":  # docs/fixtures.md#generation-settings
         f_img = expected["fusion_image"]
         states = np.concatenate([f_img, expected["fusion_text"]], 1)
         smask = np.concatenate([np.ones(f_img.shape[:2], np.int32),
@@ -255,8 +255,8 @@ def _official_search(fx: pathlib.Path, run: str):
 
 @pytest.mark.parametrize("run", ["plain", "eosbias"])
 def test_beam_search_matches_the_official_fixtures(run):
-    """FORMAT.md section 10.6: ids, lengths, trace tokens / parents, end steps and stored
-    hypotheses exactly; scores within the fixture's suggested tolerance."""
+    """docs/fixtures.md#comparing-generation: ids, lengths, trace tokens / parents, end steps and
+    stored hypotheses exactly; scores within the fixture's suggested tolerance."""
     fixtures = _generation_fixtures()
     if not fixtures:
         pytest.skip(f"no fixture with generation.npz under {FIXTURES}")

@@ -65,7 +65,8 @@ def test_prompt_join_and_prompt_length_token_ids():
 @pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="../shared/fixtures-mplug2 absent")
 def test_caption_ids_and_loss_match_the_official_fixture(tmp_path):
     """The fixture's caption_input_ids are our 'release' encoding, and the task loss on the
-    official weights equals the release's caption_loss (FORMAT.md 5.9, atol 9e-6)."""
+    official weights equals the release's caption_loss (docs/fixtures.md#mplug-2-losses, atol
+    9e-6)."""
     from mplug_jax.interop import mplug2_convert
     with open(os.path.join(FIXTURE, "text.json")) as f:
         text = json.load(f)

@@ -133,9 +133,9 @@ def test_input_batches_skip_bad_videos(tmp_path):
 
 
 def test_loss_matches_release_math_and_temporal_switch(tmp_path):
-    """The task loss equals the release's (FORMAT.md 5.8: labels -100 on padding, summed per
-    answer, weighted, / clips). temporal=False has no lmhra params and cannot tell a video
-    from its time reversal; the temporal model can once its LT modules are non-zero."""
+    """The task loss equals the release's (docs/fixtures.md#mplug-2-losses: labels -100 on padding,
+    summed per answer, weighted, / clips). temporal=False has no lmhra params and cannot tell a
+    video from its time reversal; the temporal model can once its LT modules are non-zero."""
     c = _config(tmp_path)
     task = tasks.build(c)
     params = nn.meta.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))

@@ -2,8 +2,9 @@
 captions in the same format, train batches with decoder targets, and eval records.
 
 Datasets (`config.input.dataset`):
-- 'karpathy': official `coco_caption_{train,test}_ocr.json`-style files (official-formats.md
-  1.6) through `sources.coco_caption`, images under `input.coco_root`;
+- 'karpathy': official `coco_caption_{train,test}_ocr.json`-style files
+  (docs/official-formats.md#coco-caption) through `sources.coco_caption`, images under
+  `input.coco_root`;
 - 'synthetic': `SyntheticCaptions`, Karpathy-format entries of `mplug_jax.data.synthetic` scenes
   with `refs_per_image` references each (the scene's `caption(scene, rng)` drawn with
   different generators), images rendered on access.

@@ -3,7 +3,7 @@
 Sources (`input.dataset`): 'unc' (RefCOCO), 'unc+' (RefCOCO+), 'gref', 'gref_umd' (RefCOCOg),
 'referit', 'flickr', 'vg_uni' (train: referit + unc + unc+ + gref_umd train concatenated) -
 split files `<split_root>/<name>/<name>_<split>.pth` (or `.json`, the same tuples), images
-under `<data_root>` as the official loader (official-formats.md 1.8), read by
+under `<data_root>` as the official loader (docs/official-formats.md#refcoco-grounding), read by
 `sources.grounding`; 'synthetic': the built-in shapes expressions
 (`data.synthetic_grounding`, scene layout `input.synthetic`), written once in that layout
 under `input.synthetic_dir`.

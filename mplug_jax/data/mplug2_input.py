@@ -8,14 +8,14 @@
   (frame folders + jsonl) into `input.synthetic_dir` (a fresh temporary folder when empty)
   and then read exactly as 'json'.
 
-Frames (official-formats.md 1.11, FORMAT.md 6.1): `num_frames` T per video; train: one random
-frame per equal segment ('rand') and, when `input.augment.enabled`, `video.train_clip` (one
-RandomResizedCrop / flip / RandAugment draw for all frames), else `video.eval_clip`; eval: the
-segment middles and `video.eval_clip` (nearest resize, CLIP normalisation). Text: questions
-`pre_question` to 30 words (train) / 50 (eval), tokenised to `input.max_question_tokens`
-(official: 25, or 50 with add_ocr); the answer as "[CLS] answer [SEP]" padded to
-`input.max_answer_tokens`, weight 1 (one answer per question, as the official data). A video
-that cannot be used (missing, empty, undecodable) is skipped and counted as bad images are
+Frames (docs/official-formats.md#video, docs/fixtures.md#mplug-2-frames): `num_frames` T per video;
+train: one random frame per equal segment ('rand') and, when `input.augment.enabled`,
+`video.train_clip` (one RandomResizedCrop / flip / RandAugment draw for all frames), else
+`video.eval_clip`; eval: the segment middles and `video.eval_clip` (nearest resize, CLIP
+normalisation). Text: questions `pre_question` to 30 words (train) / 50 (eval), tokenised to
+`input.max_question_tokens` (official: 25, or 50 with add_ocr); the answer as "[CLS] answer [SEP]"
+padded to `input.max_answer_tokens`, weight 1 (one answer per question, as the official data). A
+video that cannot be used (missing, empty, undecodable) is skipped and counted as bad images are
 (`pipeline` skip accounting, `input.max_skip_rate`).
 
 Train batch (per process, B rows):
@@ -268,8 +268,9 @@ PROMPT_JOINS = ("release", "space")
 def caption_text(caption: str, prompt: str, join: str = "release") -> str:
     """Decoder target text of one training caption: `pre_caption(caption, 80)` joined to the
     prompt and "[SEP]" appended. join='release': `prompt + caption` with NO space, as the release
-    (FORMAT.md 6.2: "a video of" + "an astronaut" -> "a video ofan astronaut" -> `of ##an`);
-    'space': `prompt + " " + caption` (the corrected form). Empty prompt: the caption alone."""
+    (docs/fixtures.md#mplug-2-text: "a video of" + "an astronaut" -> "a video ofan astronaut" ->
+    `of ##an`); 'space': `prompt + " " + caption` (the corrected form). Empty prompt: the caption
+    alone."""
     if join not in PROMPT_JOINS:
         raise ValueError(f"prompt_join must be one of {PROMPT_JOINS}, got {join!r}")
     cap = text.pre_caption(caption, CAPTION_WORDS)

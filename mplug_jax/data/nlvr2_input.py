@@ -1,6 +1,6 @@
 """NLVR2 input by `config.input.dataset` (the NLVR2 task and the `classify` evaluator share it).
 
-- 'json': official NLVR2 json files (`sources.nlvr2`, official-formats.md 1.9): lists
+- 'json': official NLVR2 json files (`sources.nlvr2`, docs/official-formats.md#nlvr2): lists
   `input.train_files`, `input.val_files`, `input.test_files` (the official train_file /
   val_file / test_file), image paths relative to `input.image_root`;
 - 'synthetic': the built-in `synthetic_nlvr2` pairs, written once as the same official files

@@ -3,7 +3,7 @@
 `config.input.dataset`:
 - 'json': `input.train_annotations` (train records {image, caption, image_id}) and
   `input.eval_annotations` (eval records {image, caption: [..]}), images under
-  `input.image_root` (official-formats.md 1.7), read by `sources.retrieval`;
+  `input.image_root` (docs/official-formats.md#image-text-retrieval), read by `sources.retrieval`;
 - 'synthetic': `synthetic_retrieval.write_files` (the same format, written once under
   `input.synthetic_dir`, default a folder in the system temp dir named by its settings).
 

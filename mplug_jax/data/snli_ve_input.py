@@ -1,7 +1,7 @@
 """SNLI-VE input (the SNLI-VE task and the shared `classify` evaluator use it).
 
 Datasets (`config.input.dataset`), both read by the one official reader `sources.snli_ve`
-(official-formats.md 1.10: `image` id -> `<image_root>/<id>.jpg`, `sentence` -> pre_caption,
+(docs/official-formats.md#snli-ve: `image` id -> `<image_root>/<id>.jpg`, `sentence` -> pre_caption,
 `label` entailment=2 / neutral=1 / contradiction=0; malformed records skipped and counted):
 - 'json': `input.train_file` / `val_file` / `test_file` (single json paths, as official) and
   `input.image_root` (Flickr30k images);

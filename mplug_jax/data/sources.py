@@ -1,4 +1,5 @@
-"""Readers for the official mPLUG / mPLUG-2 annotation formats (official-formats.md 1.4-1.11).
+"""Readers for the official mPLUG / mPLUG-2 annotation formats
+(docs/official-formats.md#annotation-formats).
 
 Each reader parses its annotation files once and returns a :class:`RecordSource`: a random-access
 list of plain dict records with absolute image paths (images are decoded later by the pipeline).

@@ -11,7 +11,7 @@ word is a single bert-base-uncased token, so a tiny model can learn the mapping.
 Record: ``{'image': uint8[H, W, 3], 'caption': str, 'question': str, 'answer': str, 'id': int}``.
 
 `SyntheticVQA` gives the same scenes as VQA records in the official mPLUG VQA json format
-(official-formats.md 1.5) plus the VQA v2 `answer_type`: questions about colour, shape, count,
+(docs/official-formats.md#vqa) plus the VQA v2 `answer_type`: questions about colour, shape, count,
 horizontal position and presence, each with 10 simulated annotator answers that mostly agree
 (a minority gives a neighbouring count, a confusable colour, a near-synonym shape, the
 neighbouring column or the opposite yes/no). `write_vqa_files` writes a split as image files,

@@ -1,8 +1,8 @@
 """Built-in synthetic SNLI-VE: (image premise, text hypothesis, 3-way label) over the shapes
-scenes of `mplug_jax.data.synthetic`, written as the official files (official-formats.md 1.10):
-`ve_<split>.json` = [{"image": id, "sentence": str, "label": "entailment"|"neutral"|
-"contradiction"}] plus `<id>.jpg` images, so the one SNLI-VE reader (`sources.snli_ve`) serves
-real and synthetic data alike.
+scenes of `mplug_jax.data.synthetic`, written as the official files
+(docs/official-formats.md#snli-ve): `ve_<split>.json` = [{"image": id, "sentence": str, "label":
+"entailment"|"neutral"| "contradiction"}] plus `<id>.jpg` images, so the one SNLI-VE reader
+(`sources.snli_ve`) serves real and synthetic data alike.
 
 Why three genuinely image-dependent classes: a scene may carry a *cover*, a striped box over
 one empty grid cell that could hide a shape. A hypothesis names one (colour, shape) object in

@@ -83,7 +83,7 @@ class Tokenizer:
                                 skip_special_tokens=True).strip()
 
     def decode_official(self, ids: Sequence[int]) -> str:
-        """The official evaluation's text of generated ids (FORMAT.md section 10.5):
+        """The official evaluation's text of generated ids (docs/fixtures.md#post-processing):
         ``tokenizer.decode(ids).replace("[SEP]", "").replace("[CLS]", "").replace("[PAD]",
         "").strip()`` of transformers 4.26.1, reproduced token by token.
 

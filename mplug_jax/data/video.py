@@ -192,7 +192,7 @@ def _clip_array(frames) -> np.ndarray:
 
 
 def resize_nearest(clip: np.ndarray, size: int) -> np.ndarray:
-    """mPLUG-2's test resize (fixtures-mplug2 FORMAT.md 6.1): torch `interpolate(mode='nearest')`
+    """mPLUG-2's test resize (docs/fixtures.md#mplug-2-frames): torch `interpolate(mode='nearest')`
     to size x size, aspect ratio not kept: output (i, j) = input (min(floor(i * h / R), h - 1),
     min(floor(j * w / R), w - 1)) with the scales in float32. [T, h, w, C] -> [T, R, R, C]."""
     if size <= 0:
@@ -223,7 +223,7 @@ def train_clip(frames, image_size: int, rng: np.random.Generator, *,
                randaug_n: int = 2, randaug_m: int = 5) -> np.ndarray:
     """mPLUG-2's training clip transform: RandomResizedCrop (0.5-1) -> flip -> RandAugment
     (N=2, M=5) -> normalise, *temporally consistent*: every frame gets the same crop box, flip
-    and RandAugment ops and magnitudes (official-formats.md 1.11).
+    and RandAugment ops and magnitudes (docs/official-formats.md#video).
 
     Consistency comes from replaying one random stream per frame: the image transform's draws
     depend only on the frame size (equal within a clip), never on pixel values.

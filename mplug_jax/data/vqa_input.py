@@ -5,7 +5,7 @@
   `input.eval_annotations` for evaluation, images under `input.roots[record['dataset']]`
   (the official vqa_root / vg_root / gqa_root).
 
-Official target construction (official-formats.md 1.5): a 'vqa' record's distinct answers
+Official target construction (docs/official-formats.md#vqa): a 'vqa' record's distinct answers
 weighted count / #answers, a 'vg'/'gqa' record's single answer weight 0.5; every answer gets
 "[SEP]" appended. Static shapes: `max_answers` (A) answer slots per question; padding slots
 have weight 0 and an all-zero mask; a question with more distinct answers keeps its A

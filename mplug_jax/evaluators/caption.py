@@ -1,4 +1,5 @@
-"""Caption evaluation as the official `caption_mplug.py evaluation()` (official-formats.md 3.2).
+"""Caption evaluation as the official `caption_mplug.py evaluation()`
+(docs/official-formats.md#caption-evaluation).
 
 Beam search on the eval images (task.generation: beam 5, min 8, max 25 by default), top
 hypothesis decoded with the official post-processing (a training `task.prompt` stripped from

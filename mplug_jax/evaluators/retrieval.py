@@ -1,5 +1,5 @@
 """Image-text retrieval evaluation as the official `retrieval_img_mplug.py evaluation()` +
-`itm_eval()` (fixtures-tasks FORMAT.md 2.3 / 2.4; official-formats.md 3.3).
+`itm_eval()` (docs/fixtures.md#retrieval-evaluation; docs/official-formats.md#retrieval-evaluation).
 
 1. Embeddings of every image and text (`image_embed` / `text_embed` predict fns; texts
    `[CLS] caption` padded and truncated to `input.max_tokens`, official 30), in batches split

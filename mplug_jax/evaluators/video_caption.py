@@ -12,7 +12,8 @@ stripped from their start (official `videocap_mplug.py`).
 mPLUG-2 video captioning (`tasks.mplug2_video_caption`) uses the same evaluator with the
 task's own `encode_video` (temporal modules, universal layers), `resize='nearest'` (the
 release's test resize) and `prompt_strip='split'`: the release's `.split(prompt)[-1].strip()`
-(FORMAT.md 7.2), which also removes a prompt glued to the caption ("a video ofa red circle").
+(docs/fixtures.md#mplug-2-generation), which also removes a prompt glued to the caption
+("a video ofa red circle").
 
 Metrics: BLEU-1..4 / METEOR / ROUGE-L / CIDEr via `scoring.caption.evaluate` against the
 references (VATEX `enCap`, mPLUG-2 `golden_captions`). Result files: `caption_results.json`

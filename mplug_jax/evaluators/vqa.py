@@ -1,12 +1,12 @@
 """VQA evaluation as the official `vqa_mplug.py`: open-ended generation, VQA accuracy, result file.
 
-Per question: the fused states of (image, question) as in training (FORMAT.md 10.3), the
-official beam search (`generate.beam_search`, beam 5 / min 1 / max 10 by default, jitted),
-the best hypothesis decoded with the official post-processing (FORMAT.md 10.5). With
-`ecfg.rank_answers` the answer is instead chosen from a candidate list ALBEF-style (top
-`rank_k` candidates by first-token probability, re-scored by their full log-likelihood; see
-`tasks.vqa.Task.rank`): `ecfg.answer_list` (official answer_list.json) or, for the synthetic
-data, every answer it can produce.
+Per question: the fused states of (image, question) as in training
+(docs/fixtures.md#generation-settings), the official beam search (`generate.beam_search`, beam 5 /
+min 1 / max 10 by default, jitted), the best hypothesis decoded with the official post-processing
+(docs/fixtures.md#post-processing). With `ecfg.rank_answers` the answer is instead chosen from a
+candidate list ALBEF-style (top `rank_k` candidates by first-token probability, re-scored by their
+full log-likelihood; see `tasks.vqa.Task.rank`): `ecfg.answer_list` (official answer_list.json) or,
+for the synthetic data, every answer it can produce.
 
 Metrics (`mplug_jax.scoring.vqa`, official normalisation): 'acc' and 'acc_<answer type>' when
 the questions have answers (synthetic held-out split; official val json with 'answer' lists; or

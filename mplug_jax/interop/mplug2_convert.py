@@ -11,7 +11,7 @@ The decoder's tied output weight / bias are regenerated from the embeddings / `l
 
 Model dims are inferred from the checkpoint's shapes; only head counts, the fusion run / stride
 rule and the image resolution come from the config files (`config_bert.json`, task yaml).
-Layout: ../shared/fixtures-mplug2/FORMAT.md section 3.
+Layout: docs/fixtures.md#mplug-2-configs-and-state-dict.
 """
 from __future__ import annotations
 
@@ -413,7 +413,7 @@ def load_converted(ckpt_dir: str) -> Converted:
 
 def official_config_files(model: M.MPLUG2, start_layer: int = 0) -> tuple[dict, dict]:
     """(config_bert.json dict, task yaml dict) that `config_from_official` maps back to
-    `model` (the official key names; FORMAT.md section 2)."""
+    `model` (the official key names; docs/fixtures.md#mplug-2-configs-and-state-dict)."""
     bert = dict(
         hidden_size=model.hidden_size, num_attention_heads=model.num_heads,
         intermediate_size=model.mlp_dim, hidden_act="gelu", layer_norm_eps=model.text_ln_eps,

@@ -1,12 +1,12 @@
 """Official-fixture parity check (`mplug-jax parity --fixture DIR`).
 
-A fixture (see ../shared/fixtures/FORMAT.md) holds official configs, an official state dict,
-raw images and strings, the official preprocessing results and the official model outputs.
+A fixture (see docs/fixtures.md#vqa-and-caption-fixtures) holds official configs, an official state
+dict, raw images and strings, the official preprocessing results and the official model outputs.
 We load it through the real import path, re-run tokenisation and image preprocessing, run our
 model in float32 with the highest matmul precision, and compare every expected array. Where the
-fixture has generation outputs (generation.npz / generation.json, FORMAT.md section 10), the
-official beam search is re-run on our decoder states for every run of meta.json and its ids,
-traces, scores and post-processed texts are compared too.
+fixture has generation outputs (generation.npz / generation.json,
+docs/fixtures.md#generation-outputs), the official beam search is re-run on our decoder states for
+every run of meta.json and its ids, traces, scores and post-processed texts are compared too.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 def official_forward(model, params, inputs: dict, task: str) -> dict[str, np.ndarray]:
-    """The official eval-mode forward (FORMAT.md section 5) on fixture inputs."""
+    """The official eval-mode forward (docs/fixtures.md#forward) on fixture inputs."""
     image = jnp.asarray(inputs["image"]).transpose(0, 2, 3, 1)  # NCHW -> NHWC
     ids, mask = jnp.asarray(inputs["text_input_ids"], jnp.int32), jnp.asarray(
         inputs["text_attention_mask"], jnp.int32)
@@ -120,11 +120,11 @@ def _ids_mismatch(got_ids, got_len, want_ids, want_len) -> int:
 
 def check_generation(fixture: str, meta: dict, model, params, got: dict,
                      inputs: dict) -> list[Row]:
-    """FORMAT.md section 10.6 for every run of meta.json `generation.runs`: the official beam
-    search (settings of meta.json `generation.settings`) on our decoder states (VQA:
-    [fusion image; fusion question], caption: image states; section 10.3), with the run's
-    [SEP]-bias weight change; ids / lengths / traces / end steps / stored hypotheses exactly,
-    scores within the run's suggested_atol, post-processed texts exactly."""
+    """docs/fixtures.md#comparing-generation for every run of meta.json `generation.runs`: the
+    official beam search (settings of meta.json `generation.settings`) on our decoder states (VQA:
+    [fusion image; fusion question], caption: image states; docs/fixtures.md#generation-settings),
+    with the run's [SEP]-bias weight change; ids / lengths / traces / end steps / stored hypotheses
+    exactly, scores within the run's suggested_atol, post-processed texts exactly."""
     gen = dict(np.load(os.path.join(fixture, "generation.npz"), allow_pickle=False))
     with open(os.path.join(fixture, "generation.json")) as f:
         gen_json = json.load(f)
@@ -150,7 +150,7 @@ def check_generation(fixture: str, meta: dict, model, params, got: dict,
     for run, run_meta in g["runs"].items():
         want = {n[len(run) + 1:]: v for n, v in gen.items() if n.startswith(run + "_")}
         p = params
-        if "bias_sep" in want:  # the run's weight change (FORMAT.md 10.1)
+        if "bias_sep" in want:  # the run's weight change (docs/fixtures.md#generation-runs)
             dec = params["decoder"]
             p = {**params, "decoder": {**dec, "lm_bias": dec["lm_bias"].at[eos].set(
                 jnp.float32(want["bias_sep"]))}}
@@ -220,9 +220,9 @@ def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
     with open(path("meta.json")) as f:
         meta = json.load(f)
     from mplug_jax.interop.parity_mplug2 import is_mplug2_fixture, run_mplug2_parity
-    if is_mplug2_fixture(meta):  # ../shared/fixtures-mplug2 format
+    if is_mplug2_fixture(meta):  # docs/fixtures.md#mplug-2-video-fixtures
         return run_mplug2_parity(fixture, meta)
-    if meta.get("task", "vqa") not in ("vqa", "caption"):  # ../shared/fixtures-tasks format
+    if meta.get("task", "vqa") not in ("vqa", "caption"):  # task fixture (docs/fixtures.md)
         from mplug_jax.interop.parity_tasks import run_task_parity
         return run_task_parity(fixture, meta, image_atol)
     inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))

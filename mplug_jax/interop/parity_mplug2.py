@@ -1,13 +1,13 @@
-"""Parity with official mPLUG-2 fixtures (../shared/fixtures-mplug2/FORMAT.md).
+"""Parity with official mPLUG-2 fixtures (docs/fixtures.md#mplug-2-video-fixtures).
 
 Loads `model.safetensors` through the real importer (`mplug2_convert`), re-runs the official
 video test preprocessing (frame sampling, NEAREST resize, CLIP normalisation) and tokenisation,
 runs our `MPLUG2` in float32 at the highest matmul precision, and compares every array of
 `expected.npz` within `meta.json float64_check.suggested_atol`; then re-runs the official beam
-search (`generate.beam_search`, official=True, the algorithm of FORMAT.md 7.2) for every run and
-task of `generation.npz`, comparing ids, traces, stored hypotheses and end steps exactly, scores
-within the run's suggested atol, and the post-processed texts exactly. One `Row` per check.
-Nothing here depends on the fixture's sizes, frame count, fusion stride or vision style.
+search (`generate.beam_search`, official=True, the algorithm of docs/fixtures.md#mplug-2-generation)
+for every run and task of `generation.npz`, comparing ids, traces, stored hypotheses and end steps
+exactly, scores within the run's suggested atol, and the post-processed texts exactly. One `Row` per
+check. Nothing here depends on the fixture's sizes, frame count, fusion stride or vision style.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from mplug_jax.models.mplug2 import MPLUG2, decoder_module, vqa_states
 GEN_TASKS = ("vqa", "caption")
 
 
-# ---- preprocessing (FORMAT.md 6.1: mplug_jax.data.video's frame_indices and eval_clip) ----------
+# ---- preprocessing (docs/fixtures.md#mplug-2-frames: data.video's frame_indices, eval_clip) ------
 
 def _check_preprocessing(fixture: str, inputs: dict, num_frames: int) -> list[Row]:
     frames = dict(np.load(os.path.join(fixture, "frames.npz"), allow_pickle=False))
@@ -81,7 +81,7 @@ def _check_text(text: dict, prompt: str) -> list[Row]:
     return rows
 
 
-# ---- forward (FORMAT.md 5) -----------------------------------------------------------------------
+# ---- forward (docs/fixtures.md#mplug-2-forward) --------------------------------------------------
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Next-token NLL float32[N, L-1] of logits[:, :-1] vs labels[:, 1:], and the mask of
@@ -119,7 +119,8 @@ def _forward(model: MPLUG2, params, video, ids, mask, rows, tgt, tgt_mask, tgt_l
 
 
 def official_forward(model: MPLUG2, params, inputs: dict) -> dict[str, np.ndarray]:
-    """Every array of expected.npz (FORMAT.md 4) from fixture `inputs` (inputs.npz)."""
+    """Every array of expected.npz (docs/fixtures.md#mplug-2-arrays) from fixture `inputs`
+    (inputs.npz)."""
     i32 = lambda name: jnp.asarray(inputs[name], jnp.int32)  # noqa: E731
     rows = np.repeat(np.arange(inputs["video"].shape[0]), np.asarray(inputs["k"]))
     video = jnp.asarray(inputs["video"], jnp.float32).transpose(0, 2, 3, 4, 1)  # -> B T R R 3
@@ -161,7 +162,7 @@ def compare(got: dict, expected: dict, tols: dict) -> list[Row]:
     return rows
 
 
-# ---- generation (FORMAT.md 7) --------------------------------------------------------------------
+# ---- generation (docs/fixtures.md#mplug-2-generation) --------------------------------------------
 
 def _ids_bad(got_ids, got_len, want_ids, want_len) -> int:
     """Number of sequences whose valid length or valid ids differ."""
@@ -189,7 +190,7 @@ def official_text(tok, ids, prompt: str = "") -> str:
 
 def check_generation(fixture: str, meta: dict, model: MPLUG2, params, got: dict,
                      inputs: dict, prompt: str) -> list[Row]:
-    """FORMAT.md 7.3 for every run and task of generation.npz."""
+    """docs/fixtures.md#mplug-2-generation for every run and task of generation.npz."""
     gen = dict(np.load(os.path.join(fixture, "generation.npz"), allow_pickle=False))
     with open(os.path.join(fixture, "generation.json")) as f:
         gen_json = json.load(f)

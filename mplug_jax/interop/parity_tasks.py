@@ -1,22 +1,26 @@
-"""Parity with the official task fixtures of ../shared/fixtures-tasks (FORMAT.md there).
+"""Parity with the official task fixtures described in
+docs/fixtures.md#retrieval-and-grounding-fixtures.
 
-Retrieval (`meta.json task == "retrieval"`, FORMAT.md section 2): the official checkpoint
-(no decoder) is loaded into our MPLUG, and we re-run
+Retrieval (`meta.json task == "retrieval"`, docs/fixtures.md#retrieval-fixtures): the official
+checkpoint (no decoder) is loaded into our MPLUG, and we re-run
   * preprocessing: image test transform, `pre_caption(., 30)`, tokenisation (30 ids at
     evaluation, longest padding in training), the text/image numbering;
-  * the official `evaluation()` (2.3): features, cosine similarities, top-k candidates, ITM
-    re-scoring, score matrices, then `itm_eval` (2.4) on them and on the synthetic metric case;
-  * the training forward (2.5) on the stored weights and queues, with the recorded hard-negative
-    draws injected: momentum update, ITC with idx positives and distillation, queue update,
-    ITM with hard negatives.
+  * the official `evaluation()` (docs/fixtures.md#retrieval-evaluation): features, cosine
+    similarities, top-k candidates, ITM re-scoring, score matrices, then `itm_eval`
+    (docs/fixtures.md#retrieval-evaluation) on them and on the synthetic metric case;
+  * the training forward (docs/fixtures.md#retrieval-training-forward) on the stored weights and
+    queues, with the recorded hard-negative draws injected: momentum update, ITC with idx positives
+    and distillation, queue update, ITM with hard negatives.
 Every expected array is compared within `meta.json float64_check.suggested_atol` (the arrays in
 `float64_check.exact` exactly), giving one `Row` each.
 
-Grounding (`task == "grounding"`, FORMAT.md section 3): the official checkpoint (text encoder
-cut to `stride_layer` layers, G4) is loaded into our MPLUG, and we re-run the RefCOCO eval
-transform and phrase ids (3.2), the forward (3.3), the 4-step greedy decode restricted to the
-coordinate tokens by `bbox_prob_mask` (3.4), IoU / Acc@0.5 / val means (3.5) and the
-teacher-forced training loss with the official weight broadcasting (3.6, G7).
+Grounding (`task == "grounding"`, docs/fixtures.md#grounding-fixtures): the official checkpoint
+(text encoder cut to `stride_layer` layers, G4) is loaded into our MPLUG, and we re-run the RefCOCO
+eval transform and phrase ids (docs/fixtures.md#grounding-preprocessing), the forward
+(docs/fixtures.md#grounding-forward-and-decode), the 4-step greedy decode restricted to the
+coordinate tokens by `bbox_prob_mask` (docs/fixtures.md#grounding-forward-and-decode), IoU / Acc@0.5
+/ val means (docs/fixtures.md#grounding-metrics) and the teacher-forced training loss with the
+official weight broadcasting (docs/fixtures.md#grounding-training-loss, G7).
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ TASKS = ("retrieval", "grounding")
 RETRIEVAL_ALLOW_MISSING = HEADS_ABSENT_IN_TASK_CHECKPOINTS + r"|^decoder(/|$)"
 EVAL_MAX_LEN = 30
 OFFICIAL_MOMENTUM = 0.995  # hard-coded in the official init_distill (quirk R9)
-# Arrays of expected.npz that are inputs of the check, not outputs (FORMAT.md 2.6).
+# Arrays of expected.npz that are inputs of the check, not outputs
+# (docs/fixtures.md#retrieval-arrays).
 _GIVEN = ("metric_case_scores_i2t", "metric_case_scores_t2i", "metric_case_img2txt",
           "metric_case_txt2img")
 
@@ -113,7 +118,8 @@ def _fused_cls_and_itm(model, params, img_states, txt_states, txt_mask, img_rows
 
 def retrieval_evaluation(model, params, image: np.ndarray, ids: np.ndarray, mask: np.ndarray,
                          k_test: int) -> dict[str, np.ndarray]:
-    """The official retrieval `evaluation()` (FORMAT.md 2.3), all rows in one process.
+    """The official retrieval `evaluation()` (docs/fixtures.md#retrieval-evaluation), all rows in
+    one process.
 
     Args:
       model, params: our MPLUG (large-style vision, quirk R1) and its params.
@@ -121,12 +127,12 @@ def retrieval_evaluation(model, params, image: np.ndarray, ids: np.ndarray, mask
       ids, mask: int[NT, L] evaluation text ids / attention mask.
       k_test: candidates per query (<= NI and <= NT).
     Returns:
-      numpy arrays named as in FORMAT.md 2.6 (features, `sims_matrix`, `{i2t,t2i}_topk_sim`,
-      `_topk_idx`, `_fusion_cls`, `_itm_logits`, `score_matrix_{i2t,t2i}`).
+      numpy arrays named as in docs/fixtures.md#retrieval-arrays (features, `sims_matrix`,
+      `{i2t,t2i}_topk_sim`, `_topk_idx`, `_fusion_cls`, `_itm_logits`, `score_matrix_{i2t,t2i}`).
     """
     if not model.has_visn_fc:
         raise ValueError("the official retrieval evaluation needs a large-style model "
-                         "(visn_fc + visn_layer_norm, FORMAT.md quirk R1)")
+                         "(visn_fc + visn_layer_norm; docs/fixtures.md#retrieval-quirks, R1)")
     ni, nt = image.shape[0], ids.shape[0]
     if not 1 <= k_test <= min(ni, nt):
         raise ValueError(f"k_test={k_test} must be in [1, min(#images={ni}, #texts={nt})]")
@@ -155,7 +161,7 @@ def retrieval_train_forward(model, params, params_m, queues: dict[str, np.ndarra
                             neg_text_idx: np.ndarray,
                             momentum: float = OFFICIAL_MOMENTUM) -> dict[str, np.ndarray]:
     """The official retrieval `MPLUG.forward(image, text, alpha, idx)` in eval mode
-    (FORMAT.md 2.5), with the hard negatives given instead of drawn.
+    (docs/fixtures.md#retrieval-training-forward), with the hard negatives given instead of drawn.
 
     Args:
       params, params_m: plain (unboxed) main and momentum param trees.
@@ -164,8 +170,8 @@ def retrieval_train_forward(model, params, params_m, queues: dict[str, np.ndarra
       image: float32[bs, 3, R, R]; ids, mask: int[bs, L]; idx: int[bs] image ids.
       alpha: distillation weight; neg_image_idx / neg_text_idx: int[bs] recorded draws.
     Returns:
-      numpy arrays named as the `train_*` arrays of FORMAT.md 2.6 (without the prefix), queues
-      in the official [E, Q] layout.
+      numpy arrays named as the `train_*` arrays of docs/fixtures.md#retrieval-arrays (without the
+      prefix), queues in the official [E, Q] layout.
     """
     f32 = jnp.float32
     bs = image.shape[0]
@@ -241,7 +247,8 @@ def _drawn_from_weights(weights: np.ndarray, drawn: np.ndarray) -> int:
 
 
 def _check_retrieval_text(fixture_text: dict, inputs: dict) -> list[Row]:
-    """Caption normalisation, tokenisation and numbering of FORMAT.md 2.2."""
+    """Caption normalisation, tokenisation and numbering of
+    docs/fixtures.md#retrieval-files-and-preprocessing."""
     tok = get_tokenizer()
     rows = []
     ev = fixture_text.get("eval_texts", [])
@@ -367,7 +374,8 @@ def check_retrieval_outputs(got: dict[str, np.ndarray], expected: dict[str, np.n
 
 def run_retrieval_parity(fixture: str, meta: dict, image_atol: float = 1e-4,
                          conv: Converted | None = None) -> list[Row]:
-    """All retrieval checks of one fixture folder (FORMAT.md 2 and 4)."""
+    """All retrieval checks of one fixture folder (docs/fixtures.md#retrieval-fixtures and
+    #checking-and-tolerances)."""
     return retrieval_parity_rows(fixture, meta, retrieval_outputs(fixture, conv), image_atol)
 
 
@@ -407,7 +415,7 @@ def run_task_parity(fixture: str, meta: dict, image_atol: float = 1e-4) -> list[
 
 
 # ----------------------------------------------------------------------------------------
-# Grounding (FORMAT.md section 3): coordinate tokens decoded by a prefix decoder.
+# Grounding (docs/fixtures.md#grounding-fixtures): coordinate tokens decoded by a prefix decoder.
 # ----------------------------------------------------------------------------------------
 
 # The grounding checkpoint has the decoder but none of the ITM / MLM heads.
@@ -417,7 +425,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def grounding_eval_image(path: str, res: int) -> tuple[np.ndarray, np.ndarray, float, int, int]:
-    """The official RefCOCO eval transform (FORMAT.md 3.2) of one photo.
+    """The official RefCOCO eval transform (docs/fixtures.md#grounding-preprocessing) of one photo.
 
     Returns (image float32[3, R, R], pad mask int64[R, R] (1 = padding), ratio, left, top):
     aspect-preserving bilinear resize of the longer side to R, ImageNet mean/std, zero padding
@@ -439,7 +447,8 @@ def grounding_eval_image(path: str, res: int) -> tuple[np.ndarray, np.ndarray, f
 
 
 def grounding_gt_box(xywh_pixels, ratio: float, left: int, top: int, res: int) -> np.ndarray:
-    """Pixel [x, y, w, h] -> transformed normalised float32 (cx, cy, w, h) (FORMAT.md 3.2)."""
+    """Pixel [x, y, w, h] -> transformed normalised float32 (cx, cy, w, h)
+    (docs/fixtures.md#grounding-preprocessing)."""
     x, y, w, h = xywh_pixels
     box = np.array([x, y, x + w, y + h], np.float32) * np.float32(ratio)
     box[[0, 2]] += left
@@ -461,7 +470,8 @@ def grounding_text_ids(phrase: str, max_query_len: int) -> tuple[np.ndarray, np.
 
 @functools.partial(jax.jit, static_argnums=0)
 def _grounding_states(model, params, image, ids, mask):
-    """Image / text / fusion states and the decoder memory of FORMAT.md 3.3."""
+    """Image / text / fusion states and the decoder memory of
+    docs/fixtures.md#grounding-forward-and-decode."""
     def f(m, image, ids, mask):
         vis = m.vision(image)
         img = m.visn_ln(m.visn_fc(vis)) if m.has_visn_fc else vis
@@ -490,8 +500,9 @@ def _grounding_greedy(model, params, states, smask):
 
 def grounding_outputs(fixture: str, conv: Converted | None = None) -> dict[str, np.ndarray]:
     """Everything our code computes for a grounding fixture, named as in expected.npz:
-    the forward (3.3), the restricted greedy decode (3.4), the metrics (3.5), the training
-    loss (3.6) and the synthetic metric case."""
+    the forward and the restricted greedy decode (docs/fixtures.md#grounding-forward-and-decode),
+    the metrics (docs/fixtures.md#grounding-metrics), the training loss
+    (docs/fixtures.md#grounding-training-loss) and the synthetic metric case."""
     from mplug_jax.scoring import grounding as G
     from mplug_jax.tasks.grounding import coordinate_loss
 
@@ -546,7 +557,7 @@ def grounding_outputs(fixture: str, conv: Converted | None = None) -> dict[str, 
             miou += float(np.mean(it, dtype=np.float32)) * len(it)
             accu += float(np.float32(np.sum(it >= 0.5)) / np.float32(len(it))) * len(it)
         got["val_miou"], got["val_accu"] = np.array(miou / b), np.array(accu / b)
-        # Training loss (3.6), teacher-forced on [344, t].
+        # Training loss (docs/fixtures.md#grounding-training-loss), teacher-forced on [344, t].
         t = G.coords_to_tokens(gt)
         dec_in = np.concatenate([np.full((b, 1), G.PREFIX_ID, np.int64), t], 1)
         got["train_target_tokens"], got["train_decoder_input_ids"] = t, dec_in
@@ -647,5 +658,6 @@ def grounding_parity_rows(fixture: str, meta: dict, got: dict[str, np.ndarray],
 
 def run_grounding_parity(fixture: str, meta: dict, image_atol: float = 1e-4,
                          conv: Converted | None = None) -> list[Row]:
-    """All grounding checks of one fixture folder (FORMAT.md 3 and 4)."""
+    """All grounding checks of one fixture folder (docs/fixtures.md#grounding-fixtures and
+    #checking-and-tolerances)."""
     return grounding_parity_rows(fixture, meta, grounding_outputs(fixture, conv), image_atol)

@@ -1,6 +1,6 @@
 """mPLUG-2 (video QA / video caption release, X-PLUG/mPLUG-2 @ a46aa97).
 
-Stages (../shared/fixtures-mplug2/FORMAT.md section 5):
+Stages (docs/fixtures.md#mplug-2-forward):
   encode_video    float32[B, T, R, R, 3] -> visual tokens float[B, 1 + T*L, Wv]
                   (CLIP ViT blocks shared by all frames + two local temporal modules per block;
                   per-frame class tokens averaged after the last block; ln_post)
@@ -12,7 +12,7 @@ Stages (../shared/fixtures-mplug2/FORMAT.md section 5):
   decode          (ids, mask, states, states_mask) -> logits float32[B, L, V] (shared decoder)
 
 Where the release differs from the paper, the release is implemented and the difference is
-named in a comment at the place it happens (FORMAT.md sections 10-11).
+named in a comment at the place it happens (docs/fixtures.md#mplug-2-release-quirks).
 """
 from __future__ import annotations
 

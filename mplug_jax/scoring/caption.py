@@ -1,16 +1,16 @@
 """Caption metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr(-D) as the official evaluation computes
 them, a pure-Python CIDEr-D for SCST rewards, and scoring of result files.
 
-Official handling (official-formats.md 3.2, `language_evaluation.CocoEvaluator`): references
-are the lowercased raw Karpathy sentences, image id = the index of the prediction, references
-and predictions go through the Stanford PTB tokenizer (punctuation dropped), then
-pycocoevalcap's scorers; its `Cider` is CIDEr-D (sigma 6, clipped n-gram counts) with document
-frequencies over the evaluated reference set. SPICE (also in the official default list) is not
-computed: it needs a 1 GB Stanford CoreNLP download at first use, which this package does not
-do. The PTB tokenizer and METEOR are Java programs: without `java` on the PATH they raise
-`JavaMissingError` naming the metric.
+Official handling (docs/official-formats.md#caption-evaluation,
+`language_evaluation.CocoEvaluator`): references are the lowercased raw Karpathy sentences, image id
+= the index of the prediction, references and predictions go through the Stanford PTB tokenizer
+(punctuation dropped), then pycocoevalcap's scorers; its `Cider` is CIDEr-D (sigma 6, clipped n-gram
+counts) with document frequencies over the evaluated reference set. SPICE (also in the official
+default list) is not computed: it needs a 1 GB Stanford CoreNLP download at first use, which this
+package does not do. The PTB tokenizer and METEOR are Java programs: without `java` on the PATH they
+raise `JavaMissingError` naming the metric.
 
-`CiderD` is the SCST reward (official-formats.md 3.5): the same formula with document
+`CiderD` is the SCST reward (docs/official-formats.md#scst): the same formula with document
 frequencies from a fixed reference corpus (the *training* references) and a Python tokenizer
 instead of PTB (`simple_tokenize`: lowercase, punctuation split off and dropped; PTB also
 splits clitics such as "n't", which the shapes data and most COCO captions never contain).
@@ -223,7 +223,7 @@ def read_results(results_path: str) -> dict[str, str]:
 
 def read_references(annotations_path: str) -> dict[str, list[str]]:
     """{image key: lowercased raw sentences} from a Karpathy-format annotation file
-    (official-formats.md 1.6: `filename`, `sentences[].raw`)."""
+    (docs/official-formats.md#coco-caption: `filename`, `sentences[].raw`)."""
     rows = checks.read_json(annotations_path, "annotations")
     if not isinstance(rows, list):
         raise checks.ScoreInputError(f"{annotations_path}: expected a JSON array of Karpathy "

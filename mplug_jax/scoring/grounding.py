@@ -4,7 +4,7 @@
 Boxes are normalised to [0, 1]: `cxcywh` = (centre x, centre y, width, height), `xyxy` =
 (x1, y1, x2, y2). A box is 4 coordinates predicted as 4 tokens of a 337-bin coordinate
 vocabulary (`[unused340]` .. `[unused676]` = ids 345..681), quantised with the hard-coded 336
-(quirk G1 of ../shared/fixtures-tasks/FORMAT.md).
+(quirk G1 in docs/fixtures.md#grounding-quirks).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """NLVR2 scoring: accuracy (overall and per class) of an `nlvr2_result.json` ([{"id", "pred",
 "label"}], written by the `classify` evaluator) against an official NLVR2 annotation json
-(official-formats.md 1.9). `id` is the record's index among the annotation's valid records in
+(docs/official-formats.md#nlvr2). `id` is the record's index among the annotation's valid records in
 file order, as `sources.nlvr2` reads them (records it skips get no id); the label is "True" or
 anything else (= "False"), as the official reader.
 

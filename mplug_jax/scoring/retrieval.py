@@ -1,8 +1,8 @@
 """Image-text retrieval: the official re-ranked score matrices and recall metrics.
 
-Official evaluation (`retrieval_img_mplug.py evaluation()` / `itm_eval()`, fixtures-tasks
-FORMAT.md 2.3 / 2.4): cosine similarities between the ITC features select the `k_test`
-candidates of every query (top-k texts of each image, top-k images of each text); each
+Official evaluation (`retrieval_img_mplug.py evaluation()` / `itm_eval()`,
+docs/fixtures.md#retrieval-evaluation): cosine similarities between the ITC features select the
+`k_test` candidates of every query (top-k texts of each image, top-k images of each text); each
 candidate pair is re-scored by the fusion encoder + ITM head and its raw class-1 logit is the
 ranking score (no softmax, similarity not added); non-candidates keep -100. Ranks are the
 0-based positions of the ground truth in the descending order of a query's scores; an image

@@ -1,6 +1,6 @@
 """SNLI-VE scoring: three-way accuracy (overall and per class) of a `snli_ve_result.json`
 ([{"id", "pred", "label"}], written by the `classify` evaluator) against the official annotation
-json (official-formats.md 1.10). `id` is the record's index among the annotation's valid
+json (docs/official-formats.md#snli-ve). `id` is the record's index among the annotation's valid
 records in file order, as `sources.snli_ve` reads them (records it skips get no id).
 
     mplug-jax score --task snli_ve --results snli_ve_result.json --annotations ve_test.json

@@ -4,15 +4,16 @@ Model: the same `MPLUG` module (and param tree) as pretraining, so `init.checkpo
 pretraining workdir (or an official checkpoint) loads every array; the text encoder, fusion and
 heads stay in the tree, unused, as in the official caption model.
 
-Cross-entropy (official `MPLUG.forward(train=True)` of `model_caption_mplug.py`, FORMAT.md
-5.5-5.7): decoder states = the image embeddings only (mask all ones); targets = `[CLS] prompt +
-caption [SEP]` (see `data.caption_input`); loss = mean of the next-token nll over every valid
-target position. With a `task.prompt`, its tokens stay in the loss: the official caption
-targets mask only padding (label -100 at pad ids, official-formats.md 1.3), nothing else.
+Cross-entropy (official `MPLUG.forward(train=True)` of `model_caption_mplug.py`,
+docs/fixtures.md#forward): decoder states = the image embeddings only (mask all ones); targets =
+`[CLS] prompt + caption [SEP]` (see `data.caption_input`); loss = mean of the next-token nll over
+every valid target position. With a `task.prompt`, its tokens stay in the loss: the official caption
+targets mask only padding (label -100 at pad ids, docs/official-formats.md#tokenisation), nothing
+else.
 
-Generation (FORMAT.md 10.3): the official beam search, beam 5, min 8, max 25 tokens, from
-[CLS] alone on the image embeddings (a training prompt is never fed; the evaluator strips it
-from the decoded text when the model reproduces it, as mPLUG-2 does).
+Generation (docs/fixtures.md#generation-settings): the official beam search, beam 5, min 8, max 25
+tokens, from [CLS] alone on the image embeddings (a training prompt is never fed; the evaluator
+strips it from the decoded text when the model reproduces it, as mPLUG-2 does).
 
 Zero-shot (`task.zero_shot_prompt`, e.g. the paper's "a picture of", for captioning straight
 from a pretraining workdir): pretraining's prefix LM (`tasks/pretrain.py`, `split_prefix`)
@@ -22,7 +23,7 @@ prompt is fed there, exactly where the decoder saw prefixes, not as decoder toke
 image states (a combination pretraining never trained); the search's output is then the
 continuation alone, the prompt is by construction not in it.
 
-SCST (`task.scst.enabled`, official-formats.md 3.5): `prepare_batch` runs, outside the jitted
+SCST (`task.scst.enabled`, docs/official-formats.md#scst): `prepare_batch` runs, outside the jitted
 step and without gradients, a search on the current params: 'beam' (official) keeps the K
 n-best hypotheses of the official beam search; reward = CIDEr-D of each vs the image's
 references with document frequencies from the training references (`scoring.caption.CiderD`),
@@ -55,8 +56,9 @@ SCST_MODES = ("beam", "sample")
 
 
 def decode_text(ids, prompt: str = "") -> str:
-    """Generated ids ([CLS] first) -> caption text, official post-processing (FORMAT.md 10.5,
-    `Tokenizer.decode_official`), with a leading `prompt` removed."""
+    """Generated ids ([CLS] first) -> caption text, official post-processing
+    (docs/fixtures.md#post-processing, `Tokenizer.decode_official`), with a leading `prompt`
+    removed."""
     text = tokenizer.get_tokenizer().decode_official([int(i) for i in ids])
     if prompt:
         p = prompt.lower().strip()

@@ -1,16 +1,17 @@
 """Visual grounding (RefCOCO / RefCOCO+ / RefCOCOg): a box predicted as 4 coordinate tokens.
 
-As the official `grounding_mplug.py` / `model_grounding_mplug.py` (../shared/fixtures-tasks
-FORMAT.md section 3, official-formats.md 1.8): image -> `encode_image`, referring expression
--> `encode_text` ("[CLS] phrase [SEP]" padded to max_query_len), `fuse`; the decoder reads
-[fused image; fused text] (mask [ones; text mask]) and, from the prefix `[unused339]`, emits
-the box (cx, cy, w, h) normalised to the padded square as 4 tokens of a 337-bin coordinate
-vocabulary (`scoring.grounding`: bin = floor(clamp(c, 0, 1) * 336), always 336, quirk G1).
+As the official `grounding_mplug.py` / `model_grounding_mplug.py`
+(docs/fixtures.md#grounding-fixtures, docs/official-formats.md#refcoco-grounding): image ->
+`encode_image`, referring expression -> `encode_text` ("[CLS] phrase [SEP]" padded to
+max_query_len), `fuse`; the decoder reads [fused image; fused text] (mask [ones; text mask]) and,
+from the prefix `[unused339]`, emits the box (cx, cy, w, h) normalised to the padded square as 4
+tokens of a 337-bin coordinate vocabulary (`scoring.grounding`: bin = floor(clamp(c, 0, 1) * 336),
+always 336, quirk G1).
 
-Training (FORMAT.md 3.6): teacher-forced decoder on [prefix, t0..t3] (causal mask only), the
-logits outside the coordinate ids masked (here: only the 337 coordinate columns are kept,
-which is the same cross-entropy), per-token NLL weighted by clamp(|pred - gt|, 0, 5) and
-1 - GIoU(pred, gt), where pred is the teacher-forced argmax box (no gradient through the
+Training (docs/fixtures.md#grounding-training-loss): teacher-forced decoder on [prefix, t0..t3]
+(causal mask only), the logits outside the coordinate ids masked (here: only the 337 coordinate
+columns are kept, which is the same cross-entropy), per-token NLL weighted by clamp(|pred - gt|, 0,
+5) and 1 - GIoU(pred, gt), where pred is the teacher-forced argmax box (no gradient through the
 weights). `task.loss_weighting='official'` reproduces the official broadcasting (G7: every
 token weighted by the batch-mean weight of its coordinate); 'per_sample' is the intended
 per-sample weighting; 'none' is the plain token cross-entropy (an ablation). `coordinate_loss` is the one implementation (the parity check of

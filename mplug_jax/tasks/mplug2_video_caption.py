@@ -1,5 +1,6 @@
 """mPLUG-2 video captioning fine-tuning (official `video_caption_mplug2.py` /
-`model_video_caption_mplug.py`, ../shared/fixtures-mplug2/FORMAT.md 5.9, 6.2, 7.1).
+`model_video_caption_mplug.py`, docs/fixtures.md#mplug-2-losses, #mplug-2-text and
+#mplug-2-generation).
 
 Forward as the release: video -> `encode_video` (dual vision encoder with the local temporal
 modules) -> `image_embeds` (vision_embeds + universal layers) = the decoder states, mask all
@@ -25,9 +26,9 @@ as mPLUG v1's caption loss). With 'release' the decoder is never taught to start
 with other words ("on of ofa blue circle moves up") and the release's split no longer removes
 the prompt; 'all' teaches it to emit the prompt, which the split removes.
 
-Generation (FORMAT.md 7.1): the official beam search (beam 5, min 4, max 20, alpha 0.6;
-`task.generation`) from [CLS] alone over image_embeds (no prompt is fed), decoded with the
-official post-processing and `.split(prompt)[-1].strip()` (`decode_caption`), which removes the
+Generation (docs/fixtures.md#mplug-2-generation): the official beam search (beam 5, min 4, max 20,
+alpha 0.6; `task.generation`) from [CLS] alone over image_embeds (no prompt is fed), decoded with
+the official post-processing and `.split(prompt)[-1].strip()` (`decode_caption`), which removes the
 prompt from glued outputs too ("a video ofa red circle" -> "a red circle").
 
 Init (`config.init`, as the video QA task): a `mplug-jax convert` mPLUG-2 directory, an

@@ -1,13 +1,14 @@
 """mPLUG-2 video QA fine-tuning (official `video_qa_mplug2.py` / `model_videoqa_mplug.py`).
 
-Forward as the release (../shared/fixtures-mplug2/FORMAT.md 5.1-5.8): video -> `encode_video`
-(dual vision encoder with the local temporal modules) -> `image_embeds` (vision_embeds +
-universal layers), question -> `encode_text`, `fuse`; decoder states = `mplug2.vqa_states`
-(cat([fusion image, fusion question]), mask cat([ones, question mask])). Loss (5.8, quirk 7):
-per question the summed next-token NLL of "[CLS] answer [SEP]" (padding excluded), weighted,
-summed, divided by the clips B of the (micro-)batch: `vqa.answer_nll` / `vqa.vqa_loss`, the
-math `interop.parity_mplug2` checks against the official loss. Generation: the official beam
-search (`generate.beam_search`, beam 5 / min 1 / max 10, FORMAT.md 7) over those states.
+Forward as the release (docs/fixtures.md#mplug-2-forward and #mplug-2-losses): video ->
+`encode_video` (dual vision encoder with the local temporal modules) -> `image_embeds`
+(vision_embeds + universal layers), question -> `encode_text`, `fuse`; decoder states =
+`mplug2.vqa_states` (cat([fusion image, fusion question]), mask cat([ones, question mask])). Loss
+(docs/fixtures.md#mplug-2-losses, quirk 7): per question the summed next-token NLL of "[CLS] answer
+[SEP]" (padding excluded), weighted, summed, divided by the clips B of the (micro-)batch:
+`vqa.answer_nll` / `vqa.vqa_loss`, the math `interop.parity_mplug2` checks against the official
+loss. Generation: the official beam search (`generate.beam_search`, beam 5 / min 1 / max 10,
+docs/fixtures.md#mplug-2-generation) over those states.
 
 `model.temporal=False` builds the same network without the local temporal modules: each frame
 is encoded alone and frames only meet by the class-token average and in the universal /

@@ -1,7 +1,7 @@
 """mPLUG pretraining task: ITC + ITM + MLM + prefix LM with momentum distillation and queues.
 
-The official release has no pretraining code (official-formats.md section 0); this follows the
-paper (section 3.3) and the ALBEF forward it builds on: a momentum copy of the parts the
+The official release has no pretraining code (docs/official-formats.md#release-contents); this
+follows the paper (section 3.3) and the ALBEF forward it builds on: a momentum copy of the parts the
 momentum forwards use (visual and text encoders, fusion, ITC projections, MLM head; the decoder
 too when `task.prefix_lm.distill`), image/text feature queues, hard negatives for ITM drawn from
 the ITC similarities, momentum distillation for ITC and MLM (and optionally prefix LM), and

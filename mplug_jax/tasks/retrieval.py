@@ -1,7 +1,7 @@
 """Image-text retrieval fine-tuning (COCO / Flickr30k): ITC with queues and momentum
 distillation + ITM with hard negatives, as the official `model_retrieval_mplug.py` forward
-(fixtures-tasks FORMAT.md 2.5; `interop.parity_tasks.retrieval_train_forward` is the checked
-reference).
+(docs/fixtures.md#retrieval-training-forward; `interop.parity_tasks.retrieval_train_forward` is the
+checked reference).
 
 Per step: `begin_step` updates the momentum copy of the encoders and ITC projections first
 (R9: official order); ITC compares online features with [momentum batch features; queue],

@@ -74,8 +74,8 @@ def test_fixtures_tokenized_with_the_shipped_vocab():
 
 
 def test_decode_official_consequences():
-    """FORMAT.md 10.5: ##x glues onto [CLS], an inner [SEP] leaves two spaces and keeps what
-    follows, [unusedN] stays, clean-up of punctuation / contractions, [PAD] dropped."""
+    """docs/fixtures.md#post-processing: ##x glues onto [CLS], an inner [SEP] leaves two spaces and
+    keeps what follows, [unusedN] stays, clean-up of punctuation / contractions, [PAD] dropped."""
     tok = tokenizer.get_tokenizer()
     ids = lambda *words: [tok.token_to_id(w) for w in words]  # noqa: E731
     assert tok.decode_official(ids("[CLS]", "##ption", "spirited", "[SEP]")) == "ption spirited"

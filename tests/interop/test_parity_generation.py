@@ -1,5 +1,5 @@
-"""`mplug-jax parity` checks generation (FORMAT.md section 10) when a fixture has it: a
-corrupted expected id or text makes exactly the matching rows fail."""
+"""`mplug-jax parity` checks generation (docs/fixtures.md#generation-outputs) when a fixture has it:
+a corrupted expected id or text makes exactly the matching rows fail."""
 import json
 import shutil
 

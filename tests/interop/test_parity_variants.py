@@ -1,4 +1,4 @@
-"""The parity checker handles every fixture variant of FORMAT.md: caption task, large-style
+"""The parity checker handles every fixture variant of docs/fixtures.md: caption task, large-style
 vision (visn_fc), unused leading fusion modules, several answers per question, padded questions
 and grayscale photos. The fixture here is written in the official format from a random model
 (self-consistency of the harness; agreement with the official code is tested on ../shared)."""
