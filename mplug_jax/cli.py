@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from mplug_jax import compilation_cache
+
 
 def _parity(args) -> int:
     import jax
@@ -293,7 +295,8 @@ def _plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mplug-jax", description=__doc__)
+    p = argparse.ArgumentParser(prog="mplug-jax", description=__doc__,
+                                epilog=compilation_cache.HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("parity", help="compare our model with an official golden fixture")
@@ -403,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     # directory, as `python -m mplug_jax.main` does.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    try:
+        argv = compilation_cache.setup_from_argv(argv)  # every command, train included
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if argv and argv[0] == "train":
         return _train(argv[1:])
     args = build_parser().parse_args(argv)

@@ -15,11 +15,19 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Directory of JAX's persistent compilation cache ('off' "
+    "disables it); default $MPLUG_JAX_CACHE_DIR, else ~/.cache/mplug_jax/jax_cache.")
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint stage at INFO
+    from mplug_jax import compilation_cache
+    try:
+        compilation_cache.setup(_CACHE.value)  # before anything compiles
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     from mplug_jax import distributed
     distributed.maybe_initialize()  # no-op for single-process runs
     from mplug_jax import trainer

@@ -17,6 +17,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mplug_jax import optim
+from mplug_jax import rng as rng_lib
 from mplug_jax import sharding as shd
 
 
@@ -30,7 +31,8 @@ class TrainState:
       opt_state: optax state.
       extra: task state outside the optimizer, e.g. {'params_m', 'image_queue': float32[Q, E],
         'text_queue': float32[Q, E], 'queue_ptr': int32[]} for pretraining; {} when unused.
-      rng: uint32[2] base PRNG key; step keys are `fold_in(rng, step)`.
+      rng: uint32[2] (threefry) or uint32[4] (rbg, unsafe_rbg) raw data of the base PRNG key;
+        step keys are `fold_in(wrap(rng), step)` (`mplug_jax.rng`).
       nonfinite_total: int32[] steps skipped because the loss or grads were not finite.
       nonfinite_streak: int32[] consecutive skipped steps (0 after a finite one).
     """
@@ -111,7 +113,8 @@ def abstract_state(init_params: Callable, init_extra: Callable,
     return abstract, shardings
 
 
-def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple):
+def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple,
+               rng_impl: str = "threefry"):
     """Optimizer and state layout of a task (no compute).
 
     Args:
@@ -119,10 +122,11 @@ def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple):
       optim_cfg: the `optim` config block.
       total_steps: optimizer updates of the run (schedules).
       mesh, rule_set: where the state lives and the logical-axis rules.
+      rng_impl: PRNG implementation of the run (`mplug_jax.rng`; sets the base key's shape).
     Returns:
       (tx, {group: lr schedule}, abstract TrainState, TrainState of NamedShardings).
     """
-    rng = jax.random.PRNGKey(0)  # shapes do not depend on the key
+    rng = rng_lib.seed_key(0, rng_impl)  # shapes do not depend on the key's value
     params_shape = nn.meta.unbox(jax.eval_shape(task.init_params, rng))
     tx, schedules = optim.make_optimizer(optim_cfg, params_shape, total_steps)
     abstract, shardings = abstract_state(task.init_params, task.init_extra, tx, rng, mesh,

@@ -26,6 +26,7 @@ from mplug_jax import checkpoint as ckpt_lib
 from mplug_jax import distributed
 from mplug_jax import metrics as mlib
 from mplug_jax import optim
+from mplug_jax import rng as rng_lib
 from mplug_jax import sharding as shd
 from mplug_jax import tasks
 from mplug_jax import train_state as ts
@@ -50,15 +51,17 @@ def split_microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
-                    accum_steps: int = 1):
+                    accum_steps: int = 1, rng_impl: str = rng_lib.DEFAULT):
     """The generic step: (TrainState, batch) -> (TrainState, metrics of float32[]).
 
     Per step: `task.begin_step` (e.g. the momentum update), gradients of `task.loss` on the
     global batch, one optimizer update, `task.after_update` (e.g. clamping a temperature). With `accum_steps` k > 1 the batch is split into k
     micro-batches (`split_microbatches`) run one after another in a `lax.scan` (activation
     memory of one micro-batch); their gradients and metrics are averaged and the task extras
-    (e.g. feature queues) are threaded through them in order.
+    (e.g. feature queues) are threaded through them in order. `rng_impl`: the PRNG of the
+    state's base key (`mplug_jax.rng`); the task gets a typed key of that implementation.
     """
+    rng_lib.check(rng_impl)
 
     def grads(params, extra, batch, rng, step):
         def loss_fn(p):
@@ -83,7 +86,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
                 jax.tree.map(lambda g: g / accum_steps, g_sum))
 
     def step_fn(state: ts.TrainState, batch: dict):
-        rng = jax.random.fold_in(state.rng, state.step)
+        rng = jax.random.fold_in(rng_lib.wrap(state.rng, rng_impl), state.step)
         extra = task.begin_step(state.params, state.extra)
         compute = grads if accum_steps == 1 else accumulated
         loss, aux, new_extra, grads_ = compute(state.params, extra, batch, rng, state.step)
@@ -133,6 +136,7 @@ class Setup:
     steps_per_epoch: int
     init: Any = None  # jitted rng -> TrainState with `shardings`
     rules: tuple = ()  # logical-axis rules of the sharding preset
+    rng_impl: str = rng_lib.DEFAULT  # PRNG implementation (config.rng_impl)
 
 
 def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
@@ -149,12 +153,14 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
             f"batch shards of mesh {dict(mesh.shape)} times optim.accum_steps {accum} (each "
             f"micro-batch is split over the batch shards)")
     steps = total_steps(config, steps_per_epoch)
+    impl = rng_lib.impl_name(config)
     task = tasks.build(config, steps_per_epoch)
-    tx, schedules, abstract, shardings = ts.state_spec(task, config.optim, steps, mesh, rule_set)
+    tx, schedules, abstract, shardings = ts.state_spec(task, config.optim, steps, mesh, rule_set,
+                                                       impl)
     init = jax.jit(functools.partial(ts.init_state, task.init_params, task.init_extra, tx),
                    out_shardings=shardings)
     return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init,
-                 rule_set)
+                 rule_set, impl)
 
 
 def _log(msg: str) -> None:
@@ -165,7 +171,7 @@ def _log(msg: str) -> None:
 
 def init_state(s: Setup, seed: int) -> ts.TrainState:
     """Fresh state, created directly with its shardings."""
-    return s.init(jax.random.PRNGKey(seed))
+    return s.init(rng_lib.seed_key(seed, s.rng_impl))
 
 
 def compile_step(s: Setup, config, batch_abstract: dict, compiler_options: dict | None = None):
@@ -174,7 +180,7 @@ def compile_step(s: Setup, config, batch_abstract: dict, compiler_options: dict 
     Traced under the mesh and the preset's logical-axis rules, so the activation constraints
     of the model (`layers.constrain`) apply. `compiler_options`: XLA options (tests use -O0).
     """
-    step_fn = make_train_step(s.task, s.tx, s.schedules, config.optim.accum_steps)
+    step_fn = make_train_step(s.task, s.tx, s.schedules, config.optim.accum_steps, s.rng_impl)
     bsh = shd.batch_sharding(s.mesh)
     jitted = jax.jit(step_fn, in_shardings=(s.shardings, bsh),
                      out_shardings=(s.shardings, shd.replicated(s.mesh)), donate_argnums=0)
@@ -257,6 +263,7 @@ def run(config, workdir: str) -> dict:
     """
     config = config.copy_and_resolve_references()
     workdir = workdir_lib.resolve(workdir)
+    _check_rng_of(workdir, config)  # before this run's config.json replaces the one there
     workdir_lib.write_config(workdir, config)
     task_cls = tasks.get_class(config.task.name)
     host_iter, n_train = task_cls.train_input(config)
@@ -358,11 +365,19 @@ def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple
             if step is None:
                 raise FileNotFoundError(f"config.resume={config.resume!r} has no checkpoint "
                                         f"under {other.directory}")
+            _check_rng_of(workdir_lib.resolve(config.resume), config)
             state = other.restore(step, s.abstract, s.shardings, data)
         finally:
             other.close()
         return state, f"resumed from {other.directory} at step {step}"
     return s.task.init_from_pretrained(init_state(s, config.seed)), "started fresh"
+
+
+def _check_rng_of(workdir, config) -> None:
+    """A workdir with checkpoints must be resumed with the PRNG implementation of its
+    `config.json`."""
+    if (workdir / workdir_lib.CONFIG).exists() and any((workdir / "ckpt").glob("*")):
+        rng_lib.check_resume(workdir_lib.read_config(workdir), config, str(workdir))
 
 
 def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,

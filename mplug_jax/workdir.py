@@ -14,6 +14,7 @@ import ml_collections
 from etils import epath
 
 from mplug_jax import checkpoint as ckpt_lib
+from mplug_jax import rng as rng_lib
 from mplug_jax import sharding as shd
 from mplug_jax import tasks
 from mplug_jax import train_state as ts
@@ -65,7 +66,8 @@ def restore_params(workdir: str | epath.Path, step: int | None = None):
         mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                              devices=jax.local_devices()[:1])
         _, _, abstract, shardings = ts.state_spec(task, config.optim, 1, mesh,
-                                                  shd.rules(config.mesh.sharding))
+                                                  shd.rules(config.mesh.sharding),
+                                                  rng_lib.impl_name(config))
         state = ckpt.restore(step, abstract, shardings, None)
     finally:
         ckpt.close()
