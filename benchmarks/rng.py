@@ -23,6 +23,40 @@ import pretrain_step  # noqa: E402
 IMPLS = ("threefry", "rbg", "unsafe_rbg")
 
 
+def layout_check(impl: str, steps: int = 2) -> dict:
+    """Does `impl` give the same losses on 1 device as data-parallel over every host device?
+    `tiny,mode=smoke`, batch 8, `steps` steps from one seed (threefry must: the suite checks it
+    at 8 devices; rbg's bits may depend on how the random arrays are partitioned)."""
+    import jax
+    import numpy as np
+
+    from configs import pretrain
+    from mplug_jax import sharding as shd
+    from mplug_jax import trainer
+    from mplug_jax.data.pipeline import make_global_batch
+
+    c = pretrain.get_config("tiny,mode=smoke")
+    c.rng_impl, c.input.batch_size, c.input.max_tokens = impl, 8, 8
+    c.task.itc.queue_size = 16
+    losses = {}
+    n = len(jax.devices())
+    for name, devices in (("1 device", jax.devices()[:1]), (f"{n} devices", jax.devices())):
+        mesh = shd.make_mesh({"data": len(devices), "fsdp": 1, "tensor": 1}, devices=devices)
+        batch = pretrain_step.random_batch(c)
+        s = trainer.setup(c, steps_per_epoch=10, mesh=mesh)
+        step = trainer.compile_step(s, c, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch))
+        state = trainer.init_state(s, 0)
+        out = []
+        for _ in range(steps):
+            state, m = step(state, make_global_batch(batch, mesh))
+            out.append(float(m["train/loss"]))
+        losses[name] = out
+    a, b = losses.values()
+    return {"losses": losses, "max_rel_diff": float(np.max(np.abs(np.subtract(a, b)) /
+                                                           np.abs(a)))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -31,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="timed rounds after one warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--devices", type=int, default=2, help="XLA host devices (CPU only)")
+    p.add_argument("--no-layout-check", action="store_true",
+                   help="skip the 1-device vs all-devices loss comparison (tiny)")
     p.add_argument("--out-dir", default=common.RESULTS)
     args, overrides = p.parse_known_args(argv)
     threads = common.set_cpu_threads(args.threads)
@@ -97,13 +133,19 @@ def main(argv: list[str] | None = None) -> dict:
         r["flops_over_threefry"] = round(r["gflop_per_device"] / ref["gflop_per_device"], 4)
         print(f"{impl:11s} step {r['step_time_s']:.3f} s (x{r['step_time_over_threefry']}), "
               f"temporaries x{r['temp_over_threefry']}, FLOPs x{r['flops_over_threefry']}")
+    layout = {}
+    if not args.no_layout_check:
+        for impl in IMPLS:
+            layout[impl] = layout_check(impl)
+            print(f"{impl:11s} 1 device vs {len(jax.devices())}: losses {layout[impl]['losses']}"
+                  f" (max rel. diff {layout[impl]['max_rel_diff']:.2e})", flush=True)
     tag = f"cpu{args.threads}" if info["platform"] == "cpu" else \
         info["device_kind"].replace(" ", "_")
     out = {"benchmark": "rng", "variant": args.variant, "batch": args.batch,
            "overrides": overrides, "machine": info, "threads": threads,
            "load_avg_start": load_start, "load_avg_end": common.load_average(),
            "timing": f"median of {args.steps} round-robin steps after 1 warm-up each",
-           "rows": rows, "runtime_s": round(time.perf_counter() - t_start, 1)}
+           "rows": rows, "layout_check": layout, "runtime_s": round(time.perf_counter() - t_start, 1)}
     path = os.path.join(args.out_dir, f"rng_{tag}.json")
     common.write_json(path, out)
     print(f"wrote {path}; total runtime {time.perf_counter() - t_start:.0f} s")

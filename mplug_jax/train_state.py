@@ -93,15 +93,23 @@ def init_state(init_params: Callable, init_extra: Callable, tx: optax.GradientTr
 
 def abstract_state(init_params: Callable, init_extra: Callable,
                    tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
-                   rule_set: tuple) -> tuple[TrainState, TrainState]:
+                   rule_set: tuple, boxed_params: Any = None) -> tuple[TrainState, TrainState]:
     """Shapes and shardings of the state, from the params' logical axes (no compute).
+
+    `boxed_params`: `jax.eval_shape(init_params, rng)` if the caller has it already. The
+    model's init is traced once: tracing it is most of the time a workdir restore takes.
 
     Returns:
       (abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings).
     """
-    boxed_params = jax.eval_shape(init_params, rng)
+    if boxed_params is None:
+        boxed_params = jax.eval_shape(init_params, rng)
     boxed_extra = jax.eval_shape(init_extra, boxed_params, rng)
-    abstract = jax.eval_shape(lambda k: init_state(init_params, init_extra, tx, k), rng)
+
+    def known_params(_):  # zeros of the known shapes (boxes kept) instead of a second trace
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), boxed_params)
+
+    abstract = jax.eval_shape(lambda k: init_state(known_params, init_extra, tx, k), rng)
     param_sh = shd.logical_shardings(boxed_params, mesh, rule_set)
     rep = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
@@ -127,8 +135,8 @@ def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple,
       (tx, {group: lr schedule}, abstract TrainState, TrainState of NamedShardings).
     """
     rng = rng_lib.seed_key(0, rng_impl)  # shapes do not depend on the key's value
-    params_shape = nn.meta.unbox(jax.eval_shape(task.init_params, rng))
-    tx, schedules = optim.make_optimizer(optim_cfg, params_shape, total_steps)
+    boxed = jax.eval_shape(task.init_params, rng)
+    tx, schedules = optim.make_optimizer(optim_cfg, nn.meta.unbox(boxed), total_steps)
     abstract, shardings = abstract_state(task.init_params, task.init_extra, tx, rng, mesh,
-                                         rule_set)
+                                         rule_set, boxed)
     return tx, schedules, abstract, shardings
