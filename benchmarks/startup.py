@@ -168,6 +168,13 @@ def measure(name: str, args: list[str], until: str | None, root: str, modes: lis
     return out
 
 
+def _write(path: str, result: dict, start: float) -> None:
+    """(Re)write the results so far (after every command: a long run keeps what it measured)."""
+    import jax  # noqa: F401  (device facts for the header; compiles nothing)
+    common.write_json(path, dict(result, load_avg_end=common.load_average(),
+                                 total_s=round(time.perf_counter() - start, 1)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", nargs="+", default=["tiny", "base"], choices=("tiny", "base"))
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             modes = ["off", "cold", "warm"] if variant == "tiny" else ["cold", "warm"]
             rows["predict"] = measure(f"{variant}/predict", pargs, None, root, modes,
                                       args.warm_repeats, args.timeout, print)
+            _write(args.out, result, start)
         if "train" in args.commands:
             wd = os.path.join(root, f"{variant}_train")
             targs = ["train", f"--config=configs/pretrain.py:{variant}", f"--workdir={wd}",
@@ -219,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["train"] = measure(f"{variant}/train", targs, r"^step 1/", root, modes,
                                     args.warm_repeats, args.timeout, print,
                                     before=lambda d=wd: shutil.rmtree(d, ignore_errors=True))
-        import jax  # noqa: F401  (device facts for the header; compiles nothing)
-        common.write_json(args.out, dict(result, load_avg_end=common.load_average(),
-                                         total_s=round(time.perf_counter() - start, 1)))
+            _write(args.out, result, start)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")

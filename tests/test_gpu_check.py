@@ -30,7 +30,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     for name in ("probe", "pretrain_default", "generate", "input_feed"):
         assert parts[name]["status"] == "ok", (name, parts[name]["output_tail"][-1500:])
         assert parts[name]["seconds"] <= parts[name]["budget_s"] + 5
-    assert summary["probe"]["platform"] == "cpu"
+    assert summary["probe"]["platform"] == "cpu" and summary["probe"]["num_devices"] == 1
     step = summary["pretrain_default"]
     assert step["samples_per_s"] > 0 and 0 < step["mfu"] < 1 and step["batch"] == 8
     assert "tiny" in step["config"]
