@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
             state = holder["state"].replace(rng=jax.device_put(keys[impl],
                                                                shd.replicated(mesh)))
             holder["state"], out = steps[impl](state, gb)
+            # Wait for the whole state: with 2 host devices, a step whose collectives overlap
+            # the next impl's step deadlocked XLA:CPU's rendezvous (seen on a loaded CPU).
+            jax.block_until_ready(holder["state"])
             return out
         calls[impl] = (run, (gb,))
     timed = common.time_interleaved(calls, repeats=args.steps)
