@@ -16,7 +16,6 @@ Each command runs with the cache off, cold (empty cache directory: compile and w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource

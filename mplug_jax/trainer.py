@@ -263,7 +263,7 @@ def run(config, workdir: str) -> dict:
     """
     config = config.copy_and_resolve_references()
     workdir = workdir_lib.resolve(workdir)
-    _check_rng_of(workdir, config)  # before this run's config.json replaces the one there
+    rng_lib.check_workdir(workdir, config)  # before this run's config.json replaces its own
     workdir_lib.write_config(workdir, config)
     task_cls = tasks.get_class(config.task.name)
     host_iter, n_train = task_cls.train_input(config)
@@ -365,19 +365,12 @@ def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple
             if step is None:
                 raise FileNotFoundError(f"config.resume={config.resume!r} has no checkpoint "
                                         f"under {other.directory}")
-            _check_rng_of(workdir_lib.resolve(config.resume), config)
+            rng_lib.check_workdir(workdir_lib.resolve(config.resume), config)
             state = other.restore(step, s.abstract, s.shardings, data)
         finally:
             other.close()
         return state, f"resumed from {other.directory} at step {step}"
     return s.task.init_from_pretrained(init_state(s, config.seed)), "started fresh"
-
-
-def _check_rng_of(workdir, config) -> None:
-    """A workdir with checkpoints must be resumed with the PRNG implementation of its
-    `config.json`."""
-    if (workdir / workdir_lib.CONFIG).exists() and any((workdir / "ckpt").glob("*")):
-        rng_lib.check_resume(workdir_lib.read_config(workdir), config, str(workdir))
 
 
 def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
