@@ -10,6 +10,8 @@ a second `mplug-jax predict` or a resumed run skips its compiles. Where it lives
   default: $XDG_CACHE_HOME/mplug_jax/jax_cache, else ~/.cache/mplug_jax/jax_cache
 
 Disabled, JAX is left as configured (its own JAX_COMPILATION_CACHE_DIR still applies).
+JAX puts the directory's path in every key (through XLA's GPU autotune-cache option), so a
+cache copied or moved elsewhere starts cold.
 """
 from __future__ import annotations
 
