@@ -105,6 +105,9 @@ def set_run_defaults(c: ml_collections.ConfigDict, tiny: bool, *, allow_scratch:
     c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
     c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU
     c.eval_at_start = False  # also run every eval before the first step of a fresh run (step 0)
+    # PRNG of dropout, masking and negative sampling: threefry | rbg | unsafe_rbg (mplug_jax/rng.py;
+    # README "Benchmarks" says why threefry). A run resumes only with the impl it started with.
+    c.rng_impl = "threefry"
 
 
 # Official `create_two_optimizer`: no weight decay for names containing "bias" or

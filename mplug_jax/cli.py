@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from mplug_jax import errors
+from mplug_jax import compilation_cache, errors
 
 
 def _parity(args) -> int:
@@ -309,7 +309,8 @@ def _schedule(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mplug-jax", description=__doc__)
+    p = argparse.ArgumentParser(prog="mplug-jax", description=__doc__,
+                                epilog=compilation_cache.HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("parity", help="compare our model with an official golden fixture")
@@ -436,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     debug = errors.debug_requested(argv)
     argv = errors.without_debug(argv)
+    try:
+        argv = compilation_cache.setup_from_argv(argv)  # every command, train included
+    except ValueError as err:
+        print(f"error: {errors.one_line(err)}", file=sys.stderr)
+        return errors.EXIT_USER_ERROR
     if argv and argv[0] == "train":
         return errors.guarded(lambda: _train(argv[1:]), debug)
     args = build_parser().parse_args(argv)

@@ -22,6 +22,10 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).", flag_values=fv)
     flags.DEFINE_bool("debug", False, "Show the traceback of config and input errors.",
                       flag_values=fv)
+    flags.DEFINE_string(
+        "compilation_cache", None, "Directory of JAX's persistent compilation cache ('off' "
+        "disables it); default $MPLUG_JAX_CACHE_DIR, else ~/.cache/mplug_jax/jax_cache.",
+        flag_values=fv)
 
 
 def run(argv: list[str]) -> int:
@@ -35,6 +39,8 @@ def run(argv: list[str]) -> int:
         raise errors.ConfigError("--workdir is required (the run directory)")
     flags.FLAGS.mark_as_parsed()  # absl logging: no "logging before flag parsing" notice
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint stage at INFO
+    from mplug_jax import compilation_cache
+    compilation_cache.setup(fv.compilation_cache)  # before anything compiles
     from mplug_jax import distributed
     distributed.maybe_initialize()  # no-op for single-process runs
     from mplug_jax import trainer

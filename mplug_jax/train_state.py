@@ -17,6 +17,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mplug_jax import optim
+from mplug_jax import rng as rng_lib
 from mplug_jax import sharding as shd
 
 
@@ -30,7 +31,8 @@ class TrainState:
       opt_state: optax state.
       extra: task state outside the optimizer, e.g. {'params_m', 'image_queue': float32[Q, E],
         'text_queue': float32[Q, E], 'queue_ptr': int32[]} for pretraining; {} when unused.
-      rng: uint32[2] base PRNG key; step keys are `fold_in(rng, step)`.
+      rng: uint32[2] (threefry) or uint32[4] (rbg, unsafe_rbg) raw data of the base PRNG key;
+        step keys are `fold_in(wrap(rng), step)` (`mplug_jax.rng`).
       nonfinite_total: int32[] steps skipped because the loss or grads were not finite.
       nonfinite_streak: int32[] consecutive skipped steps (0 after a finite one).
     """
@@ -91,15 +93,23 @@ def init_state(init_params: Callable, init_extra: Callable, tx: optax.GradientTr
 
 def abstract_state(init_params: Callable, init_extra: Callable,
                    tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
-                   rule_set: tuple) -> tuple[TrainState, TrainState]:
+                   rule_set: tuple, boxed_params: Any = None) -> tuple[TrainState, TrainState]:
     """Shapes and shardings of the state, from the params' logical axes (no compute).
+
+    `boxed_params`: `jax.eval_shape(init_params, rng)` if the caller has it already. The
+    model's init is traced once: tracing it is most of the time a workdir restore takes.
 
     Returns:
       (abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings).
     """
-    boxed_params = jax.eval_shape(init_params, rng)
+    if boxed_params is None:
+        boxed_params = jax.eval_shape(init_params, rng)
     boxed_extra = jax.eval_shape(init_extra, boxed_params, rng)
-    abstract = jax.eval_shape(lambda k: init_state(init_params, init_extra, tx, k), rng)
+
+    def known_params(_):  # zeros of the known shapes (boxes kept) instead of a second trace
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), boxed_params)
+
+    abstract = jax.eval_shape(lambda k: init_state(known_params, init_extra, tx, k), rng)
     param_sh = shd.logical_shardings(boxed_params, mesh, rule_set)
     rep = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
@@ -112,7 +122,7 @@ def abstract_state(init_params: Callable, init_extra: Callable,
 
 
 def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple,
-               steps_per_epoch: int | None = None):
+               steps_per_epoch: int | None = None, rng_impl: str = "threefry"):
     """Optimizer and state layout of a task (no compute).
 
     Args:
@@ -121,12 +131,14 @@ def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple,
       total_steps: optimizer updates of the run (schedules).
       mesh, rule_set: where the state lives and the logical-axis rules.
       steps_per_epoch: optimizer updates per epoch (schedule 'epoch_cosine' needs it).
+      rng_impl: PRNG implementation of the run (`mplug_jax.rng`; sets the base key's shape).
     Returns:
       (tx, {group: lr schedule}, abstract TrainState, TrainState of NamedShardings).
     """
-    rng = jax.random.PRNGKey(0)  # shapes do not depend on the key
-    params_shape = nn.meta.unbox(jax.eval_shape(task.init_params, rng))
-    tx, schedules = optim.make_optimizer(optim_cfg, params_shape, total_steps, steps_per_epoch)
+    rng = rng_lib.seed_key(0, rng_impl)  # shapes do not depend on the key's value
+    boxed = jax.eval_shape(task.init_params, rng)
+    tx, schedules = optim.make_optimizer(optim_cfg, nn.meta.unbox(boxed), total_steps,
+                                         steps_per_epoch)
     abstract, shardings = abstract_state(task.init_params, task.init_extra, tx, rng, mesh,
-                                         rule_set)
+                                         rule_set, boxed)
     return tx, schedules, abstract, shardings

@@ -28,6 +28,7 @@ from mplug_jax import config_checks
 from mplug_jax import distributed
 from mplug_jax import metrics as mlib
 from mplug_jax import optim
+from mplug_jax import rng as rng_lib
 from mplug_jax import sharding as shd
 from mplug_jax import tasks
 from mplug_jax import train_state as ts
@@ -52,15 +53,17 @@ def split_microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
-                    accum_steps: int = 1):
+                    accum_steps: int = 1, rng_impl: str = rng_lib.DEFAULT):
     """The generic step: (TrainState, batch) -> (TrainState, metrics of float32[]).
 
     Per step: `task.begin_step` (e.g. the momentum update), gradients of `task.loss` on the
     global batch, one optimizer update, `task.after_update` (e.g. clamping a temperature). With `accum_steps` k > 1 the batch is split into k
     micro-batches (`split_microbatches`) run one after another in a `lax.scan` (activation
     memory of one micro-batch); their gradients and metrics are averaged and the task extras
-    (e.g. feature queues) are threaded through them in order.
+    (e.g. feature queues) are threaded through them in order. `rng_impl`: the PRNG of the
+    state's base key (`mplug_jax.rng`); the task gets a typed key of that implementation.
     """
+    rng_lib.check(rng_impl)
 
     def grads(params, extra, batch, rng, step):
         def loss_fn(p):
@@ -85,7 +88,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
                 jax.tree.map(lambda g: g / accum_steps, g_sum))
 
     def step_fn(state: ts.TrainState, batch: dict):
-        rng = jax.random.fold_in(state.rng, state.step)
+        rng = jax.random.fold_in(rng_lib.wrap(state.rng, rng_impl), state.step)
         extra = task.begin_step(state.params, state.extra)
         compute = grads if accum_steps == 1 else accumulated
         loss, aux, new_extra, grads_ = compute(state.params, extra, batch, rng, state.step)
@@ -135,6 +138,7 @@ class Setup:
     steps_per_epoch: int
     init: Any = None  # jitted rng -> TrainState with `shardings`
     rules: tuple = ()  # logical-axis rules of the sharding preset
+    rng_impl: str = rng_lib.DEFAULT  # PRNG implementation (config.rng_impl)
 
 
 def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
@@ -151,13 +155,14 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
             f"batch shards of mesh {dict(mesh.shape)} times optim.accum_steps {accum} (each "
             f"micro-batch is split over the batch shards)")
     steps = total_steps(config, steps_per_epoch)
+    impl = rng_lib.impl_name(config)
     task = tasks.build(config, steps_per_epoch)
     tx, schedules, abstract, shardings = ts.state_spec(task, config.optim, steps, mesh, rule_set,
-                                                        steps_per_epoch)
+                                                       steps_per_epoch, impl)
     init = jax.jit(functools.partial(ts.init_state, task.init_params, task.init_extra, tx),
                    out_shardings=shardings)
     return Setup(mesh, task, tx, schedules, abstract, shardings, steps, steps_per_epoch, init,
-                 rule_set)
+                 rule_set, impl)
 
 
 def _log(msg: str) -> None:
@@ -168,7 +173,7 @@ def _log(msg: str) -> None:
 
 def init_state(s: Setup, seed: int) -> ts.TrainState:
     """Fresh state, created directly with its shardings."""
-    return s.init(jax.random.PRNGKey(seed))
+    return s.init(rng_lib.seed_key(seed, s.rng_impl))
 
 
 def compile_step(s: Setup, config, batch_abstract: dict, compiler_options: dict | None = None):
@@ -177,7 +182,7 @@ def compile_step(s: Setup, config, batch_abstract: dict, compiler_options: dict 
     Traced under the mesh and the preset's logical-axis rules, so the activation constraints
     of the model (`layers.constrain`) apply. `compiler_options`: XLA options (tests use -O0).
     """
-    step_fn = make_train_step(s.task, s.tx, s.schedules, config.optim.accum_steps)
+    step_fn = make_train_step(s.task, s.tx, s.schedules, config.optim.accum_steps, s.rng_impl)
     bsh = shd.batch_sharding(s.mesh)
     jitted = jax.jit(step_fn, in_shardings=(s.shardings, bsh),
                      out_shardings=(s.shardings, shd.replicated(s.mesh)), donate_argnums=0)
@@ -269,6 +274,7 @@ def run(config, workdir: str) -> dict:
 
 def _train(config, workdir) -> dict:
     """`run` once the workdir is held."""
+    rng_lib.check_workdir(workdir, config)  # before this run's config.json replaces its own
     task_cls = tasks.get_class(config.task.name)
     host_iter, n_train = task_cls.train_input(config)
     t0 = time.perf_counter()
@@ -376,6 +382,7 @@ def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple
         other = ckpt_lib.Checkpointer(workdir_lib.resolve(config.resume) / "ckpt", keep=None,
                                       async_save=False, create=False)
         try:
+            rng_lib.check_workdir(workdir_lib.resolve(config.resume), config)
             found = other.restore_latest(s.abstract, s.shardings, data)
             if found is None:
                 raise FileNotFoundError(f"config.resume={config.resume!r} has no checkpoint "

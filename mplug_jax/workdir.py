@@ -17,6 +17,7 @@ from etils import epath
 
 from mplug_jax import checkpoint as ckpt_lib
 from mplug_jax import distributed
+from mplug_jax import rng as rng_lib
 from mplug_jax import sharding as shd
 from mplug_jax import tasks
 from mplug_jax import train_state as ts
@@ -163,8 +164,9 @@ def restore_params(workdir: str | epath.Path, step: int | None = None):
         task = tasks.build(config)
         mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                              devices=jax.local_devices()[:1])
-        _, _, abstract, shardings = ts.state_spec(task, config.optim, 1, mesh,  # shapes only
-                                                  shd.rules(config.mesh.sharding), 1)
+        _, _, abstract, shardings = ts.state_spec(  # shapes only
+            task, config.optim, 1, mesh, shd.rules(config.mesh.sharding), steps_per_epoch=1,
+            rng_impl=rng_lib.impl_name(config))
         if step is None:  # the newest readable step (corrupt ones skipped, with a warning)
             state, _ = ckpt.restore_latest(abstract, shardings, None)
         else:

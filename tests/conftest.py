@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache in the user's home from tests (subprocesses inherit this);
+# tests of the cache pass their own tmp directory.
+os.environ["MPLUG_JAX_CACHE_DIR"] = "off"
 
 import pathlib  # noqa: E402
 

@@ -132,9 +132,22 @@ def load_converted(ckpt_dir: str) -> Converted:
     model = MPLUG.from_config(meta["model"])
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(os.path.join(ckpt_dir, "state"))
-    init = P.init_params(model, jax.random.PRNGKey(0))
-    params = P.merge_into(init, tree["params"])
-    momentum = P.merge_into(init, tree["momentum"]) if "momentum" in tree else None
+    abstract = P.abstract_params(model)
+    paths = set(P.flatten(abstract))
+    fresh = []
+
+    def base_for(loaded: dict):
+        # Every leaf in the file: fill the abstract tree (an eager random init of a base model
+        # compiles ~300 small programs: most of a cold `predict`). Else the seeded init.
+        if paths <= set(loaded):
+            return abstract
+        if not fresh:
+            fresh.append(P.init_params(model, jax.random.PRNGKey(0)))
+        return fresh[0]
+
+    params = P.merge_into(base_for(tree["params"]), tree["params"])
+    momentum = (P.merge_into(base_for(tree["momentum"]), tree["momentum"])
+                if "momentum" in tree else None)
     extras_path = os.path.join(ckpt_dir, "official_extras.safetensors")
     extras = official_io.load_state_dict(extras_path) if os.path.isfile(extras_path) else {}
     return Converted(model, meta["model"], meta["start_layer"], params, momentum, extras,

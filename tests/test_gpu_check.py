@@ -1,0 +1,42 @@
+"""`benchmarks/gpu_check.py --smoke`: the one-GPU check's CPU dry run at tiny dims. Every part
+runs as a subprocess under its budget; one part is given 1 s so that the timeout path (kill,
+keep what was printed, carry on) is exercised; the summary names the device."""
+import importlib.util
+import json
+import pathlib
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    res = _load("gpu_check").main(["--smoke", "--out-dir", str(tmp_path)])
+    path = tmp_path / "gpu_check_smoke_cpu.json"
+    out = json.loads(path.read_text())
+    assert out["device_kind"] == res["device_kind"] == "cpu"
+    assert out["machine"]["device_kind"] == "cpu" and len(out["load_avg_at_write"]) == 3
+    parts, summary = out["parts"], out["summary"]
+    assert list(parts) == ["probe", "pretrain_default", "ladder_remat_full", "generate",
+                           "input_feed"]
+    for name in ("probe", "pretrain_default", "generate", "input_feed"):
+        assert parts[name]["status"] == "ok", (name, parts[name]["output_tail"][-1500:])
+        assert parts[name]["seconds"] <= parts[name]["budget_s"] + 5
+    assert summary["probe"]["platform"] == "cpu" and summary["probe"]["num_devices"] == 1
+    step = summary["pretrain_default"]
+    assert step["samples_per_s"] > 0 and 0 < step["mfu"] < 1 and step["batch"] == 8
+    assert "tiny" in step["config"]
+    assert parts["ladder_remat_full"]["status"] == "timeout"  # 1 s budget: killed, recorded
+    assert parts["ladder_remat_full"]["seconds"] < 10
+    gen = summary["generate"]
+    assert gen and all(v > 0 for v in gen.values())
+    assert summary["input_feed"]["images_per_s_one_core"] > 0
+    assert out["elapsed_s"] < out["total_budget_s"]
