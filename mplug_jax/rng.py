@@ -52,10 +52,3 @@ def check_resume(previous, config, where) -> None:
         raise ValueError(f"{where} was trained with rng_impl={old!r}; resume it with "
                          f"--config.rng_impl={old} (this config says {new!r})")
 
-
-def check_workdir(workdir, config) -> None:
-    """`check_resume` against the `config.json` of `workdir` (an epath.Path), if it holds
-    checkpoints to resume from."""
-    from mplug_jax import workdir as workdir_lib
-    if (workdir / workdir_lib.CONFIG).exists() and any((workdir / "ckpt").glob("*")):
-        check_resume(workdir_lib.read_config(workdir), config, str(workdir))

@@ -274,7 +274,6 @@ def run(config, workdir: str) -> dict:
 
 def _train(config, workdir) -> dict:
     """`run` once the workdir is held."""
-    rng_lib.check_workdir(workdir, config)  # before this run's config.json replaces its own
     task_cls = tasks.get_class(config.task.name)
     host_iter, n_train = task_cls.train_input(config)
     t0 = time.perf_counter()
@@ -382,7 +381,7 @@ def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple
         other = ckpt_lib.Checkpointer(workdir_lib.resolve(config.resume) / "ckpt", keep=None,
                                       async_save=False, create=False)
         try:
-            rng_lib.check_workdir(workdir_lib.resolve(config.resume), config)
+            workdir_lib.check_same_rng(workdir_lib.resolve(config.resume), config)
             found = other.restore_latest(s.abstract, s.shardings, data)
             if found is None:
                 raise FileNotFoundError(f"config.resume={config.resume!r} has no checkpoint "

@@ -88,6 +88,14 @@ def check_resumable(workdir: epath.Path, config) -> None:
             f"{'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}): refusing to mix "
             f"them; to start from that run use a new --workdir with "
             f"--config.init.checkpoint={workdir}")
+    rng_lib.check_resume(ml_collections.ConfigDict(old), config, str(workdir))
+
+
+def check_same_rng(workdir: epath.Path, config) -> None:
+    """`rng.check_resume` against the `config.json` of `workdir`, if it holds checkpoints to
+    resume from (a run resumes only with the PRNG implementation it was trained with)."""
+    if (workdir / CONFIG).exists() and has_checkpoint(workdir):
+        rng_lib.check_resume(read_config(workdir), config, str(workdir))
 
 
 @contextlib.contextmanager

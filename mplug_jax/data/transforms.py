@@ -21,10 +21,10 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mplug_jax import image_norm
 from mplug_jax.data import augment_fast, randaugment
 
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+CLIP_MEAN, CLIP_STD = image_norm.CLIP_MEAN, image_norm.CLIP_STD
 
 # Why a record was skipped; pipeline and source skip counters use these keys.
 SKIP_REASONS = ("missing_file", "empty_file", "truncated", "bad_image", "too_large",
@@ -64,8 +64,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
     """uint8 RGB PIL image (or uint8[H, W, 3]) -> float32[H, W, 3] in CLIP mean/std units."""
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    return (x - CLIP_MEAN) / CLIP_STD
+    return image_norm.normalize(np.asarray(img))
 
 
 def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:

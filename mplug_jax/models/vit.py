@@ -14,17 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from mplug_jax.data import transforms
+from mplug_jax import image_norm
 from mplug_jax.models import layers
 
-# float32[256, 3]: transforms.normalize of every uint8 value per channel (numpy, on the host).
-_NORMALIZE_TABLE = transforms.normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1))
+# float32[256, 3]: image_norm.normalize of every uint8 value per channel (numpy, on the host).
+_NORMALIZE_TABLE = image_norm.normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1))
 
 
 def normalize_uint8(image: jax.Array) -> jax.Array:
     """uint8[..., 3] RGB -> float32[..., 3] CLIP-normalised, by looking up the table that
-    `transforms.normalize` computes on the host: bit-identical to normalising in the input
-    pipeline, whatever the device's float division does."""
+    `image_norm.normalize` computes on the host (as the input pipelines do): bit-identical to
+    normalising in the input pipeline, whatever the device's float division does."""
     table = jnp.asarray(_NORMALIZE_TABLE.reshape(-1))  # index 3 * value + channel
     return jnp.take(table, image.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32))
 
