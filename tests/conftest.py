@@ -29,7 +29,7 @@ SLOW_FILES = ("test_trainer.py", "test_caption.py", "test_mplug2_video_qa.py",
               "test_train_step.py", "test_retrieval.py", "test_reliability.py",
               "test_multihost.py", "test_sharding_strategies.py", "test_grounding.py",
               "test_predict.py", "test_mplug2_video_caption.py", "test_nlvr2.py",
-              "test_snli_ve.py")
+              "test_snli_ve.py", "test_compilation_cache.py", "test_gpu_check.py")
 
 
 # Test tiers: `learning` (fine-tuning runs that must beat a named baseline) and `integration`

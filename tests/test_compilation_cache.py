@@ -56,6 +56,7 @@ def test_unusable_directory_is_a_one_line_error(tmp_path, capsys):
     assert os.environ[cc.ENV] == "off"  # nothing exported for a directory that failed
 
 
+@pytest.mark.integration
 def test_second_predict_process_compiles_nothing(pretrain_workdir, tmp_path):
     """Two `mplug-jax predict` processes on one cache: the first writes every program it
     compiles, the second reads every one back (hits == requests, nothing compiled) and gives
