@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -18,6 +20,7 @@ def _load(name: str):
     return mod
 
 
+@pytest.mark.integration
 def test_gpu_check_cpu_dry_run(tmp_path):
     res = _load("gpu_check").main(["--smoke", "--out-dir", str(tmp_path)])
     path = tmp_path / "gpu_check_smoke_cpu.json"

@@ -57,6 +57,7 @@ def _garble(step_dir: pathlib.Path) -> int:
     return len(files)
 
 
+@pytest.mark.integration
 def test_kill9_mid_save_and_a_damaged_latest_step_resume_bit_identically(tmp_path, capsys):
     """kill -9 while step 6 is being written, then step 4's array files garbled and a row cut
     short in metrics.jsonl: the rerun skips step 4 (saying why), resumes from step 2, takes
