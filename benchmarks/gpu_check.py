@@ -9,8 +9,8 @@ is kept), in this order:
   ladder_*          the same step at other remat policies / batches (a small ladder)
   rng_*             the default recipe with config.rng_impl rbg / unsafe_rbg (vs threefry)
   generate          cached generation (greedy / beam 5, VQA / caption) at batch 32, base dims
-  input_feed        the host's input pipeline (benchmarks/input_pipeline.py): images/s of one
-                    core and per core
+  input_feed        the host's input pipeline (benchmarks/input_pipeline.py): pretraining and
+                    VQA images per CPU second (one grain worker) and the cores per GPU they need
 After every part the summary is rewritten, so a crash or a kill still leaves what was done:
 benchmarks/results/gpu_check_<device>.json (device = jax.devices()[0].device_kind).
 
@@ -121,12 +121,14 @@ def summarise(name: str, row: dict) -> dict:
         if isinstance(data.get("rows"), dict):  # generate.py
             out.update({f"{k}_cache_per_answer_s": round(v["cache_per_answer_s"], 5)
                         for k, v in data["rows"].items()})
-        runs = data.get("runs")
-        if isinstance(runs, dict):  # input_pipeline.py
-            out["images_per_s"] = {k: round(v["images_per_s"], 1) for k, v in runs.items()
-                                   if isinstance(v, dict) and "images_per_s" in v}
-            if "plain PIL loop" in out["images_per_s"]:
-                out["images_per_s_one_core"] = out["images_per_s"]["plain PIL loop"]
+        pipes = data.get("pipelines")
+        if isinstance(pipes, dict):  # input_pipeline.py: images per CPU second, 1 worker
+            out["images_per_s_per_core"] = {
+                k: round(v["images_per_s_per_core"], 1) for k, v in pipes.items()
+                if isinstance(v, dict) and "images_per_s_per_core" in v}
+            out["cores_per_gpu_needed"] = {
+                k: round(v["cores_per_gpu_needed"], 2) for k, v in pipes.items()
+                if isinstance(v, dict) and "cores_per_gpu_needed" in v}
     if name == "probe" and row["status"] == "ok":
         lines = [ln for ln in row["output_tail"].splitlines() if ln.startswith("{")]
         if lines:

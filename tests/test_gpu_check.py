@@ -41,5 +41,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert parts["ladder_remat_full"]["seconds"] < 10
     gen = summary["generate"]
     assert gen and all(v > 0 for v in gen.values())
-    assert summary["input_feed"]["images_per_s_one_core"] > 0
+    feed = summary["input_feed"]["images_per_s_per_core"]
+    assert set(feed) == {"pretrain", "vqa"} and all(v > 0 for v in feed.values())
+    assert set(summary["input_feed"]["cores_per_gpu_needed"]) == {"pretrain", "vqa"}
     assert out["elapsed_s"] < out["total_budget_s"]
