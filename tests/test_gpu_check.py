@@ -1,23 +1,10 @@
 """`benchmarks/gpu_check.py --smoke`: the one-GPU check's CPU dry run at tiny dims. Every part
 runs as a subprocess under its budget; one part is given 1 s so that the timeout path (kill,
 keep what was printed, carry on) is exercised; the summary names the device."""
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
-
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from test_benchmarks_smoke import _load  # benchmarks/<name>.py as a module
 
 
 @pytest.mark.integration

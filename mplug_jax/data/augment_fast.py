@@ -166,16 +166,6 @@ def rand_augment(img: Image.Image, rng: np.random.Generator, n: int = 2, m: floa
     Returns:
       An RGB PIL image of the same size.
     """
-    unknown = set(ops) - set(FUNCS)
-    if unknown:
-        raise ValueError(f"unknown RandAugment ops {sorted(unknown)}; valid: {list(FUNCS)}")
     if img.mode != "RGB":
         raise ValueError(f"rand_augment needs an RGB image, got mode {img.mode}")
-    if n <= 0:
-        return img
-    for i in rng.integers(0, len(ops), size=n):
-        name = ops[int(i)]
-        if rng.random() > prob:
-            continue
-        img = FUNCS[name](img, *ref.op_args(name, m, rng))
-    return img
+    return ref.apply_ops(img, rng, n, m, ops, prob, FUNCS)

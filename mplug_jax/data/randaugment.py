@@ -155,14 +155,22 @@ def rand_augment(img: np.ndarray, rng: np.random.Generator, n: int = 2, m: float
     Returns:
       uint8[H, W, 3].
     """
-    unknown = set(ops) - set(FUNCS)
+    return apply_ops(img, rng, n, m, ops, prob, FUNCS)
+
+
+def apply_ops(img, rng: np.random.Generator, n: int, m: float, ops: tuple[str, ...],
+              prob: float, funcs: dict):
+    """The official draw: `n` op names from `ops` with replacement, each applied with
+    probability `prob` as `funcs[name](img, *op_args(name, m, rng))`. Shared by this reference
+    (numpy images) and `augment_fast` (PIL images), so both consume `rng` identically."""
+    unknown = set(ops) - set(funcs)
     if unknown:
-        raise ValueError(f"unknown RandAugment ops {sorted(unknown)}; valid: {list(FUNCS)}")
+        raise ValueError(f"unknown RandAugment ops {sorted(unknown)}; valid: {list(funcs)}")
     if n <= 0:
         return img
     for i in rng.integers(0, len(ops), size=n):
         name = ops[int(i)]
         if rng.random() > prob:
             continue
-        img = FUNCS[name](img, *op_args(name, m, rng))
+        img = funcs[name](img, *op_args(name, m, rng))
     return img
