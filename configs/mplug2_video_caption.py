@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg.mode == "smoke":
         common.smoke_run(c, batch_size=8)
+        c.optim.accum_steps = 1  # 8 clips do not split into 8 devices x 2 micro-batches
         c.input.train_size = 16
         c.evals.val.synthetic_size = 8
         c.evals.val.batch_size = 8

@@ -310,3 +310,15 @@ def test_entry_points_print_one_line_or_the_traceback_with_debug(entry, tmp_path
                           env=dict(env, **{errors.DEBUG_ENV: "1"}))
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     assert "ConfigError: unknown config field" in proc.stderr
+
+
+def test_every_smoke_mode_splits_its_batch_over_the_test_devices():
+    """`mode=smoke` runs train as shipped on the suite's 8 devices: the batch-split rule
+    (batch divisible by the batch shards times `optim.accum_steps`) holds for every variant
+    (mPLUG-2 captioning's base / large smoke once asked for 2 micro-batches of 8 over 8 devices)."""
+    from mplug_jax import config_checks
+    smoke = [(path, arg) for path, arg in _all_variants() if arg.endswith("mode=smoke")]
+    assert len(smoke) > 10
+    for path, arg in smoke:
+        config = config_args.load_config(f"{path}:{arg}")
+        config_checks.check(config, training=True, files=False)
