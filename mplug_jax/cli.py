@@ -436,17 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     debug = errors.debug_requested(argv)
-    argv = errors.without_debug(argv)
-    try:
-        argv = compilation_cache.setup_from_argv(argv)  # every command, train included
-    except ValueError as err:
-        print(f"error: {errors.one_line(err)}", file=sys.stderr)
-        return errors.EXIT_USER_ERROR
-    if argv and argv[0] == "train":
-        return errors.guarded(lambda: _train(argv[1:]), debug)
-    args = build_parser().parse_args(argv)
-    args.debug = debug  # kept by a re-exec (_reexec_with_cpu_devices)
-    return errors.guarded(lambda: int(args.fn(args) or 0), debug)
+
+    def command() -> int:
+        rest = compilation_cache.setup_from_argv(errors.without_debug(argv))  # train included
+        if rest and rest[0] == "train":
+            return _train(rest[1:])
+        args = build_parser().parse_args(rest)
+        args.debug = debug  # kept by a re-exec (_reexec_with_cpu_devices)
+        return int(args.fn(args) or 0)
+
+    return errors.guarded(command, debug)
 
 
 if __name__ == "__main__":
