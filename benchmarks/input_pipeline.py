@@ -46,8 +46,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (machine + load-average stamp of every results JSON)
-from mplug_jax.data import (augment_fast, pipeline, randaugment, sources, text,  # noqa: E402
-                            tokenizer, transforms, vqa_input)
+from mplug_jax.data import pipeline, sources
+from mplug_jax.data.ops import augment_fast
+from mplug_jax.data.ops import randaugment
+from mplug_jax.data.ops import text
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.inputs import vqa as vqa_input
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "retina",
           "hubble_deep_field")

@@ -1,6 +1,6 @@
 """mPLUG-2 video path: frame count, local temporal modules and universal-layer latent queries.
 
-Times `mplug_jax.models.mplug2.MPLUG2` at the paper's base dimensions (configs/mplug2_models.py
+Times `mplug_jax.mplug2.model.MPLUG2` at the paper's base dimensions (configs/mplug2/models.py
 `mplug2_base`: ViT-B/16 video encoder, 12 blocks of width 768, BERT-base text encoder whose last
 S = 2 layers are universal), float32, random weights, CPU, one jitted function per case:
 
@@ -72,7 +72,7 @@ def _encoder(m, video, temporal: bool):
 def _vqa(m, video, q_ids, q_mask, a_ids, a_mask, temporal: bool):
     """Whole VQA forward -> decoder logits float32[B, La, V] (`MPLUG2.__call__` with the LT
     switch)."""
-    from mplug_jax.models.mplug2 import vqa_states
+    from mplug_jax.mplug2.model import vqa_states
 
     img = _encoder(m, video, temporal)
     txt = m.encode_text(q_ids, q_mask)
@@ -83,8 +83,8 @@ def _vqa(m, video, q_ids, q_mask, a_ids, a_mask, temporal: bool):
 def build_model(smoke: bool, image_size: int | None):
     """MPLUG2 of the base preset (smoke: tiny with one vision block), float32, optionally at
     another frame size."""
-    from configs.mplug2_models import model_config
-    from mplug_jax.models.mplug2 import MPLUG2
+    from configs.mplug2.models import model_config
+    from mplug_jax.mplug2.model import MPLUG2
 
     over = {} if image_size is None else {"image_size": image_size}
     if smoke:  # one vision block: the smoke run's time is nearly all XLA compilation
@@ -172,7 +172,7 @@ def build_cases(model, params: dict, frames, latents, latent_frames, batch: int,
     import jax
     import jax.numpy as jnp
 
-    from mplug_jax.models.mplug2 import MPLUG2
+    from mplug_jax.mplug2.model import MPLUG2
 
     r, h = model.image_size, model.hidden_size
     tokens_per_frame = (r // model.patch_size) ** 2

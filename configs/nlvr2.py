@@ -8,7 +8,7 @@ from the pretrained cross-attention, outputs averaged), an MLP on the fused text
 cross-entropy (mplug_jax/models/nlvr2.py and tasks/nlvr2.py give every choice). Evaluated by
 the shared `classify` evaluator: accuracy overall and per class (False / True) and
 `nlvr2_result.json` ([{"id", "pred", "label"}]) under <workdir>/results/. Variants: `tiny`
-(the built-in synthetic NLVR2, mplug_jax/data/synthetic_nlvr2.py, on a 2-core CPU, starting
+(the built-in synthetic NLVR2, mplug_jax/data/synthetic/nlvr2.py, on a 2-core CPU, starting
 from the `configs/pretrain.py:tiny` workdir), `base` (ViT-B/16) and `large` (ViT-L/14), both
 at 336 px with the paper's values. base and large refuse the synthetic data and random
 initialisation unless asked (`input.allow_synthetic`, `init.allow_scratch`):
@@ -33,7 +33,7 @@ pairs at 256, ALBEF's NLVR warms up 1 epoch); min lr 1e-6; bias and BERT-side La
 without weight decay (official `create_two_optimizer`); dropout 0.1; sentences up to 40 tokens
 (pre_caption keeps 30 words); the official fine-tuning augmentation (crop 0.5-1, horizontal
 flip, RandAugment 2/7) on each image independently, plus the training-only image / left-right
-swap (data/nlvr2_input.py); evaluation is deterministic (the official reader also swaps at
+swap (data/inputs/nlvr2.py); evaluation is deterministic (the official reader also swaps at
 test time). The model has no decoder and no pretraining heads (nothing to freeze).
 Learning-rate schedule: ours (`optim.schedule='cosine'`) for every variant; no official NLVR2
 script was released, so there is no official schedule to reproduce.

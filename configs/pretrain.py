@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.gather_length = 16 if tiny else 0
 
     c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'json' | 'tfds' (data/pretrain_input.py)
+    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'json' | 'tfds' (data/inputs/pretrain.py)
     c.input.allow_synthetic = tiny  # base/large refuse the shapes data unless this is set
     # 'json': official pretraining lists, e.g. ['data/mscoco_train.json', 'data/vgnococo.json',
     # 'data/google_cc.json', 'data/sbu.json'] with their image root; 'tfds': `prepare` output.

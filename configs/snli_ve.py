@@ -6,7 +6,7 @@ SNLI-VE fine-tuning (paper 5.2.5 and Table 11; no official script): three-way vi
 MLP head on the fused text [CLS], cross-entropy (mplug_jax/tasks/snli_ve.py). Evaluated by the
 shared `classify` evaluator: accuracy overall and per class, and `snli_ve_result.json`
 ([{"id", "pred", "label"}]) under <workdir>/results/. Variants: `tiny` (the built-in synthetic
-SNLI-VE, mplug_jax/data/synthetic_snli_ve.py, on a 2-core CPU, starting from the
+SNLI-VE, mplug_jax/data/synthetic/snli_ve.py, on a 2-core CPU, starting from the
 `configs/pretrain.py:tiny` workdir), `base` (ViT-B/16) and `large` (ViT-L/14), both at 336 px
 with the paper's values (lr 2e-5, batch 64, 5 epochs). base and large refuse the synthetic
 data and random initialisation unless asked (`input.allow_synthetic`, `init.allow_scratch`):

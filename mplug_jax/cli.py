@@ -28,7 +28,7 @@ def _parity(args) -> int:
 
 
 def _convert_mplug2(args) -> int:
-    from mplug_jax.interop import mplug2_convert
+    from mplug_jax.mplug2 import convert as mplug2_convert
     overrides = {"image_size": args.image_size} if args.image_size else None
     conv = mplug2_convert.load_official(args.checkpoint, args.config_bert, args.config_yaml,
                                         overrides)
@@ -44,7 +44,8 @@ def _convert_mplug2(args) -> int:
 
 def _export_mplug2(args) -> int:
     import yaml
-    from mplug_jax.interop import mplug2_convert, official_io
+    from mplug_jax.interop import official_io
+    from mplug_jax.mplug2 import convert as mplug2_convert
     conv = mplug2_convert.load_converted(args.ckpt)
     state = mplug2_convert.export_official(conv)
     official_io.save_state_dict(state, args.out)
@@ -60,7 +61,8 @@ def _export_mplug2(args) -> int:
 
 
 def _convert(args) -> int:
-    from mplug_jax.interop import convert, official_keys, mplug2_convert
+    from mplug_jax.interop import convert, official_keys
+    from mplug_jax.mplug2 import convert as mplug2_convert
     if mplug2_convert.is_mplug2_config(args.config_bert):
         return _convert_mplug2(args)
     overrides = {"image_size": args.image_size} if args.image_size else None
@@ -81,7 +83,8 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-    from mplug_jax.interop import convert, official_config, official_io, mplug2_convert
+    from mplug_jax.interop import convert, official_config, official_io
+    from mplug_jax.mplug2 import convert as mplug2_convert
     if mplug2_convert.is_converted_dir(args.ckpt):
         return _export_mplug2(args)
     if os.path.isfile(os.path.join(args.ckpt, "mplug_config.json")):

@@ -179,7 +179,7 @@ def check(config, *, workdir=None, training: bool = True, files: bool = True) ->
     from mplug_jax import tasks
     problems = []
     name = config.task.get("name") if "task" in config else None
-    if name not in tasks.available():
+    if tasks.canonical(name) not in tasks.available():
         problems.append(f"unknown task {name!r} (config.task.name); valid: {tasks.available()}")
     problems += range_problems(config)
     if training:

@@ -11,7 +11,7 @@ User errors are:
   `mplug_jax.config_args`, and any code that finds a bad value or input; subclass it for new
   kinds, e.g. a workdir in use);
 - `OSError` (a file or folder missing, not writable, a disk full: the environment, not the code);
-- `mplug_jax.data.transforms.DataError` (the data as a whole is unusable);
+- `mplug_jax.data.ops.image.DataError` (the data as a whole is unusable);
 - a `ValueError` or `KeyError` raised by an explicit ``raise SomeError(...)`` statement in this
   package or in a config file: by this project's convention those are messages for the user
   (library-internal ValueErrors, and ones Python raises by itself such as a failed unpacking,
@@ -60,7 +60,7 @@ def is_user_error(err: BaseException) -> bool:
     """Whether `err` is a config or input error (one line, exit 2) rather than a bug."""
     if isinstance(err, (ConfigError, OSError)):
         return True
-    from mplug_jax.data.transforms import DataError  # lazy: keeps this module light
+    from mplug_jax.data.ops.image import DataError  # lazy: keeps this module light
     if isinstance(err, DataError):
         return True
     return isinstance(err, (ValueError, KeyError)) and _raised_explicitly_by_us(err)

@@ -38,16 +38,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import generate
-from mplug_jax.data import transforms
-from mplug_jax.data.tokenizer import get_tokenizer
+from mplug_jax import generate, tasks
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops.tokenizer import get_tokenizer
 from mplug_jax.tasks import base
 from mplug_jax.tasks.caption import decode_text
 
 TASKS = ("vqa", "caption", "grounding")
 VIDEO_TASKS = ("video_qa", "video_caption")
 # mPLUG-2 workdir task names -> video predictor tasks.
-_VIDEO_WORKDIR_TASKS = {"mplug2_video_qa": "video_qa", "mplug2_video_caption": "video_caption"}
+_VIDEO_WORKDIR_TASKS = {"mplug2.video_qa": "video_qa", "mplug2.video_caption": "video_caption"}
 ZERO_SHOT_PROMPT = "a picture of"
 
 
@@ -141,7 +141,7 @@ class Predictor:
             return VideoPredictor.from_checkpoint(path, task, step=step, **settings)
         if task is not None and task not in TASKS:
             raise ValueError(f"task must be one of {TASKS + VIDEO_TASKS}, got {task!r}")
-        from mplug_jax.interop import mplug2_convert
+        from mplug_jax.mplug2 import convert as mplug2_convert
         if mplug2_convert.is_converted_dir(path):
             raise ValueError(f"{path} is a converted mPLUG-2 checkpoint: pass task='video_qa' or "
                              "'video_caption' (--task) and videos")
@@ -250,7 +250,7 @@ class Predictor:
         each referring expression picks out in its image (official eval transform: long side
         resized, padded centred; CLIP normalisation as our training). Empty expression ->
         ValueError."""
-        from mplug_jax.data import grounding_input
+        from mplug_jax.data.inputs import grounding as grounding_input
         from mplug_jax.evaluators.grounding import to_pixels
         from mplug_jax.scoring import grounding as G
         if self.task != "grounding":
@@ -315,8 +315,8 @@ def _video_search(model, settings: Settings, params, video, ids, mask):
     """Top beam-search ids int32[B, max_length + 1] of video float32[B, T, R, R, 3]: over
     [fused video; fused question] (ids / mask int32[B, Lq]) or, ids None, over the video's
     image_embeds. Jitted once per (model, settings), shared by every predictor."""
-    from mplug_jax.models import mplug2
-    from mplug_jax.tasks import mplug2_video_qa as qa
+    from mplug_jax.mplug2 import model as mplug2
+    from mplug_jax.mplug2.tasks import video_qa as qa
     if ids is None:
         img = model.apply({"params": params}, video, method=qa.video_embeds)
         states, smask = img, jnp.ones(img.shape[:2], jnp.int32)
@@ -361,7 +361,7 @@ class VideoPredictor:
         frames from its config) or a `mplug-jax convert` mPLUG-2 directory (`task`
         required: 'video_qa' or 'video_caption')."""
         from mplug_jax import workdir
-        from mplug_jax.interop import mplug2_convert
+        from mplug_jax.mplug2 import convert as mplug2_convert
         path = os.fspath(path)
         overrides = {k: v for k, v in settings.items() if v is not None}
         if mplug2_convert.is_converted_dir(path):
@@ -376,7 +376,7 @@ class VideoPredictor:
             raise FileNotFoundError(f"{path} is neither a workdir of ours ({workdir.CONFIG}) "
                                     "nor a `mplug-jax convert` mPLUG-2 directory")
         config = workdir.read_config(path)
-        trained = _VIDEO_WORKDIR_TASKS.get(config.task.name)
+        trained = _VIDEO_WORKDIR_TASKS.get(tasks.canonical(config.task.name))
         if trained is None:
             raise image_checkpoint_error(path, config.task.name)
         if task is not None and task != trained:
@@ -393,8 +393,8 @@ class VideoPredictor:
     def load_video(self, path: Any) -> np.ndarray:
         """Video file or frame folder -> float32[T, R, R, 3] (segment-middle frames, the
         release's test transform); FileNotFoundError / ValueError naming it when unusable."""
-        from mplug_jax.data import video as video_lib
-        from mplug_jax.data.transforms import BadRecord, DataError
+        from mplug_jax.data.ops import video as video_lib
+        from mplug_jax.data.ops.image import BadRecord, DataError
         name = os.fspath(path)
         if not os.path.exists(name):
             raise FileNotFoundError(f"video {name} does not exist (a video file or a folder of "
@@ -413,7 +413,7 @@ class VideoPredictor:
         clips = np.stack([self.load_video(v) for v in videos])
         ids = mask = None
         if questions is not None:
-            from mplug_jax.data import text
+            from mplug_jax.data.ops import text
             if isinstance(questions, str):
                 raise TypeError("pass a list of questions (one per video)")
             if len(questions) != len(videos):

@@ -74,7 +74,7 @@ def check_resumable(workdir: epath.Path, config) -> None:
                              "checkpoints, so its run config cannot be checked: restore the "
                              "file or pick another --workdir") from None
     new = json.loads(json.dumps(config.to_dict(), default=str))  # as `write_config` saves it
-    was, now = old.get("task", {}).get("name"), new.get("task", {}).get("name")
+    was, now = (tasks.canonical(str(c.get("task", {}).get("name"))) for c in (old, new))
     if was != now:
         diffs = [f"task {was!r} != {now!r}"]
     else:

@@ -18,8 +18,10 @@ import pytest
 from configs import caption as caption_config
 from mplug_jax import metrics, trainer
 from mplug_jax import workdir as workdir_lib
-from mplug_jax.data import caption_input, synthetic, transforms
-from mplug_jax.data.tokenizer import CLS_ID, SEP_ID
+from mplug_jax.data.inputs import caption as caption_input
+from mplug_jax.data.synthetic import shapes as synthetic
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops.tokenizer import CLS_ID, SEP_ID
 from mplug_jax.scoring import caption as scoring
 from mplug_jax.tasks import caption as caption_task
 

@@ -19,8 +19,8 @@ from conftest import REPO
 from mplug_jax import cli, config_args, errors
 from mplug_jax import main as train_main
 
-CONFIGS = sorted(p for p in glob.glob(str(REPO / "configs" / "*.py"))
-                 if os.path.basename(p) not in ("__init__.py", "common.py", "mplug2_models.py"))
+CONFIGS = sorted(p for p in glob.glob(str(REPO / "configs" / "**" / "*.py"), recursive=True)
+                 if os.path.basename(p) not in ("__init__.py", "common.py", "models.py"))
 
 
 def _spec(path: str) -> str:
@@ -93,8 +93,8 @@ def _all_variants():
         sys.path.insert(0, str(REPO))
     out = []
     for path in CONFIGS:
-        name = os.path.basename(path)[:-3]
-        module = importlib.import_module(f"configs.{name}")
+        name = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+        module = importlib.import_module(name)
         variants = list(getattr(module, "_VARIANTS", {})) or [_spec(path).split(":", 1)[1]]
         for variant in variants:
             for extra in ("", ",mode=smoke", ",mode=zeroshot", ",mode=scst"):
@@ -174,8 +174,8 @@ def test_the_documented_real_data_commands_are_found():
     for what in ("configs/pretrain.py:base", "configs/vqa.py:base", "configs/caption.py:base",
                  "configs/retrieval.py:coco_large", "configs/nlvr2.py:base",
                  "configs/snli_ve.py:base", "configs/grounding.py:refcoco_large",
-                 "configs/mplug2_pretrain.py:base", "configs/mplug2_retrieval.py:large",
-                 "configs/mplug2_video_caption.py:large", "configs/mplug2_video_qa.py:large",
+                 "configs/mplug2/pretrain.py:base", "configs/mplug2/retrieval.py:large",
+                 "configs/mplug2/video_caption.py:large", "configs/mplug2/video_qa.py:large",
                  "configs/video_zeroshot.py:msrvtt_qa", "mode=zeroshot"):
         assert what in joined, what
     assert len(COMMANDS) >= 15, COMMANDS

@@ -16,8 +16,9 @@ from PIL import Image
 
 from configs import grounding as grounding_config
 from mplug_jax import cli, generate, metrics, tasks
-from mplug_jax.data import grounding_input as GI
-from mplug_jax.data import sources, synthetic_grounding
+from mplug_jax.data.inputs import grounding as GI
+from mplug_jax.data import sources
+from mplug_jax.data.synthetic import grounding as synthetic_grounding
 from mplug_jax.evaluators import grounding as grounding_eval
 from mplug_jax.scoring import grounding as G
 from mplug_jax.tasks.grounding import coordinate_loss, paired_giou

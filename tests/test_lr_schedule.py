@@ -19,7 +19,7 @@ import pytest
 
 from configs import caption as caption_config
 from configs import grounding as grounding_config
-from configs import mplug2_video_qa as m2qa_config
+from configs.mplug2 import video_qa as m2qa_config
 from configs import nlvr2 as nlvr2_config
 from configs import retrieval as retrieval_config
 from configs import snli_ve as snli_config

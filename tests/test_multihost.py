@@ -123,7 +123,7 @@ def _result(text: str) -> dict:
 def reference_run(steps: int) -> tuple[list[dict], dict]:
     """One process, one device, the same global batches: [p0 local batch; p1 local batch].
     Returns (metrics of every step, held-out metrics at step EVAL_AT)."""
-    from mplug_jax.data import pretrain_input
+    from mplug_jax.data.inputs import pretrain as pretrain_input
     from mplug_jax.evaluators.pretrain_zeroshot import Evaluator
     from test_sharding_strategies import one_device_step
     from mplug_jax import trainer

@@ -15,8 +15,11 @@ from PIL import Image
 
 from configs import nlvr2 as nlvr2_config
 from mplug_jax import metrics, tasks, trainer
-from mplug_jax.data import nlvr2_input, sources, synthetic_nlvr2, transforms
-from mplug_jax.data.transforms import DataError
+from mplug_jax.data import sources
+from mplug_jax.data.inputs import nlvr2 as nlvr2_input
+from mplug_jax.data.synthetic import nlvr2 as synthetic_nlvr2
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops.image import DataError
 from mplug_jax.models.mplug import MPLUG
 from mplug_jax.models.nlvr2 import NLVR2Model
 from mplug_jax.scoring import classify as classify_scoring
@@ -197,7 +200,7 @@ def test_swap_only_in_training(tmp_path):
 
 def test_synthetic_statements_are_true_of_their_scenes():
     """Each kind's statements are evaluated against the scenes; labels are balanced."""
-    from mplug_jax.data.synthetic import Scene, Shape
+    from mplug_jax.data.synthetic.shapes import Scene, Shape
     red = Shape("red", "circle", 0.5, 0.5, 0.1, (1, 1))
     blue = Shape("blue", "square", 0.2, 0.2, 0.1, (0, 0))
     left, right = Scene("white", "solid", (red, red)), Scene("black", "solid", (red, blue))

@@ -18,7 +18,7 @@ import pytest
 
 from mplug_jax import cli, safe_pickle
 from mplug_jax.data import sources
-from mplug_jax.data.transforms import DataError
+from mplug_jax.data.ops.image import DataError
 from mplug_jax.interop import official_io
 from mplug_jax.interop.errors import CheckpointError
 
@@ -90,7 +90,7 @@ def test_score_cli_refuses_a_code_running_split_file(evil, tmp_path, capsys):
 
 
 def test_grounding_train_source_refuses_a_code_running_split_file(evil, tmp_path):
-    from mplug_jax.data import grounding_input
+    from mplug_jax.data.inputs import grounding as grounding_input
     path, marker = evil
     (tmp_path / "splits" / "unc").mkdir(parents=True)
     split = tmp_path / "splits" / "unc" / "unc_train.pth"

@@ -124,8 +124,9 @@ def _video_workdir(path, config):
 def video_setup(tmp_path_factory):
     """A video QA and a video caption workdir (tiny, 4 frames at 32 px) and two synthetic
     clips as frame folders (+ mp4 files when PyAV is installed)."""
-    from configs import mplug2_video_caption, mplug2_video_qa
-    from mplug_jax.data import synthetic_video
+    from configs.mplug2 import video_caption as mplug2_video_caption
+    from configs.mplug2 import video_qa as mplug2_video_qa
+    from mplug_jax.data.synthetic import video as synthetic_video
     d = tmp_path_factory.mktemp("video_predict")
     qa_cfg = mplug2_video_qa.get_config("tiny")
     cap_cfg = mplug2_video_caption.get_config("tiny")
@@ -139,9 +140,9 @@ def video_setup(tmp_path_factory):
 def test_video_predictor_answers_and_captions_as_the_tasks(video_setup):
     """Predictions on a frame folder equal the task's own generation on the release's test
     frames (segment middles, eval_clip), decoded as the release; an mp4 also works."""
-    from mplug_jax.data import video as video_lib
+    from mplug_jax.data.ops import video as video_lib
     from mplug_jax.predict import VideoPredictor
-    from mplug_jax.tasks.mplug2_video_caption import decode_caption
+    from mplug_jax.mplug2.tasks.video_caption import decode_caption
     s = video_setup
     folder = os.path.join(s["paths"]["frames_root"], s["paths"]["video_ids"][0])
     clip = video_lib.eval_clip(video_lib.load_frames(folder, 4), 32)[None]

@@ -71,8 +71,8 @@ def test_full_length_captions_lose_no_target():
 
 def test_tiny_gather_length_covers_the_builtin_captions():
     """tiny sizes its gathers for 16-token texts: no built-in shapes caption is longer."""
-    from mplug_jax.data.synthetic import SyntheticShapes
-    from mplug_jax.data.tokenizer import get_tokenizer
+    from mplug_jax.data.synthetic.shapes import SyntheticShapes
+    from mplug_jax.data.ops.tokenizer import get_tokenizer
     c = pretrain_config.get_config("tiny")
     assert c.task.gather_length == 16 and c.input.dataset == "synthetic"
     src = SyntheticShapes("train", 2000, image_size=c.model.image_size, seed=c.seed)

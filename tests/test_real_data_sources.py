@@ -6,7 +6,10 @@ import pytest
 from PIL import Image
 
 from mplug_jax import trainer
-from mplug_jax.data import pipeline, pretrain_input, tokenizer, transforms
+from mplug_jax.data import pipeline
+from mplug_jax.data.inputs import pretrain as pretrain_input
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.ops import image as transforms
 from test_trainer import loop_config
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")

@@ -15,7 +15,8 @@ from PIL import Image
 
 from configs import retrieval as retrieval_config
 from mplug_jax import cli, losses, metrics, tasks
-from mplug_jax.data import retrieval_input, synthetic_retrieval
+from mplug_jax.data.inputs import retrieval as retrieval_input
+from mplug_jax.data.synthetic import retrieval as synthetic_retrieval
 from mplug_jax.evaluators import retrieval as ev
 from mplug_jax.interop import parity_tasks
 from mplug_jax.scoring import retrieval as R

@@ -13,8 +13,10 @@ from PIL import Image
 
 from configs import snli_ve as snli_config
 from mplug_jax import cli, metrics, scoring, tasks
-from mplug_jax.data import pipeline, snli_ve_input, synthetic_snli_ve as S
-from mplug_jax.data.transforms import DataError
+from mplug_jax.data import pipeline
+from mplug_jax.data.inputs import snli_ve as snli_ve_input
+from mplug_jax.data.synthetic import snli_ve as S
+from mplug_jax.data.ops.image import DataError
 from mplug_jax.evaluators import classify as classify_eval
 from mplug_jax.evaluators.common import FILES, write_files
 from mplug_jax.scoring import classify as C

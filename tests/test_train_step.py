@@ -8,7 +8,7 @@ import pytest
 import test_sharding_strategies as strategies
 from mplug_jax import tasks, trainer
 from mplug_jax import sharding as shd
-from mplug_jax.data import transforms
+from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.pipeline import make_global_batch
 
 B, V = strategies.B, 128

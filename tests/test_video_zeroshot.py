@@ -12,7 +12,11 @@ from PIL import Image
 
 from configs import video_zeroshot
 from mplug_jax import cli, tasks, workdir
-from mplug_jax.data import sources, synthetic_video, transforms, video, video_input
+from mplug_jax.data import sources
+from mplug_jax.data.synthetic import video as synthetic_video
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops import video
+from mplug_jax.data.inputs import video_zeroshot as video_input
 from mplug_jax.evaluators import video_caption, video_retrieval
 from mplug_jax.scoring import video_qa as S
 from test_evaluate_cli import MODEL  # the pretrain_workdir model (test_trainer.loop_config)

@@ -14,7 +14,9 @@ import pytest
 from configs import vqa as vqa_config
 from mplug_jax import metrics, optim, tasks, trainer, workdir
 from mplug_jax import params as P
-from mplug_jax.data import synthetic, tokenizer, vqa_input
+from mplug_jax.data.synthetic import shapes as synthetic
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.inputs import vqa as vqa_input
 from mplug_jax.evaluators import vqa as vqa_eval
 from mplug_jax.scoring import vqa as S
 from mplug_jax.tasks.vqa import answer_nll

@@ -31,8 +31,10 @@ import grain
 import jax
 import numpy as np
 
-from mplug_jax.data import text, tokenizer, transforms
-from mplug_jax.data.transforms import SKIP_REASONS, BadRecord, DataError
+from mplug_jax.data.ops import text
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops.image import SKIP_REASONS, BadRecord, DataError
 
 __all__ = ["DataError", "SkipStats", "pretrain_dataset", "skip_stats", "make_global_batch",
            "iterator_checkpoint_args", "choose_caption"]

@@ -30,8 +30,9 @@ import logging
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-from mplug_jax.data import text, video
-from mplug_jax.data.transforms import SKIP_REASONS, BadRecord, DataError
+from mplug_jax.data.ops import text
+from mplug_jax.data.ops import video
+from mplug_jax.data.ops.image import SKIP_REASONS, BadRecord, DataError
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,10 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from mplug_jax.data import sources, transforms, video
-from mplug_jax.data.transforms import BadRecord, DataError
+from mplug_jax.data import sources
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops import video
+from mplug_jax.data.ops.image import BadRecord, DataError
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from mplug_jax.data import caption_input
+from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import caption as scoring

@@ -19,7 +19,7 @@ import functools
 import jax
 import numpy as np
 
-from mplug_jax.data import grounding_input
+from mplug_jax.data.inputs import grounding as grounding_input
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import grounding as G

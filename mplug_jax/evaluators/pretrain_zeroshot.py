@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import losses
-from mplug_jax.data import pretrain_input
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.pipeline import make_global_batch, pretrain_dataset
-from mplug_jax.data.tokenizer import get_tokenizer
+from mplug_jax.data.ops.tokenizer import get_tokenizer
 from mplug_jax.sharding import make_mesh, replicated
 
 PREDICT_FNS = ("embed", "itm_logits", "mlm_logits", "greedy_decode")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mplug_jax.data import retrieval_input
+from mplug_jax.data.inputs import retrieval as retrieval_input
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import retrieval as R

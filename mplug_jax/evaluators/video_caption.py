@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import jax
 
-from mplug_jax.data import tokenizer, video_input
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.inputs import video_zeroshot as video_input
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import caption as scoring
 from mplug_jax.sharding import replicated

@@ -24,7 +24,9 @@ import functools
 
 import jax
 
-from mplug_jax.data import text, tokenizer, video_input
+from mplug_jax.data.ops import text
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.inputs import video_zeroshot as video_input
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import video_qa as scoring
 from mplug_jax.sharding import replicated

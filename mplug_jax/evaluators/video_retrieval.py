@@ -45,7 +45,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mplug_jax.data import retrieval_input, video_input
+from mplug_jax.data.inputs import retrieval as retrieval_input
+from mplug_jax.data.inputs import video_zeroshot as video_input
 from mplug_jax.evaluators import retrieval as image_retrieval
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import retrieval as R

@@ -26,7 +26,10 @@ import jax
 import numpy as np
 
 from mplug_jax import metrics
-from mplug_jax.data import sources, synthetic, tokenizer, vqa_input
+from mplug_jax.data import sources
+from mplug_jax.data.synthetic import shapes as synthetic
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.inputs import vqa as vqa_input
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import vqa as vqa_scoring

@@ -21,9 +21,9 @@ import numpy as np
 import flax.linen as nn
 
 from mplug_jax import generate
-from mplug_jax.data import text as text_norm
-from mplug_jax.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
-from mplug_jax.data.transforms import load_image
+from mplug_jax.data.ops import text as text_norm
+from mplug_jax.data.ops.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
+from mplug_jax.data.ops.image import load_image
 from mplug_jax.interop.convert import load_official
 from mplug_jax.interop.parity_rows import Row
 
@@ -219,7 +219,7 @@ def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
         return os.path.join(fixture, *p)
     with open(path("meta.json")) as f:
         meta = json.load(f)
-    from mplug_jax.interop.parity_mplug2 import is_mplug2_fixture, run_mplug2_parity
+    from mplug_jax.mplug2.parity import is_mplug2_fixture, run_mplug2_parity
     if is_mplug2_fixture(meta):  # docs/fixtures.md#mplug-2-video-fixtures
         return run_mplug2_parity(fixture, meta)
     if meta.get("task", "vqa") not in ("vqa", "caption"):  # task fixture (docs/fixtures.md)

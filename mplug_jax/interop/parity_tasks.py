@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax.data import text as text_norm
-from mplug_jax.data.tokenizer import get_tokenizer
-from mplug_jax.data.transforms import load_image
+from mplug_jax.data.ops import text as text_norm
+from mplug_jax.data.ops.tokenizer import get_tokenizer
+from mplug_jax.data.ops.image import load_image
 from mplug_jax.interop.convert import Converted, load_official
 from mplug_jax.interop.official_keys import HEADS_ABSENT_IN_TASK_CHECKPOINTS
 from mplug_jax.interop.parity_rows import Row
@@ -459,7 +459,7 @@ def grounding_gt_box(xywh_pixels, ratio: float, left: int, top: int, res: int) -
 
 def grounding_text_ids(phrase: str, max_query_len: int) -> tuple[np.ndarray, np.ndarray]:
     """`[CLS] tokenize(phrase.lower())[:L - 2] [SEP]` zero-padded to L (quirk G5): int64[L] x 2."""
-    from mplug_jax.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
+    from mplug_jax.data.ops.tokenizer import CLS_ID, PAD_ID, SEP_ID
     ids, _ = get_tokenizer().encode([phrase.lower()])
     body = [int(i) for i in ids[0, 1:] if i != PAD_ID][:max_query_len - 2]
     seq = [CLS_ID] + body + [SEP_ID]

@@ -9,7 +9,7 @@ anything else (= "False"), as the official reader.
 from __future__ import annotations
 
 from mplug_jax.data import sources
-from mplug_jax.data.nlvr2_input import LABELS
+from mplug_jax.data.inputs.nlvr2 import LABELS
 from mplug_jax.scoring import checks, classify
 
 

@@ -12,7 +12,7 @@ Overall and per-answer-type accuracies are means over questions (fractions; the 
 
 Annotation files `score_file` reads (format detected from the content):
 - VQA v2 annotations: {"annotations": [{"question_id", "answer_type", "answers": [{"answer"}]}]}
-  (what `mplug_jax.data.synthetic.write_vqa_files` writes as `vqa_annotations.json`);
+  (what `mplug_jax.data.synthetic.shapes.write_vqa_files` writes as `vqa_annotations.json`);
 - the official mPLUG VQA json (`vqa_minival_ocr.json`): [{"question_id", "answer": [10 strings],
   "answer_type"?}] -> the same VQA accuracy;
 - LXMERT-style labels (`minival.json`): [{"question_id", "label": {answer: score}}] -> the

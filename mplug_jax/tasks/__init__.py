@@ -1,28 +1,59 @@
-"""Tasks by name: `config.task.name` -> module `mplug_jax.tasks.<name>` and its `Task` class.
+"""Tasks by name: `config.task.name` -> its module and that module's `Task` class.
 
-A task owns everything the one trainer does not know: its model (from `config.model`), its
-train input, its loss and the state it carries besides the params (momentum params, queues),
-its pretrained initialisation and its predict functions for the evaluators. The protocol and
-the shared defaults are in `mplug_jax.tasks.base`. Adding a task is adding a module here.
+A plain name (`vqa`) is the module `mplug_jax.tasks.<name>`; a dotted name (`mplug2.video_qa`)
+is `mplug_jax.<family>.tasks.<name>`, a model family's own task package (as big_vision resolves
+`proj.*` names). A task owns everything the one trainer does not know: its model class
+(`Task.model_cls`, from `config.model`), its train input, its loss and the state it carries
+besides the params (momentum params, queues), its pretrained initialisation and its predict
+functions for the evaluators. The protocol and the shared defaults are in
+`mplug_jax.tasks.base`. Adding a task is adding a module to one of these packages.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
+# Families with a task package of their own: mplug_jax.<family>.tasks.
+FAMILIES = ("mplug2",)
+# Names written by earlier versions (config.json of old workdirs) -> today's names.
+RENAMED = {"mplug2_video_qa": "mplug2.video_qa", "mplug2_video_caption": "mplug2.video_caption",
+           "mplug2_retrieval": "mplug2.retrieval", "mplug2_pretrain": "mplug2.pretrain"}
+
+
+def _module_names(package: str) -> list[str]:
+    module = importlib.import_module(package)
+    return [m.name for m in pkgutil.iter_modules(module.__path__) if m.name != "base"]
+
 
 def available() -> list[str]:
-    """Names of the task modules in this package (excluding `base`)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base")
+    """Every task name: this package's modules (excluding `base`) and `<family>.<name>`."""
+    names = _module_names(__name__)
+    for family in FAMILIES:
+        names += [f"{family}.{n}" for n in _module_names(f"mplug_jax.{family}.tasks")]
+    return sorted(names)
+
+
+def canonical(name: str) -> str:
+    """Today's spelling of a task name (old workdirs name the mPLUG-2 tasks `mplug2_*`)."""
+    return RENAMED.get(name, name)
+
+
+def module_name(name: str) -> str:
+    """The module holding task `name`: `mplug_jax.tasks.vqa`, `mplug_jax.mplug2.tasks.video_qa`."""
+    name = canonical(name)
+    if "." in name:
+        family, leaf = name.split(".", 1)
+        return f"mplug_jax.{family}.tasks.{leaf}"
+    return f"{__name__}.{name}"
 
 
 def get_class(name: str) -> type:
-    """The `Task` class of `mplug_jax.tasks.<name>`; a clear error for an unknown name."""
-    if name not in available():
+    """The `Task` class of task `name`; a clear error for an unknown name."""
+    if canonical(name) not in available():
         raise ValueError(f"unknown task {name!r} (config.task.name); valid: {available()}")
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = importlib.import_module(module_name(name))
     if not hasattr(module, "Task"):
-        raise ValueError(f"mplug_jax.tasks.{name} defines no `Task` class")
+        raise ValueError(f"{module.__name__} defines no `Task` class")
     return module.Task
 
 

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import generate
-from mplug_jax.data import caption_input, tokenizer
+from mplug_jax.data.inputs import caption as caption_input
+from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.scoring import caption as scoring
 from mplug_jax.sharding import replicated

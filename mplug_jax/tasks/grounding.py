@@ -19,7 +19,7 @@ per-sample weighting; 'none' is the plain token cross-entropy (an ablation). `co
 
 Inference: `generate.coordinate_greedy` (4 greedy steps over the coordinate ids, KV cache).
 
-Batch: see `mplug_jax.data.grounding_input`.
+Batch: see `mplug_jax.data.inputs.grounding`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import generate
-from mplug_jax.data import grounding_input
+from mplug_jax.data.inputs import grounding as grounding_input
 from mplug_jax.scoring import grounding as G
 from mplug_jax.tasks import base
 

@@ -11,7 +11,7 @@ checkpoint): the encoders and the fusion load by name; each co-attention layer's
 temperature) are not part of this model and are not loaded; `cls_head` starts random.
 Random initialisation of the whole model is refused unless `init.allow_scratch`.
 
-Batch: see `mplug_jax.data.nlvr2_input`. Predict fn `classify(params, batch)` -> float32[B, 2]
+Batch: see `mplug_jax.data.inputs.nlvr2`. Predict fn `classify(params, batch)` -> float32[B, 2]
 logits (class 1 = "True"), for the shared `classify` evaluator.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax.data import nlvr2_input
+from mplug_jax.data.inputs import nlvr2 as nlvr2_input
 from mplug_jax.models.nlvr2 import NLVR2Model
 from mplug_jax.tasks import base
 

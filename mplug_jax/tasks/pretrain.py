@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import generate, losses
-from mplug_jax.data import pipeline, pretrain_input
+from mplug_jax.data import pipeline
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.models import layers
 from mplug_jax.tasks import base
 

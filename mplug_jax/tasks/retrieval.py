@@ -21,7 +21,7 @@ The model and parameter tree are pretraining's, so `init.checkpoint` = a pretrai
 (or an official / converted checkpoint) loads everything; the decoder and MLM head get no
 gradient and are frozen by the configs' `optim.frozen`.
 
-Batch: see `mplug_jax.data.retrieval_input`.
+Batch: see `mplug_jax.data.inputs.retrieval`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import losses
-from mplug_jax.data import retrieval_input
+from mplug_jax.data.inputs import retrieval as retrieval_input
 from mplug_jax.tasks import base
 
 # The official momentum pairs (visual encoder, text encoder, projections, visn_fc / LN); the

@@ -15,7 +15,7 @@ encoders and fusion (the absent parts are skipped by name); `cls_head` starts fr
 N(0, init_std) weights (ALBEF: torch's default Linear init). A fine-tuned SNLI-VE workdir loads
 everything, `cls_head` included (`mplug-jax evaluate`).
 
-Batch: see `mplug_jax.data.snli_ve_input`.
+Batch: see `mplug_jax.data.inputs.snli_ve`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax.data import snli_ve_input
+from mplug_jax.data.inputs import snli_ve as snli_ve_input
 from mplug_jax.models import layers
 from mplug_jax.models.mplug import MPLUG
 from mplug_jax.tasks import base

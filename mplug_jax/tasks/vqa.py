@@ -16,7 +16,7 @@ against the momentum decoder's softmax, alpha ramped over `alpha_warmup_epochs`.
 code computes the momentum forward but never passes alpha to the decoder (it stays 0), so
 `task.distill=True` changes results here where it did not there; off by default.
 
-Batch: see `mplug_jax.data.vqa_input`.
+Batch: see `mplug_jax.data.inputs.vqa`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import generate, losses
-from mplug_jax.data import pipeline, vqa_input
+from mplug_jax.data import pipeline
+from mplug_jax.data.inputs import vqa as vqa_input
 from mplug_jax.losses import CLS_ID
 from mplug_jax.models import layers
 from mplug_jax.tasks import base

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mplug_jax.data import pipeline, transforms
-from mplug_jax.data.transforms import BadRecord
+from mplug_jax.data import pipeline
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops.image import BadRecord
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mplug_jax.data import augment_fast, pipeline, randaugment, transforms, vqa_input
+from mplug_jax.data import pipeline
+from mplug_jax.data.ops import augment_fast
+from mplug_jax.data.ops import randaugment
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.inputs import vqa as vqa_input
 from mplug_jax.models import vit
 
 

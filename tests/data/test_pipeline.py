@@ -5,7 +5,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mplug_jax.data import pipeline, synthetic, text, tokenizer, transforms
+from mplug_jax.data import pipeline
+from mplug_jax.data.synthetic import shapes as synthetic
+from mplug_jax.data.ops import text
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.ops import image as transforms
 
 AUG = {"crop_scale": (0.2, 1.0), "randaug_n": 2, "randaug_m": 7, "hflip": True}
 

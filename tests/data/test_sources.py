@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mplug_jax.data import pipeline, sources, transforms, video
-from mplug_jax.data.transforms import DataError
+from mplug_jax.data import pipeline, sources
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops import video
+from mplug_jax.data.ops.image import DataError
 
 
 def _img(path, which="chelsea", size=(40, 30)):

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from skimage import measure
 
-from mplug_jax.data import synthetic, text, tokenizer
-from mplug_jax.data.synthetic import COLORS, NUMBERS, PLURALS, SyntheticShapes
+from mplug_jax.data.synthetic import shapes as synthetic
+from mplug_jax.data.ops import text
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.synthetic.shapes import COLORS, NUMBERS, PLURALS, SyntheticShapes
 
 _SINGULAR = {v: k for k, v in PLURALS.items()}
 _PHRASE = re.compile(r"\b(an?|one|two|three) (\w+) (circles?|squares?|triangles?)\b")

@@ -12,7 +12,7 @@ from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
 from mplug_jax.data import pipeline, prepare, tfds_builders
-from mplug_jax.data.transforms import DataError
+from mplug_jax.data.ops.image import DataError
 
 
 def _images(root):

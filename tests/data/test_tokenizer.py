@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import fixture_dirs
-from mplug_jax.data import text, tokenizer, transforms
+from mplug_jax.data.ops import text
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.ops import image as transforms
 
 
 def test_vocab_shipped_and_special_ids():

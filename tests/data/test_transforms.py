@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mplug_jax.data import randaugment as ra
-from mplug_jax.data import transforms
+from mplug_jax.data.ops import randaugment as ra
+from mplug_jax.data.ops import image as transforms
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mplug_jax.data import video
+from mplug_jax.data.ops import video
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures-mplug2"
 

@@ -14,8 +14,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
-from mplug_jax.data import prepare, tfds_builders, video
-from mplug_jax.data.transforms import DataError
+from mplug_jax.data import prepare, tfds_builders
+from mplug_jax.data.ops import video
+from mplug_jax.data.ops.image import DataError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
            (255, 0, 255), (128, 128, 128), (255, 255, 255), (0, 0, 0), (255, 128, 0)]

@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from mplug_jax import params as P
-from mplug_jax.data.tokenizer import get_tokenizer
-from mplug_jax.data.transforms import load_image
+from mplug_jax.data.ops.tokenizer import get_tokenizer
+from mplug_jax.data.ops.image import load_image
 from mplug_jax.interop import convert, official_config
 from mplug_jax.interop.parity import official_forward, run_parity
 from mplug_jax.models.mplug import MPLUG

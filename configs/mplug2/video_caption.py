@@ -1,0 +1,140 @@
+r"""python -m mplug_jax.main --config=configs/mplug2/video_caption.py:tiny --workdir=/tmp/m2cap_tiny
+
+mPLUG-2 video captioning fine-tuning (paper section 4.2.2, MSRVTT / MSVD captioning; release
+`video_caption_mplug2.py`, `configs_video/VideoCaption_msrvtt_large.yaml`): the shared decoder
+reads the video's image_embeds (after the universal layers) and is trained with the release's
+token-mean caption loss on "a video of" + caption (`task.prompt_join`: 'release' glues the two
+without a space, as the release and the paper's numbers; 'space' is the corrected form);
+evaluation = the official beam search (5 / min 4 / max 20) from [CLS], the prompt split off the
+output, BLEU-1..4 / METEOR / ROUGE-L / CIDEr (`scoring.caption`, METEOR and the PTB tokenizer
+need java). Variants:
+
+  tiny   `mplug2_tiny` at 32 px (8 px patches), 4 frames, from scratch on the built-in moving
+         shape captions (`data.synthetic_video`: "a red circle moving left on a black
+         background", 5 per video), eval on 32 held-out videos
+  base   `mplug2_base` (the paper's base model; no official checkpoint), the large recipe
+  large  the release: `mplug2_large`, 224 px, 16 frames, batch 4 per GPU x 8 GPUs x 2
+         accumulated = 64 per update (here: global batch 64 in 2 micro-batches), lr 2e-5
+         (vision 2e-6), wd 0.02, per-step cosine with 200 warm-up steps to min lr 1e-6,
+         10 epochs, dropout 0.1, captions pre_caption(80) tokenised to 20, train augmentation
+         RandomResizedCrop(0.5-1) + flip + RandAugment(2, 5) shared by all frames
+
+  python -m mplug_jax.main --config=configs/mplug2/video_caption.py:large --workdir=DIR \
+    --config.init.checkpoint=MPLUG2_CONVERTED_DIR --config.input.dataset=json \
+    --config.input.annotations=msrvtt_caption/train.jsonl --config.input.video_root=msrvtt/videos \
+    --config.evals.val.annotations=msrvtt_caption/test.jsonl \
+    --config.evals.val.video_root=msrvtt/videos
+  mplug-jax evaluate --config=configs/mplug2/video_caption.py:large --checkpoint=DIR \
+    --config.evals.val.annotations=msrvtt_caption/test.jsonl \
+    --config.evals.val.video_root=msrvtt/videos --out=DIR/eval
+  python -m mplug_jax.main --config=configs/mplug2/video_caption.py:tiny,mode=smoke --workdir=DIR
+  python -m mplug_jax.main --config=configs/mplug2/video_caption.py:tiny --workdir=DIR \
+    --config.task.prompt_join=space --config.task.prompt_loss=all     (the corrected form)
+
+MSVD: the same with the MSVD jsonl (`.avi` videos are found by `data.video.video_path`).
+Annotation format (docs/official-formats.md#video): train jsonl {"video_id", "caption"} one line per
+caption; test jsonl {"video_id", "golden_captions": [...]}. Result files of the `val` eval
+(`<workdir>/results/val_step<N>/`): `video_caption_result.json` (the release's
+[{"video_id", "pred_caption", "gold_caption"}]) and `caption_results.json` (ours, scored by
+`mplug-jax score --task caption`).
+
+Deviations (documented): the warm-up ramps from 0 (official: from warmup_lr 1e-6); no apex AMP
+(base / large compute in bfloat16 with float32 params). Learning-rate schedule: ours
+(`optim.schedule='cosine'`) for every variant; the mPLUG-2 release uses a per-iteration cosine
+(`cosine_step`), not mPLUG's stair-and-epoch schedule ('epoch_cosine').
+"""
+import shutil
+
+import ml_collections
+
+from configs import common
+from configs.mplug2.models import task_model
+
+_VARIANTS = {
+    "tiny": dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
+                 total_steps=400, total_epochs=0.0, image_size=32, num_frames=4,
+                 max_caption_tokens=20, dropout=0.0, accum=1),
+    "base": dict(model="mplug2_base", batch_size=64, lr=2e-5, lr2=2e-6, warmup_steps=200,
+                 total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
+                 max_caption_tokens=20, dropout=0.1, accum=2),
+    "large": dict(model="mplug2_large", batch_size=64, lr=2e-5, lr2=2e-6, warmup_steps=200,
+                  total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
+                  max_caption_tokens=20, dropout=0.1, accum=2),
+}
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """mPLUG-2 video caption config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large)."""
+    arg, c = common.start(arg, _VARIANTS, default="large")
+    v = _VARIANTS[arg.variant]
+    tiny = arg.variant == "tiny"
+    c.total_steps, c.total_epochs = v["total_steps"], v["total_epochs"]
+
+    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
+                         dropout=v["dropout"], tiny=tiny)
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "mplug2.video_caption"
+    c.task.prompt = "a video of"  # official config `prompt`
+    # 'release': prompt + caption glued without a space (the release, the paper's numbers and
+    # the released checkpoint); 'space': the corrected join. Generation is the same for both.
+    c.task.prompt_join = "release"
+    # 'release': the first len(tokenizer(prompt)) - 1 = 3 positions carry no loss ('of' does);
+    # 'all': every prompt token is a target, so the decoder learns to start with the prompt
+    # (the search starts at [CLS] alone and the prompt is split off afterwards).
+    c.task.prompt_loss = "release"
+    # Official argparse defaults of video_caption_mplug2.py; alpha is hard-coded there.
+    c.task.generation = dict(beam_size=5, min_length=4, max_length=20, alpha=0.6)
+
+    c.input = ml_collections.ConfigDict()
+    c.input.dataset = "synthetic"  # 'synthetic' (built-in moving shapes) | 'json' (official)
+    c.input.allow_synthetic = tiny
+    c.input.annotations = ""  # official train jsonl (video_id, caption)
+    c.input.eval_annotations = ""
+    c.input.video_root = ""  # frame folders <root>/<video_id>/ or <root>/<video_id>.mp4
+    c.input.synthetic_dir = ""  # where the synthetic set is written ('' = a temporary folder)
+    c.input.synthetic_raw_frames = 8
+    c.input.synthetic_image_size = 32
+    c.input.train_size = 600  # synthetic videos (refs_per_video captions each)
+    c.input.eval_size = 32
+    c.input.refs_per_video = 5
+    c.input.batch_size = v["batch_size"]  # global
+    c.input.max_caption_tokens = v["max_caption_tokens"]  # official max_length 20
+    # tiny: no augmentation (a flip would contradict "moving left / right").
+    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), hflip=True, randaug_n=2,
+                           randaug_m=5)
+    c.input.workers = 0
+    c.input.shuffle_seed = 0
+    c.input.max_skip_rate = 0.01
+
+    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
+                                    warmup_steps=v["warmup_steps"], frozen="",
+                                    end_lr=1e-5 if tiny else 1e-6, accum_steps=v["accum"])
+
+    c.mesh = common.mesh_config(tiny)
+    common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=200 if tiny else 2000)
+
+    # METEOR and the PTB tokenizer need java; tiny falls back to the rest without it.
+    java = shutil.which("java") is not None
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val = dict(
+        type="video_caption", format="video_caption", every_steps=0,
+        dataset="synthetic" if tiny else "json", annotations="", video_root="",
+        num_frames=v["num_frames"], batch_size=16 if tiny else 8, limit=0,
+        workers=1 if tiny else 4, log_every=0 if tiny else 50, num_examples_shown=5,
+        max_skip_rate=0.01, resize="nearest",  # docs/fixtures.md#mplug-2-frames (release's resize)
+        prompt_strip="split", prompt=c.task.prompt,  # the release's `.split(prompt)[-1]`
+        metrics=METRICS if java or not tiny else tuple(m for m in METRICS if m != "METEOR"),
+        tokenize="ptb" if java or not tiny else "simple",
+        synthetic_size=32, synthetic_frames=8, synthetic_image_size=32, synthetic_video="frames")
+    c.best = dict(eval="val", metric="CIDEr", mode="max")
+
+    if arg.mode == "smoke":
+        common.smoke_run(c, batch_size=8)
+        c.optim.accum_steps = 1  # 8 clips do not split into 8 devices x 2 micro-batches
+        c.input.train_size = 16
+        c.evals.val.synthetic_size = 8
+        c.evals.val.batch_size = 8
+        c.task.generation.max_length = 8 if tiny else c.task.generation.max_length
+    return c

@@ -1,0 +1,1 @@
+"""Per-task input pipelines: an official or synthetic source turned into model-ready examples."""

@@ -1,0 +1,263 @@
+"""Caption fine-tuning input: Karpathy-split COCO (official files) or built-in synthetic shapes
+captions in the same format, train batches with decoder targets, and eval records.
+
+Datasets (`config.input.dataset`):
+- 'karpathy': official `coco_caption_{train,test}_ocr.json`-style files
+  (docs/official-formats.md#coco-caption) through `sources.coco_caption`, images under
+  `input.coco_root`;
+- 'synthetic': `SyntheticCaptions`, Karpathy-format entries of `mplug_jax.data.synthetic.shapes` scenes
+  with `refs_per_image` references each (the scene's `caption(scene, rng)` drawn with
+  different generators), images rendered on access.
+
+Train records are one per reference sentence (official: ~5 per image); every record carries
+`image_index`, the position of its image in the split, so SCST can look up all the references
+of an image. Decoder targets follow the official caption dataset: `prompt + caption` only
+lowercased (no `pre_caption`), "[SEP]" appended, `[CLS] ... [SEP]` truncated to
+`input.max_tokens` (official `max_input_length` 25; truncation can cut the [SEP], as there).
+
+Train batch: image float32[B, R, R, 3], dec_ids / dec_mask int32[B, L], image_index int32[B],
+idx int32[B] (record index).
+"""
+from __future__ import annotations
+
+import collections.abc
+import json
+from typing import Any
+
+import numpy as np
+
+from mplug_jax.data import pipeline, sources
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.pipeline import pretrain_dataset
+from mplug_jax.data.synthetic.shapes import SPLITS, SyntheticShapes, caption
+
+DATASETS = ("synthetic", "karpathy")
+# Generator streams of the references: synthetic.py uses streams 0-3 per record; ours are
+# far away so that no reference repeats the record's own `caption` stream by construction.
+_REF_STREAM = 1000
+
+
+class SyntheticCaptions:
+    """Karpathy-format captions of `SyntheticShapes` scenes (random access, picklable).
+
+    Args:
+      split: 'train' or 'heldout' (disjoint scenes).
+      size: number of images.
+      image_size: rendered side.
+      seed: base seed (scenes as `SyntheticShapes(split, size, seed=seed)`).
+      refs_per_image: references per image (official COCO: 5).
+    """
+
+    def __init__(self, split: str, size: int, *, image_size: int = 64, seed: int = 0,
+                 refs_per_image: int = 5):
+        if refs_per_image < 1:
+            raise ValueError(f"refs_per_image must be >= 1, got {refs_per_image}")
+        self.shapes = SyntheticShapes(split, size, image_size=image_size, seed=seed)
+        self.split, self.refs_per_image = split, refs_per_image
+        self._refs: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def filename(self, i: int) -> str:
+        # COCO-like names, so the COCO-server result form can parse an integer id.
+        return f"SYNTH_{self.split}_{i:012d}.png"
+
+    def references(self, i: int) -> list[str]:
+        """The `refs_per_image` captions of image i."""
+        if self._refs is None:
+            self._refs = [self._make_refs(j) for j in range(len(self))]
+        return self._refs[i]
+
+    def _make_refs(self, i: int) -> list[str]:
+        scene = self.shapes.scene(i)
+        return [caption(scene, np.random.default_rng(
+            [self.shapes.seed, SPLITS[self.split], i, _REF_STREAM + j])) for j in
+            range(self.refs_per_image)]
+
+    def image(self, i: int) -> np.ndarray:
+        """uint8[R, R, 3] rendering of image i."""
+        return self.shapes[i]["image"]
+
+    def karpathy(self) -> list[dict]:
+        """The split as official Karpathy entries (filepath, filename, sentences[].raw)."""
+        return [{"filepath": f"synthetic_{self.split}", "filename": self.filename(i),
+                 "sentences": [{"raw": r} for r in self.references(i)]}
+                for i in range(len(self))]
+
+
+class _Records(collections.abc.Sequence):
+    """Records of the pipeline from a list of (image getter key, fields) without decoding."""
+
+    def __init__(self, rows: list[dict], images: Any = None):
+        self.rows, self.images = rows, images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = dict(self.rows[i])
+        if self.images is not None:  # synthetic: render on access
+            row["image"] = self.images.image(row.pop("_image"))
+        return row
+
+
+class CaptionSplit:
+    """One split: per-image references and the records the pipeline reads.
+
+    Attributes:
+      image_ids: [num images] file names (results' `question_id`).
+      references: [num images] lists of lowercased reference sentences.
+      train_records: one per reference: {'image', 'caption', 'image_id', 'image_index'}.
+      eval_records: one per image: {'image', 'image_id', 'gold_captions', 'image_index'}.
+    """
+
+    def __init__(self, image_ids: list[str], references: list[list[str]],
+                 train_rows: list[dict], eval_rows: list[dict], images: Any = None):
+        self.image_ids, self.references = image_ids, references
+        self.train_records = _Records(train_rows, images)
+        self.eval_records = _Records(eval_rows, images)
+
+    def karpathy(self) -> list[dict]:
+        """Karpathy-format entries of this split (for scoring result files)."""
+        return [{"filepath": "", "filename": f, "sentences": [{"raw": r} for r in refs]}
+                for f, refs in zip(self.image_ids, self.references)]
+
+
+def _split_from_synthetic(ds: SyntheticCaptions) -> CaptionSplit:
+    ids = [ds.filename(i) for i in range(len(ds))]
+    refs = [[r.lower() for r in ds.references(i)] for i in range(len(ds))]
+    train = [{"_image": i, "caption": r, "image_id": ids[i], "image_index": i}
+             for i in range(len(ds)) for r in refs[i]]
+    evals = [{"_image": i, "caption": refs[i], "gold_captions": refs[i], "image_id": ids[i],
+              "image_index": i} for i in range(len(ds))]
+    return CaptionSplit(ids, refs, train, evals, images=ds)
+
+
+def _split_from_karpathy(annotations, coco_root: str, max_skip_rate: float) -> CaptionSplit:
+    src = sources.coco_caption(annotations, coco_root, train=False, max_skip_rate=max_skip_rate)
+    ids, refs, train, evals = [], [], [], []
+    for i, rec in enumerate(src):
+        ids.append(rec["image_id"])
+        refs.append(list(rec["gold_captions"]))
+        base = {"image": rec["image"], "image_id": rec["image_id"], "image_index": i}
+        train += [{**base, "caption": c} for c in rec["gold_captions"]]
+        evals.append({**base, "caption": list(rec["gold_captions"]),
+                      "gold_captions": list(rec["gold_captions"])})
+    return CaptionSplit(ids, refs, train, evals)
+
+
+def load_split(input_cfg, split: str, image_size: int, seed: int) -> CaptionSplit:
+    """The 'train' or 'eval' split of `input.dataset` (see module docstring)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    kind = input_cfg.dataset
+    if kind == "synthetic":
+        size = input_cfg.train_size if split == "train" else input_cfg.eval_size
+        return _split_from_synthetic(SyntheticCaptions(
+            "train" if split == "train" else "heldout", int(size), image_size=image_size,
+            seed=seed, refs_per_image=int(input_cfg.get("refs_per_image", 5))))
+    if kind == "karpathy":
+        key = "train_annotations" if split == "train" else "eval_annotations"
+        files = input_cfg.get(key)
+        if not files or not input_cfg.get("coco_root"):
+            raise ValueError(f"input.dataset='karpathy' needs input.{key} (official "
+                             "coco_caption_*_ocr.json / Karpathy dataset_coco entries) and "
+                             "input.coco_root (the folder holding train2014_img/val2014_img)")
+        return _split_from_karpathy(list(files) if not isinstance(files, str) else files,
+                                    input_cfg.coco_root, float(input_cfg.max_skip_rate))
+    raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
+
+
+def target_text(caption_text: str, prompt: str = "") -> str:
+    """Official decoder target text: `prompt + caption`, lowercased, "[SEP]" appended."""
+    if prompt and not prompt.endswith(" "):
+        prompt += " "
+    return (prompt + caption_text).lower().strip() + " " + tokenizer.EOS
+
+
+def encode_targets(texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Target texts -> ([CLS] ... [SEP] ids, mask) int32[N, max_tokens] (truncated)."""
+    return tokenizer.get_tokenizer().encode(texts, max_length=max_tokens, pad_to=max_tokens)
+
+
+class _AddTargets:
+    """Batch map: record index -> decoder targets and image index (main process, cheap: the
+    captions are plain strings held here, no record is read again)."""
+
+    def __init__(self, captions: list[str], image_index: np.ndarray, prompt: str,
+                 max_tokens: int, placeholders: dict | None = None):
+        self.captions, self.image_index = captions, image_index
+        self.prompt, self.max_tokens = prompt, max_tokens
+        self.placeholders = placeholders or {}
+
+    def __call__(self, batch: dict) -> dict:
+        idx = np.asarray(batch["idx"])
+        ids, mask = encode_targets([target_text(self.captions[i], self.prompt) for i in idx],
+                                   self.max_tokens)
+        out = {"image": batch["image"], "dec_ids": ids, "dec_mask": mask,
+               "image_index": self.image_index[idx].astype(np.int32), "idx": idx}
+        for name, (shape, dtype) in self.placeholders.items():
+            out[name] = np.zeros((len(idx),) + tuple(shape), dtype)
+        return out
+
+
+def train_batches(input_cfg, image_size: int, seed: int, prompt: str, process_index: int,
+                  process_count: int, split: CaptionSplit | None = None,
+                  placeholders: dict | None = None):
+    """(checkpointable iterator of this process's train batches, records per epoch).
+
+    `placeholders` {name: (per-row shape, dtype)}: zero arrays added to every batch, for
+    fields a task fills in `prepare_batch` (SCST) so the compiled step knows their shapes."""
+    batch_size = pipeline.process_batch_size(input_cfg, process_count)
+    split = split or load_split(input_cfg, "train", image_size, seed)
+    recs = split.train_records
+    captions = [r["caption"] for r in recs.rows]
+    image_index = np.asarray([r["image_index"] for r in recs.rows], np.int32)
+    aug = input_cfg.augment
+    augment = {k: v for k, v in aug.items() if k != "enabled"} if aug.enabled else None
+    ds = pretrain_dataset(recs, image_size=image_size,
+                          batch_size=batch_size,
+                          max_words=10_000, max_tokens=input_cfg.max_tokens,
+                          seed=input_cfg.shuffle_seed, train=True, augment=augment,
+                          workers=input_cfg.workers, shard_index=process_index,
+                          shard_count=process_count, max_skip_rate=input_cfg.max_skip_rate)
+    ds = ds.map(_AddTargets(captions, image_index, prompt, int(input_cfg.max_tokens),
+                            placeholders))
+    return iter(ds), len(recs)
+
+
+class _Padded(collections.abc.Sequence):
+    """`records` followed by copies of its last record up to `length`."""
+
+    def __init__(self, records, length: int):
+        self.records, self.length = records, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i):
+        return self.records[min(int(i), len(self.records) - 1)]
+
+
+def eval_batches(split: CaptionSplit, image_size: int, batch_size: int,
+                 num_images: int = 0) -> tuple[list[dict], int]:
+    """(batches of the first `num_images` eval images (0 = all) with the official test
+    transform, the number of real images); the last batch is padded with copies of the last
+    image (their outputs are dropped). Batch: image, idx (= image position)."""
+    recs = split.eval_records
+    n = len(recs) if not num_images else min(int(num_images), len(recs))
+    if n == 0:
+        raise ValueError("the caption eval split has no images")
+    padded = _Padded(_Records(recs.rows[:n], recs.images), -(-n // batch_size) * batch_size)
+    ds = pretrain_dataset(padded, image_size=image_size, batch_size=batch_size,
+                          max_words=10_000, max_tokens=8, train=False, augment=None,
+                          num_epochs=1, max_skip_rate=0.0)
+    return [{"image": b["image"], "idx": b["idx"]} for b in ds], n
+
+
+def write_karpathy(entries: list[dict], path: str) -> None:
+    """Write Karpathy-format entries as a JSON array (what `scoring.caption.score_file` and
+    `sources.coco_caption` read)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(entries, f)

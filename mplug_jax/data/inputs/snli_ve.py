@@ -1,0 +1,211 @@
+"""SNLI-VE input (the SNLI-VE task and the shared `classify` evaluator use it).
+
+Datasets (`config.input.dataset`), both read by the one official reader `sources.snli_ve`
+(docs/official-formats.md#snli-ve: `image` id -> `<image_root>/<id>.jpg`, `sentence` -> pre_caption,
+`label` entailment=2 / neutral=1 / contradiction=0; malformed records skipped and counted):
+- 'json': `input.train_file` / `val_file` / `test_file` (single json paths, as official) and
+  `input.image_root` (Flickr30k images);
+- 'synthetic': `mplug_jax.data.synthetic.snli_ve` writes official files once into a cache folder
+  (`input.synthetic_dir`, default `<tmp>/mplug_jax_synthetic_snli_ve`; `train_size` /
+  `eval_size` records, `test` = a third disjoint stream).
+
+Train batch (per process, B rows): image float32[B, R, R, 3]; text_ids / text_mask int32[B, L]
+(`[CLS] hypothesis`, right-padded, truncated to `input.max_text_tokens`); label int32[B];
+idx int32[B] (record index). Records whose image fails to decode are skipped and counted
+(pipeline skip accounting, `input.max_skip_rate`).
+
+Evaluation (`eval_records` / `eval_batches`, the `classify` evaluator contract): the records of
+`ecfg.split` ('val' or 'test'; the first `ecfg.num_examples`, 0 = all) in file order, minus those
+whose image file does not exist (logged, counted in `skipped_missing_image`), so every process
+sees the same list; a global batch j holds records [j B, (j + 1) B) (B = `ecfg.batch_size`),
+process p gets its rows [p B / P, (p + 1) B / P); the last batch is padded with copies of its
+first row (valid = 0). `idx` is the record's index in the reader's list of the annotation file,
+which `scoring.snli_ve.score_file` rebuilds from the same file. An image that exists but does
+not decode at evaluation time is an error naming the file (a skipped row would leave the
+processes with different batches).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import tempfile
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from mplug_jax.data import pipeline, sources
+from mplug_jax.data.synthetic import snli_ve as synthetic_snli_ve
+from mplug_jax.data.ops import tokenizer
+from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops.image import BadRecord, DataError
+
+logger = logging.getLogger(__name__)
+
+# Class names, index = official class id (contradiction 0, neutral 1, entailment 2).
+LABELS = tuple(sorted(sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get))
+DATASETS = ("synthetic", "json")
+EVAL_SPLITS = ("val", "test")
+_FILE_KEYS = {"train": "train_file", "val": "val_file", "test": "test_file"}
+
+
+def files(config, split: str) -> tuple[str, str]:
+    """(annotation json, image root) of `split` ('train', 'val', 'test')."""
+    if split not in _FILE_KEYS:
+        raise ValueError(f"unknown SNLI-VE split {split!r}; valid: {sorted(_FILE_KEYS)}")
+    inp = config.input
+    if inp.dataset == "synthetic":
+        size = int(inp.train_size if split == "train" else inp.eval_size)
+        root = inp.get("synthetic_dir") or os.path.join(tempfile.gettempdir(),
+                                                        "mplug_jax_synthetic_snli_ve")
+        paths = synthetic_snli_ve.ensure_files(root, split, size,
+                                               image_size=int(config.model.image_size),
+                                               seed=int(config.seed))
+        return paths["annotation"], paths["image_root"]
+    if inp.dataset == "json":
+        key = _FILE_KEYS[split]
+        if not inp.get(key):
+            raise ValueError(f"input.dataset='json' needs input.{key} (the official SNLI-VE "
+                             f"{split} json, e.g. ve_{'dev' if split == 'val' else split}.json)")
+        if not inp.get("image_root"):
+            raise ValueError("input.dataset='json' needs input.image_root (the Flickr30k image "
+                             "folder holding <id>.jpg)")
+        return str(inp[key]), str(inp.image_root)
+    raise ValueError(f"unknown input.dataset {inp.dataset!r}; valid: {', '.join(DATASETS)}")
+
+
+def source(config, split: str) -> sources.RecordSource:
+    """The parsed records of `split` (`sources.snli_ve`; bad records skipped and counted)."""
+    annotation, root = files(config, split)
+    return sources.snli_ve(annotation, root, max_words=int(config.input.max_words),
+                           max_skip_rate=float(config.input.max_skip_rate))
+
+
+def encode_text(sentences: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[CLS] sentence` ids and mask int32[N, max_tokens] (truncated, right-padded)."""
+    return tokenizer.get_tokenizer().encode(list(sentences), max_length=max_tokens,
+                                            pad_to=max_tokens)
+
+
+class _Record:
+    """(position, index) -> processed train example; picklable for grain worker processes."""
+
+    def __init__(self, src, *, image_size: int, max_tokens: int, seed: int,
+                 augment: dict | None, epoch_length: int):
+        self.src, self.image_size, self.max_tokens = src, image_size, max_tokens
+        self.seed, self.augment, self.epoch_length = seed, augment, epoch_length
+
+    def __call__(self, position: int, index: int) -> dict[str, Any]:
+        index = int(index)
+        epoch = position // max(self.epoch_length, 1)
+        record = self.src[index]
+        try:
+            img = transforms.decode_image(record["image"])
+            if self.augment is None:
+                image = transforms.eval_transform(img, self.image_size)
+            else:
+                rng = np.random.default_rng([self.seed, epoch, index, 1])
+                image = transforms.train_transform(img, self.image_size, rng, **self.augment)
+        except BadRecord as e:
+            logger.warning("skipping SNLI-VE record %d (%s) %s: %s", index, e.reason,
+                           record["image"], e)
+            return {pipeline._SKIP_KEY: e.reason}
+        except (OSError, ValueError) as e:
+            logger.warning("skipping SNLI-VE record %d (bad_image) %s: %r", index,
+                           record["image"], e)
+            return {pipeline._SKIP_KEY: "bad_image"}
+        ids, mask = encode_text([record["sentence"]], self.max_tokens)
+        return {"image": image.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
+                "label": np.int32(record["label"]), "idx": np.int32(index)}
+
+
+def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
+    """(checkpointable iterator of this process's train batches, records per epoch)."""
+    inp = config.input
+    batch = pipeline.process_batch_size(inp, process_count)
+    src = source(config, "train")
+    n = len(src)
+    per_shard = n // process_count
+    if per_shard < batch:
+        raise ValueError(f"{n} SNLI-VE train records over {process_count} processes give "
+                         f"{per_shard} per process, fewer than the batch of {batch}")
+    augment = None
+    aug = inp.get("augment")
+    if aug is not None and aug.get("enabled"):
+        augment = {**pipeline.DEFAULT_AUGMENT, **{k: v for k, v in aug.items()
+                                                  if k != "enabled"}}
+    ds = grain.MapDataset.range(n).shuffle(seed=int(inp.shuffle_seed))
+    ds = ds[process_index:per_shard * process_count:process_count].repeat(None)
+    ds = ds.map_with_index(_Record(src, image_size=int(config.model.image_size),
+                                   max_tokens=int(inp.max_text_tokens),
+                                   seed=int(inp.shuffle_seed), augment=augment,
+                                   epoch_length=per_shard))
+    it_ds = pipeline.batched(ds, batch, drop_remainder=True,
+                             workers=int(inp.get("workers", 0)),
+                             max_skip_rate=float(inp.max_skip_rate))
+    return iter(it_ds), n
+
+
+def eval_records(config, ecfg) -> list[dict]:
+    """The evaluated records of `ecfg.split`: {'image' path, 'sentence', 'label' int, 'idx'}
+    (see module docstring); a clear error when none is left."""
+    split = str(ecfg.get("split", "val"))
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"evals.<classify>.split must be one of {EVAL_SPLITS}, got {split!r}")
+    src = source(config, split)
+    n = int(ecfg.get("num_examples", 0) or 0)
+    chosen = range(min(n, len(src)) if n > 0 else len(src))
+    out, missing = [], 0
+    for i in chosen:
+        r = src[i]
+        if not os.path.isfile(r["image"]):
+            missing += 1
+            if missing <= 5:
+                logger.warning("SNLI-VE %s record %d: image %s not found, not evaluated",
+                               split, i, r["image"])
+            continue
+        out.append({**r, "idx": i})
+    if missing:
+        logger.warning("SNLI-VE %s: %d of %d records not evaluated (image file missing)",
+                       split, missing, len(chosen))
+    if not out:
+        raise DataError(f"SNLI-VE {split}: no record to evaluate ({len(src)} parsed, "
+                        f"{missing} with a missing image, parse skips {src.skipped})")
+    return out
+
+
+def _eval_image(record: dict, image_size: int) -> np.ndarray:
+    try:
+        return transforms.eval_transform(transforms.decode_image(record["image"]), image_size)
+    except (BadRecord, OSError, ValueError) as e:
+        raise DataError(f"SNLI-VE evaluation image {record['image']} (record {record['idx']}) "
+                        f"cannot be read: {e}") from e
+
+
+def eval_batches(config, ecfg, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict]:
+    """This process's rows of every evaluation batch, in order (see module docstring):
+    image float32[b, R, R, 3], text_ids / text_mask int32[b, L], label / valid / idx int32[b],
+    b = ecfg.batch_size / process_count. Same number of batches on every process."""
+    batch = int(ecfg["batch_size"])
+    if batch % process_count:
+        raise ValueError(f"eval batch_size {batch} is not divisible by the {process_count} "
+                         "processes")
+    records = eval_records(config, ecfg)
+    local = batch // process_count
+    size, lt = int(config.model.image_size), int(config.input.max_text_tokens)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for start in range(0, len(records), batch):
+            rows = list(range(start, min(start + batch, len(records))))
+            valid = [1] * len(rows) + [0] * (batch - len(rows))
+            rows += [rows[0]] * (batch - len(rows))
+            mine = slice(process_index * local, (process_index + 1) * local)
+            recs = [records[i] for i in rows[mine]]
+            ids, mask = encode_text([r["sentence"] for r in recs], lt)
+            images = list(pool.map(lambda r: _eval_image(r, size), recs))
+            yield {"image": np.stack(images).astype(np.float32), "text_ids": ids,
+                   "text_mask": mask,
+                   "label": np.asarray([r["label"] for r in recs], np.int32),
+                   "valid": np.asarray(valid[mine], np.int32),
+                   "idx": np.asarray([r["idx"] for r in recs], np.int32)}

@@ -1,0 +1,1 @@
+"""Transforms shared by the input pipelines: images, text, tokenizer, video frames, RandAugment."""

@@ -1,0 +1,192 @@
+"""Built-in synthetic SNLI-VE: (image premise, text hypothesis, 3-way label) over the shapes
+scenes of `mplug_jax.data.synthetic.shapes`, written as the official files
+(docs/official-formats.md#snli-ve): `ve_<split>.json` = [{"image": id, "sentence": str, "label":
+"entailment"|"neutral"| "contradiction"}] plus `<id>.jpg` images, so the one SNLI-VE reader
+(`sources.snli_ve`) serves real and synthetic data alike.
+
+Why three genuinely image-dependent classes: a scene may carry a *cover*, a striped box over
+one empty grid cell that could hide a shape. A hypothesis names one (colour, shape) object in
+one of three forms:
+  positive  "there is a red circle"        visible: entailment; absent, no cover: contradiction;
+                                            absent but a cover: neutral (it may be underneath);
+  negative  "there is no red circle"       visible: contradiction; absent, no cover: entailment;
+                                            absent but a cover: neutral;
+  unknowable "the red circle is made of wood" (a property no image shows): visible: neutral;
+                                            absent, no cover: contradiction (SNLI convention for
+                                            claims about things not there); absent, cover: neutral.
+The same sentence gets any of its labels depending on the image, so a hypothesis-only model
+cannot solve it (`hypothesis_only_accuracy` measures how far it gets). Labels are drawn
+uniformly first (a balanced set), then a form allowed for the label, then scene facts that
+make it true: the object (present or a colour-shape pair absent from the scene) and whether
+the scene has a cover.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mplug_jax.data.sources import SNLI_VE_LABELS
+from mplug_jax.data.synthetic.shapes import (COLORS, GRID, SHAPES, Scene, _article, _sample_scene,
+                                             render)
+
+LABELS = tuple(sorted(SNLI_VE_LABELS, key=SNLI_VE_LABELS.get))  # index = official class id
+SPLITS = {"train": 0, "val": 1, "test": 2}  # disjoint random streams
+FORMS = ("positive", "negative", "unknowable")
+_TEMPLATES = {
+    "positive": ("there is {a} {c} {s}", "the image shows {a} {c} {s}",
+                 "{a} {c} {s} is in the picture"),
+    "negative": ("there is no {c} {s}", "the image shows no {c} {s}",
+                 "no {c} {s} is in the picture"),
+    "unknowable": ("the {c} {s} was drawn yesterday", "the {c} {s} is made of wood",
+                   "the {c} {s} is heavy", "someone painted the {c} {s} by hand"),
+}
+# Forms that can carry each label (positive/negative claims are never neutral about a visible
+# object; an unknowable property is never entailed).
+_FORMS_OF = {"entailment": ("positive", "negative"),
+             "contradiction": ("positive", "negative", "unknowable"),
+             "neutral": ("positive", "negative", "unknowable")}
+_STREAM = 100  # generator streams of ours (synthetic.py uses 0-5 per record)
+_VERSION = 1  # bump when the generated content changes (the file cache is keyed by it)
+
+
+def label_of(form: str, visible: bool, cover: bool) -> str:
+    """The gold label of a hypothesis form about an object given what the image shows."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {FORMS}")
+    if visible:
+        return {"positive": "entailment", "negative": "contradiction",
+                "unknowable": "neutral"}[form]
+    if cover:
+        return "neutral"
+    return "entailment" if form == "negative" else "contradiction"
+
+
+def draw_cover(image: np.ndarray, cell: tuple[int, int]) -> np.ndarray:
+    """uint8[S, S, 3] with a black-and-white striped box over grid `cell` (row, col), big
+    enough to hide any shape drawn in that cell."""
+    size = image.shape[0]
+    step = size / GRID
+    pad = 0.05 * step
+    x0, y0 = cell[1] * step + pad, cell[0] * step + pad
+    x1, y1 = x0 + step - 2 * pad, y0 + step - 2 * pad
+    img = Image.fromarray(image)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((x0, y0, x1, y1), fill=(245, 245, 245))
+    stripe = max(round(size / 20), 2)  # survives JPEG and resizing at 32-64 px
+    y = y0
+    while y < y1:
+        draw.rectangle((x0, y, x1, min(y + stripe - 1, y1)), fill=(15, 15, 15))
+        y += 2 * stripe
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def example(split: str, index: int, *, image_size: int = 64, seed: int = 0) -> dict:
+    """Record `index` of `split`: {'image': uint8[S, S, 3], 'sentence', 'label' (name),
+    'form', 'visible', 'cover'} (a pure function of its arguments)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {sorted(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split], int(index), _STREAM])
+    scene: Scene = _sample_scene(rng)
+    label = LABELS[int(rng.integers(3))]
+    forms = _FORMS_OF[label]
+    form = forms[int(rng.integers(len(forms)))]
+    # Facts that make (form, label) true; see the module docstring's table.
+    if label == "neutral":
+        visible = form == "unknowable" and rng.random() < 0.5
+        cover = not visible or rng.random() < 0.5
+    else:
+        visible = form == ("positive" if label == "entailment" else "negative")
+        cover = visible and rng.random() < 0.5
+    present = sorted({(s.color, s.shape) for s in scene.shapes})
+    if visible:
+        color, shape = present[int(rng.integers(len(present)))]
+    else:
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        color, shape = absent[int(rng.integers(len(absent)))]
+    assert label_of(form, visible, cover) == label
+    image = render(scene, image_size, rng)
+    if cover:
+        used = {s.cell for s in scene.shapes}
+        free = [divmod(i, GRID) for i in range(GRID * GRID) if divmod(i, GRID) not in used]
+        image = draw_cover(image, free[int(rng.integers(len(free)))])
+    templates = _TEMPLATES[form]
+    sentence = templates[int(rng.integers(len(templates)))].format(
+        a=_article(color), c=color, s=shape)
+    return {"image": image, "sentence": sentence, "label": label, "form": form,
+            "visible": bool(visible), "cover": bool(cover)}
+
+
+def image_id(split: str, index: int) -> str:
+    """The `image` field of record `index` (official: a Flickr30k id, file `<id>.jpg`)."""
+    return f"synth_{split}_{index:07d}"
+
+
+def write_files(directory: str, split: str, size: int, *, image_size: int = 64,
+                seed: int = 0) -> dict[str, str]:
+    """Write `size` records of `split` under `directory`: images `images/<id>.jpg` and the
+    official annotation `ve_<split>.json`. Returns {'annotation', 'image_root'}."""
+    images = os.path.join(directory, "images")
+    os.makedirs(images, exist_ok=True)
+    records = []
+    for i in range(size):
+        ex = example(split, i, image_size=image_size, seed=seed)
+        name = image_id(split, i)
+        Image.fromarray(ex["image"]).save(os.path.join(images, f"{name}.jpg"), quality=95)
+        records.append({"image": name, "sentence": ex["sentence"], "label": ex["label"]})
+    annotation = os.path.join(directory, f"ve_{split}.json")
+    with open(annotation, "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    return {"annotation": annotation, "image_root": images}
+
+
+def ensure_files(root: str, split: str, size: int, *, image_size: int = 64,
+                 seed: int = 0) -> dict[str, str]:
+    """`write_files` into a cache folder under `root` named by the arguments, written once:
+    later calls (other runs, other processes) reuse it. The folder appears atomically (written
+    elsewhere, then renamed), so a crashed or concurrent writer never leaves half a split."""
+    if size < 1:
+        raise ValueError(f"synthetic SNLI-VE {split} size must be >= 1, got {size}")
+    final = os.path.join(root, f"{split}_n{size}_r{image_size}_s{seed}_v{_VERSION}")
+    paths = {"annotation": os.path.join(final, f"ve_{split}.json"),
+             "image_root": os.path.join(final, "images")}
+    if os.path.isfile(paths["annotation"]):
+        return paths
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{split}_", dir=root)
+    try:
+        write_files(tmp, split, size, image_size=image_size, seed=seed)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: keep its copy (same content)
+            if not os.path.isfile(paths["annotation"]):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def hypothesis_only_accuracy(train: list[dict], heldout: list[dict]) -> float:
+    """Accuracy on `heldout` of the best blind guess per hypothesis *template* (the sentence
+    with its colour and shape words removed), learned on `train`: what a model that ignores
+    the image can reach at most on this data. Records: {'sentence', 'label'}."""
+    words = set(COLORS) | set(SHAPES) | {"a", "an"}
+
+    def template(sentence: str) -> str:
+        return " ".join(w for w in sentence.split() if w not in words)
+
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in train:
+        counts[template(r["sentence"])][r["label"]] += 1
+    overall = collections.Counter(r["label"] for r in train).most_common(1)[0][0]
+    hits = 0
+    for r in heldout:
+        c = counts.get(template(r["sentence"]))
+        hits += (c.most_common(1)[0][0] if c else overall) == r["label"]
+    return hits / max(len(heldout), 1)
