@@ -118,6 +118,25 @@ OFFICIAL_NO_WD = r"(bias$)|(^(text|fusion|decoder)/.*ln/scale$)"
 PRETRAIN_HEADS = r"^(vision_proj|text_proj|itm_head|mlm_transform|mlm_ln|mlm_bias|temp)(/|$)"
 
 
+# Paper presets (docs/recipes.md): `<release preset>_paper` = the release preset with the
+# values the paper states where they differ from the release; unstated values stay the release's.
+PAPER_SUFFIX = "_paper"
+
+
+def with_paper(variants: dict, paper: dict) -> dict:
+    """`variants` plus `<name>_paper` for each `name: overrides` of `paper` (the release
+    preset's values updated with the paper's)."""
+    out = dict(variants)
+    for name, overrides in paper.items():
+        out[name + PAPER_SUFFIX] = {**variants[name], **overrides}
+    return out
+
+
+def release_of(variant: str) -> str:
+    """The release preset a variant is built on: 'large_paper' -> 'large'; others unchanged."""
+    return variant[:-len(PAPER_SUFFIX)] if variant.endswith(PAPER_SUFFIX) else variant
+
+
 def start(arg: str | None, variants, *, default: str, modes=("full", "smoke"), **extra
           ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """Parse `VARIANT[,mode=M][,key=value...]` (`extra`: further keys and their defaults),

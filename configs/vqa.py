@@ -35,6 +35,14 @@ instead (linear warm-up from 0 over `optim.warmup_steps` = 400 updates, per-upda
 once more per update depending on the DeepSpeed version; only the training loop's own calls
 are reproduced. Deviation (documented): the heads VQA never reads (ITC/ITM/MLM, temperature)
 are frozen instead of being absent.
+
+Release vs paper (docs/recipes.md, value by value): `base` and `large` are the release
+(vqa_mplug_{base,large}.yaml + scripts); `large_paper` is `large` with the values the paper
+states where they differ (arXiv section 7.1 and Table 11 = EMNLP appendix A.4 and Table 9):
+504 px, global batch 1024, lr 2e-5 (visual encoder 5e-6, as the release), weight decay 0.05.
+Everything the paper leaves unstated (schedule details, warm-up, decoding, lengths) stays the
+release's. The paper's table is for the ViT-L model only, so there is no `base_paper`
+(ViT-B/16 would not even tile 504 px).
 """
 import ml_collections
 
@@ -55,6 +63,9 @@ _VARIANTS = {
                   image_size=336, max_answers=6, max_question_tokens=80, max_answer_tokens=12,
                   targets_per_question=16.0, train_size=0, clip_norm=1.0),
 }
+# Paper (arXiv 7.1 / Table 11): 504 x 504 for VQA, batch 1024, lr 2e-5 / 5e-6, wd 0.05.
+PAPER = {"large": dict(image_size=504, batch_size=1024, lr=2e-5, lr2=5e-6, wd=0.05)}
+_VARIANTS = common.with_paper(_VARIANTS, PAPER)
 
 # Official no-weight-decay rule; the heads VQA never reads (absent from the official VQA model).
 OFFICIAL_NO_WD, UNUSED_HEADS = common.OFFICIAL_NO_WD, common.PRETRAIN_HEADS
@@ -68,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = v["total_steps"]
     c.total_epochs = 0.0 if v["total_steps"] else 8.0
 
-    c.model = common.finetune_model(arg.variant, v["image_size"])
+    c.model = common.finetune_model(common.release_of(arg.variant), v["image_size"])
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "vqa"
@@ -114,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_skip_rate = 0.01
 
     # lr1 for everything but the visual encoder (lr2).
-    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
+    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=v.get("wd", 0.02),
                                     warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
                                     frozen=UNUSED_HEADS)
     if not tiny:  # official schedular: warmup_lr 1e-5, warmup_epochs 4, min_lr 1e-6

@@ -42,6 +42,17 @@ Deviations (documented): the warm-up ramps from 0 (official: from warmup_lr 1e-6
 (base / large compute in bfloat16 with float32 params). Learning-rate schedule: ours
 (`optim.schedule='cosine'`) for every variant; the mPLUG-2 release uses a per-iteration cosine
 (`cosine_step`), not mPLUG's stair-and-epoch schedule ('epoch_cosine').
+
+Release vs paper (docs/recipes.md, value by value): `large` is the release
+(configs_video/VideoCaption_msrvtt_large.yaml + scripts/run_videocaption.sh) and `base` its
+recipe on the base model; `base_paper` / `large_paper` take the values the mPLUG-2 paper states
+where they differ (appendix B.2.3, for both model sizes): global batch 128 (accumulation kept:
+2 micro-batches of 64), the prompt "What does the video describe?" (written lower-case: the
+tokenizer is uncased, and the release's `.split(prompt)` of the decoded, lower-case output
+would not find the capitalised form) and max generation length 25. The paper then runs SCST
+(CIDEr optimisation) for 5 more epochs at lr 1e-6, batch 16: there is no mPLUG-2 SCST here,
+so the paper presets are its cross-entropy stage only and do not reproduce the paper's
+numbers by themselves.
 """
 import shutil
 
@@ -61,11 +72,16 @@ _VARIANTS = {
                   total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
                   max_caption_tokens=20, dropout=0.1, accum=2),
 }
+# mPLUG-2 paper appendix B.2.3 (base and large), cross-entropy stage: batch 128, prompt, max 25.
+_PAPER_CE = dict(batch_size=128, prompt="what does the video describe?", max_length=25)
+PAPER = {"base": _PAPER_CE, "large": _PAPER_CE}
+_VARIANTS = common.with_paper(_VARIANTS, PAPER)
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """mPLUG-2 video caption config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large)."""
+    """mPLUG-2 video caption config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large, base_paper,
+    large_paper)."""
     arg, c = common.start(arg, _VARIANTS, default="large")
     v = _VARIANTS[arg.variant]
     tiny = arg.variant == "tiny"
@@ -76,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "mplug2.video_caption"
-    c.task.prompt = "a video of"  # official config `prompt`
+    c.task.prompt = v.get("prompt", "a video of")  # official config `prompt`
     # 'release': prompt + caption glued without a space (the release, the paper's numbers and
     # the released checkpoint); 'space': the corrected join. Generation is the same for both.
     c.task.prompt_join = "release"
@@ -85,7 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (the search starts at [CLS] alone and the prompt is split off afterwards).
     c.task.prompt_loss = "release"
     # Official argparse defaults of video_caption_mplug2.py; alpha is hard-coded there.
-    c.task.generation = dict(beam_size=5, min_length=4, max_length=20, alpha=0.6)
+    c.task.generation = dict(beam_size=5, min_length=4, max_length=v.get("max_length", 20),
+                             alpha=0.6)
 
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "synthetic"  # 'synthetic' (built-in moving shapes) | 'json' (official)
