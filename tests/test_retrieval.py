@@ -223,7 +223,9 @@ def test_config_official_values():
     assert (c.task.itc.queue_size, c.task.itc.momentum, c.task.itc.distill_alpha) == \
         (65536, 0.995, 0.4)
     assert c.input.max_tokens == 30 and c.input.augment.crop_scale == (0.5, 1.0)
-    assert retrieval_config.get_config("flickr_large").evals.val.k_test == 128
+    # Both release yamls re-rank 256; the paper (section 5.2.3) 128 for Flickr30K.
+    assert retrieval_config.get_config("flickr_large").evals.val.k_test == 256
+    assert retrieval_config.get_config("flickr_large_paper").evals.val.k_test == 128
     assert retrieval_config.get_config("coco_base").model.vision_width == 768
     z = retrieval_config.get_config("flickr_base,mode=zeroshot")
     assert (z.total_steps, z.total_epochs) == (0, 0.0)
