@@ -239,7 +239,8 @@ def render() -> str:
         "reason where we differ on purpose.",
         "",
         "Sources. `mPLUG/...`: alibaba/AliceMind, folder mPLUG/, line numbers read at commit "
-        "3b159e6 (docs/official-formats.md describes the same release); `mPLUG-2/...`: "
+        "3b159e6 (docs/official-formats.md was read at a6d5afe: lines may differ there); "
+        "`mPLUG-2/...`: "
         "X-PLUG/mPLUG-2 at commit a46aa97. A file without a line: an argparse default or a "
         "hard-coded value of that script. Paper: `mPLUG arXiv` section 7.1 / Table 11 are "
         "appendix A.4 / Table 9 of the EMNLP version (same values); Table 11's \"LR "
