@@ -18,10 +18,10 @@ search (5 / min 1 / max 10). Variants:
          0.5: it is exactly invariant to time reversal); a flat model trained separately
          0.53 / 0.505. An earlier helper run (candidate ranking, ~0.2-0.5 s/step on 2 cores)
          saw 0.71 / 0.99 at step 300. A 300-step schedule is at the onset (in-process
-         0.65 / 0.68, the CLI run 0.48 / 0.54). The first ~75 steps learn the answer words (loss 12 -> 1); lr 3e-3
-         learns them by step 50 but then stays at chance for 200 steps. The standard variant
-         (4 directions, order by shape, counting, distractors, noise) stays at the answer prior
-         for 600 steps (`--config.input.synthetic_variant=standard` selects it).
+         0.65 / 0.68, the CLI run 0.48 / 0.54). The first ~75 steps learn the answer words
+         (loss 12 -> 1); lr 3e-3 learns them by step 50 but then stays at chance for 200
+         steps. The standard variant (4 directions, order by shape, counting, distractors,
+         noise) stays at the answer prior for 600 steps (`--config.input.synthetic_variant=standard` selects it).
   base   `mplug2_base` (the paper's base model; no official checkpoint), the large recipe
   large  the release: `mplug2_large`, 224 px, 16 frames, global batch 32 (4 per GPU x 8),
          lr 2e-5 (vision 2e-6), wd 0.02, per-step cosine with 200 warm-up steps to min lr 1e-6,
