@@ -21,7 +21,8 @@ search (5 / min 1 / max 10). Variants:
          0.65 / 0.68, the CLI run 0.48 / 0.54). The first ~75 steps learn the answer words
          (loss 12 -> 1); lr 3e-3 learns them by step 50 but then stays at chance for 200
          steps. The standard variant (4 directions, order by shape, counting, distractors,
-         noise) stays at the answer prior for 600 steps (`--config.input.synthetic_variant=standard` selects it).
+         noise) stays at the answer prior for 600 steps
+         (`--config.input.synthetic_variant=standard` selects it).
   base   `mplug2_base` (the paper's base model; no official checkpoint), the large recipe
   large  the release: `mplug2_large`, 224 px, 16 frames, global batch 32 (4 per GPU x 8),
          lr 2e-5 (vision 2e-6), wd 0.02, per-step cosine with 200 warm-up steps to min lr 1e-6,
