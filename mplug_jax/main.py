@@ -8,10 +8,13 @@ see `mplug_jax.config_args`). The run resumes automatically from DIR's checkpoin
 
 A bad config or input prints one `error: ...` line and exits with status 2 (`--debug` or
 MPLUG_JAX_DEBUG=1: the traceback, see `mplug_jax.errors`); a run stopped by SIGTERM exits 143.
+A finished run writes what it printed at the end (the final evals) with the machine, load
+average, commit and wall time to DIR/results/summary.json (`mplug_jax.run_summary`).
 """
 from __future__ import annotations
 
 import sys
+import time
 
 from absl import flags, logging
 
@@ -31,6 +34,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
 def run(argv: list[str]) -> int:
     """Parse `argv` (argv[0]: the program name) and train; returns the exit status (0 done,
     143 stopped by SIGTERM). Config and input errors raise (`mplug_jax.errors`)."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv[1:]):
         print(__doc__.strip())
         return 0
@@ -43,8 +47,17 @@ def run(argv: list[str]) -> int:
     compilation_cache.setup(fv.compilation_cache)  # before anything compiles
     from mplug_jax import distributed
     distributed.maybe_initialize()  # no-op for single-process runs
-    from mplug_jax import trainer
+    from mplug_jax import run_summary, trainer
+    load_start = run_summary.load_average()
     result = trainer.run(fv.config, fv.workdir)
+    if result["stopped"] == "done":
+        import jax
+        if jax.process_index() == 0:
+            summary = run_summary.build(
+                fv.config, result, fv.workdir, argv, wall_s=time.perf_counter() - t0,
+                cpu_s=time.process_time() - cpu0, load_avg_start=load_start)
+            print(f"wrote {run_summary.write(fv.workdir, summary)} ({summary['wall_s']:.0f} s "
+                  f"wall)", flush=True)
     return 0 if result["stopped"] == "done" else 143  # 128 + SIGTERM: the scheduler sees it
 
 

@@ -126,9 +126,11 @@ _PATH_FLAG = re.compile(r"--config\.[\w.]*(annotations|_files?|_root|roots|tfds_
 
 
 def _documented_commands() -> list[str]:
-    """Every command of README.md and the config docstrings that points at real data, with
-    continuation lines joined; placeholders ('...') and prose-interrupted lines left out."""
+    """Every command of README.md, docs/**/*.md and the config docstrings that points at real
+    data, with continuation lines joined; placeholders ('...') and prose-interrupted lines left
+    out."""
     texts = [(REPO / "README.md").read_text()]
+    texts += [p.read_text() for p in sorted((REPO / "docs").rglob("*.md"))]
     for path in CONFIGS:
         texts.append(ast.get_docstring(ast.parse(open(path).read())) or "")
     out = []

@@ -274,12 +274,12 @@ def test_finetuning_tiny_learns_snli_ve(pretrain_workdir, tmp_path, capsys):
     """`configs/snli_ve.py:tiny` with the 32-wide model of the (2-step, near-random) pretraining
     workdir, at 48 px (one 16 px patch per grid cell), 300 steps from `init.checkpoint`:
     held-out 3-way accuracy clearly above chance (1/3), the majority class (35.2%) and the best
-    hypothesis-only guess (46.1%), i.e. the model reads the image; measured 70.1% (neutral
-    92%). That is the ceiling of reading the hypothesis form and whether the image has a cover
-    (69.9%): the cover is learnt, the objects' presence is not yet (still 70.1% at step 1000
-    of a longer run). CLI in a subprocess at XLA's default optimisation; then `mplug-jax
-    evaluate` on the fine-tuned workdir (cls_head loaded) agrees with the trainer's
-    evaluation."""
+    hypothesis-only guess (46.1%), i.e. the model reads the image; measured 69.9% (70.1%,
+    neutral 92%, with the earlier pretraining fixture). That is the ceiling of reading the
+    hypothesis form and whether the image has a cover (69.9%): the cover is learnt, the
+    objects' presence is not yet (still 70.1% at step 1000 of a longer run). CLI in a
+    subprocess at XLA's default optimisation; then `mplug-jax evaluate` on the fine-tuned
+    workdir (cls_head loaded) agrees with the trainer's evaluation."""
     overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
     overrides.update(LEARN, **{"init.checkpoint": str(pretrain_workdir),
                                "input.synthetic_dir": str(tmp_path / "synth")})

@@ -12,15 +12,17 @@ search (5 / min 1 / max 10). Variants:
          first?" red / blue, chance 50%) with 4 raw frames = the 4 sampled, so a video and its
          time reversal give the model without temporal modules the same frame set. Batch 32,
          lr 1e-3 everywhere (lr2 = lr: the vision encoder is trained from scratch), 30 warm-up
-         steps, init_std 0.1, dropout 0, 500 steps (cosine to 1e-5). Measured (candidate
-         ranking on 200 held-out videos, 2000 training videos, ~0.2-0.5 s/step on 2 cores):
-         temporal 1.00 direction / 1.00 order at step 400 and 500 (0.71 / 0.99 at 300);
-         temporal=False 0.44 / 0.54 at 500 (chance 0.5: it is exactly invariant to time
-         reversal). A 300-step schedule is at the onset (in-process 0.65 / 0.68, the CLI run
-         0.48 / 0.54). The first ~75 steps learn the answer words (loss 12 -> 1); lr 3e-3
-         learns them by step 50 but then stays at chance for 200 steps. The standard variant
-         (4 directions, order by shape, counting, distractors, noise) stays at the answer prior
-         for 600 steps (`--config.input.synthetic_variant=standard` selects it).
+         steps, init_std 0.1, dropout 0, 500 steps (cosine to 1e-5). Measured by
+         tests/mplug2/test_mplug2_video_qa.py (200 held-out videos, 2000 training videos):
+         0.975 direction / 1.00 order; the same model with temporal=False 0.55 / 0.54 (chance
+         0.5: it is exactly invariant to time reversal); a flat model trained separately
+         0.53 / 0.505. An earlier helper run (candidate ranking, ~0.2-0.5 s/step on 2 cores)
+         saw 0.71 / 0.99 at step 300. A 300-step schedule is at the onset (in-process
+         0.65 / 0.68, the CLI run 0.48 / 0.54). The first ~75 steps learn the answer words
+         (loss 12 -> 1); lr 3e-3 learns them by step 50 but then stays at chance for 200
+         steps. The standard variant (4 directions, order by shape, counting, distractors,
+         noise) stays at the answer prior for 600 steps
+         (`--config.input.synthetic_variant=standard` selects it).
   base   `mplug2_base` (the paper's base model; no official checkpoint), the large recipe
   large  the release: `mplug2_large`, 224 px, 16 frames, global batch 32 (4 per GPU x 8),
          lr 2e-5 (vision 2e-6), wd 0.02, per-step cosine with 200 warm-up steps to min lr 1e-6,

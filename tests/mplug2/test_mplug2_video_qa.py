@@ -332,7 +332,7 @@ def test_temporal_modules_beat_flat_model_on_temporal_questions(tmp_path):
     modules removed (`model.temporal=False`, the trained params without `lmhra`) falls to
     chance, and that flat network is exactly invariant to reversing time, so no training can
     lift it above chance on these reversal-symmetric questions (checked on the held-out clips).
-    Measured here: 0.975 direction / 1.00 order with the temporal modules, ~0.5 / 0.5 without.
+    Measured here: 0.975 direction / 1.00 order with the temporal modules, 0.55 / 0.54 without.
     With MPLUG2_LEARNING_TEST=1 a flat model is also trained separately (a second 500-step
     run; measured 0.53 / 0.505). 300 steps are not enough (the answer words take ~75 steps,
     the video signal shows from ~250)."""
