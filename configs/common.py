@@ -91,17 +91,36 @@ def set_run_defaults(c: ml_collections.ConfigDict, tiny: bool, *, allow_scratch:
                      ckpt_every_steps: int = 2000) -> None:
     """The fields every task config shares: `init` (mplug_jax/pretrained.py: CLIP + BERT
     checkpoints, or a whole mPLUG `checkpoint` = official file with config_bert / config_yaml,
-    `mplug-jax convert` dir, or a workdir of ours at `step`, 0 = latest; used only when a run
-    starts fresh), `resume`, logging / checkpoint cadence, the non-finite stop and MFU peak."""
+    `mplug-jax convert` dir, or a workdir of ours at `step`, 0 = latest, or the one `select`
+    picks; used only when a run starts fresh), `resume`, logging / checkpoint cadence, model
+    selection (`best`, `test_on_best`), the non-finite stop and MFU peak.
+
+    Eval blocks (`c.evals.<name>`, set by each task config) share these keys besides their
+    evaluator's own (mplug_jax/selection.py): `every_steps` (evaluate after every N-th update,
+    0 = off), `every_epochs` (at the end of every k-th epoch, 0 = off), `from_epoch`
+    (periodic evaluations only from epoch index N on, counted from 0 like the official loops),
+    `enabled` (False: never run) and `input` (a dict of `input` fields replaced for this block,
+    e.g. a test split's files). Every enabled block not in `test_on_best` also runs once after
+    training on the final params; results go to <workdir>/results/<name>_step<N>/."""
+    # select: which checkpoint of a training workdir init.checkpoint loads: 'latest' (or
+    # init.step when > 0), 'best' (its best/), or 'epoch:N' (the checkpoint at the end of epoch
+    # N, counted from 0 like the official checkpoint_%02d.pth; the source run keeps it with
+    # ckpt_every_epochs).
     c.init = dict(clip="", bert="", checkpoint="", config_bert="", config_yaml="", step=0,
-                  allow_scratch=allow_scratch)
+                  select="latest", allow_scratch=allow_scratch)
     c.resume = ""  # another run's workdir to continue from when this workdir has no checkpoint
     c.log_every_steps = 25 if tiny else 100
     c.ckpt_every_steps = ckpt_every_steps
     c.keep_ckpts = 2
+    # Also save at the end of every k-th epoch (0 = off); these epoch checkpoints are kept
+    # besides the keep_ckpts newest (a later stage may start from one: init.select='epoch:N').
+    c.ckpt_every_epochs = 0.0
     # Keep the checkpoint with the best `metric` of eval block `eval` under <workdir>/best/
     # (a workdir itself: pass it to --checkpoint / init.checkpoint); eval '' = off.
     c.best = dict(eval="", metric="", mode="max")
+    # Eval blocks run after training on the checkpoint `best` selected (not on the final
+    # params), their results under <workdir>/results/<name>_step<selected step>/.
+    c.test_on_best = []
     c.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped steps in a row
     c.peak_flops = 0.0  # per device for MFU; 0 = table by device kind, or measured on CPU
     c.eval_at_start = False  # also run every eval before the first step of a fresh run (step 0)

@@ -53,13 +53,16 @@ class Checkpointer:
       directory: checkpoint root (`<workdir>/ckpt`).
       keep: number of checkpoints kept (None = all).
       async_save: save in a background thread.
+      keep_period: steps that are multiples of it are kept besides the `keep` newest (the
+        epoch checkpoints of `ckpt_every_epochs`); None = none.
     """
 
     def __init__(self, directory: str | epath.Path, keep: int | None = 3,
-                 async_save: bool = True, create: bool = True):
+                 async_save: bool = True, create: bool = True, keep_period: int | None = None):
         self.directory = resolve(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               keep_period=keep_period)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data_iter"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),

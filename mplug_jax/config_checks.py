@@ -13,11 +13,16 @@ covered; a field a config lacks is skipped):
   both (the decoding settings);
 - training: exactly one of `total_steps` / `total_epochs` set; `input.batch_size` divisible by
   the processes and by the mesh's batch shards times `optim.accum_steps`;
+- evaluation and selection (`mplug_jax.selection`): `best` names an enabled eval block and a
+  metric, mode 'max' / 'min'; every `test_on_best` name is an eval block and `best` is set;
+  an eval block's `input` names only `config.input` fields; `init.select` is 'latest' /
+  'best' / 'epoch:N' and not combined with `init.step`;
 - the workdir can be written (or created);
 - input files: every path a config names (annotation lists, image / video roots, dataset
   folders, `init.*` checkpoints, `resume`) exists; `init.*` and `resume` only for a run that
-  starts fresh (they are not read when the workdir already holds a checkpoint). URLs
-  (gs://...) are not checked here.
+  starts fresh (they are not read when the workdir already holds a checkpoint), and the
+  checkpoint `init.select` picks there (a workdir's `best/`, or its `epochs.json` for
+  'epoch:N'). URLs (gs://...) are not checked here.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ _AT_LEAST_ONE = re.compile(
     r"max_decode_len|num_frames|(log|ckpt)_every_steps|keep_ckpts|max_nonfinite_steps|"
     r"accum_steps|k_test|rank_k|top_n|sim_chunk|(captions|refs)_per_\w+")
 _NON_NEGATIVE = re.compile(
-    r"workers|warmup_steps|total_steps|total_epochs|every_steps|log_every(_\w+)?|lr|end_lr|"
+    r"workers|warmup_steps|total_steps|total_epochs|every_steps|every_epochs|from_epoch|"
+    r"ckpt_every_epochs|log_every(_\w+)?|lr|end_lr|"
     r"wd|clip_norm|(eval|train)_size|min_length|num_examples|limit|queue_size|mult|step|"
     r"peak_flops|targets_per_question|gather_length|(\w+_)?warmup_epochs|num_samples|top_k|"
     r"temperature|eps")
@@ -79,6 +85,69 @@ def range_problems(config) -> list[str]:
             block = path[:-len(name)]
             out.append(f"{block}min_length {parent.min_length} > {block}max_length {value}")
     return out
+
+
+def selection_problems(config) -> list[str]:
+    """`best`, `test_on_best`, eval blocks' `enabled` / `input`, `init.select`. A config
+    without any eval block (e.g. a test that drops them) selects and tests nothing, so its
+    `best` and `test_on_best` are not checked against the blocks."""
+    from mplug_jax import selection
+    out, evals = [], config.get("evals") or {}
+    enabled = [n for n, e in evals.items() if e.get("enabled", True)]
+    best = config.get("best") or {}
+    if best.get("eval") and evals:
+        if best.eval not in enabled:
+            out.append(f"best.eval={best.eval!r} is not an enabled block of config.evals "
+                       f"({sorted(enabled)})")
+        if not best.get("metric"):
+            out.append(f"best.metric is empty: name a metric of eval {best.eval!r}")
+    if best.get("mode", "max") not in ("max", "min"):
+        out.append(f"best.mode must be 'max' or 'min', got {best.get('mode')!r}")
+    on_best = config.get("test_on_best") or ()
+    if isinstance(on_best, str) or not all(isinstance(n, str) for n in on_best):
+        out.append(f"test_on_best must be a list of eval names, got {on_best!r}")
+        on_best = ()
+    unknown = [n for n in on_best if n not in evals]
+    if unknown and evals:
+        out.append(f"test_on_best names {unknown}, which are not blocks of config.evals "
+                   f"({sorted(evals)})")
+    if on_best and evals and not best.get("eval"):
+        out.append(f"test_on_best={list(on_best)} needs best.eval (the metric that selects the "
+                   "checkpoint they run on)")
+    inputs = config.get("input") or {}
+    for name, ecfg in evals.items():
+        if not isinstance(ecfg.get("enabled", True), bool):
+            out.append(f"evals.{name}.enabled must be true or false, got {ecfg.enabled!r}")
+        bad = sorted(k for k in (ecfg.get("input") or {}) if k not in inputs)
+        if bad:
+            out.append(f"evals.{name}.input names {bad}, which are not fields of input")
+    init = config.get("init") or {}
+    why = selection.check_select(init.get("select", ""))
+    if why:
+        out.append(why)
+    elif str(init.get("select", "") or "latest") != "latest" and init.get("step"):
+        out.append(f"init.select={init.select!r} and init.step={init.step} both pick a "
+                   "checkpoint: set one of them")
+    return out
+
+
+def selected_init_missing(config) -> list[str]:
+    """What the checkpoint `init.select` picks lacks (`init.checkpoint` exists already)."""
+    init = config.get("init") or {}
+    select = str(init.get("select", "") or "latest")
+    path = str(init.get("checkpoint", "") or "")
+    if select == "latest" or not path or "://" in path or not _exists(path):
+        return []
+    root = epath.Path(path)
+    if not (root / "config.json").exists() or (root / "mplug_config.json").exists():
+        return [f"init.select={select!r} picks a checkpoint of a training workdir; "
+                f"init.checkpoint={path} is not one (set init.select='latest')"]
+    if select == "best" and not (root / "best" / "config.json").exists():
+        return [f"init.select='best': {path} has no best/ (kept when its run sets config.best)"]
+    if select.startswith("epoch:") and not (root / "epochs.json").exists():
+        return [f"init.select={select!r}: {path} has no epochs.json (how its steps map to "
+                "epochs); pick a step with init.step instead"]
+    return []
 
 
 def training_problems(config) -> list[str]:
@@ -182,6 +251,7 @@ def check(config, *, workdir=None, training: bool = True, files: bool = True) ->
     if tasks.canonical(name) not in tasks.available():
         problems.append(f"unknown task {name!r} (config.task.name); valid: {tasks.available()}")
     problems += range_problems(config)
+    problems += selection_problems(config)
     if training:
         problems += training_problems(config)
     if problems:
@@ -190,7 +260,11 @@ def check(config, *, workdir=None, training: bool = True, files: bool = True) ->
     if bad_workdir:
         raise ConfigError(bad_workdir)
     if files:
-        missing = missing_inputs(config, fresh=not has_checkpoint(workdir))
+        fresh = not has_checkpoint(workdir)
+        missing = missing_inputs(config, fresh=fresh)
         if missing:
             raise ConfigError("missing input files or folders (relative paths are from the "
                               "working directory): " + "; ".join(missing))
+        selected = selected_init_missing(config) if fresh else []
+        if selected:
+            raise ConfigError("; ".join(selected))

@@ -5,8 +5,8 @@
 
 The params come from `--checkpoint` exactly as a fine-tuning run's `init.checkpoint` would
 load them (`mplug_jax.pretrained`: a workdir of ours at `--step`, a `mplug-jax convert`
-directory or an official file), placed with the config's mesh and sharding rules; every block of
-`config.evals` runs; the metrics go to `<out>/metrics.json` and each evaluator's result files
+directory or an official file), placed with the config's mesh and sharding rules; every enabled
+block of `config.evals` runs; the metrics go to `<out>/metrics.json` and each evaluator's result files
 to `<out>/<eval name>/`.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ def eval_config(config, checkpoint: str, step: int = 0):
     with config.unlocked():
         if "init" not in config:
             config.init = {}
-        config.init.update(clip="", bert="", checkpoint=str(checkpoint), step=int(step))
+        config.init.update(clip="", bert="", checkpoint=str(checkpoint), step=int(step),
+                           select="latest")  # --step, not the training preset's `select`
         if config.total_steps <= 0 and config.total_epochs <= 0:
             config.total_steps = 1
     return config
@@ -63,6 +64,8 @@ def evaluate(config, checkpoint: str, out_dir: str, step: int = 0, log=print) ->
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, ecfg in config.evals.items():
+        if not ecfg.get("enabled", True):
+            continue
         ev = evaluators.build(name, ecfg, config, s.task.predict_fns(), s.mesh)
         t = time.perf_counter()
         res = ev.run(params)

@@ -6,7 +6,8 @@ Sources (any combination; where two give the same parameter the later one in thi
 - `init.bert`: a BERT checkpoint -> text encoder, fusion self-attention/FFN, decoder, MLM head;
 - `init.checkpoint`: a whole mPLUG: an official `.pth`/`.safetensors` (with `init.config_bert`
   and optionally `init.config_yaml`), a directory written by `mplug-jax convert`, or a training
-  workdir of ours (its latest checkpoint, or `init.step`); this is how fine-tuning starts.
+  workdir of ours (its latest checkpoint, `init.step`, or by `init.select` its best or an
+  epoch's checkpoint, `mplug_jax.selection.init_source`); this is how fine-tuning starts.
 
 Everything is first brought to flat `a/b/c` arrays in the loop layout of our model. The
 visual positional embedding is resampled when the source's resolution differs from the
@@ -27,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from mplug_jax import params as P
+from mplug_jax import selection
 from mplug_jax import workdir as workdir_lib
 from mplug_jax.interop import convert, unimodal
 from mplug_jax.models.vit import resample_posemb
@@ -73,14 +75,19 @@ def load(init_cfg, model) -> Loaded:
 def _full_checkpoint(init_cfg) -> tuple[dict, dict | None, str]:
     """(params, momentum or None, description) of `init.checkpoint`, loop layout."""
     path = epath.Path(init_cfg.checkpoint)
+    is_workdir = (path / "config.json").exists() and not (path / "mplug_config.json").exists()
+    if not is_workdir and str(init_cfg.get("select", "") or "latest") != "latest":
+        raise ValueError(f"init.select={init_cfg.select!r} picks a checkpoint of a training "
+                         f"workdir; {path} is not one (set init.select='latest')")
     if (path / "mplug_config.json").exists():
         conv = convert.load_converted(str(path))
         what = f"converted checkpoint {path}"
     elif (path / "config.json").exists():
-        model, params, params_m = workdir_lib.restore_params(path, init_cfg.get("step") or None)
+        source, step = selection.init_source(init_cfg)
+        model, params, params_m = workdir_lib.restore_params(source, step)
         loop = (lambda t: P.scan_to_loop(_np(t))) if model.scan_layers else _np
         return loop(params), (loop(params_m) if params_m is not None else None), \
-            f"workdir {path}"
+            f"workdir {source}" + (f" at step {step}" if step else "")
     elif path.is_file():
         if not init_cfg.get("config_bert"):
             raise ValueError(f"init.checkpoint={path} is an official checkpoint: also set "

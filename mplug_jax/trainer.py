@@ -3,8 +3,9 @@
 workdir lock + config check -> mesh -> data -> task -> abstract state + shardings (logical
 axes) -> jit(init, out_shardings) -> resume (newest readable workdir checkpoint >
 `config.resume` > scratch) -> AOT-compiled step (state donated, explicit in/out shardings)
--> loop (metrics fetched on log steps; checkpoints; SIGTERM save) -> wait for checkpoints
--> evaluators -> loss-curve PNG.
+-> loop (metrics fetched on log steps; periodic evals and the best checkpoint, `selection`;
+checkpoints; SIGTERM save) -> wait for checkpoints -> final evals -> `test_on_best` evals on
+the selected checkpoint -> loss-curve PNG.
 
 The step is generic: `task.begin_step`, value_and_grad of `task.loss` (optionally accumulated
 over micro-batches), one optax update, non-finite steps skipped (params, optimizer state and
@@ -29,13 +30,13 @@ from mplug_jax import distributed
 from mplug_jax import metrics as mlib
 from mplug_jax import optim
 from mplug_jax import rng as rng_lib
+from mplug_jax import selection
 from mplug_jax import sharding as shd
 from mplug_jax import tasks
 from mplug_jax import train_state as ts
 from mplug_jax import workdir as workdir_lib
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.data.prefetch import DevicePrefetch
-from mplug_jax.evaluators import common as evaluators
 from mplug_jax.models import layers
 
 
@@ -165,10 +166,7 @@ def setup(config, steps_per_epoch: int, mesh=None) -> Setup:
                  rule_set, impl)
 
 
-def _log(msg: str) -> None:
-    """Console line from process 0 only (every process runs the same loop)."""
-    if jax.process_index() == 0:
-        print(msg, flush=True)
+_log = selection.log
 
 
 def init_state(s: Setup, seed: int) -> ts.TrainState:
@@ -260,8 +258,9 @@ def run(config, workdir: str) -> dict:
     `config.init` (the task's pretrained initialisation) > scratch.
 
     Returns:
-      {'step': last step, 'evals': {name: metrics}, 'stopped': 'done'|'sigterm',
-       'state': the final TrainState}.
+      {'step': last step, 'evals': {name: metrics} (the final params' evals, then the
+       `test_on_best` ones), 'selected_step': the step `test_on_best` evaluated (None: none
+       ran), 'stopped': 'done'|'sigterm', 'state': the final TrainState}.
     Raises `WorkdirBusy` (another trainer holds `workdir`), `ConfigMismatch` (its checkpoints
     are of another task or model) or `CheckpointError` (none of them can be read).
     """
@@ -284,13 +283,15 @@ def _train(config, workdir) -> dict:
     distributed.barrier("compiled")  # before the first cross-process collective (orbax's)
     data = DevicePrefetch(host_iter, lambda b: make_global_batch(b, s.mesh))
     writer = mlib.MetricWriter(workdir)
-    ckpt = ckpt_lib.Checkpointer(workdir / "ckpt", keep=config.keep_ckpts)
+    ckpt = ckpt_lib.Checkpointer(workdir / "ckpt", keep=config.keep_ckpts,
+                                 keep_period=selection.keep_period(config, s.steps_per_epoch))
     # No evals at all (e.g. a smoke run that drops them): nothing can be best.
     best = workdir_lib.BestKeeper(workdir, config) \
         if config.get("best", {}).get("eval") and config.get("evals") else None
     state, origin, own_step = _initial_state(config, s, ckpt, data)
     _log(origin)
     workdir_lib.write_config(workdir, config)  # only now: a failed restore leaves the old one
+    selection.write_epochs(workdir, s.steps_per_epoch, s.total_steps, config.input.batch_size)
     dropped = writer.keep_until(own_step)  # rows the restored state has not seen
     if dropped:
         _log(dropped)
@@ -302,7 +303,7 @@ def _train(config, workdir) -> dict:
          f"GFLOP/s/device ({how}) x {s.mesh.size}; {s.total_steps} steps of {b}")
     evals = {}  # built on first use
     if first == 0 and config.get("eval_at_start", False):
-        run_evals(config, s, state.params, 0, writer, evals)  # the baseline, logged at step 0
+        selection.run_evals(config, s, state.params, 0, writer, evals)  # baseline, step 0
     chrono = mlib.Chrono(first, s.total_steps, b)
     warned = mlib.CounterWatch("train/dropped_", s.task.capacity_hint)
     stopped, step, prev = "done", first, None
@@ -330,22 +331,29 @@ def _train(config, workdir) -> dict:
                     _log(f"WARNING at step {step}: {msg}")
             # The final step's evals run after the loop.
             if step < s.total_steps:
-                ran = run_evals(config, s, state.params, step, writer, evals, periodic=True)
+                ran = selection.run_evals(config, s, state.params, step, writer, evals,
+                                          periodic=True)
                 if ran:
-                    _keep_best(best, step, ran, state)
+                    selection.keep_best(best, step, ran, state)
                     chrono.restart(step)  # eval time (and a best save) is not step time
             stopping = stop.check(step)
-            if step % config.ckpt_every_steps == 0 or step == s.total_steps or stopping:
+            if selection.ckpt_due(config, step, s.steps_per_epoch) or step == s.total_steps \
+                    or stopping:
                 ckpt.save(step, state, data, force=True)
             if stopping:
                 stopped = "sigterm"
                 _log(f"SIGTERM: checkpoint saved at step {step}; rerun to resume")
                 break
     ckpt.close()
-    results = {"step": step, "stopped": stopped, "evals": {}, "state": state}
+    results = {"step": step, "stopped": stopped, "evals": {}, "state": state,
+               "selected_step": None}
     if stopped == "done":
-        results["evals"] = run_evals(config, s, state.params, step, writer, evals)
-        _keep_best(best, step, results["evals"], state)
+        results["evals"] = selection.run_evals(config, s, state.params, step, writer, evals)
+        selection.keep_best(best, step, results["evals"], state)
+        if config.get("test_on_best"):
+            tested, results["selected_step"] = selection.test_on_best(
+                config, s, best, state, step, writer, evals)
+            results["evals"].update(tested)
     if best is not None:
         best.close()
     writer.close()
@@ -354,13 +362,6 @@ def _train(config, workdir) -> dict:
         _log(f"metrics: {workdir / 'metrics.jsonl'}, TensorBoard {workdir / 'tb'}, "
              f"loss curves {png}")
     return results
-
-
-def _keep_best(best, step: int, evals: dict, state) -> None:
-    """Hand `evals` to the best-checkpoint keeper (`config.best`), if there is one."""
-    msg = best.update(step, evals, state) if best is not None else None
-    if msg:
-        _log(msg)
 
 
 def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple[Any, str,
@@ -390,26 +391,3 @@ def _initial_state(config, s: Setup, ckpt: ckpt_lib.Checkpointer, data) -> tuple
             other.close()
         return found[0], f"resumed from {other.directory} at step {found[1]}", None
     return s.task.init_from_pretrained(init_state(s, config.seed)), "started fresh", None
-
-
-def run_evals(config, s: Setup, params, step: int, writer: mlib.MetricWriter,
-              built: dict, periodic: bool = False) -> dict:
-    """Run the `config.evals` entries (periodic: those due at `step`); writes
-    `<name>/<metric>`. `built` caches the evaluators between calls. Returns {name: metrics} of
-    the evaluators that ran (empty when none was due)."""
-    out = {}
-    for name, ecfg in config.evals.items():
-        if periodic and not evaluators.due(ecfg, step):
-            continue
-        if name not in built:
-            built[name] = evaluators.build(name, ecfg, config, s.task.predict_fns(), s.mesh)
-        ev = built[name]
-        t = time.perf_counter()
-        res = ev.run(params)
-        files = evaluators.write_files(res, writer.workdir / "results" / f"{name}_step{step}")
-        writer.write(step, {f"{name}/{k}": v for k, v in evaluators.scalars(res).items()},
-                     console=False)
-        _log(f"== eval '{name}' at step {step} ({time.perf_counter() - t:.0f}s)\n"
-             + ev.report(res) + "".join(f"\nwrote {p}" for p in files))
-        out[name] = res
-    return out

@@ -8,6 +8,7 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from mplug_jax import metrics, trainer, workdir
+from mplug_jax.evaluators import common as evaluators
 from mplug_jax.evaluators.pretrain_zeroshot import Evaluator
 
 
@@ -174,7 +175,7 @@ def test_best_checkpoint_keeps_the_best_eval_step(tmp_path, monkeypatch):
     cfg.best = {"eval": "val", "metric": "score", "mode": "max"}
     seen, want = {}, 4
     scripted = _ScriptedEval({2: 0.5, 4: 0.9, 6: 0.7}, seen)
-    monkeypatch.setattr(trainer.evaluators, "build", lambda *a, **k: scripted)
+    monkeypatch.setattr(evaluators, "build", lambda *a, **k: scripted)
     out = trainer.run(cfg, str(tmp_path / "run"))
     assert out["step"] == 6 and sorted(seen) == [2, 4, 6]
     best_dir = tmp_path / "run" / "best"

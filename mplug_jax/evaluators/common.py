@@ -5,7 +5,10 @@ An evaluator module defines `Evaluator(predict_fns, ecfg, config, mesh)` with `r
 submission) go in `result[FILES]` = {file name: JSON-serialisable object}, which the caller
 writes with `write_files` (the trainer under `<workdir>/results/<eval>_step<N>/`); it builds its own eval input from `config` and
 takes the task's predict functions by name, so it imports nothing from the trainer or a task.
-`ecfg.every_steps` (0 = only after training) says when the trainer runs it.
+When the trainer runs a block: `every_steps`, `every_epochs`, `from_epoch`, `enabled` and
+`config.test_on_best` (`mplug_jax.selection`). A block's `input` (a dict of `config.input`
+fields) replaces those fields for that evaluator only, e.g. a test split's annotation files
+beside the validation split's (`build`).
 """
 from __future__ import annotations
 
@@ -35,19 +38,28 @@ def build(name: str, ecfg, config, predict_fns: dict, mesh=None):
         raise ValueError(f"evaluator {kind!r} (config.evals.{name}) needs predict fns "
                          f"{missing}, which task {config.task.name!r} does not provide "
                          f"(it has {sorted(predict_fns)})")
-    return module.Evaluator(predict_fns, ecfg, config, mesh=mesh)
+    return module.Evaluator(predict_fns, ecfg, with_input(config, ecfg, name), mesh=mesh)
+
+
+def with_input(config, ecfg, name: str = "<eval>"):
+    """`config`, or a copy whose `input` fields are replaced by the block's `input` dict."""
+    override = ecfg.get("input")
+    if not override:
+        return config
+    unknown = sorted(k for k in override if k not in config.input)
+    if unknown:
+        raise ValueError(f"config.evals.{name}.input names {unknown}, which are not fields of "
+                         f"config.input")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.input.update(dict(override))
+    return config
 
 
 def from_config(config, predict_fns: dict, mesh=None) -> dict:
-    """{name: evaluator} for every block of `config.evals`."""
+    """{name: evaluator} for every enabled block of `config.evals`."""
     return {name: build(name, ecfg, config, predict_fns, mesh)
-            for name, ecfg in config.evals.items()}
-
-
-def due(ecfg, step: int) -> bool:
-    """Whether a periodic evaluation is due after train step `step`."""
-    every = int(ecfg.get("every_steps", 0) or 0)
-    return every > 0 and step % every == 0
+            for name, ecfg in config.evals.items() if ecfg.get("enabled", True)}
 
 
 FILES = "files"  # key of a result holding {file name: JSON-serialisable content}

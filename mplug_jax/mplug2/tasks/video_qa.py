@@ -216,6 +216,7 @@ def load_checkpoint(model: mplug2.MPLUG2, init, task_name: str
     workdir of any task in `WORKDIR_TASKS` (the heads of retrieval / pretraining are dropped
     for a model without them). Temporal params are dropped for `model.temporal=False`; the
     visual positional embedding is resampled to the model's frame grid."""
+    from mplug_jax import selection
     from mplug_jax import workdir as workdir_lib
     from mplug_jax.mplug2 import convert as mplug2_convert
     path = epath.Path(init.checkpoint)
@@ -227,7 +228,7 @@ def load_checkpoint(model: mplug2.MPLUG2, init, task_name: str
             raise ValueError(f"init.checkpoint={path} is a {cfg.task.name!r} workdir; "
                              f"{task_name!r} loads workdirs of {WORKDIR_TASKS} or mPLUG-2 "
                              "checkpoints")
-        tree = workdir_lib.restore_params(path, init.get("step") or None)[1]
+        tree = workdir_lib.restore_params(*selection.init_source(init))[1]
         what = f"{cfg.task.name} workdir {path}"
     elif path.is_file():
         if not init.get("config_bert") or not init.get("config_yaml"):
