@@ -14,11 +14,19 @@ asked (`input.allow_synthetic`, `init.allow_scratch`):
     --config.input.coco_root=img_root/coco_2014/ --config.init.checkpoint=mplug_base.pth \
     --config.init.config_bert=config_bert_stride3.json
   python -m mplug_jax.main --config=configs/caption.py:base,mode=scst --workdir=DIR2 \
-    (same data flags) --config.init.checkpoint=DIR          # SCST from the CE workdir
+    (same data flags) --config.init.checkpoint=DIR          # SCST from the CE workdir's
+                                                            # epoch-3 checkpoint (init.select)
   python -m mplug_jax.main --config=configs/caption.py:large --workdir=DIR ... \
     --config.init.checkpoint=mplug_large_v2.pth --config.init.config_bert=config_bert.json
   mplug-jax evaluate --config=configs/caption.py:tiny,mode=zeroshot \
     --checkpoint=/tmp/mplug_pretrain_tiny --out=DIR3        # "a picture of" prompt, no training
+
+Evaluation and selection (official `caption_mplug.py` / `caption_mplug_scst.py`): CE evaluates
+after every epoch and keeps every epoch's checkpoint (`ckpt_every_epochs`); SCST starts from the
+CE workdir's checkpoint after epoch 3 (base) / 4 (large), counted from 0 as the official
+`checkpoint_03.pth` / `checkpoint_04.pth` (`init.select='epoch:3'`; `--config.init.select=best`
+or `latest` for another; `latest` for an official file or a converted directory), evaluates
+every 1500 updates and after every epoch, and keeps the best CIDEr under <workdir>/best/.
 
 Official values (docs/official-formats.md#config-values and #optimiser-and-schedule): CE lr1 / lr2
 1e-5 / 5e-6 (visual encoder), wd 0.02, 5 epochs, 400 warm-up iterations (= 100 optimizer steps with
@@ -130,9 +138,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
     c.best.update(eval="caption", metric="CIDEr")  # official SCST: checkpoint_best by CIDEr
+    official = not (tiny or zeroshot)
+    if official and not scst:
+        # Official caption_mplug.py saves checkpoint_%02d.pth after every epoch; SCST starts
+        # from one of them (below), so they are kept.
+        c.ckpt_every_epochs = 1.0
+    if official and scst:
+        # Official scripts/caption_mplug_{base,large}_scst.sh: --checkpoint
+        # coco_caption_base_1e-5/checkpoint_03.pth (base) / coco_caption_large/checkpoint_04.pth
+        # (large), i.e. the CE run's checkpoint after epoch 3 / 4 (counted from 0).
+        c.init.select = "epoch:3" if arg.variant == "base" else "epoch:4"
 
+    # Cadence: official CE (caption_mplug.py) evaluates the test split after every epoch
+    # (vqa_result_epoch<E>.json); official SCST (caption_mplug_scst.py) every 1500 iterations
+    # (--eval_steps; checkpoint_best.pth when CIDEr improves) and after every epoch. Two
+    # differences: the official SCST counts the 1500 from each epoch's start and compares
+    # CIDEr within an epoch only (its best_cider is reset every epoch); here `every_steps`
+    # counts from the run's start and the best is over the whole run, end-of-epoch
+    # evaluations included. tiny: once, after training.
     c.evals = ml_collections.ConfigDict()
-    c.evals.caption = dict(type="caption", every_steps=0, batch_size=32 if tiny else 64,
+    c.evals.caption = dict(type="caption", every_steps=1500 if official and scst else 0,
+                           every_epochs=1.0 if official else 0.0,
+                           batch_size=32 if tiny else 64,
                            num_images=0, metrics=("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4",
                                                   "METEOR", "ROUGE_L", "CIDEr"),
                            tokenize="ptb", num_examples=5, log_every=20, write_results=True)

@@ -228,11 +228,12 @@ def official_schedule(o: ml_collections.ConfigDict, *, warmup_lr: float, warmup_
 
 def smoke_run(c: ml_collections.ConfigDict, batch_size: int = 16) -> None:
     """`mode=smoke`: 20 steps of `batch_size`, short warm-up (our 'cosine' schedule: 20 steps
-    would never leave the official schedule's first stair), frequent logs and checkpoints (the
-    task config then shrinks its data and evals)."""
+    would never leave the official schedule's first stair), frequent logs and checkpoints, no
+    evaluation before training (the task config then shrinks its data and evals)."""
     c.total_steps, c.total_epochs = 20, 0.0
     c.input.batch_size = batch_size
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 5
     c.log_every_steps = 5
     c.ckpt_every_steps = 10
+    c.eval_at_start = False  # the evals run once, after the 20 steps

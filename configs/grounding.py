@@ -28,7 +28,10 @@ the `configs/pretrain.py:tiny` workdir), `refcoco_base|refcocop_base|refcocog_ba
     --text "the man on the left" --out boxed.png
 
 Evals: RefCOCO -> unc testA, testB (+ val); RefCOCO+ -> unc+ testA, testB (+ val); RefCOCOg
--> gref_umd test (+ val), as the official `evaluate()` (hard-coded test splits).
+-> gref_umd test (+ val), as the official `evaluate()` (hard-coded test splits). As the official
+`grounding_mplug.py`: val after every epoch selects the best checkpoint (<workdir>/best/), and
+the test splits run once, after training, on that checkpoint (`test_on_best`; results under
+<workdir>/results/<split>_step<best step>/); a checkpoint is kept every 10 epochs.
 
 Deviations from the official recipe (documented): images are CLIP-normalised in training AND
 evaluation; the official evaluation uses the ImageNet mean/std instead (quirk G2, a train/eval
@@ -138,14 +141,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict()
     # One block per split; num_examples: the first N records (synthetic: held-out records to
     # generate; 0 = all); batch_size: eval batch (official: 1, same results).
-    common_eval = dict(type="grounding", every_steps=0, batch_size=64 if tiny else 128,
-                       num_examples=0, num_examples_shown=5)
+    # Cadence (official grounding_mplug.py main): val after every epoch, checkpoint_best.pth
+    # when its accuracy improves, a checkpoint every 10 epochs; after training the test
+    # splits run on checkpoint_best.pth. tiny: val once, after training.
+    common_eval = dict(type="grounding", every_steps=0, every_epochs=0.0,
+                       batch_size=64 if tiny else 128, num_examples=0, num_examples_shown=5)
     if tiny:
         c.evals.val = dict(common_eval, split="heldout", dataset="", num_examples=256)
     else:
+        c.ckpt_every_epochs = 10.0
         for split in _DATASETS[variant.rsplit("_", 1)[0]][1]:
             c.evals[split] = dict(common_eval, split=split,
                                   dataset="unc" if name == "vg_uni" else "")
+        c.evals.val.every_epochs = 1.0
+        c.test_on_best = [n for n in c.evals if n != "val"]
     if arg.mode == "smoke":
         common.smoke_run(c)
         c.input.train_size = 512 if tiny else 0

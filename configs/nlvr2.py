@@ -96,7 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.evals = ml_collections.ConfigDict()
     # split: 'val' (input.val_files) or 'test'; num_examples: the first N records (0 = all).
-    c.evals.val = dict(type="classify", every_steps=0, split="val", num_examples=0,
+    # Cadence (no official NLVR2 script; ALBEF's NLVR.py evaluates val (and test) after every epoch and keeps the best val accuracy); tiny: once, after training.
+    c.evals.val = dict(type="classify", every_steps=0, every_epochs=0.0 if tiny else 1.0,
+                       split="val", num_examples=0,
                        batch_size=64 if tiny else 256, log_every_batches=50,
                        num_examples_shown=5)
 

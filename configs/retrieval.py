@@ -137,7 +137,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # per similarity call; itm_batch_size: (image, text) pairs per ITM call; annotations:
     # eval json files (empty: input.eval_annotations, or the synthetic `split`);
     # add_similarity: score = ITM logit + cosine similarity (official video retrieval).
-    c.evals.val = dict(type="retrieval", every_steps=0, k_test=v["k_test"], batch_size=64,
+    # Cadence (official retrieval_img_mplug.py main): val (and test, not run here) after
+    # every epoch, checkpoint_best.pth by val r_mean; tiny: once, after training.
+    c.evals.val = dict(type="retrieval", every_steps=0,
+                       every_epochs=0.0 if tiny or arg.mode == "zeroshot" else 1.0,
+                       k_test=v["k_test"], batch_size=64,
                        sim_chunk=256 if tiny else 1024, itm_batch_size=128 if tiny else 256,
                        add_similarity=False, annotations=[], split="val",
                        log_every_batches=200, top_n=10)

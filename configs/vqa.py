@@ -22,8 +22,11 @@ asked (`input.allow_synthetic`, `init.allow_scratch`):
   python -m mplug_jax.main --config=configs/vqa.py:tiny,mode=smoke --workdir=DIR \
     --config.init.checkpoint=PRETRAIN_WORKDIR
 
-Submission for the test server: set input.eval_annotations to vqa_test_ocr.json (no answers:
-only the result file is written). Score any result file with
+Evaluation cadence (official `vqa_mplug.py`): `val` (input.eval_annotations) before training
+and after every epoch; the `test` block writes the test server's result file after epochs 5-7
+(counted from 0) once given the test file: `--config.evals.test.enabled=true
+--config.evals.test.input.eval_annotations='["vqa_test_ocr.json"]'` (no answers: only the
+result file, under <workdir>/results/test_step<N>/). Score any result file with
 `mplug-jax score --task vqa --results R --annotations A` (mplug_jax/scoring/vqa.py).
 
 Learning-rate schedule: base / large use the official one (`optim.schedule='epoch_cosine'`,
@@ -141,10 +144,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # num_examples: synthetic held-out questions (json: the first N, 0 = all). rank_answers:
     # ALBEF-style ranking over `answer_list` (official answer_list.json; synthetic: built-in)
     # instead of open-ended generation.
-    c.evals.val = dict(type="vqa", every_steps=0, num_examples=512 if tiny else 0,
+    # Cadence (official vqa_mplug.py main loop): val before training and after every epoch,
+    # the test result file (vqa_result_epoch<E>.json there) after epochs 5, 6 and 7 (counted
+    # from 0: `if epoch >= 5`); no checkpoint is selected (every epoch's is saved). tiny:
+    # once, after training.
+    c.eval_at_start = not tiny
+    c.evals.val = dict(type="vqa", every_steps=0, every_epochs=0.0 if tiny else 1.0,
+                       num_examples=512 if tiny else 0,
                        batch_size=64, beam_size=5, min_length=1, max_length=10,
                        rank_answers=False, rank_k=128, answer_list="", log_every_batches=50,
                        num_examples_shown=5)
+    if not tiny:
+        # The test split (vqa_test.json, no answers: only the result file for the server):
+        # --config.evals.test.enabled=true --config.evals.test.input.eval_annotations=F.
+        c.evals.test = dict(c.evals.val.to_dict(), from_epoch=5, enabled=False,
+                            input=dict(eval_annotations=[], eval_labels=""))
 
     if arg.mode == "smoke":
         common.smoke_run(c)

@@ -110,8 +110,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=250 if tiny else 2000)
 
     c.evals = ml_collections.ConfigDict()
+    # Cadence: val r_mean after every epoch, the best kept (as the mPLUG retrieval script,
+    # retrieval_img_mplug.py; the mPLUG-2 release has no retrieval fine-tuning script);
+    # tiny: once, after training.
     c.evals.val = dict(
-        type="video_retrieval", every_steps=0, dataset="synthetic" if tiny else "json",
+        type="video_retrieval", every_steps=0, every_epochs=0.0 if tiny else 1.0,
+        dataset="synthetic" if tiny else "json",
         annotations="", video_root="", num_frames=v["eval_frames"], batch_size=16,
         max_text_tokens=v["max_tokens"], k_test=v["k_test"], sim_chunk=16 if tiny else 256,
         itm_batch_size=16 if tiny else 128, add_similarity=True, resize="nearest", limit=0,

@@ -135,8 +135,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # METEOR and the PTB tokenizer need java; tiny falls back to the rest without it.
     java = shutil.which("java") is not None
     c.evals = ml_collections.ConfigDict()
+    # Cadence (release video_caption_mplug2.py main): val before training and after every
+    # epoch (caption_result_epoch<E>.json), checkpoint_best.pth when CIDEr is >= the best so
+    # far (the value before training included; here the first evaluation after step 0 is
+    # always kept); tiny: once, after training.
+    c.eval_at_start = not tiny
     c.evals.val = dict(
         type="video_caption", format="video_caption", every_steps=0,
+        every_epochs=0.0 if tiny else 1.0,
         dataset="synthetic" if tiny else "json", annotations="", video_root="",
         num_frames=v["num_frames"], batch_size=16 if tiny else 8, limit=0,
         workers=1 if tiny else 4, log_every=0 if tiny else 50, num_examples_shown=5,

@@ -131,7 +131,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.evals = ml_collections.ConfigDict()
     if not tiny:
-        c.evals.val = dict(type="video_qa", every_steps=0, dataset="json", annotations="",
+        # Cadence (release video_qa_mplug2.py main): val before training and after every
+        # epoch, checkpoint_best.pth when accuracy is >= the best so far (the value before
+        # training included; here the first evaluation after step 0 is always kept).
+        c.eval_at_start = True
+        c.evals.val = dict(type="video_qa", every_steps=0, every_epochs=1.0, dataset="json",
+                           annotations="",
                            video_root="", num_frames=v["num_frames"], batch_size=8,
                            max_question_tokens=v["max_question_tokens"], beam_size=5,
                            min_length=1, max_length=10, limit=0, workers=4, log_every=50,
