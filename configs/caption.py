@@ -147,7 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Official scripts/caption_mplug_{base,large}_scst.sh: --checkpoint
         # coco_caption_base_1e-5/checkpoint_03.pth (base) / coco_caption_large/checkpoint_04.pth
         # (large), i.e. the CE run's checkpoint after epoch 3 / 4 (counted from 0).
-        c.init.select = "epoch:3" if arg.variant == "base" else "epoch:4"
+        c.init.select = "epoch:3" if arg.variant.startswith("base") else "epoch:4"
 
     # Cadence: official CE (caption_mplug.py) evaluates the test split after every epoch
     # (vqa_result_epoch<E>.json); official SCST (caption_mplug_scst.py) every 1500 iterations

@@ -101,9 +101,10 @@ def _eval_every(c) -> str:
     if block is None:
         return "none"
     epochs, steps = block.get("every_epochs", 0) or 0, block.get("every_steps", 0) or 0
+    parts = [f"every {steps} steps"] if steps else []
     if epochs:
-        return "every epoch" if epochs == 1 else f"every {fmt(float(epochs))} epochs"
-    return f"every {steps} steps" if steps else "end of run"
+        parts.append("every epoch" if epochs == 1 else f"every {fmt(float(epochs))} epochs")
+    return " and ".join(parts) or "end of run"
 
 
 def _selection(c) -> str:

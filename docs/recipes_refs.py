@@ -57,7 +57,6 @@ T11 = f"{M} Table 11"
 S71 = f"{M} 7.1"
 WD_PAPER = Ref(0.05, S71, "all tasks")
 COSINE_PAPER = Ref(NS, S71, "a cosine schedule; warm-up and min lr not stated")
-CADENCE_WHY = "evaluation during training: issue 20 item 1 (not in this preset yet)"
 M2_SCHED_WHY = "warm-up from 0, not from warmup_lr 1e-6 (documented deviation)"
 M2_B23 = "mPLUG-2 B.2.3"
 
@@ -88,8 +87,7 @@ def _vqa(size: str) -> Section:
          Row("beam", Ref(5, "mPLUG/vqa_mplug.py"), paper(NS)),
          Row("min_length", Ref(1, "mPLUG/vqa_mplug.py"), paper(NS)),
          Row("max_length", Ref(10, "mPLUG/vqa_mplug.py"), paper(NS)),
-         Row("eval_every", Ref("every epoch", "mPLUG/vqa_mplug.py", "minival"), paper(NS),
-             why=CADENCE_WHY, why_paper=CADENCE_WHY),
+         Row("eval_every", Ref("every epoch", "mPLUG/vqa_mplug.py", "minival"), paper(NS)),
          Row("selection", Ref("last", "mPLUG/vqa_mplug.py", "no selection; test result "
                               "files of epochs 5-7"), paper(NS))),
         () if large else ("The paper's fine-tuning table is for the ViT-L model: no paper "
@@ -150,13 +148,15 @@ def _caption_scst() -> Section:
              Ref(10, S71, "inference; the task's SCST search uses the same setting")),
          Row("min_length", Ref(8, f"{sh}:13"), Ref(NS)),
          Row("max_length", Ref(25, f"{sh}:14"), Ref(20, S71)),
-         Row("eval_every", Ref("every 1500 steps", "mPLUG/caption_mplug_scst.py"), Ref(NS),
-             why=CADENCE_WHY, why_paper=CADENCE_WHY),
+         Row("eval_every", Ref("every 1500 steps and every epoch", "mPLUG/caption_mplug_scst.py",
+                               "the 1500 counted from each epoch's start"), Ref(NS),
+             why="the 1500 steps count from the run's start (configs/caption.py)"),
          Row("selection", Ref("caption/CIDEr", "mPLUG/caption_mplug_scst.py",
                               "checkpoint_best"), Ref("caption/CIDEr", "mPLUG arXiv 5.2.2",
                                                       "the best checkpoint"))),
-        ("Starts from the cross-entropy workdir (`init.checkpoint`); the release starts from "
-         f"the CE run's `checkpoint_04.pth` ({sh}:9).",))
+        ("Starts from the cross-entropy workdir (`init.checkpoint`) at its checkpoint after "
+         f"epoch 4, counted from 0 (`init.select='epoch:4'`), as the release's "
+         f"`checkpoint_04.pth` ({sh}:9).",))
 
 
 def _retrieval(name: str) -> Section:
@@ -178,8 +178,7 @@ def _retrieval(name: str) -> Section:
          Row("queue", Ref(65536, f"{y}:13"), Ref(65536, f"{M} 5.1")),
          Row("k_test", Ref(256, f"{y}:18"), Ref(k_paper, f"{M} 5.2.3")),
          Row("text_tokens", Ref(30, "mPLUG/retrieval_img_mplug.py"), Ref(NS)),
-         Row("eval_every", Ref("every epoch", "mPLUG/retrieval_img_mplug.py"), Ref(NS),
-             why=CADENCE_WHY, why_paper=CADENCE_WHY),
+         Row("eval_every", Ref("every epoch", "mPLUG/retrieval_img_mplug.py"), Ref(NS)),
          Row("selection", Ref("val/r_mean", "mPLUG/retrieval_img_mplug.py"), Ref(NS))),
         ("In-batch ITC negatives and ITM hard negatives come from the global batch here, from "
          "each GPU's batch in the release (issue 20 item 7).",))
@@ -200,8 +199,7 @@ def _grounding(name: str) -> Section:
          Row("schedule", Ref("epoch_cosine: from 1e-6, 20 stairs of 100 micro-batches, min 1e-6",
                              f"{y}:30"), COSINE_PAPER),
          Row("text_tokens", Ref(20, f"{y}:11"), Ref(NS)),
-         Row("eval_every", Ref("every epoch", "mPLUG/grounding_mplug.py"), Ref(NS),
-             why=CADENCE_WHY, why_paper=CADENCE_WHY),
+         Row("eval_every", Ref("every epoch", "mPLUG/grounding_mplug.py"), Ref(NS)),
          Row("selection", Ref("val/accu", "mPLUG/grounding_mplug.py"), Ref(NS))),
         ("Release and paper (7.1) train on the union set first, then on each dataset from "
          f"that checkpoint at lr 2e-6 ({sh}); these presets are one stage (issue 20 item 4).",
@@ -243,8 +241,7 @@ def _m2_qa() -> Section:
                              f"{y}:13"), Ref(NS), why=M2_SCHED_WHY, why_paper=M2_SCHED_WHY),
          Row("beam", Ref(5, "mPLUG-2/video_qa_mplug2.py"), Ref(NS)),
          Row("max_length", Ref(10, "mPLUG-2/video_qa_mplug2.py"), Ref(NS)),
-         Row("eval_every", Ref("every epoch", "mPLUG-2/video_qa_mplug2.py"), Ref(NS),
-             why=CADENCE_WHY, why_paper=CADENCE_WHY),
+         Row("eval_every", Ref("every epoch", "mPLUG-2/video_qa_mplug2.py"), Ref(NS)),
          Row("selection", Ref("val/acc", "mPLUG-2/video_qa_mplug2.py"), Ref(NS))),
         ("`base` / `base_paper` are the same recipes on mplug2_base (the release has no base "
          "model; the paper gives the same values for both sizes).",))
@@ -275,8 +272,7 @@ def _m2_caption() -> Section:
          Row("beam", Ref(5, f"{y}:22"), Ref(5, M2_B23)),
          Row("min_length", Ref(4, py), Ref(NS)),
          Row("max_length", Ref(20, py), Ref(25, M2_B23)),
-         Row("eval_every", Ref("every epoch", py), Ref(NS), why=CADENCE_WHY,
-             why_paper=CADENCE_WHY),
+         Row("eval_every", Ref("every epoch", py), Ref(NS)),
          Row("selection", Ref("val/CIDEr", py), Ref(NS))),
         ("The paper then optimises CIDEr (SCST) for 5 more epochs at lr 1e-6, batch 16 "
          f"({M2_B23}). There is no mPLUG-2 SCST here yet: `large_paper` is the paper's "
