@@ -9,7 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tests of the cache pass their own tmp directory.
 os.environ["MPLUG_JAX_CACHE_DIR"] = "off"
 
+import json  # noqa: E402
 import pathlib  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -46,6 +49,42 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+# MPLUG_TEST_CPU=DIR: every test process (each xdist worker) writes DIR/cpu-<worker>.json with
+# each test's CPU seconds (this process plus the subprocesses it waited for, user + system;
+# setup, call and teardown, so a shared fixture counts in the first test that asks for it) and
+# the whole session's; `python tests/cpu_report.py DIR` sums them per file and per tier.
+_CPU = {"tests": {}, "start": None}
+
+
+def _cpu_seconds():
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("MPLUG_TEST_CPU"):
+        yield
+        return
+    cpu, wall = _cpu_seconds(), time.monotonic()
+    yield
+    tiers = sorted(name for name in TIERS if item.get_closest_marker(name))
+    _CPU["tests"][item.nodeid] = {"cpu_s": round(_cpu_seconds() - cpu, 3),
+                                  "wall_s": round(time.monotonic() - wall, 3), "tiers": tiers}
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("MPLUG_TEST_CPU")
+    if not out or not _CPU["tests"]:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    path = pathlib.Path(out) / f"cpu-{worker}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The session's CPU from process start (imports, collection) to now.
+    path.write_text(json.dumps({"session_cpu_s": round(_cpu_seconds(), 3),
+                                "tests": _CPU["tests"]}, indent=1))
 
 
 def fixture_dirs():
