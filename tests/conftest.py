@@ -12,12 +12,37 @@ os.environ["MPLUG_JAX_CACHE_DIR"] = "off"
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import resource  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+
+# One persistent JAX compilation cache for the whole test run, in a fresh tmp directory: made
+# by the first process (pytest itself, before it starts the xdist workers) and inherited, as
+# JAX's own environment variables, by the workers and by every subprocess a test starts (the
+# CLI leaves JAX's settings alone while MPLUG_JAX_CACHE_DIR is off). Many tests compile the same
+# tiny programs through different jit objects; from the second time on they are read back.
+# Every program is written (no compile-time or size threshold); no size limit (JAX's LRU
+# eviction takes a file lock and scans the directory on every write). The tests of the cache
+# itself pass directories of their own. MPLUG_TEST_JAX_CACHE=off: no shared cache.
+TEST_CACHE_ENV = "MPLUG_TEST_JAX_CACHE"
+_OWN_CACHE = None
+if TEST_CACHE_ENV not in os.environ:
+    _OWN_CACHE = os.environ[TEST_CACHE_ENV] = tempfile.mkdtemp(prefix="mplug_jax_test_cache_")
+if os.environ[TEST_CACHE_ENV] != "off":
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ[TEST_CACHE_ENV],
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+                      JAX_COMPILATION_CACHE_MAX_SIZE="-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+if os.environ[TEST_CACHE_ENV] != "off":  # in case something imported jax before this file
+    jax.config.update("jax_compilation_cache_dir", os.environ[TEST_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_compilation_cache_max_size", -1)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -73,6 +98,11 @@ def pytest_runtest_protocol(item, nextitem):
     tiers = sorted(name for name in TIERS if item.get_closest_marker(name))
     _CPU["tests"][item.nodeid] = {"cpu_s": round(_cpu_seconds() - cpu, 3),
                                   "wall_s": round(time.monotonic() - wall, 3), "tiers": tiers}
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_sessionfinish(session):
