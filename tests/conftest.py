@@ -49,19 +49,28 @@ SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 
 
-# Files that take minutes (training runs in subprocesses, several processes): they are handed
-# to the xdist workers first (run.sh passes --no-loadscope-reorder), so the suite never ends
-# with one worker alone on a long file. Longest first; every other file keeps pytest's order.
-SLOW_FILES = ("test_trainer.py", "test_caption.py", "mplug2/test_mplug2_video_qa.py",
+# Files that take minutes (training runs in subprocesses, several processes), as paths under
+# tests/: they are handed to the xdist workers first (run.sh passes --no-loadscope-reorder), so
+# the suite never ends with one worker alone on a long file. Longest first; every other file
+# keeps pytest's order.
+SLOW_FILES = ("learning/test_learn_caption.py", "learning/test_learn_pretrain.py",
+              "learning/test_learn_vqa.py", "learning/test_learn_mplug2_video_qa.py",
+              "learning/test_learn_grounding.py", "learning/test_learn_retrieval.py",
+              "learning/test_learn_nlvr2.py", "learning/test_learn_snli_ve.py",
+              "learning/test_learn_mplug2_retrieval.py", "learning/test_learn_mplug2_pretrain.py",
+              "test_tasks_smoke.py", "test_trainer.py", "test_train_step.py",
+              "test_reliability.py", "test_multihost.py", "test_sharding_strategies.py",
+              "test_caption.py", "mplug2/test_mplug2_video_qa.py",
               "mplug2/test_mplug2_retrieval.py", "mplug2/test_mplug2_pretrain.py", "test_vqa.py",
-              "test_train_step.py", "test_retrieval.py", "test_reliability.py",
-              "test_multihost.py", "test_sharding_strategies.py", "test_grounding.py",
-              "test_predict.py", "mplug2/test_mplug2_video_caption.py", "test_nlvr2.py",
-              "test_snli_ve.py", "test_compilation_cache.py", "test_gpu_check.py")
+              "test_retrieval.py", "test_grounding.py", "test_predict.py",
+              "mplug2/test_mplug2_video_caption.py", "test_nlvr2.py", "test_snli_ve.py",
+              "test_compilation_cache.py", "test_gpu_check.py")
+TESTS = pathlib.Path(__file__).resolve().parent
 
 
-# Test tiers: `learning` (fine-tuning runs that must beat a named baseline) and `integration`
-# (several processes, signals). `bash tests/run.sh --quick` leaves both out.
+# Test tiers: `learning` (fine-tuning runs that must beat a named baseline: every test under
+# tests/learning/, marked here by folder) and `integration` (several processes, signals).
+# `bash tests/run.sh --quick` leaves both out.
 TIERS = {"learning": "a run that must learn beyond a named baseline (minutes)",
          "integration": "several processes or signals (minutes)"}
 
@@ -71,9 +80,20 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {what}")
 
 
+def _in_tests(item) -> str:
+    try:
+        return item.path.resolve().relative_to(TESTS).as_posix()
+    except ValueError:
+        return item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _in_tests(item).startswith("learning/"):
+            item.add_marker(pytest.mark.learning)
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+    items.sort(key=lambda item: rank.get(_in_tests(item), len(rank)))  # stable: file order kept
 
 
 # MPLUG_TEST_CPU=DIR: every test process (each xdist worker) writes DIR/cpu-<worker>.json with

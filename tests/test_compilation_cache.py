@@ -22,6 +22,11 @@ _COUNTING = ("import json, sys; from mplug_jax import compilation_cache as cc, c
 
 def test_conftest_keeps_tests_out_of_the_home_cache():
     assert os.environ[cc.ENV] == "off" and cc.resolve() is None
+    # The run's shared cache (tests/conftest.py) is a directory of its own, set through JAX's
+    # variables, which the tests below override with their own directories.
+    if os.environ["MPLUG_TEST_JAX_CACHE"] != "off":
+        assert os.environ["JAX_COMPILATION_CACHE_DIR"] == os.environ["MPLUG_TEST_JAX_CACHE"]
+        assert os.environ["JAX_COMPILATION_CACHE_DIR"] != cc.default_dir()
 
 
 def test_resolve_flags_and_env(monkeypatch, tmp_path):

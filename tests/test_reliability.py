@@ -161,6 +161,7 @@ def test_a_second_trainer_is_refused_while_the_first_holds_the_workdir(tmp_path)
     assert not (tmp_path / workdir_lock.LOCK).exists()
 
 
+@pytest.mark.integration
 def test_a_lock_held_by_another_process_then_left_by_it_dead(tmp_path):
     """A live holder in another process is named in the refusal; once it is killed (-9, no
     cleanup: its lock file stays) the next trainer takes the workdir over."""

@@ -1,10 +1,6 @@
 """mPLUG-2 pretraining objectives on mixed image + video batches: input, LM targets, the four
 losses (logged per modality), the image path skipping the temporal modules, momentum / queue
 state, config errors, and a CLI run in which every loss decreases."""
-import os
-import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,12 +9,11 @@ import numpy as np
 import pytest
 
 from configs.mplug2 import pretrain as cfg_lib
-from mplug_jax import metrics, tasks
+from mplug_jax import tasks
 from mplug_jax.mplug2 import pretrain_input as m2in
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.mplug2.tasks import pretrain as m2pre
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 OBJECTIVES = ("itc", "itm", "mlm", "lm")
 
 
@@ -130,33 +125,3 @@ def test_bad_configs(tmp_path):
     for variant in ("base", "large"):
         with pytest.raises(ValueError, match="refuses the built-in synthetic"):
             tasks.get_class("mplug2.pretrain").train_input(cfg_lib.get_config(variant))
-
-
-SMOKE_STEPS = 40
-
-
-@pytest.mark.learning
-def test_pretraining_run_every_loss_decreases(tmp_path):
-    """The tiny config from scratch through the CLI (subprocess on 1 device, keeping the suite's
-    -O0 codegen: the mixed step's compile dominates 40 steps): the mean of the last three
-    logged values of each objective is below the first two (measured: ITC 3.3 -> 2.7, ITM 0.72
-    -> 0.63, MLM 10.3 -> 9.1, LM 10.4 -> 8.5)."""
-    env = dict(os.environ)
-    overrides = {"total_steps": SMOKE_STEPS, "log_every_steps": 5, "optim.warmup_steps": 5,
-                 "mesh.shape.data": 1,
-                 "input.batch_size": 8, "input.image_batch_size": 8, "input.train_size": 64,
-                 "input.images.train_size": 256, "ckpt_every_steps": 1000,
-                 "input.synthetic_dir": str(tmp_path / "videos")}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/mplug2/pretrain.py:tiny",
-           f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
-            if "train/loss" in r]
-    out = {}
-    for o in OBJECTIVES:
-        vals = [r[f"train/loss_{o}"] for r in rows]
-        out[o] = (np.mean(vals[:2]), np.mean(vals[-3:]))
-    print({o: tuple(round(float(x), 3) for x in v) for o, v in out.items()})
-    for o, (first, last) in out.items():
-        assert last < first, (o, first, last)

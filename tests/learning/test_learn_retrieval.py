@@ -1,0 +1,45 @@
+"""Retrieval fine-tuning from the shared pretraining fixture learns beyond chance (learning
+tier)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mplug_jax import metrics
+
+from test_retrieval import SMALL_MODEL
+
+
+LEARN = {"total_steps": 300, "optim.lr": 3e-3, "optim.warmup_steps": 30,
+         "log_every_steps": 100, "ckpt_every_steps": 10000,
+         "mesh.shape.data": 1, "input.train_size": 1000, "input.eval_size": 100,
+         "evals.val.k_test": 16}
+
+
+@pytest.mark.learning
+def test_finetuning_tiny_learns_retrieval(pretrain_workdir, tmp_path):
+    """`configs/retrieval.py:tiny` from the (2-step, near-random) pretraining workdir at 48 px,
+    300 steps on 1000 synthetic images x 2 captions: held-out R@1 and R@5 both ways (100
+    images, 200 captions) clearly above chance (1% / 5%). CLI in a subprocess at XLA's default
+    optimisation."""
+    overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
+    overrides.update(LEARN, **{"model.image_size": 48, "init.checkpoint": str(pretrain_workdir),
+                               "input.synthetic_dir": str(tmp_path / "data")})
+    repo = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/retrieval.py:tiny",
+           f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in
+                                               overrides.items()]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+            if "val/txt_r1" in r]
+    assert [r["step"] for r in rows] == [300]
+    m = {k[4:]: v for k, v in rows[0].items() if k.startswith("val/")}
+    print("held-out retrieval (100 images, chance R@1 1%):",
+          {k: round(v, 2) for k, v in m.items()})
+    # Measured text / image R@1 10.0 / 10.0 and R@5 35.0 / 31.0; chance 1 / 5.
+    assert m["txt_r1"] > 4.0 and m["img_r1"] > 4.0, m
+    assert m["txt_r5"] > 20.0 and m["img_r5"] > 20.0, m
