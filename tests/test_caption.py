@@ -1,5 +1,5 @@
 """Captioning: CE loss, CIDEr-D, SCST loss and rewards, result files, Java errors, configs,
-and learning (fine-tuning from the pretraining fixture; SCST from the fine-tuned workdir)."""
+zero-shot prompts (learning: tests/learning/test_learn_caption.py)."""
 
 import jax
 import jax.numpy as jnp

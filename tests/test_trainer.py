@@ -1,4 +1,5 @@
-"""The training loop end to end: SIGTERM + resume bit-identity, non-finite stop, learning."""
+"""The training loop end to end: SIGTERM + resume bit-identity, non-finite stop (learning:
+tests/learning/test_learn_pretrain.py)."""
 import json
 import signal
 

@@ -1,6 +1,7 @@
 """mPLUG-2 text-to-video retrieval: input, heads, ITC positives by video id, hard negatives,
 momentum / queue updates, the video_retrieval evaluator on the task's own video path (1 device
-vs 8), config errors, and a short learning run through the CLI."""
+vs 8), config errors (learning run:
+tests/learning/test_learn_mplug2_retrieval.py)."""
 
 import flax.linen as nn
 import jax
