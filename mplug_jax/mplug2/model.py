@@ -265,6 +265,9 @@ class MPLUG2(nn.Module):
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     deterministic: bool = True
+    # Not a field: layers are Python loops, params always in the loop layout
+    # (`params.to_model_layout`, `pretrained.put`).
+    scan_layers = False
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "MPLUG2":

@@ -69,7 +69,9 @@ class Task(m2ret.HeadsTask):
     """
 
     name = "mplug2.pretrain"
-    init_text = "video_text"
+    title = "mPLUG-2 pretraining"
+    init_hint = "starts from an mPLUG-2 checkpoint"
+    init_text = ("video_text", "video_text")
     queue_ids = False  # positives are identical captions of the batch, the queue has no ids
 
     def __init__(self, config, steps_per_epoch: int = 1):
@@ -114,7 +116,7 @@ class Task(m2ret.HeadsTask):
 
     @classmethod
     def train_input(cls, config):
-        base.refuse_synthetic(config, "mPLUG-2 pretraining", "set input.dataset='json' "
+        base.refuse_synthetic(config, cls.title, "set input.dataset='json' "
                               "(video-text jsonl) and input.images.dataset to 'json' or 'tfds'")
         return mplug2_pretrain_input.pretrain_train_batches(config, jax.process_index(),
                                                             jax.process_count())
@@ -135,11 +137,6 @@ class Task(m2ret.HeadsTask):
     def init_extra(self, params, rng: jax.Array) -> dict:
         """Momentum copy and ITC queues (when ITC is on)."""
         return super().init_extra(params, rng) if self.weights["itc"] else {}
-
-    def init_from_pretrained(self, state):
-        return m2ret.init_mplug2(self, state, "mPLUG-2 pretraining config starts from an "
-                                 "mPLUG-2 checkpoint: set --config.init.checkpoint=CONVERTED_DIR"
-                                 " or an mPLUG-2 workdir")
 
     # ---- step -------------------------------------------------------------------------------
 

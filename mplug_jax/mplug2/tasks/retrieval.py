@@ -43,11 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplug_jax import losses
-from mplug_jax import params as P
-from mplug_jax.mplug2 import pretrain_input as mplug2_pretrain_input
 from mplug_jax.mplug2 import heads as mplug2_heads
+from mplug_jax.mplug2 import pretrain_input as mplug2_pretrain_input
+from mplug_jax.mplug2.tasks import base as m2base
 from mplug_jax.tasks import base
-from mplug_jax.mplug2.tasks import video_qa as m2vqa
 
 MOMENTUM_PARAMS = ("vision", "visn_fc", "visn_ln", "visn_emb_norm", "text", "vision_proj",
                    "text_proj")
@@ -110,42 +109,6 @@ def queue_state(rng: jax.Array, size: int, dim: int, with_ids: bool) -> dict:
     return out
 
 
-def load_mplug2_checkpoint(task, init) -> tuple[dict[str, np.ndarray], str]:
-    """(flat params fitted to `task.model`, description) of `init.checkpoint`
-    (`mplug2_video_qa.load_checkpoint`: converted dir, official file or mPLUG-2 workdir)."""
-    return m2vqa.load_checkpoint(task.model, init, task.name)
-
-
-def pretrained_params(task, params):
-    """`params` with `config.init.checkpoint` put in (what `mplug-jax evaluate` scores)."""
-    return m2vqa.put_flat(params, load_mplug2_checkpoint(task, task.config.init)[0])
-
-
-def init_mplug2(task, state, what: str):
-    """`init_from_pretrained` of the mPLUG-2 tasks with heads: params (and the momentum copy)
-    from `config.init.checkpoint`; refuses random weights unless `init.allow_scratch`."""
-    task.require_init(what)
-    init = task.config.get("init")
-    if not init or not init.get("checkpoint"):
-        if init and (init.get("clip") or init.get("bert")):
-            raise ValueError(f"the {task.name} task loads whole mPLUG-2 checkpoints only "
-                             "(init.checkpoint); init.clip / init.bert are for mPLUG")
-        return state
-    flat, src = load_mplug2_checkpoint(task, init)
-    params = m2vqa.put_flat(state.params, flat)
-    extra = dict(state.extra)
-    if "params_m" in extra:
-        keep = task.momentum_filter()
-        extra["params_m"] = m2vqa.put_flat(extra["params_m"],
-                                           {k: v for k, v in flat.items() if keep(k)})
-    missing = sorted({k.split("/", 1)[0] for k in P.flatten(state.params)}
-                     - {k.split("/", 1)[0] for k in flat})
-    if jax.process_index() == 0:
-        print(f"initialised {len(flat)} arrays from {src}"
-              + (f"; random: {', '.join(missing)}" if missing else ""), flush=True)
-    return state.replace(params=params, extra=extra)
-
-
 def embedding_fns(task) -> dict:
     """Retrieval predict fns of a task holding an `MPLUG2WithHeads` (`task._apply`):
 
@@ -173,35 +136,25 @@ def embedding_fns(task) -> dict:
             "itm_score": itm_score}
 
 
-class HeadsTask(base.Task):
+class HeadsTask(m2base.Task):
     """What the mPLUG-2 tasks on `MPLUG2WithHeads` (this one, `mplug2_pretrain`) share: the
-    model, the `task.itc` settings, parameter / momentum / ITC queue init, checkpoint loading,
-    the distillation ramp, the temperature clamp and the retrieval predict fns.
+    model, the `task.itc` settings, momentum / ITC queue init, the distillation ramp, the
+    temperature clamp and the retrieval predict fns.
 
-    Subclasses set `init_text` (the dummy-batch key prefix of the text `init_params` feeds)
+    Subclasses set `init_text` (the dummy-batch key prefixes of the text `init_params` feeds)
     and `queue_ids` (whether the ITC queue keeps item ids, 'idx_queue')."""
 
-    capacity_hint = "nothing is dropped by this task"
-    init_text = "text"
+    model_cls = mplug2_heads.MPLUG2WithHeads
     queue_ids = True
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
-        self.model = mplug2_heads.from_config(config.model)
-        self.train_model = self.model.clone(deterministic=self.model.dropout_rate == 0)
         self.itc = config.task.itc
         check_itc_config(self.itc)
         self.queue_size = int(self.itc.queue_size)
         self.momentum = float(self.itc.momentum)
         self.alpha_warmup_steps = int(round(float(self.itc.alpha_warmup_epochs)
                                             * self.steps_per_epoch))
-
-    def init_params(self, rng: jax.Array):
-        b = self.dummy_batch(1)
-        k_params, k_drop = jax.random.split(rng)
-        ids, mask = b[f"{self.init_text}_ids"], b[f"{self.init_text}_mask"]
-        return self.model.init({"params": k_params, "dropout": k_drop}, b["video"], ids, mask,
-                               ids, mask)["params"]
 
     def momentum_filter(self):
         return lambda name: name.split("/", 1)[0] in MOMENTUM_PARAMS
@@ -212,9 +165,6 @@ class HeadsTask(base.Task):
         extra = {"params_m": base.momentum_copy(params, self.momentum_filter())}
         extra.update(queue_state(rng, self.queue_size, self.model.embed_dim, self.queue_ids))
         return extra
-
-    def pretrained_params(self, params):
-        return pretrained_params(self, params)
 
     def alpha(self, step: jax.Array) -> jax.Array:
         return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
@@ -236,6 +186,7 @@ class Task(HeadsTask):
     """
 
     name = "mplug2.retrieval"
+    title = "mPLUG-2 retrieval"
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
@@ -257,14 +208,12 @@ class Task(HeadsTask):
         self.max_len = int(config.input.max_tokens)
         if self.max_len < 2:
             raise ValueError(f"input.max_tokens must be >= 2, got {self.max_len}")
-        if self.model.num_frames < 1:
-            raise ValueError(f"model.num_frames must be >= 1, got {self.model.num_frames}")
 
     # ---- input ------------------------------------------------------------------------------
 
     @classmethod
     def train_input(cls, config):
-        base.refuse_synthetic(config, "mPLUG-2 retrieval", "set --config.input.dataset=json "
+        base.refuse_synthetic(config, cls.title, "set --config.input.dataset=json "
                               "with input.annotations (MSRVTT retrieval train jsonl) and "
                               "input.video_root")
         return mplug2_pretrain_input.retrieval_train_batches(config, jax.process_index(),
@@ -277,13 +226,6 @@ class Task(HeadsTask):
                 "text_mask": np.ones((batch_size, length), np.int32),
                 "video_index": np.arange(batch_size, dtype=np.int32),
                 "idx": np.zeros((batch_size,), np.int32)}
-
-    # ---- state ------------------------------------------------------------------------------
-
-    def init_from_pretrained(self, state):
-        return init_mplug2(self, state, "mPLUG-2 retrieval config fine-tunes a released "
-                           "mPLUG-2: set --config.init.checkpoint=CONVERTED_DIR (`mplug-jax "
-                           "convert`) or an mPLUG-2 workdir")
 
     # ---- step -------------------------------------------------------------------------------
 
