@@ -9,7 +9,7 @@ clip without the temporal modules); both then through the universal layers
 Objectives (a weight of 0 in `task.loss_weights` removes one and its compute):
 - `itc` (vision-language contrastive, ALBEF): pooled visual / text tokens projected to E,
   videos and images of the step in ONE contrastive batch [Bv + Bi] against [momentum batch;
-  queue] with momentum distillation (`mplug2_retrieval.contrastive`; alpha ramped over
+  queue] with momentum distillation (`tasks.retrieval.contrastive`; alpha ramped over
   `alpha_warmup_epochs`); the momentum copy (`mplug2_retrieval.MOMENTUM_PARAMS`) is updated by
   `begin_step`, the momentum features enqueued. Positives: the diagonal, plus identical
   captions in the batch.
@@ -42,7 +42,7 @@ from mplug_jax import losses
 from mplug_jax.mplug2 import pretrain_input as mplug2_pretrain_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.mplug2 import model as mplug2
-from mplug_jax.tasks import base
+from mplug_jax.tasks import base, retrieval
 from mplug_jax.mplug2.tasks import retrieval as m2ret
 
 LOSSES = ("itc", "itm", "mlm", "lm")
@@ -195,7 +195,7 @@ class Task(m2ret.HeadsTask):
             txt_feat_m = jnp.concatenate([f[1] for f in fm])
             # Identical captions in the batch are positives (queue entries: the diagonal
             # rule only, they carry no ids).
-            loss_itc, sims, upd = m2ret.contrastive(extra, img_feat, txt_feat, img_feat_m,
+            loss_itc, sims, upd = retrieval.contrastive(extra, img_feat, txt_feat, img_feat_m,
                                                     txt_feat_m, temp, alpha,
                                                     ids=_caption_ids(same_text))
             new_extra.update(upd)
@@ -256,7 +256,7 @@ class Task(m2ret.HeadsTask):
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 
     def predict_fns(self) -> dict:
-        """The retrieval predict fns (`mplug2_retrieval.embedding_fns`: zero-shot
+        """The retrieval predict fns (`tasks.retrieval.embedding_fns`: zero-shot
         `video_retrieval`) and `lm_generate` (greedy instruction-prompted captions)."""
         return {**super().predict_fns(), "lm_generate": self.lm_generate}
 
