@@ -57,7 +57,7 @@ decay or schedule details: those stay the release's.
 import ml_collections
 
 from configs import common
-from configs.mplug2.models import model_config
+from configs.mplug2.models import task_model
 
 _VARIANTS = {
     "tiny": dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
@@ -83,17 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = arg.variant == "tiny"
     c.total_steps, c.total_epochs = v["total_steps"], v["total_epochs"]
 
-    c.model = model_config(v["model"])
-    c.model.image_size = v["image_size"]
-    c.model.num_frames = v["num_frames"]  # frames sampled per video (train and eval)
-    c.model.temporal = True
-    c.model.dropout_rate = v["dropout"]
-    if tiny:
-        # 4 x 4 patches per frame: the 2 x 2 grid of 16 px patches at 32 px is too coarse to
-        # see a shape move; ~width^-0.5 init so the width-64 model learns from scratch.
-        c.model.update(patch_size=8, init_std=0.1)
-    else:
-        c.model.dtype = "bfloat16"
+    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
+                         dropout=v["dropout"], tiny=tiny)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "mplug2.video_qa"

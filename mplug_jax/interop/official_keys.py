@@ -150,22 +150,21 @@ def _bert_layer(out, ours, off, heads, cross):
     _layer_norm(out, f"{ours}/mlp_ln", f"{off}.output.LayerNorm")
 
 
-def mapping(model_cfg: Mapping, start_layer: int = 0) -> list[Entry]:
-    """Every param of `MPLUG(**model_cfg)` (loop layout) with its official source keys.
-
-    `start_layer` is the index of the first official fusion module that runs
-    (official `num_hidden_layers - fusion_layers`).
-    """
-    c = dict(model_cfg)
-    heads, vheads = c["num_heads"], c["vision_heads"]
-    out: list[Entry] = []
-    v = "visual_encoder.visual"
-    _entry(out, "vision/patch_embed/kernel", f"{v}.conv1.weight", _conv())
+def clip_vision(out: list[Entry], c: Mapping, patch, block_extra=None,
+                v: str = "visual_encoder.visual") -> None:
+    """Append the CLIP visual tower's entries (patch conv with the transform pair `patch`,
+    class / position embeddings, blocks, ln_pre / ln_post; `visn_fc` / `visn_ln` when
+    vision_width != hidden_size). `block_extra(out, ours, off)` adds a block's own entries
+    first (mPLUG-2's local temporal modules)."""
+    vheads = c["vision_heads"]
+    _entry(out, "vision/patch_embed/kernel", f"{v}.conv1.weight", patch)
     _entry(out, "vision/cls_token", f"{v}.class_embedding", _identity())
     _entry(out, "vision/pos_embed", f"{v}.positional_embedding", _identity())
     _layer_norm(out, "vision/ln_pre", f"{v}.ln_pre")
     for i in range(c["vision_layers"]):
         ours, off = f"vision/blocks_{i}", f"{v}.transformer.resblocks.{i}"
+        if block_extra is not None:
+            block_extra(out, ours, off)
         _layer_norm(out, f"{ours}/ln_1", f"{off}.ln_1")
         _layer_norm(out, f"{ours}/ln_2", f"{off}.ln_2")
         _entry(out, f"{ours}/attn/qkv/kernel", f"{off}.attn.in_proj_weight", _in_proj(vheads))
@@ -178,6 +177,18 @@ def mapping(model_cfg: Mapping, start_layer: int = 0) -> list[Entry]:
     if c["vision_width"] != c["hidden_size"]:
         _dense(out, "visn_fc", "visn_fc")
         _layer_norm(out, "visn_ln", "visn_layer_norm")
+
+
+def mapping(model_cfg: Mapping, start_layer: int = 0) -> list[Entry]:
+    """Every param of `MPLUG(**model_cfg)` (loop layout) with its official source keys.
+
+    `start_layer` is the index of the first official fusion module that runs
+    (official `num_hidden_layers - fusion_layers`).
+    """
+    c = dict(model_cfg)
+    heads = c["num_heads"]
+    out: list[Entry] = []
+    clip_vision(out, c, _conv())
 
     _bert_embeddings(out, "text/embeddings", "text_encoder.embeddings")
     for i in range(c["text_layers"]):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mplug_jax import losses, pretrained
+from mplug_jax import params as P
 from mplug_jax.models.mplug import MPLUG
 from mplug_jax.train_state import enqueue, momentum_update
 
@@ -153,12 +154,14 @@ def refuse_synthetic(config, what: str, how: str) -> None:
 class Task:
     """Base class of the tasks in `mplug_jax.tasks` (see module docstring for the call order).
 
-    Subclasses set `model` in `__init__` (usually with `set_model`) and implement
+    Subclasses set `model` in `__init__` (usually with `set_model`, which builds `model_cls`)
+    and implement
     `train_input`, `dummy_batch`, `init_params`, `loss` and `predict_fns`; the rest has working
     defaults. A task that keeps a momentum copy (`extra['params_m']`) sets `momentum`.
     """
 
     name = "base"
+    model_cls: Any = MPLUG  # built by `set_model` from `config.model` (`from_config`, `clone`)
     model: Any = None
     # How to stop `train/dropped_*` counters from growing (the trainer's warning says it).
     capacity_hint = "raise the task's target capacity"
@@ -173,8 +176,15 @@ class Task:
     def set_model(self, model_cfg) -> None:
         """`model` (eval: no dropout) and `train_model` (dropout as configured) from
         `config.model`; both share one parameter tree."""
-        self.model = MPLUG.from_config(model_cfg)
+        self.model = self.model_cls.from_config(model_cfg)
         self.train_model = self.model.clone(deterministic=model_cfg.get("dropout_rate", 0) == 0)
+
+    def dropout_keys(self, rng: jax.Array) -> Callable[[], jax.Array | None]:
+        """A function giving per call the next dropout key of `rng` (`KeyStream`), or None
+        (eval mode: `_apply` runs `model`) when `config.model.dropout_rate` is 0."""
+        drop = KeyStream(rng)
+        use_drop = self.config.model.get("dropout_rate", 0) > 0
+        return lambda: next(drop) if use_drop else None
 
     def _apply(self, params, method, *args, rng: jax.Array | None = None):
         """A method of the model on `params`: eval mode, or with dropout keyed by `rng`."""
@@ -219,34 +229,43 @@ class Task:
         overwritten from `config.init` (`mplug_jax.pretrained`); unchanged when none is set.
 
         Subclasses adapt names with `pretrained_rename` / `pretrained_skip` /
-        `adapt_pretrained`."""
+        `adapt_pretrained`, or read other sources with `load_pretrained`."""
         init_cfg = self.config.get("init")
         if not pretrained.requested(init_cfg):
             return state
-        loaded = pretrained.load(init_cfg, self.model)
-        params, n = self._put_pretrained(state.params, loaded.params)
+        loaded = self.load_pretrained(init_cfg)
+        params, flat = self._put_pretrained(state.params, loaded.params)
         extra = dict(state.extra)
         if "params_m" in extra:
             extra["params_m"], _ = self._put_pretrained(
                 extra["params_m"], loaded.momentum or loaded.params, self.momentum_filter(),
                 "momentum")
+        # Top-level entries nothing was loaded into (e.g. new heads) stay at their init.
+        random = sorted({k.split("/", 1)[0] for k in P.flatten(state.params)}
+                        - {k.split("/", 1)[0] for k in flat})
         if jax.process_index() == 0:
-            print(f"initialised {n} arrays from " + ", ".join(loaded.sources), flush=True)
+            print(f"initialised {len(flat)} arrays from " + ", ".join(loaded.sources)
+                  + (f"; random: {', '.join(random)}" if random else ""), flush=True)
         return state.replace(params=params, extra=extra)
+
+    def load_pretrained(self, init_cfg) -> pretrained.Loaded:
+        """The flat arrays of the sources `init_cfg` names (default `pretrained.load`: CLIP,
+        BERT or a whole mPLUG)."""
+        return pretrained.load(init_cfg, self.model)
 
     def pretrained_params(self, params):
         """`params` (a sharded tree of this task's model) with the arrays of `config.init` put
         in, adapted as `init_from_pretrained` adapts them: what `mplug-jax evaluate` scores."""
-        return self._put_pretrained(params, pretrained.load(self.config.init,
-                                                            self.model).params)[0]
+        return self._put_pretrained(params, self.load_pretrained(self.config.init).params)[0]
 
     def _put_pretrained(self, tree, source, keep: Callable[[str], bool] | None = None,
                         what: str = "params"):
+        """(`tree` with the selected / adapted arrays of `source` put in, those arrays)."""
         flat = self.adapt_pretrained(pretrained.select(source, self.pretrained_rename(),
                                                        self.pretrained_skip()))
         if keep is not None:
             flat = {k: v for k, v in flat.items() if keep(k)}
-        return pretrained.put(tree, flat, self.model, what), len(flat)
+        return pretrained.put(tree, flat, self.model, what), flat
 
     def adapt_pretrained(self, flat: dict) -> dict:
         """The selected pretrained arrays {name: array} as this model takes them (default

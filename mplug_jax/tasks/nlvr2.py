@@ -58,12 +58,11 @@ class Task(base.Task):
     """
 
     name = "nlvr2"
+    model_cls = NLVR2Model
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
-        self.model = NLVR2Model.from_config(config.model)
-        self.train_model = self.model.clone(
-            deterministic=config.model.get("dropout_rate", 0) == 0)
+        self.set_model(config.model)
         self.max_tokens = int(config.input.max_tokens)
         if self.max_tokens < 2:
             raise ValueError(f"input.max_tokens must be >= 2 ([CLS] + a word), got "

@@ -40,18 +40,110 @@ MOMENTUM_PARAMS = ("vision", "visn_fc", "visn_ln", "text", "vision_proj", "text_
 EMPTY_ID = -100  # idx_queue value of an entry never written (official initial value)
 
 
-def embedding_fns(task: base.Task) -> dict:
-    """The retrieval predict fns of any task holding an `MPLUG` (`task._apply`):
+def check_itc_config(itc) -> None:
+    """ValueError for a bad `task.itc` block."""
+    if not 0 < float(itc.temp_min) <= float(itc.temp_max):
+        raise ValueError(f"task.itc needs 0 < temp_min <= temp_max, got {itc.temp_min} / "
+                         f"{itc.temp_max}")
+    if not 0.0 <= float(itc.distill_alpha) <= 1.0:
+        raise ValueError(f"task.itc.distill_alpha must be in [0, 1], got {itc.distill_alpha}")
+    if not 0.0 <= float(itc.momentum) < 1.0:
+        raise ValueError(f"task.itc.momentum must be in [0, 1), got {itc.momentum}")
+    if int(itc.queue_size) < 0:
+        raise ValueError(f"task.itc.queue_size must be >= 0, got {itc.queue_size}")
 
-      image_embed(params, image float[B, R, R, 3]) -> (float32[B, E] unit ITC embedding,
-          float[B, N, D] image states)
+
+def itc_itm_weights(loss_weights) -> tuple[float, float]:
+    """(w_itc, w_itm) of `task.loss_weights` (each default 1); ValueError for another key, a
+    negative weight or both 0."""
+    lw = dict(loss_weights)
+    w_itc, w_itm = float(lw.get("itc", 1.0)), float(lw.get("itm", 1.0))
+    if set(lw) - {"itc", "itm"} or w_itc < 0 or w_itm < 0 or not (w_itc or w_itm):
+        raise ValueError(f"task.loss_weights takes itc / itm >= 0, not both 0; got {lw}")
+    return w_itc, w_itm
+
+
+def loss_batch_size(config, queue_size: int, min_rows: int = 1, rows: str = "rows") -> int:
+    """Rows one loss call sees (input.batch_size / optim.accum_steps); ValueError when fewer
+    than `min_rows` or when the ITC queue does not hold a whole number of them."""
+    batch = int(config.input.batch_size) // max(int(config.optim.get("accum_steps", 1)), 1)
+    if batch < min_rows:
+        raise ValueError(f"{config.task.name} needs at least {min_rows} {rows} per loss call "
+                         f"(hard negatives), got input.batch_size / optim.accum_steps = "
+                         f"{batch}")
+    if queue_size % batch:
+        raise ValueError(
+            f"task.itc.queue_size={queue_size} must be a multiple of the batch one "
+            f"loss call sees: input.batch_size / optim.accum_steps = {batch}")
+    return batch
+
+
+def contrastive(extra: dict, img_feat, txt_feat, img_feat_m, txt_feat_m, temp, alpha,
+                ids: jax.Array | None = None) -> tuple[jax.Array, dict, dict]:
+    """ITC against [momentum batch; queue] and the queue update.
+
+    Args:
+      extra: task state with (optionally) 'image_queue' / 'text_queue' float32[Q, E],
+        'queue_ptr' int32[] and 'idx_queue' int32[Q].
+      img_feat, txt_feat, img_feat_m, txt_feat_m: unit float32[B, E] (online / momentum).
+      temp: float32[] clamped temperature; alpha: distillation weight.
+      ids: int32[B] item ids >= 0 (same id = positives, also against 'idx_queue'); None =
+        the diagonal only.
+    Returns:
+      (float32[] loss, {'sim_i2t', 'sim_t2i': float32[B, B]}, updated extra entries).
+    """
+    empty = jnp.zeros((0, img_feat.shape[-1]), jnp.float32)
+    positives = None
+    if ids is not None:
+        # A queue without ids ('idx_queue'): its entries match nothing (ids are >= 0).
+        q = extra["image_queue"].shape[0] if "image_queue" in extra else 0
+        idx_queue = extra.get("idx_queue", jnp.full((q,), EMPTY_ID, jnp.int32))
+        positives = ids[:, None] == jnp.concatenate([ids, idx_queue])[None, :]
+    loss, sims = losses.itc_loss(img_feat, txt_feat, img_feat_m, txt_feat_m,
+                                 extra.get("image_queue", empty), extra.get("text_queue", empty),
+                                 temp, alpha, positives)
+    upd = base.enqueue_features(extra, img_feat_m, txt_feat_m)
+    if "idx_queue" in extra:
+        write = ids if ids is not None else jnp.full(img_feat.shape[:1], EMPTY_ID, jnp.int32)
+        upd["idx_queue"] = jax.lax.dynamic_update_slice(extra["idx_queue"], write,
+                                                        (extra["queue_ptr"],))
+    return loss, sims, upd
+
+
+def queue_state(rng: jax.Array, size: int, dim: int, with_ids: bool) -> dict:
+    """`base.feature_queues` (+ 'idx_queue' of EMPTY_ID, matching nothing, when `with_ids`);
+    {} when size 0."""
+    if not size:
+        return {}
+    out = base.feature_queues(rng, size, dim)
+    if with_ids:
+        out["idx_queue"] = nn.LogicallyPartitioned(jnp.full((size,), EMPTY_ID, jnp.int32),
+                                                   ("queue",))
+    return out
+
+
+def same_item_share(idx: jax.Array) -> jax.Array:
+    """float32[] share of the in-batch negative pairs of int32[B] item ids that are in fact
+    the same item."""
+    b = idx.shape[0]
+    return (jnp.sum(idx[:, None] == idx[None, :]) - b).astype(jnp.float32) / max(b * (b - 1), 1)
+
+
+def embedding_fns(task: base.Task, visual: str = "encode_image",
+                  visual_names: tuple[str, ...] = ("image_embed",)) -> dict:
+    """The retrieval predict fns of any task holding an `MPLUG` or `MPLUG2WithHeads`
+    (`task._apply`), the visual side through the model method `visual`:
+
+      <each of visual_names>(params, image float[B, R, R, 3] (or video float[B, T, R, R, 3]
+          for `visual_embeds`)) -> (float32[B, E] unit ITC embedding of token 0,
+          float[B, N, D] visual states)
       text_embed(params, ids int32[B, L], mask int32[B, L]) -> (float32[B, E], float[B, L, D])
       itm_score(params, img_states float[B, N, D], txt_states float[B, L, D],
           txt_mask int32[B, L]) -> float32[B] ITM logit of the "match" class (N may differ
           from the image model's, e.g. concatenated video frames)
     """
-    def image_embed(params, image):
-        img = task._apply(params, "encode_image", image)
+    def visual_embed(params, x):
+        img = task._apply(params, visual, x)
         return task._apply(params, "itc_project", img[:, 0], img[:, 0])[0], img
 
     def text_embed(params, ids, mask):
@@ -62,10 +154,86 @@ def embedding_fns(task: base.Task) -> dict:
         _, fused = task._apply(params, "fuse", img_states, txt_states, txt_mask)
         return task._apply(params, "itm_logits", fused[:, 0])[:, 1].astype(jnp.float32)
 
-    return {"image_embed": image_embed, "text_embed": text_embed, "itm_score": itm_score}
+    return {**{name: visual_embed for name in visual_names}, "text_embed": text_embed,
+            "itm_score": itm_score}
 
 
-class Task(base.Task):
+class ITCMixin:
+    """The ITC / ITM machinery the retrieval tasks share (this module's `Task`,
+    `mplug2.tasks.retrieval`): `task.itc` settings, the momentum copy of `momentum_params`,
+    ITC queues (with item ids when `queue_ids`), the distillation ramp, the temperature clamp
+    and the ITC + ITM loss over a visual model method. Mixed into a `base.Task`."""
+
+    momentum_params: tuple[str, ...] = MOMENTUM_PARAMS
+    queue_ids = True
+
+    def setup_itc(self, itc) -> None:
+        """Read and check `task.itc` (after `base.Task.__init__`: the ramp needs
+        `steps_per_epoch`)."""
+        check_itc_config(itc)
+        self.itc = itc
+        self.queue_size = int(itc.queue_size)
+        self.momentum = float(itc.momentum)
+        self.alpha_warmup_steps = int(round(float(itc.alpha_warmup_epochs)
+                                            * self.steps_per_epoch))
+
+    def momentum_filter(self):
+        return lambda name: name.split("/", 1)[0] in self.momentum_params
+
+    def init_extra(self, params, rng: jax.Array) -> dict:
+        """Momentum copy (keeping the boxes of `params`), the ITC queues (random unit vectors,
+        as the official `normalize(randn(E, Q))`), their item ids (`queue_ids`; -100:
+        matches nothing) and the write pointer."""
+        extra = {"params_m": base.momentum_copy(params, self.momentum_filter())}
+        extra.update(queue_state(rng, self.queue_size, self.model.embed_dim, self.queue_ids))
+        return extra
+
+    def alpha(self, step: jax.Array) -> jax.Array:
+        """Distillation weight: `distill_alpha` ramped linearly over `alpha_warmup_epochs`."""
+        return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
+
+    def after_update(self, params):
+        """Clamp the temperature into [temp_min, temp_max]."""
+        return base.clamp_temperature(params, self.itc)
+
+    def itc_itm_loss(self, params, extra: dict, rng: jax.Array, step: jax.Array,
+                     visual_method: str, visual: jax.Array, ids: jax.Array, mask: jax.Array,
+                     idx: jax.Array):
+        """w_itc * ITC + w_itm * ITM of one (micro-)batch (module docstring).
+
+        Args:
+          visual_method: the model method encoding `visual` (its token 0 is pooled).
+          visual: the batch's images / videos; ids / mask: int32[B, L] captions;
+          idx: int32[B] item ids (same id = positives, never hard negatives of each other).
+        Returns:
+          (float32[] loss, metrics {name: float32[]}, new extra, (img_feat, txt_feat) unit
+          float32[B, E] online features).
+        """
+        k_drop, k_neg = jax.random.split(rng)
+        key = self.dropout_keys(k_drop)
+        alpha = self.alpha(step)
+        temp = losses.clamp_temp(params["temp"], self.itc.temp_min, self.itc.temp_max)
+        params_m = {**params, **extra["params_m"]}
+
+        img = self._apply(params, visual_method, visual, rng=key())
+        txt = self._apply(params, "encode_text", ids, mask, rng=key())
+        img_feat, txt_feat = self._apply(params, "itc_project", img[:, 0], txt[:, 0])
+        img_m = self._apply(params_m, visual_method, visual)
+        txt_m = self._apply(params_m, "encode_text", ids, mask)
+        img_feat_m, txt_feat_m = self._apply(params_m, "itc_project", img_m[:, 0], txt_m[:, 0])
+        loss_itc, sims, upd = contrastive(extra, img_feat, txt_feat, img_feat_m, txt_feat_m,
+                                          temp, alpha, idx)
+        same = (idx[:, None] == idx[None, :]) | jnp.all(ids[:, None, :] == ids[None, :, :], -1)
+        loss_itm, itm_acc = base.itm_with_hard_negatives(
+            self._apply, params, k_neg, img, txt, mask, sims["sim_i2t"], sims["sim_t2i"], same,
+            rng=key())
+        total = self.w_itc * loss_itc + self.w_itm * loss_itm
+        metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": itm_acc,
+                   "temp": temp, "alpha": alpha}
+        return total, metrics, {**extra, **upd}, (img_feat, txt_feat)
+
+
+class Task(ITCMixin, base.Task):
     """Retrieval task (see module docstring).
 
     Args:
@@ -78,30 +246,9 @@ class Task(base.Task):
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
         self.set_model(config.model)
-        t = config.task
-        self.itc = t.itc
-        if not 0 < self.itc.temp_min <= self.itc.temp_max:
-            raise ValueError(f"task.itc needs 0 < temp_min <= temp_max, got "
-                             f"{self.itc.temp_min} / {self.itc.temp_max}")
-        if not 0.0 <= float(self.itc.distill_alpha) <= 1.0:
-            raise ValueError(f"task.itc.distill_alpha must be in [0, 1], got "
-                             f"{self.itc.distill_alpha}")
-        self.w_itc = float(t.loss_weights.get("itc", 1.0))
-        self.w_itm = float(t.loss_weights.get("itm", 1.0))
-        unknown = set(t.loss_weights) - {"itc", "itm"}
-        if unknown or self.w_itc < 0 or self.w_itm < 0 or not (self.w_itc or self.w_itm):
-            raise ValueError(f"task.loss_weights takes itc / itm >= 0, not both 0; got "
-                             f"{dict(t.loss_weights)}")
-        accum = int(config.optim.get("accum_steps", 1))
-        self.batch_size = int(config.input.batch_size) // max(accum, 1)
-        self.queue_size = int(self.itc.queue_size)
-        if self.queue_size % self.batch_size:
-            raise ValueError(
-                f"task.itc.queue_size={self.queue_size} must be a multiple of the batch one "
-                f"loss call sees: input.batch_size / optim.accum_steps = {self.batch_size}")
-        self.momentum = float(self.itc.momentum)
-        self.alpha_warmup_steps = int(round(float(self.itc.alpha_warmup_epochs)
-                                            * self.steps_per_epoch))
+        self.setup_itc(config.task.itc)
+        self.w_itc, self.w_itm = itc_itm_weights(config.task.loss_weights)
+        self.batch_size = loss_batch_size(config, self.queue_size)
         self.max_len = int(config.input.max_tokens)
 
     # ---- input ------------------------------------------------------------------------------
@@ -134,34 +281,12 @@ class Task(base.Task):
         return self.model.init({"params": k_params, "dropout": k_drop}, b["image"], ids, mask,
                                ids, mask)["params"]
 
-    def momentum_filter(self):
-        return lambda name: name.split("/", 1)[0] in MOMENTUM_PARAMS
-
-    def init_extra(self, params, rng: jax.Array) -> dict:
-        """Momentum copy (keeping the boxes of `params`), the ITC queues (random unit vectors,
-        as the official `normalize(randn(E, Q))`), their image ids (-100: matches nothing) and
-        the write pointer."""
-        extra = {"params_m": base.momentum_copy(params, self.momentum_filter())}
-        if self.queue_size:
-            extra.update(base.feature_queues(rng, self.queue_size, self.model.embed_dim),
-                         idx_queue=nn.LogicallyPartitioned(
-                             jnp.full((self.queue_size,), EMPTY_ID, jnp.int32), ("queue",)))
-        return extra
-
     def init_from_pretrained(self, state):
         self.require_init(
             "retrieval config fine-tunes a pretrained mPLUG: set "
             "--config.init.checkpoint=PRETRAINING_WORKDIR (or an official / converted "
             "checkpoint)")
         return super().init_from_pretrained(state)
-
-    def alpha(self, step: jax.Array) -> jax.Array:
-        """Distillation weight: `distill_alpha` ramped linearly over `alpha_warmup_epochs`."""
-        return base.ramp(self.itc.distill_alpha, step, self.alpha_warmup_steps)
-
-    def after_update(self, params):
-        """Clamp the temperature into [temp_min, temp_max] (module docstring)."""
-        return base.clamp_temperature(params, self.itc)
 
     # ---- step -------------------------------------------------------------------------------
 
@@ -171,44 +296,11 @@ class Task(base.Task):
         Returns:
           (float32[] loss, (metrics dict of float32[], new extra)).
         """
-        k_drop, k_neg = jax.random.split(rng)
-        drop = base.KeyStream(k_drop)
-        image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
         idx = batch["image_index"].astype(jnp.int32)
-        b = ids.shape[0]
-        alpha = self.alpha(step)
-        temp = losses.clamp_temp(params["temp"], self.itc.temp_min, self.itc.temp_max)
-        params_m = {**params, **extra["params_m"]}
-
-        img = self._apply(params, "encode_image", image, rng=next(drop))
-        txt = self._apply(params, "encode_text", ids, mask, rng=next(drop))
-        img_feat, txt_feat = self._apply(params, "itc_project", img[:, 0], txt[:, 0])
-        img_m = self._apply(params_m, "encode_image", image)
-        txt_m = self._apply(params_m, "encode_text", ids, mask)
-        img_feat_m, txt_feat_m = self._apply(params_m, "itc_project", img_m[:, 0], txt_m[:, 0])
-        empty = jnp.zeros((0, img_feat.shape[-1]), jnp.float32)
-        idx_queue = extra.get("idx_queue", jnp.zeros((0,), jnp.int32))
-        positives = idx[:, None] == jnp.concatenate([idx, idx_queue])[None, :]
-        loss_itc, sims = losses.itc_loss(
-            img_feat, txt_feat, img_feat_m, txt_feat_m, extra.get("image_queue", empty),
-            extra.get("text_queue", empty), temp, alpha, positives)
-        new_extra = dict(extra)
-        new_extra.update(base.enqueue_features(extra, img_feat_m, txt_feat_m))
-        if self.queue_size:
-            new_extra["idx_queue"] = jax.lax.dynamic_update_slice(idx_queue, idx,
-                                                                  (extra["queue_ptr"],))
-
-        same = (idx[:, None] == idx[None, :]) | jnp.all(ids[:, None, :] == ids[None, :, :], -1)
-        loss_itm, itm_acc = base.itm_with_hard_negatives(
-            self._apply, params, k_neg, img, txt, mask, sims["sim_i2t"], sims["sim_t2i"], same,
-            rng=next(drop))
-        total = self.w_itc * loss_itc + self.w_itm * loss_itm
-        metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": itm_acc,
-                   "temp": temp, "alpha": alpha,
-                   # share of in-batch negatives that are in fact the same image
-                   "same_image_pairs": (jnp.sum(idx[:, None] == idx[None, :]) - b)
-                   .astype(jnp.float32) / max(b * (b - 1), 1)}
-        return total, (metrics, new_extra)
+        total, metrics, new_extra, _ = self.itc_itm_loss(
+            params, extra, rng, step, "encode_image", batch["image"], batch["text_ids"],
+            batch["text_mask"], idx)
+        return total, ({**metrics, "same_image_pairs": same_item_share(idx)}, new_extra)
 
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from configs.mplug2 import video_qa as cfg_lib
-from mplug_jax import tasks
+from mplug_jax import pretrained, tasks
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.synthetic import motion as synthetic_motion
+from mplug_jax.mplug2 import checkpoint as m2checkpoint
 from mplug_jax.mplug2.tasks import video_qa as m2task
 
 
@@ -126,10 +127,10 @@ def test_temporal_modules_beat_flat_model_on_temporal_questions(tmp_path):
     c.model.temporal = False
     flat_task = tasks.build(c)
     flat_model = flat_task.model
-    flat_params = m2task.put_flat(
+    flat_params = pretrained.put(
         nn.meta.unbox(jax.jit(flat_task.init_params)(jax.random.PRNGKey(0))),
         {k: v for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()
-         if not m2task._is_temporal(k)})
+         if not m2checkpoint.is_temporal(k)}, flat_model)
     ablated = _heldout_accuracy(flat_model, flat_params, held)
     print("held-out accuracy (temporal, temporal modules removed):", acc, ablated)
     for kind in synthetic_motion.TEMPORAL_KINDS:

@@ -13,7 +13,7 @@ from configs.mplug2 import retrieval as cfg_lib
 from mplug_jax import losses, tasks
 from mplug_jax.mplug2 import pretrain_input as m2in
 from mplug_jax.data.ops import video
-from mplug_jax.mplug2.tasks import retrieval as m2ret
+from mplug_jax.tasks import retrieval
 
 
 def _config(tmp_path, **task_itc):
@@ -82,11 +82,11 @@ def test_itc_positives_by_video_id_and_queue_update():
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     f = [unit(jax.random.normal(kk, (4, 8))) for kk in k]
-    extra = nn.meta.unbox(m2ret.queue_state(jax.random.PRNGKey(5), 8, 8, True))
+    extra = nn.meta.unbox(retrieval.queue_state(jax.random.PRNGKey(5), 8, 8, True))
     extra["idx_queue"] = extra["idx_queue"].at[3].set(7)
     ids = jnp.asarray([7, 7, 3, 5], jnp.int32)
     temp = jnp.float32(0.1)
-    loss, sims, upd = m2ret.contrastive(extra, *f, temp, 0.0, ids)
+    loss, sims, upd = retrieval.contrastive(extra, *f, temp, 0.0, ids)
     # Reference: soft CE with targets uniform over [batch ids; queue ids] == own id.
     allid = np.concatenate([np.asarray(ids), np.asarray(extra["idx_queue"])])
     tgt = (np.asarray(ids)[:, None] == allid[None]).astype(np.float64)

@@ -229,7 +229,7 @@ def test_evaluate_and_video_qa_load_the_caption_workdir(caption_workdir):
     task's workdir is refused by name."""
     from configs.mplug2 import video_qa as qa_cfg
     from mplug_jax import evaluate, workdir
-    from mplug_jax.mplug2.tasks import video_qa as m2qa
+    from mplug_jax.mplug2 import checkpoint as m2checkpoint
     path, _, c = caption_workdir
     _, want, _ = workdir.restore_params(path)
     want = flax.traverse_util.flatten_dict(nn.meta.unbox(want), sep="/")
@@ -242,7 +242,7 @@ def test_evaluate_and_video_qa_load_the_caption_workdir(caption_workdir):
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
     q = qa_cfg.get_config("tiny,mode=smoke")
     q.model = c.model
-    flat, what = m2qa.load_checkpoint(tasks.build(q).model, ml_collections.ConfigDict(
+    flat, what = m2checkpoint.load(tasks.build(q).model, ml_collections.ConfigDict(
         {"checkpoint": str(path), "step": 0}), "mplug2.video_qa")
     assert set(flat) == set(want) and "mplug2.video_caption workdir" in what
     original = (path / "config.json").read_text()
@@ -251,7 +251,7 @@ def test_evaluate_and_video_qa_load_the_caption_workdir(caption_workdir):
     (path / "config.json").write_text(json.dumps(other))
     try:
         with pytest.raises(ValueError, match="is a 'vqa' workdir"):
-            m2qa.load_checkpoint(tasks.build(q).model, ml_collections.ConfigDict(
+            m2checkpoint.load(tasks.build(q).model, ml_collections.ConfigDict(
                 {"checkpoint": str(path), "step": 0}), "mplug2.video_qa")
     finally:
         (path / "config.json").write_text(original)

@@ -9,7 +9,7 @@ clip without the temporal modules); both then through the universal layers
 Objectives (a weight of 0 in `task.loss_weights` removes one and its compute):
 - `itc` (vision-language contrastive, ALBEF): pooled visual / text tokens projected to E,
   videos and images of the step in ONE contrastive batch [Bv + Bi] against [momentum batch;
-  queue] with momentum distillation (`mplug2_retrieval.contrastive`; alpha ramped over
+  queue] with momentum distillation (`tasks.retrieval.contrastive`; alpha ramped over
   `alpha_warmup_epochs`); the momentum copy (`mplug2_retrieval.MOMENTUM_PARAMS`) is updated by
   `begin_step`, the momentum features enqueued. Positives: the diagonal, plus identical
   captions in the batch.
@@ -42,7 +42,7 @@ from mplug_jax import losses
 from mplug_jax.mplug2 import pretrain_input as mplug2_pretrain_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.mplug2 import model as mplug2
-from mplug_jax.tasks import base
+from mplug_jax.tasks import base, retrieval
 from mplug_jax.mplug2.tasks import retrieval as m2ret
 
 LOSSES = ("itc", "itm", "mlm", "lm")
@@ -69,7 +69,9 @@ class Task(m2ret.HeadsTask):
     """
 
     name = "mplug2.pretrain"
-    init_text = "video_text"
+    title = "mPLUG-2 pretraining"
+    init_hint = "starts from an mPLUG-2 checkpoint"
+    init_text = ("video_text", "video_text")
     queue_ids = False  # positives are identical captions of the batch, the queue has no ids
 
     def __init__(self, config, steps_per_epoch: int = 1):
@@ -114,7 +116,7 @@ class Task(m2ret.HeadsTask):
 
     @classmethod
     def train_input(cls, config):
-        base.refuse_synthetic(config, "mPLUG-2 pretraining", "set input.dataset='json' "
+        base.refuse_synthetic(config, cls.title, "set input.dataset='json' "
                               "(video-text jsonl) and input.images.dataset to 'json' or 'tfds'")
         return mplug2_pretrain_input.pretrain_train_batches(config, jax.process_index(),
                                                             jax.process_count())
@@ -135,11 +137,6 @@ class Task(m2ret.HeadsTask):
     def init_extra(self, params, rng: jax.Array) -> dict:
         """Momentum copy and ITC queues (when ITC is on)."""
         return super().init_extra(params, rng) if self.weights["itc"] else {}
-
-    def init_from_pretrained(self, state):
-        return m2ret.init_mplug2(self, state, "mPLUG-2 pretraining config starts from an "
-                                 "mPLUG-2 checkpoint: set --config.init.checkpoint=CONVERTED_DIR"
-                                 " or an mPLUG-2 workdir")
 
     # ---- step -------------------------------------------------------------------------------
 
@@ -198,7 +195,7 @@ class Task(m2ret.HeadsTask):
             txt_feat_m = jnp.concatenate([f[1] for f in fm])
             # Identical captions in the batch are positives (queue entries: the diagonal
             # rule only, they carry no ids).
-            loss_itc, sims, upd = m2ret.contrastive(extra, img_feat, txt_feat, img_feat_m,
+            loss_itc, sims, upd = retrieval.contrastive(extra, img_feat, txt_feat, img_feat_m,
                                                     txt_feat_m, temp, alpha,
                                                     ids=_caption_ids(same_text))
             new_extra.update(upd)
@@ -259,7 +256,7 @@ class Task(m2ret.HeadsTask):
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 
     def predict_fns(self) -> dict:
-        """The retrieval predict fns (`mplug2_retrieval.embedding_fns`: zero-shot
+        """The retrieval predict fns (`tasks.retrieval.embedding_fns`: zero-shot
         `video_retrieval`) and `lm_generate` (greedy instruction-prompted captions)."""
         return {**super().predict_fns(), "lm_generate": self.lm_generate}
 

@@ -31,9 +31,11 @@ alpha 0.6; `task.generation`) from [CLS] alone over image_embeds (no prompt is f
 the official post-processing and `.split(prompt)[-1].strip()` (`decode_caption`), which removes the
 prompt from glued outputs too ("a video ofa red circle" -> "a red circle").
 
-Init (`config.init`, as the video QA task): a `mplug-jax convert` mPLUG-2 directory, an
-official mPLUG-2 file with `config_bert` / `config_yaml`, or a workdir of this task; random
-weights only with `init.allow_scratch`.
+Init (`config.init.checkpoint`, as the video QA task: `mplug_jax.mplug2.checkpoint`): a
+`mplug-jax convert` mPLUG-2 directory, an official mPLUG-2 file with `config_bert` /
+`config_yaml`, or a workdir of an mPLUG-2 task; random weights only with
+`init.allow_scratch`. The whole mPLUG-2 tree is initialised (text encoder and fusion
+included: the release's caption model has the video QA key set, so either checkpoint loads).
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.losses import CLS_ID, PAD_ID, SEP_ID
 from mplug_jax.mplug2 import model as mplug2
-from mplug_jax.tasks import base
+from mplug_jax.mplug2.tasks import base as m2base
 from mplug_jax.mplug2.tasks import video_qa as qa
+from mplug_jax.tasks import base
 
 PROMPT = "a video of"  # official config `prompt`
 PROMPT_JOINS = mplug2_input.PROMPT_JOINS
@@ -92,11 +95,11 @@ class Task(qa.Task):
     """
 
     name = "mplug2.video_caption"
+    title = "mPLUG-2 video caption"
+    init_text = ("caption", "caption")
 
     def __init__(self, config, steps_per_epoch: int = 1):
-        base.Task.__init__(self, config, steps_per_epoch)
-        self.model = mplug2.MPLUG2.from_config(config.model)
-        self.train_model = self.model.clone(deterministic=self.model.dropout_rate == 0)
+        m2base.Task.__init__(self, config, steps_per_epoch)
         self.decoder = mplug2.decoder_module(self.model)
         t = config.task
         self.prompt = str(t.get("prompt", PROMPT) or "")
@@ -124,15 +127,13 @@ class Task(qa.Task):
                              f"after the prompt {self.prompt!r} ({release_len + 1} ids)")
         # first target position: 'release' 3 for "a video of"; 'all' 1 (only [CLS] is no target)
         self.prompt_len = release_len if self.prompt_loss == "release" else 1
-        if self.model.num_frames < 1:
-            raise ValueError(f"model.num_frames must be >= 1, got {self.model.num_frames}")
 
     # ---- input ------------------------------------------------------------------------------
 
     @classmethod
     def train_input(cls, config):
-        base.refuse_synthetic(config, "mPLUG-2 video caption", "set --config.input.dataset="
-                              "json with input.annotations and input.video_root")
+        base.refuse_synthetic(config, cls.title, "set --config.input.dataset=json with "
+                              "input.annotations and input.video_root")
         return mplug2_input.caption_train_batches(config, jax.process_index(),
                                                   jax.process_count())
 
@@ -143,36 +144,6 @@ class Task(qa.Task):
         return {"video": np.zeros((batch_size, t, r, r, 3), np.float32),
                 "caption_ids": ids, "caption_mask": np.ones_like(ids),
                 "idx": np.zeros((batch_size,), np.int32)}
-
-    # ---- state ------------------------------------------------------------------------------
-
-    def init_params(self, rng: jax.Array):
-        """The full mPLUG-2 tree (text encoder and fusion included: the release's caption model
-        has the video QA key set, so either checkpoint loads)."""
-        b = self.dummy_batch(1)
-        k_params, k_drop = jax.random.split(rng)
-        ids, mask = b["caption_ids"], b["caption_mask"]
-        return self.model.init({"params": k_params, "dropout": k_drop}, b["video"], ids, mask,
-                               ids, mask)["params"]
-
-    def init_from_pretrained(self, state):
-        """Params from `config.init.checkpoint` (`mplug2_video_qa.Task.load_checkpoint`);
-        refuses random weights unless `init.allow_scratch`."""
-        self.require_init("mPLUG-2 video caption config fine-tunes a released mPLUG-2: set "
-                          "--config.init.checkpoint=CONVERTED_DIR (`mplug-jax convert`) or a "
-                          "workdir of this task")
-        init = self.config.get("init")
-        if not init or not init.get("checkpoint"):
-            if init and (init.get("clip") or init.get("bert")):
-                raise ValueError("the mPLUG-2 video caption task loads whole mPLUG-2 "
-                                 "checkpoints only (init.checkpoint); init.clip / init.bert "
-                                 "are for mPLUG")
-            return state
-        flat, what = self.load_checkpoint(init)
-        params = qa.put_flat(state.params, flat)
-        if jax.process_index() == 0:
-            print(f"initialised {len(flat)} arrays from {what}", flush=True)
-        return state.replace(params=params)
 
     # ---- step -------------------------------------------------------------------------------
 
