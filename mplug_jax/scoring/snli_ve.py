@@ -1,22 +1,27 @@
 """SNLI-VE scoring: three-way accuracy (overall and per class) of a `snli_ve_result.json`
 ([{"id", "pred", "label"}], written by the `classify` evaluator) against the official annotation
-json (docs/official-formats.md#snli-ve). `id` is the record's index among the annotation's valid
-records in file order, as `sources.snli_ve` reads them (records it skips get no id).
+json (docs/official-formats.md#snli-ve) or the original SNLI-VE jsonl
+(`mplug_jax.data.snli_ve_jsonl`). `id` is the record's index among the annotation's valid
+records in file order, as the readers give them (records `sources.snli_ve` skips get no id).
 
     mplug-jax score --task snli_ve --results snli_ve_result.json --annotations ve_test.json
 """
 from __future__ import annotations
 
-from mplug_jax.data import sources
+from mplug_jax.data import snli_ve_jsonl, sources
 from mplug_jax.scoring import checks, classify
 
 LABELS = tuple(sorted(sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get))
 
 
 def load_gold(annotation: str) -> dict[int, str]:
-    """{record index: class name} of an official SNLI-VE json (images are not needed)."""
+    """{record index: class name} of an official SNLI-VE json or jsonl (images are not
+    needed)."""
     with checks.reading_annotations():
-        src = sources.snli_ve(annotation, "", max_skip_rate=1.0)
+        if snli_ve_jsonl.is_original(annotation):
+            src = snli_ve_jsonl.read(annotation, "")
+        else:
+            src = sources.snli_ve(annotation, "", max_skip_rate=1.0)
     return {i: LABELS[r["label"]] for i, r in enumerate(src)}
 
 

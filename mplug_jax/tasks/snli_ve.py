@@ -2,9 +2,12 @@
 with the encoders only (paper 5.2.5: "we remove the decoder, and only use the encoder modules
 for three-way classification").
 
-Forward: image -> `encode_image`, hypothesis -> `encode_text`, `fuse`; an ALBEF-style MLP head
+Forward: image -> `encode_image`, text -> `encode_text`, `fuse`; an ALBEF-style MLP head
 (Linear(D, D) - ReLU - Linear(D, 3), ALBEF's `cls_head` of its VE model) on the fused text
-[CLS]; loss = mean cross-entropy over the batch (float32). No decoder compute.
+[CLS]; loss = mean cross-entropy over the batch (float32). No decoder compute. The text is
+`[CLS] premise [SEP] hypothesis` with `task.premise` (default; paper 5.2.5: "the image premise,
+text premise and text hypothesis are fed to the encoder"), else `[CLS] hypothesis`
+(`mplug_jax.data.inputs.snli_ve`).
 
 Parameter tree: the encoder part of `MPLUG`'s tree (vision [+ visn_fc/visn_ln], text, fusion,
 and the two parameters MPLUG's setup always creates, `mlm_bias` and `temp`, which the configs
@@ -79,9 +82,12 @@ class Task(base.Task):
         self.head = ClassifierHead(hidden=self.model.hidden_size, num_classes=len(self.labels),
                                    opts=self.model.opts)
         self.lt = int(config.input.max_text_tokens)
-        if self.lt < 2:
-            raise ValueError(f"input.max_text_tokens must be >= 2 ([CLS] + a word), got "
-                             f"{self.lt}")
+        self.premise = snli_ve_input.premise_on(config)
+        least = 4 if self.premise else 2  # [CLS] p [SEP] h | [CLS] h
+        if self.lt < least:
+            raise ValueError(f"input.max_text_tokens must be >= {least} ([CLS] "
+                             f"{'premise [SEP] hypothesis' if self.premise else 'hypothesis'}), "
+                             f"got {self.lt}")
 
     # ---- input ------------------------------------------------------------------------------
 
@@ -124,8 +130,9 @@ class Task(base.Task):
     # ---- model calls ------------------------------------------------------------------------
 
     def logits(self, params, image, ids, mask, rng: jax.Array | None = None) -> jax.Array:
-        """Class logits float32[B, 3] of images float32[B, R, R, 3] and hypotheses
-        int32[B, L] (mask int32[B, L]); dropout keyed by `rng` (None = eval)."""
+        """Class logits float32[B, 3] of images float32[B, R, R, 3] and texts int32[B, L]
+        (premise and hypothesis, or hypothesis; mask int32[B, L]); dropout keyed by `rng`
+        (None = eval)."""
         enc = {k: v for k, v in params.items() if k != HEAD}
         cls = self._apply(enc, encoder_stages, image, ids, mask, rng=rng)
         return self.head.apply({"params": params[HEAD]}, cls)

@@ -1,17 +1,31 @@
 """SNLI-VE input (the SNLI-VE task and the shared `classify` evaluator use it).
 
-Datasets (`config.input.dataset`), both read by the one official reader `sources.snli_ve`
-(docs/official-formats.md#snli-ve: `image` id -> `<image_root>/<id>.jpg`, `sentence` -> pre_caption,
-`label` entailment=2 / neutral=1 / contradiction=0; malformed records skipped and counted):
-- 'json': `input.train_file` / `val_file` / `test_file` (single json paths, as official) and
+Annotation files, either official format (told apart by content, `snli_ve_jsonl.is_original`):
+the original SNLI-VE release's JSON lines `snli_ve_<split>.jsonl` (premise `sentence1`,
+hypothesis `sentence2`, `Flikr30kID`, `gold_label`; `mplug_jax.data.snli_ve_jsonl`, a malformed
+line is an error) or ALBEF's `ve_<split>.json` (docs/official-formats.md#snli-ve: image id,
+hypothesis `sentence`, `label`, no premise; `sources.snli_ve`, malformed records skipped and
+counted). Both: image `<image_root>/<id>.jpg`, text pre_caption, label entailment=2 /
+neutral=1 / contradiction=0.
+
+Text (`config.task.premise`): True (default) feeds the text premise with the hypothesis, as
+mPLUG section 5.2.5 ("the image premise, text premise and text hypothesis are fed to the
+encoder"): `[CLS] premise [SEP] hypothesis`, the BERT sentence-pair layout (the paper does not
+say how the two are joined; this is ours), truncated longest-first to `input.max_text_tokens`
+so a long premise cannot cut the hypothesis away. It needs the jsonl: an ALBEF file is refused
+with a one-line error. False: `[CLS] hypothesis` from either format (the ALBEF-based models').
+
+Datasets (`config.input.dataset`):
+- 'json': `input.train_file` / `val_file` / `test_file` (single files, as official) and
   `input.image_root` (Flickr30k images);
-- 'synthetic': `mplug_jax.data.synthetic.snli_ve` writes official files once into a cache folder
+- 'synthetic': `mplug_jax.data.synthetic.snli_ve` writes both formats once into a cache folder
   (`input.synthetic_dir`, default `<tmp>/mplug_jax_synthetic_snli_ve`; `train_size` /
-  `eval_size` records, `test` = a third disjoint stream).
+  `eval_size` records, `test` = a third disjoint stream); premise=True reads the jsonl (labels
+  given the premise), False the json (the hypothesis-only data, unchanged).
 
 Train batch (per process, B rows): image float32[B, R, R, 3]; text_ids / text_mask int32[B, L]
-(`[CLS] hypothesis`, right-padded, truncated to `input.max_text_tokens`); label int32[B];
-idx int32[B] (record index). Records whose image fails to decode are skipped and counted
+(see Text; right-padded to L = `input.max_text_tokens`); label int32[B]; idx int32[B] (record
+index). Records whose image fails to decode are skipped and counted
 (pipeline skip accounting, `input.max_skip_rate`).
 
 Evaluation (`eval_records` / `eval_batches`, the `classify` evaluator contract): the records of
@@ -35,7 +49,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline, snli_ve_jsonl, sources
 from mplug_jax.data.synthetic import snli_ve as synthetic_snli_ve
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
@@ -50,8 +64,14 @@ EVAL_SPLITS = ("val", "test")
 _FILE_KEYS = {"train": "train_file", "val": "val_file", "test": "test_file"}
 
 
+def premise_on(config) -> bool:
+    """`config.task.premise` (True when the config predates the option: the paper's input)."""
+    task = config.get("task")
+    return bool(task.get("premise", True)) if task is not None else True
+
+
 def files(config, split: str) -> tuple[str, str]:
-    """(annotation json, image root) of `split` ('train', 'val', 'test')."""
+    """(annotation file, image root) of `split` ('train', 'val', 'test')."""
     if split not in _FILE_KEYS:
         raise ValueError(f"unknown SNLI-VE split {split!r}; valid: {sorted(_FILE_KEYS)}")
     inp = config.input
@@ -62,12 +82,14 @@ def files(config, split: str) -> tuple[str, str]:
         paths = synthetic_snli_ve.ensure_files(root, split, size,
                                                image_size=int(config.model.image_size),
                                                seed=int(config.seed))
-        return paths["annotation"], paths["image_root"]
+        return paths["original" if premise_on(config) else "annotation"], paths["image_root"]
     if inp.dataset == "json":
         key = _FILE_KEYS[split]
         if not inp.get(key):
+            name = "dev" if split == "val" else split
             raise ValueError(f"input.dataset='json' needs input.{key} (the official SNLI-VE "
-                             f"{split} json, e.g. ve_{'dev' if split == 'val' else split}.json)")
+                             f"{split} file: snli_ve_{name}.jsonl, or ALBEF's ve_{name}.json "
+                             "with task.premise=False)")
         if not inp.get("image_root"):
             raise ValueError("input.dataset='json' needs input.image_root (the Flickr30k image "
                              "folder holding <id>.jpg)")
@@ -75,11 +97,31 @@ def files(config, split: str) -> tuple[str, str]:
     raise ValueError(f"unknown input.dataset {inp.dataset!r}; valid: {', '.join(DATASETS)}")
 
 
+def read(annotation: str, image_root: str, *, max_words: int = 30,
+         max_skip_rate: float = 0.01) -> sources.RecordSource:
+    """Records of an SNLI-VE file of either official format (see module docstring); jsonl
+    records carry a 'premise'."""
+    if snli_ve_jsonl.is_original(annotation):
+        return snli_ve_jsonl.read(annotation, image_root, max_words=max_words)
+    return sources.snli_ve(annotation, image_root, max_words=max_words,
+                           max_skip_rate=max_skip_rate)
+
+
 def source(config, split: str) -> sources.RecordSource:
-    """The parsed records of `split` (`sources.snli_ve`; bad records skipped and counted)."""
+    """The parsed records of `split` (`read`); with `task.premise`, a file without premises
+    (ALBEF's json) is a ValueError saying what to pass instead."""
     annotation, root = files(config, split)
-    return sources.snli_ve(annotation, root, max_words=int(config.input.max_words),
-                           max_skip_rate=float(config.input.max_skip_rate))
+    src = read(annotation, root, max_words=int(config.input.max_words),
+               max_skip_rate=float(config.input.max_skip_rate))
+    if premise_on(config) and len(src) and "premise" not in src[0]:
+        raise ValueError(f"task.premise=True feeds the text premise (mPLUG 5.2.5) but "
+                         f"{annotation} is ALBEF's SNLI-VE json, which has none: pass the "
+                         "original SNLI-VE "
+                         f"jsonl (snli_ve_{'dev' if split == 'val' else split}.jsonl: sentence1, "
+                         "sentence2, Flikr30kID, gold_label) as input."
+                         f"{_FILE_KEYS[split]}, or set --config.task.premise=False "
+                         "(hypothesis only)")
+    return src
 
 
 def encode_text(sentences: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,12 +130,50 @@ def encode_text(sentences: list[str], max_tokens: int) -> tuple[np.ndarray, np.n
                                             pad_to=max_tokens)
 
 
+def encode_pair(premises: list[str], hypotheses: list[str], max_tokens: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """`[CLS] premise [SEP] hypothesis` ids and mask int32[N, max_tokens], right-padded; when
+    too long, tokens are dropped from the end of the longer part first (premise on ties), so
+    both keep as much as they can."""
+    tok = tokenizer.get_tokenizer()
+    if max_tokens < 4:
+        raise ValueError(f"input.max_text_tokens must be >= 4 for premise and hypothesis, got "
+                         f"{max_tokens}")
+    ids = np.zeros((len(premises), max_tokens), np.int32)
+    mask = np.zeros_like(ids)
+    p_ids, p_mask = tok.encode(list(premises))
+    h_ids, h_mask = tok.encode(list(hypotheses))
+    for i in range(len(premises)):
+        p = p_ids[i, 1:p_mask[i].sum()].tolist()  # drop [CLS]: one sequence is `[CLS] tokens`
+        h = h_ids[i, 1:h_mask[i].sum()].tolist()
+        budget = max_tokens - 2
+        while len(p) + len(h) > budget:
+            if len(p) >= len(h):
+                p.pop()
+            else:
+                h.pop()
+        row = [tokenizer.CLS_ID, *p, tokenizer.SEP_ID, *h]
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def encode(records: list[dict], max_tokens: int, premise: bool
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The text ids and mask int32[N, max_tokens] of records (see module docstring)."""
+    if premise:
+        return encode_pair([r["premise"] for r in records], [r["sentence"] for r in records],
+                           max_tokens)
+    return encode_text([r["sentence"] for r in records], max_tokens)
+
+
 class _Record:
     """(position, index) -> processed train example; picklable for grain worker processes."""
 
     def __init__(self, src, *, image_size: int, max_tokens: int, seed: int,
-                 augment: dict | None, epoch_length: int):
+                 augment: dict | None, epoch_length: int, premise: bool):
         self.src, self.image_size, self.max_tokens = src, image_size, max_tokens
+        self.premise = premise
         self.seed, self.augment, self.epoch_length = seed, augment, epoch_length
 
     def __call__(self, position: int, index: int) -> dict[str, Any]:
@@ -115,7 +195,7 @@ class _Record:
             logger.warning("skipping SNLI-VE record %d (bad_image) %s: %r", index,
                            record["image"], e)
             return {pipeline._SKIP_KEY: "bad_image"}
-        ids, mask = encode_text([record["sentence"]], self.max_tokens)
+        ids, mask = encode([record], self.max_tokens, self.premise)
         return {"image": image.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
                 "label": np.int32(record["label"]), "idx": np.int32(index)}
 
@@ -140,7 +220,7 @@ def train_batches(config, process_index: int, process_count: int) -> tuple[Any, 
     ds = ds.map_with_index(_Record(src, image_size=int(config.model.image_size),
                                    max_tokens=int(inp.max_text_tokens),
                                    seed=int(inp.shuffle_seed), augment=augment,
-                                   epoch_length=per_shard))
+                                   epoch_length=per_shard, premise=premise_on(config)))
     it_ds = pipeline.batched(ds, batch, drop_remainder=True,
                              workers=int(inp.get("workers", 0)),
                              max_skip_rate=float(inp.max_skip_rate))
@@ -149,6 +229,7 @@ def train_batches(config, process_index: int, process_count: int) -> tuple[Any, 
 
 def eval_records(config, ecfg) -> list[dict]:
     """The evaluated records of `ecfg.split`: {'image' path, 'sentence', 'label' int, 'idx'}
+    (+ 'premise' from a jsonl)
     (see module docstring); a clear error when none is left."""
     split = str(ecfg.get("split", "val"))
     if split not in EVAL_SPLITS:
@@ -202,7 +283,7 @@ def eval_batches(config, ecfg, process_index: int = 0, process_count: int = 1
             rows += [rows[0]] * (batch - len(rows))
             mine = slice(process_index * local, (process_index + 1) * local)
             recs = [records[i] for i in rows[mine]]
-            ids, mask = encode_text([r["sentence"] for r in recs], lt)
+            ids, mask = encode(recs, lt, premise_on(config))
             images = list(pool.map(lambda r: _eval_image(r, size), recs))
             yield {"image": np.stack(images).astype(np.float32), "text_ids": ids,
                    "text_mask": mask,

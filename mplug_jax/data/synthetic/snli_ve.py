@@ -1,8 +1,10 @@
-"""Built-in synthetic SNLI-VE: (image premise, text hypothesis, 3-way label) over the shapes
-scenes of `mplug_jax.data.synthetic.shapes`, written as the official files
-(docs/official-formats.md#snli-ve): `ve_<split>.json` = [{"image": id, "sentence": str, "label":
-"entailment"|"neutral"| "contradiction"}] plus `<id>.jpg` images, so the one SNLI-VE reader
-(`sources.snli_ve`) serves real and synthetic data alike.
+"""Built-in synthetic SNLI-VE: (image premise, text premise, text hypothesis, 3-way label) over
+the shapes scenes of `mplug_jax.data.synthetic.shapes`, written as both official formats:
+`ve_<split>.json` (ALBEF, docs/official-formats.md#snli-ve) = [{"image": id, "sentence": str,
+"label": "entailment"|"neutral"|"contradiction"}] and `snli_ve_<split>.jsonl` (the original
+release, `mplug_jax.data.snli_ve_jsonl`) = one {"sentence1": premise, "sentence2": hypothesis,
+"Flikr30kID": "<id>.jpg", "gold_label"} per line, plus the `<id>.jpg` images, so the readers of
+real data serve synthetic data alike.
 
 Why three genuinely image-dependent classes: a scene may carry a *cover*, a striped box over
 one empty grid cell that could hide a shape. A hypothesis names one (colour, shape) object in
@@ -19,6 +21,20 @@ cannot solve it (`hypothesis_only_accuracy` measures how far it gets). Labels ar
 uniformly first (a balanced set), then a form allowed for the label, then scene facts that
 make it true: the object (present or a colour-shape pair absent from the scene) and whether
 the scene has a cover.
+
+The text premise (jsonl only; drawn from a stream of its own, so the image, hypothesis and
+json label above are what they were before premises existed) is what the hypothesis was written
+from, as in SNLI: a sentence about the hypothesis's object saying whether it is there, including
+what the image cannot show, namely what the cover hides:
+  visible                      "a drawing with a red circle"
+  absent, no cover             "a drawing with no red circle"
+  absent, cover, hidden (1/2)  "the striped box hides a red circle"
+  absent, cover, not hidden    "the striped box hides no red circle"
+With the premise the cover leaves no doubt: the jsonl label is `label_of(form, visible or
+hidden, cover=False)`, so a covered scene's absent object is entailed or contradicted, never
+neutral. The two labels differ only there (about a fifth of the records): a model that sees
+the image and the hypothesis but not the premise cannot know them (`best_guess_accuracy` with
+`visible` and `cover` as features: what a perfect image reader reaches without the premise).
 """
 from __future__ import annotations
 
@@ -51,8 +67,12 @@ _TEMPLATES = {
 _FORMS_OF = {"entailment": ("positive", "negative"),
              "contradiction": ("positive", "negative", "unknowable"),
              "neutral": ("positive", "negative", "unknowable")}
-_STREAM = 100  # generator streams of ours (synthetic.py uses 0-5 per record)
-_VERSION = 1  # bump when the generated content changes (the file cache is keyed by it)
+_PREMISE_TEMPLATES = {"with": "a drawing with {a} {c} {s}",
+                      "without": "a drawing with no {c} {s}",
+                      "hides": "the striped box hides {a} {c} {s}",
+                      "hides_no": "the striped box hides no {c} {s}"}
+_STREAM = 100  # generator streams of ours (synthetic.py uses 0-5 per record); premise: +1
+_VERSION = 2  # bump when the generated content changes (the file cache is keyed by it)
 
 
 def label_of(form: str, visible: bool, cover: bool) -> str:
@@ -87,8 +107,10 @@ def draw_cover(image: np.ndarray, cell: tuple[int, int]) -> np.ndarray:
 
 
 def example(split: str, index: int, *, image_size: int = 64, seed: int = 0) -> dict:
-    """Record `index` of `split`: {'image': uint8[S, S, 3], 'sentence', 'label' (name),
-    'form', 'visible', 'cover'} (a pure function of its arguments)."""
+    """Record `index` of `split` (a pure function of its arguments): {'image': uint8[S, S, 3],
+    'sentence' (hypothesis), 'label' (name; without the premise), 'form', 'visible', 'cover',
+    'premise', 'premise_label' (name; with the premise), 'hidden' (the cover hides the
+    hypothesis's object)}."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {sorted(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], int(index), _STREAM])
@@ -118,8 +140,27 @@ def example(split: str, index: int, *, image_size: int = 64, seed: int = 0) -> d
     templates = _TEMPLATES[form]
     sentence = templates[int(rng.integers(len(templates)))].format(
         a=_article(color), c=color, s=shape)
+    premise, hidden = _premise(np.random.default_rng([seed, SPLITS[split], int(index),
+                                                      _STREAM + 1]),
+                               (color, shape), visible=visible, cover=cover)
     return {"image": image, "sentence": sentence, "label": label, "form": form,
-            "visible": bool(visible), "cover": bool(cover)}
+            "visible": bool(visible), "cover": bool(cover), "premise": premise,
+            "hidden": hidden, "premise_label": label_of(form, visible or hidden, False)}
+
+
+def _premise(rng: np.random.Generator, obj: tuple[str, str], *, visible: bool,
+             cover: bool) -> tuple[str, bool]:
+    """(premise sentence about the hypothesis's object `obj`, whether the cover hides it); see
+    the module docstring. An absent `obj` in a covered scene is hidden with probability 1/2."""
+    c, s = obj
+    hidden = cover and not visible and rng.random() < 0.5
+    if visible:
+        key = "with"
+    elif cover:
+        key = "hides" if hidden else "hides_no"
+    else:
+        key = "without"
+    return _PREMISE_TEMPLATES[key].format(a=_article(c), c=c, s=s), bool(hidden)
 
 
 def image_id(split: str, index: int) -> str:
@@ -129,32 +170,45 @@ def image_id(split: str, index: int) -> str:
 
 def write_files(directory: str, split: str, size: int, *, image_size: int = 64,
                 seed: int = 0) -> dict[str, str]:
-    """Write `size` records of `split` under `directory`: images `images/<id>.jpg` and the
-    official annotation `ve_<split>.json`. Returns {'annotation', 'image_root'}."""
+    """Write `size` records of `split` under `directory`: images `images/<id>.jpg`, the ALBEF
+    annotation `ve_<split>.json` (hypothesis, label without the premise) and the original
+    `snli_ve_<split>.jsonl` (premise, hypothesis, label with the premise). Returns
+    {'annotation' (the json), 'original' (the jsonl), 'image_root'}."""
     images = os.path.join(directory, "images")
     os.makedirs(images, exist_ok=True)
-    records = []
+    records, lines = [], []
     for i in range(size):
         ex = example(split, i, image_size=image_size, seed=seed)
         name = image_id(split, i)
         Image.fromarray(ex["image"]).save(os.path.join(images, f"{name}.jpg"), quality=95)
         records.append({"image": name, "sentence": ex["sentence"], "label": ex["label"]})
-    annotation = os.path.join(directory, f"ve_{split}.json")
-    with open(annotation, "w", encoding="utf-8") as f:
+        lines.append(json.dumps({"sentence1": ex["premise"], "sentence2": ex["sentence"],
+                                 "Flikr30kID": f"{name}.jpg",
+                                 "gold_label": ex["premise_label"], "pairID": f"{name}#0"}))
+    paths = _paths(directory, split)
+    with open(paths["annotation"], "w", encoding="utf-8") as f:
         json.dump(records, f)
-    return {"annotation": annotation, "image_root": images}
+    with open(paths["original"], "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return paths
+
+
+def _paths(directory: str, split: str) -> dict[str, str]:
+    return {"annotation": os.path.join(directory, f"ve_{split}.json"),
+            "original": os.path.join(directory, f"snli_ve_{split}.jsonl"),
+            "image_root": os.path.join(directory, "images")}
 
 
 def ensure_files(root: str, split: str, size: int, *, image_size: int = 64,
                  seed: int = 0) -> dict[str, str]:
-    """`write_files` into a cache folder under `root` named by the arguments, written once:
-    later calls (other runs, other processes) reuse it. The folder appears atomically (written
-    elsewhere, then renamed), so a crashed or concurrent writer never leaves half a split."""
+    """`write_files` (same keys) into a cache folder under `root` named by the arguments,
+    written once: later calls (other runs, other processes) reuse it. The folder appears
+    atomically (written elsewhere, then renamed), so a crashed or concurrent writer never leaves
+    half a split."""
     if size < 1:
         raise ValueError(f"synthetic SNLI-VE {split} size must be >= 1, got {size}")
     final = os.path.join(root, f"{split}_n{size}_r{image_size}_s{seed}_v{_VERSION}")
-    paths = {"annotation": os.path.join(final, f"ve_{split}.json"),
-             "image_root": os.path.join(final, "images")}
+    paths = _paths(final, split)
     if os.path.isfile(paths["annotation"]):
         return paths
     os.makedirs(root, exist_ok=True)
@@ -172,21 +226,33 @@ def ensure_files(root: str, split: str, size: int, *, image_size: int = 64,
     return paths
 
 
-def hypothesis_only_accuracy(train: list[dict], heldout: list[dict]) -> float:
-    """Accuracy on `heldout` of the best blind guess per hypothesis *template* (the sentence
-    with its colour and shape words removed), learned on `train`: what a model that ignores
-    the image can reach at most on this data. Records: {'sentence', 'label'}."""
+def template(sentence: str) -> str:
+    """`sentence` with its colour, shape and article words removed."""
     words = set(COLORS) | set(SHAPES) | {"a", "an"}
+    return " ".join(w for w in sentence.split() if w not in words)
 
-    def template(sentence: str) -> str:
-        return " ".join(w for w in sentence.split() if w not in words)
 
-    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+def best_guess_accuracy(train: list[dict], heldout: list[dict], features=("sentence",),
+                        label: str = "label") -> float:
+    """Accuracy on `heldout` of the best guess of `label` per value of `features` (text fields
+    reduced to their `template`), learned on `train`: what a model that knows only those
+    features can reach at most on this data. Records: `example`'s dicts."""
+    def key(r):
+        return tuple(template(r[f]) if isinstance(r[f], str) else r[f] for f in features)
+
+    counts: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in train:
-        counts[template(r["sentence"])][r["label"]] += 1
-    overall = collections.Counter(r["label"] for r in train).most_common(1)[0][0]
+        counts[key(r)][r[label]] += 1
+    overall = collections.Counter(r[label] for r in train).most_common(1)[0][0]
     hits = 0
     for r in heldout:
-        c = counts.get(template(r["sentence"]))
-        hits += (c.most_common(1)[0][0] if c else overall) == r["label"]
+        c = counts.get(key(r))
+        hits += (c.most_common(1)[0][0] if c else overall) == r[label]
     return hits / max(len(heldout), 1)
+
+
+def hypothesis_only_accuracy(train: list[dict], heldout: list[dict]) -> float:
+    """Accuracy on `heldout` of the best blind guess per hypothesis template, learned on
+    `train`: what a model that ignores the image can reach at most. Records: {'sentence',
+    'label'}."""
+    return best_guess_accuracy(train, heldout, ("sentence",), "label")
