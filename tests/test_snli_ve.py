@@ -1,8 +1,10 @@
 """SNLI-VE: synthetic data, official reader, encoder-only task, shared `classify` evaluator,
-scoring round trip, configs (learning run:
+scoring round trip, configs (learning runs:
 tests/learning/test_learn_snli_ve.py)."""
+import hashlib
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -12,13 +14,16 @@ from PIL import Image
 
 from configs import snli_ve as snli_config
 from mplug_jax import cli, scoring, tasks
-from mplug_jax.data import pipeline
+from mplug_jax.data import pipeline, snli_ve_jsonl
 from mplug_jax.data.inputs import snli_ve as snli_ve_input
 from mplug_jax.data.synthetic import snli_ve as S
+from mplug_jax.data.synthetic.shapes import COLORS, SHAPES
+from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops.image import DataError
 from mplug_jax.evaluators import classify as classify_eval
 from mplug_jax.evaluators.common import FILES, write_files
 from mplug_jax.scoring import classify as C
+from mplug_jax.scoring import snli_ve as score_snli_ve
 
 SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
                    fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
@@ -99,6 +104,134 @@ def test_synthetic_triples_are_three_way_and_need_the_image():
     assert set(np.unique(covered[changed][:, 0])) == {15, 245}
 
 
+# sha256 of json.dumps([(sentence, label)]) of train and val records 0-49 at 32 px, as generated
+# before premises existed: the hypothesis-only synthetic data must not change.
+HYPOTHESIS_ONLY_SHA = "bd46618c4125adbd27e24cceb3a9686d7eb7784ac20bc46b14342e44717296af"
+
+
+def test_synthetic_premise_tells_what_the_image_cannot(tmp_path):
+    recs = [S.example(sp, i, image_size=32) for sp in ("train", "val") for i in range(50)]
+    digest = hashlib.sha256(json.dumps([(r["sentence"], r["label"]) for r in recs]).encode())
+    assert digest.hexdigest() == HYPOTHESIS_ONLY_SHA
+    train = [S.example("train", i, image_size=8) for i in range(3000)]
+    held = [S.example("val", i, image_size=8) for i in range(500)]
+    for r in train[:500]:
+        assert r["premise_label"] == S.label_of(r["form"], r["visible"] or r["hidden"], False)
+        assert (r["premise_label"] != r["label"]) <= (r["cover"] and not r["visible"])
+        assert r["hidden"] <= (r["cover"] and not r["visible"])
+        obj = [w for w in r["sentence"].split() if w in COLORS or w in SHAPES]
+        assert " ".join(obj) in r["premise"]  # the premise speaks of the hypothesis's object
+    differ = np.mean([r["premise_label"] != r["label"] for r in held])
+    assert 0.15 < differ < 0.3, differ
+    # A perfect image reader without the premise (hypothesis form, cover, object visible) is
+    # exact on the json labels but not on the labels given the premise; with it, exact.
+    f_img = ("sentence", "cover", "visible")
+    assert S.best_guess_accuracy(train, held, f_img, "label") == 1.0
+    ceiling = S.best_guess_accuracy(train, held, f_img, "premise_label")
+    assert 0.8 < ceiling < 0.92, ceiling
+    assert S.best_guess_accuracy(train, held, ("sentence", "premise"), "premise_label") == 1.0
+    # Both files of a split: the json as before, the jsonl read back by the original reader.
+    paths = S.write_files(str(tmp_path), "val", 12, image_size=32)
+    albef = json.loads(open(paths["annotation"]).read())
+    orig = snli_ve_jsonl.read(paths["original"], paths["image_root"])
+    for i, (a, o) in enumerate(zip(albef, orig)):
+        ex = S.example("val", i, image_size=32)
+        assert (a["sentence"], a["label"]) == (ex["sentence"], ex["label"])
+        assert (o["sentence"], o["premise"]) == (ex["sentence"], ex["premise"])
+        assert o["label"] == snli_ve_input.LABELS.index(ex["premise_label"])
+        assert o["image"] == os.path.join(paths["image_root"], f"{a['image']}.jpg")
+        assert os.path.isfile(o["image"])
+
+
+JSONL = [  # original SNLI-VE lines (fields abridged), ids with and without ".jpg"
+    {"sentence1": "Two women are embracing while holding to go packages.",
+     "sentence2": "The sisters are hugging goodbye.", "Flikr30kID": "4705552913.jpg",
+     "gold_label": "neutral", "pairID": "4705552913.jpg#2r1n"},
+    {"sentence1": "A man, in a blue shirt, plays guitar.", "sentence2": "Nobody plays.",
+     "Flikr30kID": "1000092795", "gold_label": "contradiction", "pairID": "x"},
+    {"sentence1": "Kids play soccer.", "sentence2": "Children are outside.",
+     "Flikr30kID": "3416050480.jpg", "gold_label": "entailment", "pairID": "y"},
+]
+
+
+def _write_jsonl(path, rows, blank_after=None):
+    lines = [json.dumps(r) if isinstance(r, dict) else r for r in rows]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_original_jsonl_reader_premise_and_refusals(tmp_path):
+    ann = _write_jsonl(tmp_path / "snli_ve_dev.jsonl", JSONL, blank_after=1)
+    src = snli_ve_jsonl.read(ann, "/img")
+    assert len(src) == 3 and snli_ve_jsonl.is_original(ann)
+    assert [r["label"] for r in src] == [1, 0, 2]  # neutral 1, contradiction 0, entailment 2
+    assert src[0] == {"image": "/img/4705552913.jpg",
+                      "premise": "two women are embracing while holding to go packages",
+                      "sentence": "the sisters are hugging goodbye", "label": 1}
+    assert src[1]["image"] == "/img/1000092795.jpg" and src[1]["premise"] == \
+        "a man in a blue shirt plays guitar"
+    assert score_snli_ve.load_gold(ann) == {0: "neutral", 1: "contradiction", 2: "entailment"}
+    # Refusals: one line naming file and line (blank lines count).
+    bad = [("-", r"line 3: gold_label '-' is not one of contradiction, entailment, neutral"),
+           ("Entailment", r"line 3: gold_label 'Entailment' is not")]
+    for label, msg in bad:
+        rows = [JSONL[0], {**JSONL[1], "gold_label": label}]
+        path = _write_jsonl(tmp_path / "bad.jsonl", rows, blank_after=1)
+        with pytest.raises(DataError, match=re.escape(path) + " " + msg) as e:
+            snli_ve_jsonl.read(path, "")
+        assert "\n" not in str(e.value)
+    rows = [JSONL[0], {k: v for k, v in JSONL[2].items() if k != "sentence1"}]
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: field 'sentence1' missing"):
+        snli_ve_jsonl.read(_write_jsonl(tmp_path / "bad.jsonl", rows), "")
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: not valid JSON"):
+        snli_ve_jsonl.read(_write_jsonl(tmp_path / "bad.jsonl", ["{oops"]), "")
+    with pytest.raises(DataError, match="neither the original"):
+        snli_ve_jsonl.is_original(_write_jsonl(tmp_path / "x.txt", ["hello"]))
+    albef = tmp_path / "ve_dev.json"
+    albef.write_text(json.dumps([{"image": "1", "sentence": "a", "label": "neutral"}]))
+    assert not snli_ve_jsonl.is_original(str(albef))
+
+    # Text: [CLS] premise [SEP] hypothesis, longest part cut first; premise=False: hypothesis.
+    tok = tokenizer.get_tokenizer()
+    p_ids = tok.encode(["a red circle under a box"])[0][0, 1:].tolist()  # 6 word pieces
+    h_ids = tok.encode(["a dog"])[0][0, 1:].tolist()
+    ids, mask = snli_ve_input.encode_pair(["a red circle under a box"], ["a dog"], 12)
+    assert ids[0].tolist() == [101, *p_ids, 102, *h_ids] + [0] * 2
+    assert mask[0].tolist() == [1] * 10 + [0] * 2
+    ids, _ = snli_ve_input.encode_pair(["a red circle under a box"], ["a dog"], 7)
+    assert ids[0].tolist() == [101, *p_ids[:3], 102, *h_ids]  # the hypothesis kept whole
+    box = tok.encode(["a box"])[0][0, 1:].tolist()
+    ids, _ = snli_ve_input.encode_pair(["a box"], ["a red circle under a box"], 6)
+    assert ids[0].tolist() == [101, *box, 102, *p_ids[:2]]  # now the hypothesis is the longer
+    ids_h, _ = snli_ve_input.encode([{"premise": "x", "sentence": "a dog"}], 5, premise=False)
+    assert ids_h[0].tolist() == [101, *h_ids, 0, 0]
+
+    # The pipeline: jsonl with or without the premise; ALBEF json only without.
+    c = small_config(tmp_path, dataset="json", val_file=ann, image_root=str(tmp_path))
+    assert c.task.premise is True
+    recs = snli_ve_input.source(c, "val")
+    want, _ = snli_ve_input.encode_pair([r["premise"] for r in recs],
+                                        [r["sentence"] for r in recs], 20)
+    ecfg = {**c.evals.val, "batch_size": 4}
+    for i in range(3):
+        Image.new("RGB", (40, 40)).save(recs[i]["image"])
+    b = next(snli_ve_input.eval_batches(c, ecfg, 0, 1))
+    np.testing.assert_array_equal(b["text_ids"][:3], want)
+    c.task.premise = False
+    b = next(snli_ve_input.eval_batches(c, ecfg, 0, 1))
+    np.testing.assert_array_equal(b["text_ids"][:3], snli_ve_input.encode_text(
+        [r["sentence"] for r in recs], 20)[0])
+    c.task.premise = True
+    c.input.val_file = str(albef)
+    with pytest.raises(ValueError, match="set --config.task.premise=False"):
+        snli_ve_input.source(c, "val")
+    c.input.max_text_tokens = 3
+    with pytest.raises(ValueError, match=r"max_text_tokens must be >= 4 \(\[CLS\] premise"):
+        tasks.build(c)
+
+
 def _official_files(tmp_path):
     """An official-format SNLI-VE json with 6 good records (one image missing) and 3 bad ones."""
     root = tmp_path / "flickr"
@@ -122,6 +255,10 @@ def test_reader_and_eval_batches_on_official_records(tmp_path, caplog):
     ann, root, raw = _official_files(tmp_path)
     c = small_config(tmp_path, dataset="json", val_file=ann, train_file=ann, image_root=root,
                      max_skip_rate=0.5)
+    with pytest.raises(ValueError, match=r"has none: pass the original SNLI-VE jsonl "
+                       r"\(snli_ve_dev.jsonl.*input.val_file, or set --config.task.premise=False"):
+        snli_ve_input.source(c, "val")
+    c.task.premise = False  # ALBEF's json: hypothesis only
     src = snli_ve_input.source(c, "val")
     assert len(src) == 6 and sum(src.skipped.values()) == 3
     good = [r for r in raw if r.get("label") != "maybe" and r.get("sentence", "").strip()
@@ -139,7 +276,7 @@ def test_reader_and_eval_batches_on_official_records(tmp_path, caplog):
     assert [b["valid"].tolist() for b in whole] == [[1, 1, 1, 1], [1, 0, 0, 0]]
     assert whole[1]["idx"].tolist() == [5, 5, 5, 5]
     np.testing.assert_array_equal(whole[0]["label"], [src[i]["label"] for i in range(4)])
-    assert whole[0]["image"].shape == (4, 32, 32, 3) and whole[0]["text_ids"].shape == (4, 12)
+    assert whole[0]["image"].shape == (4, 32, 32, 3) and whole[0]["text_ids"].shape == (4, 20)
     assert whole[0]["text_ids"][0, 0] == 101 and whole[0]["text_ids"].dtype == np.int32
     # Two processes: each gets its half of every global batch, same number of batches.
     halves = [list(snli_ve_input.eval_batches(c, ecfg, p, 2)) for p in (0, 1)]
