@@ -2,7 +2,7 @@
 and per class, and a result file.
 
 Contract with a task `T` (= `config.task.name`):
-- module `mplug_jax.data.T_input` defines `LABELS` (class names, index = class id),
+- module `mplug_jax.data.inputs.T` defines `LABELS` (class names, index = class id),
   `eval_records(config, ecfg) -> list[dict]` (the evaluated records) and
   `eval_batches(config, ecfg, process_index, process_count)` yielding numpy batches of this
   process's rows: every model input plus `label` int32[b], `valid` int32[b] (0 = a padding
@@ -40,15 +40,15 @@ _META = ("label", "valid", "idx")
 
 
 def input_module(task: str):
-    """`mplug_jax.data.<task>_input`, checked for the contract's names."""
+    """`mplug_jax.data.inputs.<task>`, checked for the contract's names."""
     try:
-        module = importlib.import_module(f"mplug_jax.data.{task}_input")
+        module = importlib.import_module(f"mplug_jax.data.inputs.{task}")
     except ModuleNotFoundError as e:
-        raise ValueError(f"evaluator 'classify' needs module mplug_jax.data.{task}_input for "
+        raise ValueError(f"evaluator 'classify' needs module mplug_jax.data.inputs.{task} for "
                          f"task {task!r}: {e}") from e
     missing = [n for n in ("LABELS", "eval_records", "eval_batches") if not hasattr(module, n)]
     if missing:
-        raise ValueError(f"mplug_jax.data.{task}_input lacks {missing} (evaluator 'classify')")
+        raise ValueError(f"mplug_jax.data.inputs.{task} lacks {missing} (evaluator 'classify')")
     return module
 
 
