@@ -210,7 +210,10 @@ def test_original_jsonl_reader_premise_and_refusals(tmp_path):
 
     # The pipeline: jsonl with or without the premise; ALBEF json only without.
     c = small_config(tmp_path, dataset="json", val_file=ann, image_root=str(tmp_path))
-    assert c.task.premise is True
+    assert c.task.premise is True and snli_ve_input.premise_on(c)
+    old = c.copy_and_resolve_references()
+    del old.task["premise"]  # a config saved before the option: its runs were hypothesis only
+    assert not snli_ve_input.premise_on(old)
     recs = snli_ve_input.source(c, "val")
     want, _ = snli_ve_input.encode_pair([r["premise"] for r in recs],
                                         [r["sentence"] for r in recs], 20)

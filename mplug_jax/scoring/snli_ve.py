@@ -4,7 +4,7 @@ json (docs/official-formats.md#snli-ve) or the original SNLI-VE jsonl
 (`mplug_jax.data.snli_ve_jsonl`). `id` is the record's index among the annotation's valid
 records in file order, as the readers give them (records `sources.snli_ve` skips get no id).
 
-    mplug-jax score --task snli_ve --results snli_ve_result.json --annotations ve_test.json
+    mplug-jax score --task snli_ve --results snli_ve_result.json --annotations snli_ve_test.jsonl
 """
 from __future__ import annotations
 

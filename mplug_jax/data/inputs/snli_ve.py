@@ -65,9 +65,10 @@ _FILE_KEYS = {"train": "train_file", "val": "val_file", "test": "test_file"}
 
 
 def premise_on(config) -> bool:
-    """`config.task.premise` (True when the config predates the option: the paper's input)."""
+    """`config.task.premise`; False for a config saved before the option existed (its runs
+    were hypothesis only). `configs/snli_ve.py` sets True."""
     task = config.get("task")
-    return bool(task.get("premise", True)) if task is not None else True
+    return bool(task.get("premise", False)) if task is not None else False
 
 
 def files(config, split: str) -> tuple[str, str]:
