@@ -70,14 +70,14 @@ max_query_len). The official loss broadcasting (G7) is kept (`task.loss_weightin
 accum_steps 1, so an epoch here has 4x the official number of updates. The heads grounding
 never reads (ITC/ITM/MLM, temperature) are frozen.
 
-Learning-rate schedule: every variant but `tiny` uses the official one
+Learning-rate schedule: every variant but the tiny ones uses the official one
 (`optim.schedule='epoch_cosine'`, mplug_jax/optim.py; the base variants follow the large
 recipe): both groups start at warmup_lr 1e-6 and reach their peaks (2e-5; 5e-6 for the visual
 encoder; 2e-6 for both in the `_finetune` presets) in 20 stairs of 100 batches (one batch =
 one update here, as the official batches are counted whether or not their gradient is
-applied), then one cosine value per epoch to min lr 1e-6 over 120 epochs. `--config.optim.schedule=cosine` selects ours instead (linear warm-up
-from 0 over `optim.warmup_steps` = 2000 updates, per-update cosine); `tiny` and
-`tiny_finetune` use ours (lr 1e-3, and 1e-4 = 1e-3 x 2e-6 / 2e-5 for both groups).
+applied), then one cosine value per epoch to min lr 1e-6 over 120 epochs.
+`--config.optim.schedule=cosine` selects ours instead (linear warm-up from 0 over
+`optim.warmup_steps` = 2000 updates, per-update cosine); `tiny` and `tiny_finetune` use ours (lr 1e-3, and 1e-4 = 1e-3 x 2e-6 / 2e-5 for both groups).
 
 Release vs paper (docs/recipes.md, value by value): the `..._large` variants are the release
 (grounding_mplug_large.yaml + script); `refcoco_large_paper`, `refcocop_large_paper`,
