@@ -77,7 +77,8 @@ encoder; 2e-6 for both in the `_finetune` presets) in 20 stairs of 100 batches (
 one update here, as the official batches are counted whether or not their gradient is
 applied), then one cosine value per epoch to min lr 1e-6 over 120 epochs.
 `--config.optim.schedule=cosine` selects ours instead (linear warm-up from 0 over
-`optim.warmup_steps` = 2000 updates, per-update cosine); `tiny` and `tiny_finetune` use ours (lr 1e-3, and 1e-4 = 1e-3 x 2e-6 / 2e-5 for both groups).
+`optim.warmup_steps` = 2000 updates, per-update cosine); `tiny` and `tiny_finetune` use ours
+(lr 1e-3, and 1e-4 = 1e-3 x 2e-6 / 2e-5 for both groups).
 
 Release vs paper (docs/recipes.md, value by value): the `..._large` variants are the release
 (grounding_mplug_large.yaml + script); `refcoco_large_paper`, `refcocop_large_paper`,
