@@ -114,6 +114,8 @@ def _selection(c) -> str:
 
 # name -> (label, config paths the setting covers (fnmatch), getter)
 FIELDS = {
+    "start": ("starts from (`init.select` of the previous stage's workdir)",
+              ("init.select", "init.step"), lambda c: c.init.select),
     "image_size": ("image size (px)", ("model.image_size",), lambda c: c.model.image_size),
     "frames": ("frames per video", ("model.num_frames", "evals.*.num_frames"),
                lambda c: c.model.num_frames),

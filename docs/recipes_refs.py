@@ -202,9 +202,49 @@ def _grounding(name: str) -> Section:
          Row("eval_every", Ref("every epoch", "mPLUG/grounding_mplug.py"), Ref(NS)),
          Row("selection", Ref("val/accu", "mPLUG/grounding_mplug.py"), Ref(NS))),
         ("Release and paper (7.1) train on the union set first, then on each dataset from "
-         f"that checkpoint at lr 2e-6 ({sh}); these presets are one stage (issue 20 item 4).",
+         f"that run's best checkpoint ({sh}); the second stage is the `_finetune` presets "
+         "(sections below)." if name == "vg_uni" else
+         f"A one-stage run from the pretrained model; the paper and the release ({sh}) "
+         f"fine-tune this dataset from the `vg_uni` run instead: `{name}_large_finetune`.",
          "The release's gradient accumulation (4, but zero_grad before every backward: only "
-         "every fourth batch counts) is not reproduced (config docstring).",))
+         "every fourth batch counts) is not reproduced (config docstring).",
+         "The release casts the split file's box to int before the corner conversion and "
+         "applies the colour jitter with probability 0.8 (mPLUG/dataset/grounding_dataset.py, "
+         "mPLUG/dataset/vg_transforms.py): `input.int_box`, `input.augment.color_jitter_p`.",))
+
+
+def _grounding_finetune(name: str) -> Section:
+    y, sh = "mPLUG/configs/grounding_mplug_large.yaml", "mPLUG/scripts/grounding_mplug_large.sh"
+    py = "mPLUG/grounding_mplug.py"
+    return Section(
+        f"Visual grounding, `{name}` second stage (large, from the `vg_uni` run)",
+        ((f"configs/grounding.py:{name}_large_finetune", "release"),
+         (f"configs/grounding.py:{name}_large_finetune_paper", "paper")),
+        (Row("start", Ref("best", f"{sh}:14, 21, 28", "the vg_uni run's checkpoint_best.pth"),
+             Ref(NS, S71, "continues from the mixed-dataset model; which checkpoint not "
+                 "stated")),
+         Row("image_size", Ref(336, f"{y}:19"), Ref(336, S71)),
+         Row("batch", Ref(192, f"{y}:20, {sh}:10", "24 per GPU x 8 GPUs"),
+             Ref(512, T11, "one batch size listed for the task")),
+         Row("lr", Ref(2e-6, py, "`--finetune` sets lr1 = lr2 = 2e-6 and nothing else"),
+             Ref(2e-6, S71, "the per-dataset stage")),
+         Row("vision_lr", Ref(2e-6, py, "`--finetune`"),
+             Ref(2e-6, S71, "one lr stated for the stage")),
+         Row("wd", Ref(0.02, f"{y}:29"), WD_PAPER),
+         Row("epochs", Ref(120, f"{y}:30", "the stage-1 yaml"), Ref(NS, S71, "for this stage")),
+         Row("schedule", Ref("epoch_cosine: from 1e-6, 20 stairs of 100 micro-batches, min 1e-6",
+                             f"{y}:30"), COSINE_PAPER),
+         Row("text_tokens", Ref(20, f"{y}:11"), Ref(NS)),
+         Row("eval_every", Ref("every epoch", py), Ref(NS)),
+         Row("selection", Ref("val/accu", py), Ref(NS))),
+        (f"`--config.init.checkpoint=` the `vg_uni_large` workdir (its `best/`). The release "
+         f"script's stage-2 commands ({sh}:10-29, commented out) do not pass `--finetune`: "
+         "as shipped they would train at the yaml's 2e-5 / 5e-6, i.e. "
+         f"`{name}_large` with `init.select='best'` from the vg_uni workdir; the presets "
+         "follow `--finetune` and the paper (2e-6).",
+         "mPLUG-2's paper gives its own second stage 30 epochs (appendix B.2.3); the mPLUG "
+         "paper states none, the presets keep the yaml's 120.",
+         "`_base_finetune`: the same recipe on the base model (no release yaml)."))
 
 
 def _classify(task: str, size: str, lr: float, vision_lr: float | None, batch: int,
@@ -287,6 +327,7 @@ SECTIONS = (
     _vqa("large"), _vqa("base"), _caption_ce("large"), _caption_scst(), _caption_ce("base"),
     _retrieval("coco"), _retrieval("flickr"),
     *(_grounding(n) for n in ("vg_uni", "refcoco", "refcocop", "refcocog")),
+    *(_grounding_finetune(n) for n in ("refcoco", "refcocop", "refcocog")),
     _classify("nlvr2", "large", 5e-5, 5e-6, 256, 15), _classify("snli_ve", "large", 2e-5, 2e-5,
                                                                  64, 5),
     _m2_qa(), _m2_caption(),

@@ -45,7 +45,8 @@ _NON_NEGATIVE = re.compile(
     r"wd|clip_norm|(eval|train)_size|min_length|num_examples|limit|queue_size|mult|step|"
     r"peak_flops|targets_per_question|gather_length|(\w+_)?warmup_epochs|num_samples|top_k|"
     r"temperature|eps")
-_FRACTION = re.compile(r"max_skip_rate|mask_prob|momentum|distill_alpha|b1|b2|top_p")
+_FRACTION = re.compile(r"max_skip_rate|mask_prob|momentum|distill_alpha|b1|b2|top_p|"
+                       r"color_jitter_p")
 # Path fields by name (`synthetic_dir` is not one: it is created on first use).
 _PATH = re.compile(r"(\w+_)?annotations|(\w+_)?files?|(\w+_)?root|tfds_dir|eval_labels|"
                    r"answer_list")

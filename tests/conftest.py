@@ -62,7 +62,8 @@ SLOW_FILES = ("learning/test_learn_caption.py", "learning/test_learn_pretrain.py
               "test_reliability.py", "test_multihost.py", "test_sharding_strategies.py",
               "test_caption.py", "mplug2/test_mplug2_video_qa.py",
               "mplug2/test_mplug2_retrieval.py", "mplug2/test_mplug2_pretrain.py", "test_vqa.py",
-              "test_retrieval.py", "test_grounding.py", "test_predict.py",
+              "test_retrieval.py", "test_grounding_stages.py", "test_grounding.py",
+              "test_predict.py",
               "mplug2/test_mplug2_video_caption.py", "test_nlvr2.py", "test_snli_ve.py",
               "test_compilation_cache.py", "test_gpu_check.py")
 TESTS = pathlib.Path(__file__).resolve().parent

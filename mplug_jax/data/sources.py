@@ -316,18 +316,24 @@ def _load_split_file(path: str) -> list:
 
 
 def grounding(split_file: str, image_dir: str, *, flickr: bool = False,
+              corners: bool | None = None, int_box: bool = False,
               max_skip_rate: float = 0.01) -> RecordSource:
-    """TransVG split tuples: (file, _, [x, y, w, h], phrase, attrs) or flickr (file, x1y1x2y2,
-    phrase). Boxes are returned as [x, y, w, h] pixels; phrases lower-cased (official); `id` =
-    the tuple's position in the split file; empty phrases are skipped and counted."""
+    """TransVG split tuples: (file, _, box, phrase, attrs) or flickr (file, box, phrase); the
+    box is [x, y, w, h], or [x1, y1, x2, y2] with `corners` (default: `flickr`; official:
+    referit and flickr). `int_box`: the box cast to int (truncated) first, as the official
+    `pull_item` (so x2 = int(x) + int(w)). Boxes are returned as [x, y, w, h] pixels; phrases
+    lower-cased (official); `id` = the tuple's position in the split file; empty phrases and
+    boxes without area are skipped and counted."""
+    corners = flickr if corners is None else corners
+
     def parse(raw, pos):
-        if flickr:
-            file, box, phrase = raw[0], raw[1], raw[2]
-            x1, y1, x2, y2 = (float(v) for v in box)
-            bbox = [x1, y1, x2 - x1, y2 - y1]
-        else:
-            file, box, phrase = raw[0], raw[2], raw[3]
-            bbox = [float(v) for v in box]
+        file, box, phrase = (raw[0], raw[1], raw[2]) if flickr else (raw[0], raw[2], raw[3])
+        nums = [float(v) for v in box]
+        if int_box:
+            nums = [float(int(v)) for v in nums]
+        bbox = nums
+        if corners and len(nums) == 4:
+            bbox = [nums[0], nums[1], nums[2] - nums[0], nums[3] - nums[1]]
         if len(bbox) != 4 or bbox[2] <= 0 or bbox[3] <= 0:
             raise BadRecord("bad_record", f"degenerate box {box!r}")
         if not isinstance(phrase, str) or not isinstance(file, str):

@@ -13,14 +13,18 @@ Transforms (official `grounding_mplug.py` / TransVG `transforms.py`), images cha
   R - k * (R // 20), k = 0..6; or, with p = 0.5 when `crop` is on and the phrase names no
   position (left / right / top / bottom / middle), short side to one of `crop_short_sides`, a
   random crop of `crop_range` px that keeps the box centre (box clipped to it), then the
-  long-side resize; colour jitter (brightness, contrast, saturation 0.4, random order);
+  long-side resize; with p = `color_jitter_p` (official 0.8) colour jitter (brightness,
+  contrast, saturation 0.4, random order);
   horizontal flip p = 0.5 mirroring the box and swapping 'left' <-> 'right' in the phrase;
   normalise; pad to R x R (random placement with `translate`, else centred).
 - eval: long side to R, normalise, pad centred (top = round(dh / 2 - 0.1)).
 Normalisation: CLIP mean/std in both (the official switches to ImageNet statistics at
 evaluation, quirk G2; `official_eval_normalisation=True` restores that).
 
-Box target: (cx, cy, w, h) of the box in the padded R x R frame, divided by R.
+Box: the split file's, with `input.int_box` (official) cast to int (truncated) before the
+corner conversion, so x2 = int(x) + int(w) (`sources.grounding`; referit and flickr files hold
+corners, cast as they are). Box target: (cx, cy, w, h) of the box in the padded R x R frame,
+divided by R.
 Text: "[CLS] " + tokens(phrase.lower())[:L - 2] + " [SEP]", 0-padded to L = max_query_len.
 
 Train batch (per process, B rows): image float32[B, R, R, 3], text_ids / text_mask int32[B, L],
@@ -47,11 +51,15 @@ logger = logging.getLogger(__name__)
 
 DATASETS = ("synthetic", "unc", "unc+", "gref", "gref_umd", "referit", "flickr", "vg_uni")
 VG_UNI = ("referit", "unc", "unc+", "gref_umd")
+# Split files whose boxes are corners [x1, y1, x2, y2] (official pull_item); the others
+# [x, y, w, h].
+CORNER_BOXES = ("referit", "flickr")
 SPATIAL_WORDS = ("left", "right", "top", "bottom", "middle")
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 DEFAULT_AUGMENT = dict(scale=True, crop=True, crop_short_sides=(400, 500, 600),
-                       crop_range=(384, 600), color_jitter=0.4, hflip=True, translate=True)
+                       crop_range=(384, 600), color_jitter=0.4, color_jitter_p=0.8, hflip=True,
+                       translate=True)
 
 
 # ---- text ---------------------------------------------------------------------------------
@@ -131,6 +139,12 @@ def flip(img: Image.Image, box_xyxy: np.ndarray, phrase: str):
             swap_left_right(phrase))
 
 
+def jitter_drawn(p: float, rng: np.random.Generator) -> bool:
+    """Whether the colour jitter applies to this image: official ColorJitter, p = 0.8. p >= 1
+    draws nothing (every image; the random stream of the runs before issue 20)."""
+    return p >= 1 or bool(rng.random() < p)
+
+
 def _color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
     ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
     for k in rng.permutation(len(ops)):
@@ -181,7 +195,7 @@ def train_transform(img: Image.Image, box_xyxy: np.ndarray, phrase: str, size: i
                          Image.BILINEAR)
         img, box = _random_crop(img, box * np.float32(ratio), *aug["crop_range"], rng)
     img, box, _ = _resize_long(img, box, long_side)
-    if aug["color_jitter"]:
+    if aug["color_jitter"] and jitter_drawn(float(aug["color_jitter_p"]), rng):
         img = _color_jitter(img, float(aug["color_jitter"]), rng)
     if aug["hflip"] and rng.random() < 0.5:
         img, box, phrase = flip(img, box, phrase)
@@ -238,22 +252,25 @@ def synthetic_root(input_cfg, image_size: int, seed: int) -> str:
 def source(input_cfg, split: str, *, dataset: str | None = None, size: int = 0,
            image_size: int = 64, seed: int = 0) -> sources.RecordSource:
     """Records {image, bbox [x, y, w, h] px, phrase, id} of `dataset` (default
-    input.dataset) / `split`; `size` = records of the synthetic split (ignored otherwise)."""
+    input.dataset) / `split`; `size` = records of the synthetic split (ignored otherwise).
+    `input.int_box`: the file's box cast to int first (official, `sources.grounding`)."""
     name = dataset or input_cfg.dataset
     if name not in DATASETS:
         raise ValueError(f"unknown grounding dataset {name!r}; valid: {', '.join(DATASETS)}")
     rate = float(input_cfg.get("max_skip_rate", 0.01))
+    int_box = bool(input_cfg.get("int_box", False))
     if name == "synthetic":
         from mplug_jax.data.synthetic import grounding as synthetic_grounding
-        if split not in ("train", "heldout"):
-            raise ValueError(f"the synthetic grounding data has splits train / heldout, not "
-                             f"{split!r}")
+        if split not in ("train", "heldout", "test"):
+            raise ValueError("the synthetic grounding data has splits train / heldout / test, "
+                             f"not {split!r}")
         if size <= 0:
             raise ValueError("the synthetic grounding data needs a size > 0")
         root = synthetic_root(input_cfg, image_size, seed)
         path = synthetic_grounding.write_split(root, split, size, image_size=image_size,
                                                seed=seed, options=input_cfg.get("synthetic"))
-        return sources.grounding(path, os.path.join(root, "images"), max_skip_rate=rate)
+        return sources.grounding(path, os.path.join(root, "images"), max_skip_rate=rate,
+                                 int_box=int_box)
     data_root, split_root = input_cfg.get("data_root", ""), input_cfg.get("split_root", "")
     if not data_root or not split_root:
         raise ValueError(f"grounding dataset {name!r} needs input.data_root (images, official "
@@ -261,7 +278,8 @@ def source(input_cfg, split: str, *, dataset: str | None = None, size: int = 0,
     names = VG_UNI if name == "vg_uni" and split == "train" else \
         ("unc",) if name == "vg_uni" else (name,)
     parts = [sources.grounding(split_path(split_root, n, split), image_dir(data_root, n),
-                               flickr=n == "flickr", max_skip_rate=rate) for n in names]
+                               flickr=n == "flickr", corners=n in CORNER_BOXES,
+                               int_box=int_box, max_skip_rate=rate) for n in names]
     return parts[0] if len(parts) == 1 else _Concat(parts)
 
 

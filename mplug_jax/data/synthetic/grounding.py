@@ -27,9 +27,13 @@ import numpy as np
 from PIL import Image
 
 from mplug_jax.data.synthetic.shapes import (BACKGROUND_STYLES, BACKGROUNDS, COLORS, SHAPES,
-                                             SPLITS, Scene, Shape, render)
+                                             Scene, Shape, render)
+from mplug_jax.data.synthetic.shapes import SPLITS as _SHAPES_SPLITS
 
 NAME = "shapes"
+# The shapes splits plus 'test' (the test split a second-stage preset evaluates on its best
+# checkpoint, configs/grounding.py:tiny_finetune); the number seeds each split's stream.
+SPLITS = {**_SHAPES_SPLITS, "test": 2}
 _RELATIONS = {"left of": lambda a, b: a.cell[1] < b.cell[1],
               "right of": lambda a, b: a.cell[1] > b.cell[1],
               "above": lambda a, b: a.cell[0] < b.cell[0],
