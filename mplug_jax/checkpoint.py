@@ -12,7 +12,7 @@ process can reach.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,6 +37,17 @@ def _brief(err: BaseException) -> str:
 def _warn(msg: str) -> None:
     if jax.process_index() == 0:
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def _subtree(tree: Any, key: str) -> Any:
+    """`tree[a][b]` for key 'a/b' (mappings), or None where a part is missing."""
+    for part in key.split("/"):
+        if not hasattr(tree, "get"):
+            return None
+        tree = tree.get(part)
+        if tree is None:
+            return None
+    return tree
 
 
 def resolve(path: str | epath.Path) -> epath.Path:
@@ -100,8 +111,12 @@ class Checkpointer:
     def restore_step(self, step: int, abstract_state: Any, shardings: Any,
                      data_iter: Any) -> Any:
         """`restore`, with a one-line `CheckpointError` when the step cannot be read."""
+        return self._read_step(
+            step, lambda: self.restore(step, abstract_state, shardings, data_iter))
+
+    def _read_step(self, step: int, read: Callable[[], Any]) -> Any:
         try:
-            return self.restore(step, abstract_state, shardings, data_iter)
+            return read()
         except Exception as err:  # noqa: BLE001 - any failure to read the files
             why = _brief(err)
         # Raised here, not in `except`: the orbax error (and its pending futures) is let go.
@@ -118,6 +133,12 @@ class Checkpointer:
         why, and the one before it is tried; `CheckpointError` when none can be read. The
         processes of a multi-process run agree on each step (one unreadable part skips it
         everywhere)."""
+        return self._newest_readable(
+            lambda step: self.restore(step, abstract_state, shardings, data_iter), warn)
+
+    def _newest_readable(self, read: Callable[[int], Any],
+                         warn: Callable[[str], None]) -> tuple[Any, int] | None:
+        """(read(step), step) for the newest step `read` succeeds on, on every process."""
         steps = self.all_steps()
         if not steps:
             return None
@@ -125,7 +146,7 @@ class Checkpointer:
         for step in reversed(steps):
             state, why = None, "unreadable on another process"
             try:
-                state = self.restore(step, abstract_state, shardings, data_iter)
+                state = read(step)
             except Exception as err:  # noqa: BLE001 - any failure to read the files
                 why = _brief(err)
             if distributed.all_true(f"restore_{step}", state is not None):
@@ -134,6 +155,51 @@ class Checkpointer:
             warn(f"skipping checkpoint step {step} of {self.directory}: {why}")
         raise CheckpointError(f"no checkpoint of {self.directory} can be read ("
                               + "; ".join(reasons) + ")")
+
+    def read_arrays(self, step: int, keys: Sequence[str]) -> dict:
+        """Parts of the saved state of `step`, every array on this process's first device.
+
+        Args:
+          step: a finalised step.
+          keys: '/'-separated paths into the saved TrainState: 'params', 'extra/params_m'.
+            A path the step does not hold is left out of the result.
+        Returns:
+          {key: that subtree (nested dicts of jax.Array)}. Shapes and dtypes come from the
+          step's own metadata: no model or train state is built, and nothing else (optimizer
+          state, queues) is read.
+        """
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        directory = self.directory / str(step) / "state"
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            saved = handler.metadata(directory)
+            target: dict = {}
+            for key in keys:
+                node = _subtree(saved, key)
+                if node is not None:
+                    *parents, last = key.split("/")
+                    sub = target
+                    for part in parents:
+                        sub = sub.setdefault(part, {})
+                    sub[last] = jax.tree.map(
+                        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), node)
+            restored = handler.restore(directory, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        finally:
+            handler.close()
+        found = {key: _subtree(restored, key) for key in keys}
+        return {k: v for k, v in found.items() if v is not None}
+
+    def read_arrays_step(self, step: int, keys: Sequence[str]) -> dict:
+        """`read_arrays`, with a one-line `CheckpointError` when the step cannot be read."""
+        return self._read_step(step, lambda: self.read_arrays(step, keys))
+
+    def read_arrays_latest(self, keys: Sequence[str], warn: Callable[[str], None] = _warn
+                           ) -> tuple[dict, int] | None:
+        """`read_arrays` of the newest readable step, as `restore_latest` picks it (unreadable
+        steps skipped with a warning): (arrays, step), or None when there is no step."""
+        return self._newest_readable(lambda step: self.read_arrays(step, keys), warn)
 
     def set_aside(self, after: int) -> list[str]:
         """Rename the step directories newer than `after` (unreadable ones that a resume

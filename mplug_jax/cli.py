@@ -98,8 +98,9 @@ def _export(args) -> int:
                                         exclude=conv.missing)
         model, start = conv.model, conv.start_layer
     else:
-        from mplug_jax import workdir
-        model, params, momentum = workdir.restore_params(args.ckpt, step=args.step)
+        from mplug_jax import tasks, workdir
+        config, params, momentum = workdir.restore_params(args.ckpt, step=args.step)
+        model = tasks.model(config)
         if args.momentum and momentum is None:
             print("error: this workdir keeps no momentum params", file=sys.stderr)
             return 2

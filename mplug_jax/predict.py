@@ -178,7 +178,8 @@ class Predictor:
         task = task or trained
         if task not in TASKS:
             raise ValueError(f"{path} holds a {trained!r} checkpoint; predict handles {TASKS}")
-        model, params, _ = workdir.restore_params(path, step=step or None)
+        params = workdir.restore_params(path, step=step or None).params
+        model = tasks.model(config)
         # The run's own generation settings (e.g. a tiny model's shorter captions) first.
         gen = (config.task.get("generation") or {}) if trained == task else {}
         trained_settings = {k: gen[k] for k in ("beam_size", "min_length", "max_length")
@@ -382,7 +383,8 @@ class VideoPredictor:
         if task is not None and task != trained:
             raise ValueError(f"{path} holds a {config.task.name!r} checkpoint, not a {task!r} "
                              "one (wrong task)")
-        model, params, _ = workdir.restore_params(path, step=step or None)
+        params = workdir.restore_params(path, step=step or None).params
+        model = tasks.model(config)
         gen = dict(config.task.get("generation") or {})
         mine = {k: gen[k] for k in ("beam_size", "min_length", "max_length") if k in gen}
         prompt = str(config.task.get("prompt", "") or "") if trained == "video_caption" else ""

@@ -84,8 +84,9 @@ def _full_checkpoint(init_cfg) -> tuple[dict, dict | None, str]:
         what = f"converted checkpoint {path}"
     elif (path / "config.json").exists():
         source, step = selection.init_source(init_cfg)
-        model, params, params_m = workdir_lib.restore_params(source, step)
-        loop = (lambda t: P.scan_to_loop(_np(t))) if model.scan_layers else _np
+        config, params, params_m = workdir_lib.restore_params(source, step)
+        scan = bool(config.model.get("scan_layers", False))  # the models' default: loops
+        loop = (lambda t: P.scan_to_loop(_np(t))) if scan else _np
         return loop(params), (loop(params_m) if params_m is not None else None), \
             f"workdir {source}" + (f" at step {step}" if step else "")
     elif path.is_file():

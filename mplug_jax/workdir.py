@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -18,9 +19,7 @@ from etils import epath
 from mplug_jax import checkpoint as ckpt_lib
 from mplug_jax import distributed
 from mplug_jax import rng as rng_lib
-from mplug_jax import sharding as shd
-from mplug_jax import tasks
-from mplug_jax import train_state as ts
+from mplug_jax import task_names
 from mplug_jax.errors import ConfigError
 from mplug_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -74,7 +73,7 @@ def check_resumable(workdir: epath.Path, config) -> None:
                              "checkpoints, so its run config cannot be checked: restore the "
                              "file or pick another --workdir") from None
     new = json.loads(json.dumps(config.to_dict(), default=str))  # as `write_config` saves it
-    was, now = (tasks.canonical(str(c.get("task", {}).get("name"))) for c in (old, new))
+    was, now = (task_names.canonical(str(c.get("task", {}).get("name"))) for c in (old, new))
     if was != now:
         diffs = [f"task {was!r} != {now!r}"]
     else:
@@ -149,39 +148,43 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_params(workdir: str | epath.Path, step: int | None = None):
+class Restored(NamedTuple):
+    """A workdir checkpoint's arrays: `config` (the run config, whose task says which model
+    the params belong to: `tasks.model(config)`), `params` and `momentum` (the momentum copy
+    `extra['params_m']`, None when the run keeps none)."""
+    config: ml_collections.ConfigDict
+    params: Any
+    momentum: Any
+
+
+def restore_params(workdir: str | epath.Path, step: int | None = None) -> Restored:
     """Params of a workdir's checkpoint (latest, or `step`), on this process's first device.
 
-    Latest = the newest step that can be read (`Checkpointer.restore_latest`: unreadable
-    steps are skipped with a warning), the rule the trainer resumes by.
+    Only the arrays are read, with the shapes the checkpoint records: no task, model or train
+    state is built. Latest = the newest step that can be read (`Checkpointer.restore_latest`'s
+    rule, the one the trainer resumes by: unreadable steps are skipped with a warning).
 
     Returns:
-      (model, params, momentum params or None) of the workdir's task.
+      `Restored(config, params, momentum params or None)`.
     """
     workdir = resolve(workdir)
     config = read_config(workdir)
-    config.mesh.sharding = "dp"
-    config.input.batch_size = 1  # the state's shapes do not depend on the batch
-    config.optim.accum_steps = 1
+    keys = ("params", "extra/params_m")
     ckpt = ckpt_lib.Checkpointer(workdir / CKPT, keep=None, async_save=False, create=False)
     try:
         available = ckpt.all_steps()
         if not available or (step is not None and step not in available):
             raise FileNotFoundError(f"no checkpoint at step {step} in {workdir / CKPT}; "
                                     f"available: {available}")
-        task = tasks.build(config)
-        mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
-                             devices=jax.local_devices()[:1])
-        _, _, abstract, shardings = ts.state_spec(  # shapes only
-            task, config.optim, 1, mesh, shd.rules(config.mesh.sharding), steps_per_epoch=1,
-            rng_impl=rng_lib.impl_name(config))
         if step is None:  # the newest readable step (corrupt ones skipped, with a warning)
-            state, _ = ckpt.restore_latest(abstract, shardings, None)
+            arrays, _ = ckpt.read_arrays_latest(keys)
         else:
-            state = ckpt.restore_step(step, abstract, shardings, None)
+            arrays = ckpt.read_arrays_step(step, keys)
     finally:
         ckpt.close()
-    return task.model, state.params, state.extra.get("params_m")
+    if "params" not in arrays:
+        raise ckpt_lib.CheckpointError(f"{workdir / CKPT} holds no params")
+    return Restored(config, arrays["params"], arrays.get("extra/params_m"))
 
 
 class BestKeeper:

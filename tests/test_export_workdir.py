@@ -19,7 +19,7 @@ def test_export_pretraining_workdir_round_trips(tmp_path, pretrain_workdir):
     conv = convert.load_official(out, base + ".config_bert.json", base + ".config.yaml",
                                  allow_missing=None)
     assert json.load(open(base + ".config_bert.json"))["hidden_size"] == 32
-    model, params, momentum = workdir.restore_params(run)
+    _, params, momentum = workdir.restore_params(run)
     want, got = P.flatten(params), P.flatten(conv.params)
     assert want.keys() == got.keys()
     for k in want:

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mplug_jax import config_checks, pretrained, selection, trainer, workdir
+from mplug_jax import config_checks, pretrained, selection, tasks, trainer, workdir
 from mplug_jax import params as params_lib
 from mplug_jax.errors import ConfigError
 from mplug_jax.evaluators import common as evaluators
@@ -108,7 +108,7 @@ def test_stage_starts_from_best_or_epoch(selected_run):
     wd, _, fakes = selected_run
     init = ml_collections.ConfigDict(dict(checkpoint=str(wd), step=0, select="best"))
     assert selection.init_source(init) == (workdir.resolve(wd / "best"), None)
-    model, _, _ = workdir.restore_params(wd)
+    model = tasks.model(workdir.read_config(wd))
     assert not model.scan_layers  # the loop layout: loaded and saved names are the same
     cases = {"best": fakes["val"].seen[1], "epoch:0": fakes["val"].seen[0],
              "epoch:1": fakes["val"].seen[1], "latest": fakes["val"].seen[2]}

@@ -13,11 +13,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from mplug_jax.task_names import RENAMED, canonical  # noqa: F401 - part of this API
+
 # Families with a task package of their own: mplug_jax.<family>.tasks.
 FAMILIES = ("mplug2",)
-# Names written by earlier versions (config.json of old workdirs) -> today's names.
-RENAMED = {"mplug2_video_qa": "mplug2.video_qa", "mplug2_video_caption": "mplug2.video_caption",
-           "mplug2_retrieval": "mplug2.retrieval", "mplug2_pretrain": "mplug2.pretrain"}
 
 
 def _module_names(package: str) -> list[str]:
@@ -31,11 +30,6 @@ def available() -> list[str]:
     for family in FAMILIES:
         names += [f"{family}.{n}" for n in _module_names(f"mplug_jax.{family}.tasks")]
     return sorted(names)
-
-
-def canonical(name: str) -> str:
-    """Today's spelling of a task name (old workdirs name the mPLUG-2 tasks `mplug2_*`)."""
-    return RENAMED.get(name, name)
 
 
 def module_name(name: str) -> str:
@@ -60,3 +54,9 @@ def get_class(name: str) -> type:
 def build(config, steps_per_epoch: int = 1):
     """The task of `config.task.name`, built from the whole run config."""
     return get_class(config.task.name)(config, steps_per_epoch=steps_per_epoch)
+
+
+def model(config):
+    """The model (eval mode) of a run config's task: what that run's checkpoints hold the
+    params of (`workdir.restore_params` reads the arrays alone)."""
+    return build(config).model

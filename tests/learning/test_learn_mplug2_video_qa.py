@@ -100,7 +100,9 @@ def _train(tmp_path, data, temporal: bool):
            f"--config.total_steps={LEARN_STEPS}", f"--config.model.temporal={temporal}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return wd.restore_params(work)[:2]
+    from mplug_jax import tasks
+    restored = wd.restore_params(work)
+    return tasks.model(restored.config), restored.params
 
 
 @pytest.mark.learning
