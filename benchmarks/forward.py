@@ -6,7 +6,7 @@ median of 5 timed calls after 1 warm-up, wall clock, 2 CPU threads. Each compone
 jitted function; rows: visual encoder, text encoder, fusion at stride 1/3/6, text decoder
 (12 layers teacher-forced on 10 tokens over 197 + 30 states, with the 30522-way LM head), one
 co-attention layer, one connected layer, and the full VQA training forward at stride 3 (visual
-+ text + fusion + decoder + loss, as `mplug_jax.interop.parity.official_forward` + `token_nll`).
++ text + fusion + decoder + loss, as `mplug_jax.parity.vqa_caption.official_forward` + `token_nll`).
 
 Threads: before JAX is imported we set
 XLA_FLAGS="--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2" and pin the
@@ -59,7 +59,7 @@ def build(dims: dict, batch: int, smoke: bool) -> dict:
     import jax.numpy as jnp
 
     from configs.common import model_config
-    from mplug_jax.interop.parity import token_nll
+    from mplug_jax.parity.vqa_caption import token_nll
     from mplug_jax.models.fusion import FusionLayer
     from mplug_jax.models.mplug import MPLUG
 

@@ -12,7 +12,7 @@ from mplug_jax import compilation_cache, errors
 def _parity(args) -> int:
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    from mplug_jax.interop.parity import format_table, run_parity
+    from mplug_jax.parity import format_table, run_parity
     failed = 0
     for fx in args.fixture:
         if not os.path.isfile(os.path.join(fx, "expected.npz")):

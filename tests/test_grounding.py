@@ -134,7 +134,7 @@ def test_split_tuples_to_batches(tmp_path):
     np.testing.assert_allclose(b["gt_box"][0], want, atol=1e-5)
     n = int(b["text_mask"][0].sum())
     assert b["text_ids"][0, 0] == 101 and b["text_ids"][0, n - 1] == 102
-    from mplug_jax.interop.parity_tasks import grounding_eval_image
+    from mplug_jax.parity.grounding import grounding_eval_image
     ours, ratio2, l2, t2 = GI.eval_transform(Image.open(r["image"]), 48, imagenet=True)
     theirs, _, ratio3, l3, t3 = grounding_eval_image(r["image"], 48)
     np.testing.assert_allclose(ours, theirs.transpose(1, 2, 0), atol=1e-6)

@@ -17,7 +17,7 @@ from mplug_jax import cli, losses, tasks
 from mplug_jax.data.inputs import retrieval as retrieval_input
 from mplug_jax.data.synthetic import retrieval as synthetic_retrieval
 from mplug_jax.evaluators import retrieval as ev
-from mplug_jax.interop import parity_tasks
+from mplug_jax.parity import retrieval as retrieval_parity
 from mplug_jax.scoring import retrieval as R
 from mplug_jax.sharding import make_mesh
 
@@ -51,7 +51,7 @@ def synth_dir(tmp_path_factory):
 
 def test_itc_and_queue_match_official_forward(small_task):
     """Task.loss's ITC (image-id positives in batch and queue, distillation) and its queue
-    update == the official forward (parity_tasks reference, checked against the fixture)."""
+    update == the official forward (parity.retrieval reference, checked against the fixture)."""
     task, params = small_task
     r = np.random.default_rng(0)
     b, q, e = 4, 8, SMALL_MODEL["embed_dim"]
@@ -73,7 +73,7 @@ def test_itc_and_queue_match_official_forward(small_task):
              "idx": np.arange(b, dtype=np.int32)}
     _, (m, new) = jax.jit(task.loss)(params, extra, batch, jax.random.PRNGKey(1),
                                      jnp.asarray(10))
-    ref = parity_tasks.retrieval_train_forward(
+    ref = retrieval_parity.retrieval_train_forward(
         task.model, params, {**params, **params_m}, queues, image.transpose(0, 3, 1, 2), ids,
         mask, idx, 0.4, np.zeros(b, np.int64), np.zeros(b, np.int64))
     np.testing.assert_allclose(float(m["loss_itc"]), float(ref["loss_ita"]), rtol=1e-5)

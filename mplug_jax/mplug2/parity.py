@@ -26,7 +26,8 @@ from mplug_jax.data.ops import text as text_norm
 from mplug_jax.data.ops import video as video_lib
 from mplug_jax.data.ops.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
 from mplug_jax.mplug2 import convert as mplug2_convert
-from mplug_jax.interop.parity_rows import Row
+from mplug_jax.parity.rows import Row
+from mplug_jax.parity.vqa_caption import token_nll
 from mplug_jax.mplug2.model import MPLUG2, decoder_module, vqa_states
 
 GEN_TASKS = ("vqa", "caption")
@@ -82,16 +83,6 @@ def _check_text(text: dict, prompt: str) -> list[Row]:
 
 
 # ---- forward (docs/fixtures.md#mplug-2-forward) --------------------------------------------------
-
-def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token NLL float32[N, L-1] of logits[:, :-1] vs labels[:, 1:], and the mask of
-    labels that count (-100 ignored)."""
-    targets = labels[:, 1:]
-    valid = targets != -100
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
-    return jnp.where(valid, nll, 0.0), valid
-
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(model: MPLUG2, params, video, ids, mask, rows, tgt, tgt_mask, tgt_labels,

@@ -1,4 +1,4 @@
-"""Official-fixture parity check (`mplug-jax parity --fixture DIR`).
+"""Parity with the official VQA / caption fixtures (`mplug-jax parity --fixture DIR`).
 
 A fixture (see docs/fixtures.md#vqa-and-caption-fixtures) holds official configs, an official state
 dict, raw images and strings, the official preprocessing results and the official model outputs.
@@ -14,20 +14,16 @@ import json
 import os
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import flax.linen as nn
-
 from mplug_jax import generate
 from mplug_jax.data.ops import text as text_norm
 from mplug_jax.data.ops.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
-from mplug_jax.data.ops.image import load_image
 from mplug_jax.interop.convert import load_official
-from mplug_jax.interop.parity_rows import Row
-
-
+from mplug_jax.parity.rows import Row, compare_arrays, image_row
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -213,57 +209,25 @@ def check_generation(fixture: str, meta: dict, model, params, got: dict,
     return rows
 
 
-def run_parity(fixture: str, image_atol: float = 1e-4) -> list[Row]:
-    """Run every check of a fixture folder; returns one Row per compared output."""
+def run_vqa_caption_parity(fixture: str, meta: dict, image_atol: float = 1e-4) -> list[Row]:
+    """Every check of a VQA / caption fixture folder (docs/fixtures.md#vqa-and-caption-fixtures):
+    one Row per compared output."""
     def path(*p):
         return os.path.join(fixture, *p)
-    with open(path("meta.json")) as f:
-        meta = json.load(f)
-    from mplug_jax.mplug2.parity import is_mplug2_fixture, run_mplug2_parity
-    if is_mplug2_fixture(meta):  # docs/fixtures.md#mplug-2-video-fixtures
-        return run_mplug2_parity(fixture, meta)
-    if meta.get("task", "vqa") not in ("vqa", "caption"):  # task fixture (docs/fixtures.md)
-        from mplug_jax.interop.parity_tasks import run_task_parity
-        return run_task_parity(fixture, meta, image_atol)
     inputs = dict(np.load(path("inputs.npz"), allow_pickle=False))
     expected = dict(np.load(path("expected.npz"), allow_pickle=False))
     with open(path("text.json")) as f:
         rows = _check_text(fixture, json.load(f))
-
-    res = inputs["image"].shape[-1]
     images = meta.get("images") or [{"file": f"images/{n}"} for n in
                                      sorted(os.listdir(path("images")))]
-    errs = [np.abs(load_image(path(e["file"]), res).transpose(2, 0, 1) - inputs["image"][i]).max()
-            for i, e in enumerate(images[: inputs["image"].shape[0]])]
-    rows.append(Row("preprocess:image", tuple(inputs["image"].shape), float(max(errs)),
-                    image_atol, max(errs) <= image_atol))
+    rows.append(image_row(fixture, images, inputs["image"], image_atol))
 
     cfg_yaml = path("config.yaml") if os.path.isfile(path("config.yaml")) else None
     conv = load_official(path("model.safetensors"), path("config_bert.json"), cfg_yaml)
     with jax.default_matmul_precision("highest"):
         got = official_forward(conv.model, conv.params, inputs, meta.get("task", "vqa"))
-    tols = meta["float64_check"]["suggested_atol"]
-    for name, want in expected.items():
-        tol = float(tols.get(name, 1e-5))
-        if name not in got:
-            rows.append(Row(name, tuple(want.shape), float("inf"), tol, False, "not computed"))
-            continue
-        g = got[name]
-        if g.shape != want.shape:
-            rows.append(Row(name, tuple(want.shape), float("inf"), tol, False,
-                            f"shape {g.shape}"))
-            continue
-        err = float(np.abs(g.astype(np.float64) - want).max()) if want.size else 0.0
-        rows.append(Row(name, tuple(want.shape), err, tol, bool(err <= tol)))
+    rows += compare_arrays(got, expected, meta["float64_check"]["suggested_atol"])
     if "generation" in meta and os.path.isfile(path("generation.npz")) and os.path.isfile(
             path("generation.json")):
         rows += check_generation(fixture, meta, conv.model, conv.params, got, inputs)
     return rows
-
-
-def format_table(rows: list[Row]) -> str:
-    lines = [f"{'output':<28} {'shape':<20} {'max abs err':>12} {'tolerance':>10}  ok"]
-    for r in rows:
-        lines.append(f"{r.name:<28} {str(r.shape):<20} {r.max_err:>12.3g} {r.tol:>10.3g}  "
-                     f"{'yes' if r.ok else 'NO ' + r.note}")
-    return "\n".join(lines)

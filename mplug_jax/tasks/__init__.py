@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from mplug_jax.task_names import RENAMED, canonical  # noqa: F401 - part of this API
+from mplug_jax.task_names import canonical
 
 # Families with a task package of their own: mplug_jax.<family>.tasks.
 FAMILIES = ("mplug2",)

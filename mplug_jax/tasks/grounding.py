@@ -15,7 +15,7 @@ columns are kept, which is the same cross-entropy), per-token NLL weighted by cl
 weights). `task.loss_weighting='official'` reproduces the official broadcasting (G7: every
 token weighted by the batch-mean weight of its coordinate); 'per_sample' is the intended
 per-sample weighting; 'none' is the plain token cross-entropy (an ablation). `coordinate_loss` is the one implementation (the parity check of
-`interop.parity_tasks` calls it too).
+`parity.grounding` calls it too).
 
 Inference: `generate.coordinate_greedy` (4 greedy steps over the coordinate ids, KV cache).
 

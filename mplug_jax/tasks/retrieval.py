@@ -1,6 +1,6 @@
 """Image-text retrieval fine-tuning (COCO / Flickr30k): ITC with queues and momentum
 distillation + ITM with hard negatives, as the official `model_retrieval_mplug.py` forward
-(docs/fixtures.md#retrieval-training-forward; `interop.parity_tasks.retrieval_train_forward` is the
+(docs/fixtures.md#retrieval-training-forward; `parity.retrieval.retrieval_train_forward` is the
 checked reference).
 
 Per step: `begin_step` updates the momentum copy of the encoders and ITC projections first

@@ -13,7 +13,7 @@ from mplug_jax import cli
 from mplug_jax import params as P
 from mplug_jax.interop import convert, official_config, official_io, official_keys
 from mplug_jax.interop.errors import CheckpointError
-from mplug_jax.interop.parity import run_parity
+from mplug_jax.parity import run_parity
 from mplug_jax.models.mplug import MPLUG
 
 FIXTURES = fixture_dirs()

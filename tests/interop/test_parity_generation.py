@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_dirs
-from mplug_jax.interop.parity import format_table, run_parity
+from mplug_jax.parity import format_table, run_parity
 
 GEN_FIXTURES = [f for f in fixture_dirs() if (f / "generation.npz").is_file()]
 

@@ -1,38 +1,27 @@
 """Grounding parity with the official fixture (../shared/fixtures-tasks/grounding-tiny): the
 RefCOCO eval transform, the forward, the greedy decode restricted to the coordinate tokens,
 IoU / Acc@0.5 and the training loss; plus hand-computed box cases and a corrupted array."""
-import json
-import pathlib
-
 import numpy as np
 import pytest
 
-from mplug_jax.interop import parity, parity_tasks
+from mplug_jax.parity import grounding as grounding_parity
 from mplug_jax.scoring import grounding as G
+from task_fixtures import compute, locate, run_parity_on
 
-FX = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "fixtures-tasks" / \
-    "grounding-tiny"
-needs_fixture = pytest.mark.skipif(
-    not (FX / "expected.npz").is_file(),
-    reason=f"{FX} absent: official grounding parity fixture not available")
+FX, needs_fixture = locate("grounding-tiny", "grounding")
 
 
 @pytest.fixture(scope="module")
 def computed():
-    """Our outputs for the fixture, computed once (checkpoint load + decode + loss)."""
-    with open(FX / "meta.json") as f:
-        meta = json.load(f)
-    return meta, parity_tasks.grounding_outputs(str(FX)), dict(np.load(FX / "expected.npz"))
+    """Our outputs for the fixture, computed once."""
+    return compute(FX, grounding_parity.grounding_outputs)
 
 
 @needs_fixture
 def test_grounding_parity_on_official_fixture(computed, monkeypatch):
     meta, got, expected = computed
     # Through the generic entry point (dispatch on meta.json task), reusing the computed arrays.
-    monkeypatch.setattr(parity_tasks, "grounding_outputs", lambda fx, conv=None: got)
-    rows = parity.run_parity(str(FX))
-    bad = [r for r in rows if not r.ok]
-    assert not bad, parity.format_table(bad)
+    rows = run_parity_on(FX, grounding_parity, "grounding_outputs", got, monkeypatch)
     names = {r.name for r in rows}
     assert set(expected) <= names  # every expected array is compared
     assert {"preprocess:image", "preprocess:gt_box", "tokenizer:phrases"} <= names
@@ -53,7 +42,7 @@ def test_corrupted_expected_arrays_fail_their_rows(computed):
     bad["train_loss"] = expected["train_loss"] + 3 * tol["train_loss"]
     bad["decode_step_scores_raw"] = expected["decode_step_scores_raw"].copy()
     bad["decode_step_scores_raw"][0, 0, 7] += 3 * tol["decode_step_scores_raw"]
-    rows = parity_tasks.check_grounding_outputs(got, bad, meta)
+    rows = grounding_parity.check_grounding_outputs(got, bad, meta)
     failed = {r.name for r in rows if not r.ok}
     assert failed == {"decode_tokens", "iou", "train_loss", "decode_step_scores_raw"}
 

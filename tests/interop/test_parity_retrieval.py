@@ -1,40 +1,29 @@
 """Retrieval parity with the official fixture (../shared/fixtures-tasks/retrieval-tiny): the
 official evaluation (similarity top-k + ITM re-ranking), itm_eval recalls and the training
 forward; plus hand-computed recall cases and a corrupted expected array."""
-import json
-import pathlib
-
 import numpy as np
 import pytest
 
-from mplug_jax.interop import parity, parity_tasks
+from mplug_jax.parity import retrieval as retrieval_parity
 from mplug_jax.scoring import retrieval as R
+from task_fixtures import compute, locate, run_parity_on
 
-FX = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "fixtures-tasks" / \
-    "retrieval-tiny"
-needs_fixture = pytest.mark.skipif(
-    not (FX / "expected.npz").is_file(),
-    reason=f"{FX} absent: official retrieval parity fixture not available")
+FX, needs_fixture = locate("retrieval-tiny", "retrieval")
 
 
 @pytest.fixture(scope="module")
 def computed():
-    """Our outputs for the fixture, computed once (checkpoint load + evaluation + training)."""
-    with open(FX / "meta.json") as f:
-        meta = json.load(f)
-    return meta, parity_tasks.retrieval_outputs(str(FX)), dict(np.load(FX / "expected.npz"))
+    """Our outputs for the fixture, computed once."""
+    return compute(FX, retrieval_parity.retrieval_outputs)
 
 
 @needs_fixture
 def test_retrieval_parity_on_official_fixture(computed, monkeypatch):
     meta, got, expected = computed
     # Through the generic entry point (dispatch on meta.json task), reusing the computed arrays.
-    monkeypatch.setattr(parity_tasks, "retrieval_outputs", lambda fx, conv=None: got)
-    rows = parity.run_parity(str(FX))
-    bad = [r for r in rows if not r.ok]
-    assert not bad, parity.format_table(bad)
+    rows = run_parity_on(FX, retrieval_parity, "retrieval_outputs", got, monkeypatch)
     names = {r.name for r in rows}
-    given = set(parity_tasks._GIVEN)
+    given = set(retrieval_parity._GIVEN)
     assert set(expected) - given <= names  # every output array is compared
     assert {"tokenizer:eval_texts", "tokenizer:train_texts", "preprocess:image"} <= names
     metrics = dict(zip(R.METRIC_NAMES, got["metrics"]))
@@ -57,7 +46,7 @@ def test_corrupted_expected_arrays_fail_their_rows(computed):
     bad["train_loss_itm"] = expected["train_loss_itm"] + 3 * tol["train_loss_itm"]
     # Text b for image b: same idx, weight 0, a draw multinomial cannot make.
     bad["train_neg_text_idx"] = np.arange(len(expected["train_neg_text_idx"]))
-    rows = parity_tasks.check_retrieval_outputs(got, bad, meta)
+    rows = retrieval_parity.check_retrieval_outputs(got, bad, meta)
     failed = {r.name for r in rows if not r.ok}
     assert failed == {"score_matrix_i2t", "t2i_rank", "metrics", "train_loss_itm",
                       "train_neg_text_idx"}

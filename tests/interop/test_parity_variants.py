@@ -14,7 +14,8 @@ from mplug_jax import params as P
 from mplug_jax.data.ops.tokenizer import get_tokenizer
 from mplug_jax.data.ops.image import load_image
 from mplug_jax.interop import convert, official_config
-from mplug_jax.interop.parity import official_forward, run_parity
+from mplug_jax.parity import run_parity
+from mplug_jax.parity.vqa_caption import official_forward
 from mplug_jax.models.mplug import MPLUG
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")

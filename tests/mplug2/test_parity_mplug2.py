@@ -13,7 +13,7 @@ from mplug_jax import cli
 from mplug_jax.interop import official_io
 from mplug_jax.mplug2 import convert as mplug2_convert
 from mplug_jax.interop.errors import CheckpointError
-from mplug_jax.interop.parity import format_table
+from mplug_jax.parity import format_table
 from mplug_jax.mplug2.parity import run_mplug2_parity
 from mplug_jax.mplug2.model import MPLUG2
 
@@ -46,7 +46,7 @@ def conv(fixture_dir, state):
 @needs_fixture
 @pytest.mark.parametrize("fx", FIXTURES, ids=lambda p: p.name)
 def test_cli_parity_passes_on_every_mplug2_fixture(fx, capsys):
-    # Through the CLI, so the dispatch of interop/parity.py (v1 vs mPLUG-2 fixtures) is covered.
+    # Through the CLI, so the dispatch of mplug_jax/parity/__init__.py (v1 vs mPLUG-2 fixtures) is covered.
     code = cli.main(["parity", "--fixture", str(fx)])
     out = capsys.readouterr().out
     print(out)
