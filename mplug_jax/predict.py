@@ -41,8 +41,8 @@ import numpy as np
 from mplug_jax import generate, tasks
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.tokenizer import get_tokenizer
+from mplug_jax.scoring.caption import decode_text
 from mplug_jax.tasks import base
-from mplug_jax.tasks.caption import decode_text
 
 TASKS = ("vqa", "caption", "grounding")
 VIDEO_TASKS = ("video_qa", "video_caption")

@@ -26,8 +26,8 @@ from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.evaluators.common import FILES
 from mplug_jax.scoring import caption as scoring
+from mplug_jax.scoring.caption import decode_text
 from mplug_jax.sharding import make_mesh, replicated
-from mplug_jax.tasks.caption import decode_text
 
 PREDICT_FNS = ("caption_beam",)
 

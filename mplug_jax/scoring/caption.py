@@ -27,6 +27,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mplug_jax.data.ops import tokenizer
 from mplug_jax.scoring import checks
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -36,6 +37,18 @@ _JAVA_HELP = ("install a Java runtime (e.g. `apt-get install default-jre-headles
 
 class JavaMissingError(RuntimeError):
     """A Java-based metric (PTB tokenizer, METEOR) was asked for without a `java` binary."""
+
+
+def decode_text(ids, prompt: str = "") -> str:
+    """Generated ids ([CLS] first) -> caption text, official post-processing
+    (docs/fixtures.md#post-processing, `Tokenizer.decode_official`), with a leading `prompt`
+    removed."""
+    text = tokenizer.get_tokenizer().decode_official([int(i) for i in ids])
+    if prompt:
+        p = prompt.lower().strip()
+        if text.startswith(p + " ") or text == p:
+            text = text[len(p):].strip()
+    return text
 
 
 def require_java(what: str) -> None:

@@ -50,22 +50,11 @@ from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.scoring import caption as scoring
+from mplug_jax.scoring.caption import decode_text
 from mplug_jax.sharding import replicated
 from mplug_jax.tasks import base
 
 SCST_MODES = ("beam", "sample")
-
-
-def decode_text(ids, prompt: str = "") -> str:
-    """Generated ids ([CLS] first) -> caption text, official post-processing
-    (docs/fixtures.md#post-processing, `Tokenizer.decode_official`), with a leading `prompt`
-    removed."""
-    text = tokenizer.get_tokenizer().decode_official([int(i) for i in ids])
-    if prompt:
-        p = prompt.lower().strip()
-        if text.startswith(p + " ") or text == p:
-            text = text[len(p):].strip()
-    return text
 
 
 class Task(base.Task):
