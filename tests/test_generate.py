@@ -183,14 +183,12 @@ def test_parameter_tree_matches_the_golden_table():
 
 # ---- beam search ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_cached_beam_search_equals_uncached(scan):
-    """The official beam search with the cache equals the official-style full recomputation:
-    every trace token / parent, stored hypothesis and n-best entry, on a model whose [SEP] is
-    competitive (slots finish early, keep being extended, examples end at different steps)."""
+def _cached_equals_uncached(scan: bool, official: bool) -> dict:
+    """Beam search (beam 3, min 2, max 8, traced) on a [SEP]-biased model with and without the
+    cache: every id / trace / hypothesis equal, every score close; returns the cached output."""
     s = _setup(scan)
     biased = _sep_biased(s, 10)
-    kw = dict(beam_size=3, min_length=2, max_length=8, return_trace=True)
+    kw = dict(beam_size=3, min_length=2, max_length=8, return_trace=True, official=official)
     run = {c: jax.jit(lambda p, c=c: generate.beam_search(s.model, p, s.states, s.smask,
                                                           use_cache=c, **kw))(biased)
            for c in (True, False)}
@@ -200,6 +198,15 @@ def test_cached_beam_search_equals_uncached(scan):
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
     for name in ("scores", "hyp_scores", "trace_score", "trace_cum_logprob"):
         np.testing.assert_allclose(got[name], ref[name], atol=2e-5, rtol=1e-6, err_msg=name)
+    return got
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_beam_search_equals_uncached(scan):
+    """The official beam search with the cache equals the official-style full recomputation:
+    every trace token / parent, stored hypothesis and n-best entry, on a model whose [SEP] is
+    competitive (slots finish early, keep being extended, examples end at different steps)."""
+    got = _cached_equals_uncached(scan, official=True)
     assert got["ids"].shape == (B, 3, 9) and (got["ids"][:, :, 0] == CLS_ID).all()
     assert (np.diff(got["scores"], axis=1) <= 0).all()  # best first
     # The quirks are exercised: [SEP] banned before min_length; an example ends before the
@@ -348,18 +355,7 @@ def test_cached_standard_beam_search_equals_uncached(scan):
     """official=False: cached == recomputed (traces, stored hypotheses, n-best), and the
     standard invariants: live slots never hold [SEP], no n-best entry has an inner [SEP], an
     entry without [SEP] has the full length (only the last step stores live slots)."""
-    s = _setup(scan)
-    biased = _sep_biased(s, 10)
-    kw = dict(beam_size=3, min_length=2, max_length=8, return_trace=True, official=False)
-    run = {c: jax.jit(lambda p, c=c: generate.beam_search(s.model, p, s.states, s.smask,
-                                                          use_cache=c, **kw))(biased)
-           for c in (True, False)}
-    got, ref = ({n: np.asarray(v) for n, v in run[c].items()} for c in (True, False))
-    for name in ("ids", "lengths", "end_step", "hyp_ids", "hyp_lengths", "hyp_count",
-                 "trace_token", "trace_parent"):
-        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
-    for name in ("scores", "hyp_scores", "trace_score", "trace_cum_logprob"):
-        np.testing.assert_allclose(got[name], ref[name], atol=2e-5, rtol=1e-6, err_msg=name)
+    got = _cached_equals_uncached(scan, official=False)
     assert not (got["trace_token"] == SEP_ID).any()
     assert (np.diff(got["scores"], axis=1) <= 0).all()
     n_sep = 0
