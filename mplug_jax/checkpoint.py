@@ -7,7 +7,8 @@ be reused at once); `keep_ckpts` newest are kept. Which steps exist, and which i
 is orbax's answer (only finalised saves count); a finalised step that cannot be read (a
 damaged file) is skipped by `restore_latest` for the one before it. Multi-process preemption:
 `reached_preemption` is orbax's, which asks JAX's preemption sync manager for the step every
-process can reach.
+process can reach. `read_arrays` reads parts of a saved state (the params) on one device, with
+the shapes the step records, for code that has no train state to restore into.
 """
 from __future__ import annotations
 
@@ -183,6 +184,8 @@ class Checkpointer:
                         sub = sub.setdefault(part, {})
                     sub[last] = jax.tree.map(
                         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), node)
+            if not target:
+                return {}
             restored = handler.restore(directory, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))

@@ -132,6 +132,30 @@ def test_restore_latest_skips_an_empty_iterator_state_and_fails_in_one_line(tmp_
     ck.close()
 
 
+def test_read_arrays_reads_only_the_named_parts_on_one_device(tmp_path):
+    """`Checkpointer.read_arrays` (what `workdir.restore_params` uses): the named subtrees of a
+    state saved sharded over every device, with the saved shapes, on the first device alone;
+    a part the step lacks is left out, and nothing else (the optimizer state) comes back."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    w = jax.device_put(jnp.arange(16.0).reshape(8, 2), split)
+    state = {"params": {"w": w, "b": jnp.ones(3, jnp.bfloat16)}, "extra": {},
+             "opt_state": {"mu": jnp.zeros((8, 2))}}
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", keep=None, async_save=False)
+    ck.save(3, state, None, force=True)
+    ck.close()
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", keep=None, async_save=False, create=False)
+    got = ck.read_arrays(3, ("params", "extra/params_m"))
+    assert set(got) == {"params"} and set(got["params"]) == {"w", "b"}
+    assert got["params"]["b"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), np.asarray(w))
+    for leaf in jax.tree.leaves(got):
+        assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with pytest.raises(checkpoint.CheckpointError, match="step 4 of .* cannot be read"):
+        ck.read_arrays_step(4, ("params",))
+    ck.close()
+
+
 def test_restore_params_falls_back_to_the_newest_readable_step(tmp_path, pretrain_workdir,
                                                                capsys):
     """predict / export / evaluate (`restore_params`): a garbled latest step is skipped for
