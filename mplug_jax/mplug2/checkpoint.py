@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from mplug_jax import params as P
-from mplug_jax import pretrained, tasks
+from mplug_jax import pretrained, task_names
 from mplug_jax.models.vit import resample_posemb
 from mplug_jax.mplug2.heads import HEAD_PARAMS
 
@@ -50,7 +50,7 @@ def read(init, task_name: str):
         return mplug2_convert.load_converted(str(path)).params, f"converted {path}"
     if (path / "config.json").exists():
         cfg = workdir_lib.read_config(path)
-        if tasks.canonical(cfg.task.name) not in WORKDIR_TASKS:
+        if task_names.canonical(cfg.task.name) not in WORKDIR_TASKS:
             raise ValueError(f"init.checkpoint={path} is a {cfg.task.name!r} workdir; "
                              f"{task_name!r} loads workdirs of {WORKDIR_TASKS} or mPLUG-2 "
                              "checkpoints")
