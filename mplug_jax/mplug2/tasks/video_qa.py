@@ -6,7 +6,7 @@ Forward as the release (docs/fixtures.md#mplug-2-forward and #mplug-2-losses): v
 `mplug2.vqa_states` (cat([fusion image, fusion question]), mask cat([ones, question mask])). Loss
 (docs/fixtures.md#mplug-2-losses, quirk 7): per question the summed next-token NLL of "[CLS] answer
 [SEP]" (padding excluded), weighted, summed, divided by the clips B of the (micro-)batch:
-`vqa.answer_nll` / `vqa.vqa_loss`, the math `interop.parity_mplug2` checks against the official
+`vqa.answer_nll` / `vqa.vqa_loss`, the math `mplug2.parity` checks against the official
 loss. Generation: the official beam search (`generate.beam_search`, beam 5 / min 1 / max 10,
 docs/fixtures.md#mplug-2-generation) over those states.
 
