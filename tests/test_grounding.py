@@ -15,7 +15,7 @@ from PIL import Image
 from configs import grounding as grounding_config
 from mplug_jax import cli, generate, tasks
 from mplug_jax.data.inputs import grounding as GI
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.synthetic import grounding as synthetic_grounding
 from mplug_jax.evaluators import grounding as grounding_eval
 from mplug_jax.scoring import grounding as G

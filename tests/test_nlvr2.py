@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs import nlvr2 as nlvr2_config
 from mplug_jax import tasks, trainer
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.inputs import nlvr2 as nlvr2_input
 from mplug_jax.data.synthetic import nlvr2 as synthetic_nlvr2
 from mplug_jax.data.ops import image as transforms

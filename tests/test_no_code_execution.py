@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mplug_jax import cli, safe_pickle
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.ops.image import DataError
 from mplug_jax.interop import official_io
 from mplug_jax.interop.errors import CheckpointError

@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import video_zeroshot
 from mplug_jax import cli, tasks, workdir
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.synthetic import video as synthetic_video
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops import video

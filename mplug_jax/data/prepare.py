@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 
-from mplug_jax.data import sources, tfds_builders
+from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import builder as tfds_builders
 from mplug_jax.data.ops import image as transforms
 
 logger = logging.getLogger(__name__)

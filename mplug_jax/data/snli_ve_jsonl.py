@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.ops import text
 from mplug_jax.data.ops.image import DataError
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from mplug_jax import metrics
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.synthetic import shapes as synthetic
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.inputs import vqa as vqa_input

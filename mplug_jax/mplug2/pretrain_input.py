@@ -36,7 +36,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops import tokenizer

@@ -159,7 +159,7 @@ def score_file(results_path: str, annotations_path: str) -> dict:
     Raises:
       ValueError: malformed results, an id outside the split, a duplicate id, no results.
     """
-    from mplug_jax.data import sources
+    from mplug_jax.data.formats import base as sources
     from mplug_jax.scoring import checks
 
     results = checks.check_rows(

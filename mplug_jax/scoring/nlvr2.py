@@ -8,7 +8,7 @@ anything else (= "False"), as the official reader.
 """
 from __future__ import annotations
 
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.inputs.nlvr2 import LABELS
 from mplug_jax.scoring import checks, classify
 

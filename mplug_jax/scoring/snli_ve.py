@@ -8,7 +8,8 @@ records in file order, as the readers give them (records `sources.snli_ve` skips
 """
 from __future__ import annotations
 
-from mplug_jax.data import snli_ve_jsonl, sources
+from mplug_jax.data import snli_ve_jsonl
+from mplug_jax.data.formats import base as sources
 from mplug_jax.scoring import checks, classify
 
 LABELS = tuple(sorted(sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get))

@@ -180,7 +180,7 @@ def test_vqa_majority_answers_match_the_scene():
 def test_write_vqa_files_reads_back_through_the_official_reader(tmp_path):
     from PIL import Image
 
-    from mplug_jax.data import sources
+    from mplug_jax.data.formats import base as sources
     from mplug_jax.scoring import vqa as scoring
     paths = synthetic.write_vqa_files(str(tmp_path), "train", 5, image_size=24, seed=2)
     src = sources.vqa(paths["json"], {"vqa": paths["root"]}, train=True)

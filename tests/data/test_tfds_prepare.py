@@ -11,7 +11,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
-from mplug_jax.data import pipeline, prepare, tfds_builders
+from mplug_jax.data import pipeline, prepare
+from mplug_jax.data.formats import builder as tfds_builders
 from mplug_jax.data.ops.image import DataError
 
 
@@ -70,7 +71,7 @@ def test_prepare_names_a_truncated_image_in_its_skip_message(tmp_path, caplog):
     (root / "cut.jpg").write_bytes(data[: len(data) // 2])
     recs = [{"image": "a.jpg", "caption": "whole"}, {"image": "cut.jpg", "caption": "cut"}]
     (tmp_path / "ann.json").write_text(json.dumps(recs))
-    with caplog.at_level("WARNING", logger="mplug_jax.data.tfds_builders"):
+    with caplog.at_level("WARNING", logger="mplug_jax.data.formats.builder"):
         report = prepare.prepare("pretrain", str(tmp_path / "ann.json"), str(root),
                                  str(tmp_path / "out"), max_skip_rate=0.5)
     assert report["splits"]["train"] == {"written": 1, "skipped": {"truncated": 1}}
@@ -112,7 +113,8 @@ def test_cli_prepare_without_tensorflow(tmp_path):
     ann = _pretrain_ann(tmp_path)
     code = BLOCK_TENSORFLOW + textwrap.dedent(f"""
         import argparse
-        from mplug_jax.data import prepare, tfds_builders
+        from mplug_jax.data import prepare
+        from mplug_jax.data.formats import builder as tfds_builders
         p = argparse.ArgumentParser()
         prepare.add_prepare_args(p)
         args = p.parse_args(["--format", "pretrain", "--annotations", {ann!r},

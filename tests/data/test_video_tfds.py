@@ -14,7 +14,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
-from mplug_jax.data import prepare, tfds_builders
+from mplug_jax.data import prepare
+from mplug_jax.data.formats import builder as tfds_builders
 from mplug_jax.data.ops import video
 from mplug_jax.data.ops.image import DataError
 
@@ -233,7 +234,8 @@ def test_cli_prepare_video_without_tensorflow(tmp_path):
     cap = _jsonl(tmp_path / "cap.jsonl", [{"video_id": "clip_jpg", "golden_captions": ["c"]}])
     code = BLOCK_TENSORFLOW + textwrap.dedent(f"""
         import argparse
-        from mplug_jax.data import prepare, tfds_builders
+        from mplug_jax.data import prepare
+        from mplug_jax.data.formats import builder as tfds_builders
         p = argparse.ArgumentParser()
         prepare.add_prepare_args(p)
         common = ["--video-root", {str(tmp_path / "videos")!r}, "--out", {str(tmp_path / "o")!r},

@@ -15,7 +15,7 @@ import pytest
 
 from configs.mplug2 import video_caption as cfg_lib
 from mplug_jax import tasks
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import video

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.synthetic.shapes import SPLITS, SyntheticShapes, caption

@@ -42,7 +42,8 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.image import BadRecord

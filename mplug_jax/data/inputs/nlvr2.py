@@ -35,7 +35,8 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.synthetic import nlvr2 as synthetic_nlvr2
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms

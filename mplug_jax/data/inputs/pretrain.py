@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.synthetic.shapes import SyntheticShapes
-from mplug_jax.data.tfds_builders import load_prepared
+from mplug_jax.data.formats.builder import load_prepared
 
 DATASETS = ("synthetic", "json", "tfds")
 

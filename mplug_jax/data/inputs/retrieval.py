@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.synthetic import retrieval as synthetic_retrieval
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.pipeline import pretrain_dataset
-from mplug_jax.data.sources import RecordSource
+from mplug_jax.data.formats.base import RecordSource
 from mplug_jax.data.ops.image import BadRecord, DataError
 
 logger = logging.getLogger(__name__)

@@ -49,7 +49,8 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline, snli_ve_jsonl, sources
+from mplug_jax.data import pipeline, snli_ve_jsonl
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.synthetic import snli_ve as synthetic_snli_ve
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms

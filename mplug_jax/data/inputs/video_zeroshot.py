@@ -182,7 +182,7 @@ def eval_source(ecfg, fmt: str, seed: int = 0):
     under `ecfg.video_root`; 'synthetic' first writes `ecfg.synthetic_size` synthetic videos
     (`data.synthetic_video.write_video_files`, into `ecfg.synthetic_dir` or a fresh temporary
     folder; `ecfg.synthetic_video` 'frames' or 'mp4') and reads those files the same way."""
-    from mplug_jax.data import sources
+    from mplug_jax.data.formats import base as sources
     from mplug_jax.data.synthetic import video as synthetic_video
     if fmt not in FORMATS:
         raise ValueError(f"unknown video annotation format {fmt!r}; valid: {sorted(FORMATS)}")

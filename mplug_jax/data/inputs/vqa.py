@@ -29,7 +29,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.synthetic.shapes import SyntheticVQA
 from mplug_jax.data.ops.image import BadRecord

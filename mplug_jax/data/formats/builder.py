@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from mplug_jax.data import sources
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops import video
 from mplug_jax.data.ops.image import BadRecord, DataError

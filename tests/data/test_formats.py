@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mplug_jax.data import pipeline, sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import base as sources
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops import video
 from mplug_jax.data.ops.image import DataError
@@ -32,7 +33,7 @@ def test_pretrain_multiple_files_and_malformed_records(tmp_path, caplog):
                + [{"image": "sbu/b.png", "caption": []}])
     with pytest.raises(DataError, match="malformed"):  # 1 of 100 > 0.5 %
         sources.pretrain([f1, f2], str(tmp_path / "img"), max_skip_rate=0.005)
-    with caplog.at_level("WARNING", logger="mplug_jax.data.sources"):
+    with caplog.at_level("WARNING", logger="mplug_jax.data.formats.base"):
         src = sources.pretrain([f1, f2], str(tmp_path / "img"), max_skip_rate=0.02)
     assert len(src) == 99 and src.skipped["bad_caption"] == 1
     assert "sbu.json record 39" in caplog.text

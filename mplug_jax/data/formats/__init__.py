@@ -1,0 +1,1 @@
+"""The official mPLUG / mPLUG-2 annotation formats: readers (`base`) and TFDS builders (`builder`)."""
