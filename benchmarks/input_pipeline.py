@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (machine + load-average stamp of every results JSON)
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import vqa as vqa_format
 from mplug_jax.data.ops import augment_fast
 from mplug_jax.data.ops import randaugment
 from mplug_jax.data.ops import text
@@ -132,7 +132,7 @@ def loop(kind: str, recs: list[dict], n: int, reference: bool) -> dict:
             x = pipeline.process_image(rec["image"], size, rng, augment=aug,
                                        image_dtype="uint8")
         words = (text.pre_caption(rec["caption"], 30) if kind == "pretrain"
-                 else sources.vqa_question_text(rec))
+                 else vqa_format.question_text(rec))
         tok.encode([words], max_length=s["max_tokens"], pad_to=s["max_tokens"])
         assert x.shape == (size, size, 3)
 
@@ -215,7 +215,7 @@ def stage_profile(kind: str, recs: list[dict], n: int) -> dict:
         assert np.array_equal(np.asarray(fast), ref)
         timed("normalize_float32", transforms.normalize, ref)
         words = (text.pre_caption(rec["caption"], 30) if kind == "pretrain"
-                 else sources.vqa_question_text(rec))
+                 else vqa_format.question_text(rec))
         timed("tokenise", tok.encode, [words], s["max_tokens"], s["max_tokens"])
     return {"images": n, "cpu_ms_per_image": ms}
 

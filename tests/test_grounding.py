@@ -15,7 +15,7 @@ from PIL import Image
 from configs import grounding as grounding_config
 from mplug_jax import cli, generate, tasks
 from mplug_jax.data.inputs import grounding as GI
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.synthetic import grounding as synthetic_grounding
 from mplug_jax.evaluators import grounding as grounding_eval
 from mplug_jax.scoring import grounding as G
@@ -111,13 +111,13 @@ def test_split_tuples_to_batches(tmp_path):
     rows.append(["heldout_000000.png", 6, [1, 1, 5, 5], "  ", []])  # empty expression
     with open(path, "w") as f:
         json.dump(rows, f)
-    src = sources.grounding(path, os.path.join(root, "images"), max_skip_rate=0.5)
+    src = grounding_format.read(path, os.path.join(root, "images"), max_skip_rate=0.5)
     assert len(src) == 6 and src.skipped["bad_record"] == 1
     assert [r["id"] for r in src] == list(range(6))
     torch = pytest.importorskip("torch")
     torch.save([tuple(r) for r in rows], str(tmp_path / "split.pth"))
-    src_pth = sources.grounding(str(tmp_path / "split.pth"), os.path.join(root, "images"),
-                                max_skip_rate=0.5)
+    src_pth = grounding_format.read(str(tmp_path / "split.pth"), os.path.join(root, "images"),
+                                    max_skip_rate=0.5)
     assert src_pth.records == src.records
     inp = grounding_config.get_config("tiny").input
     batches = GI.eval_batches(src, inp, 48, 4)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs import grounding as grounding_config
 from mplug_jax import metrics, tasks, trainer, workdir
-from mplug_jax.data import sources
+from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.inputs import grounding as GI
 from test_grounding import SMALL_MODEL
 
@@ -137,12 +137,12 @@ def test_int_cast_before_the_corner_conversion(tmp_path):
     # flickr rows (file, corners, phrase) through the source directly.
     path = tmp_path / "flickr_val.json"
     path.write_text(json.dumps([["a.jpg", [3.9, 4.2, 9.99, 8.5], "a cat"]]))
-    src = sources.grounding(str(path), data, flickr=True, int_box=True)
+    src = grounding_format.read(str(path), data, flickr=True, int_box=True)
     assert src[0]["bbox"] == [3, 4, 6, 4]
     # A box without area once cast is skipped and counted, not a zero-area target.
     path.write_text(json.dumps([["a.jpg", 0, [3.2, 4.0, 0.7, 5.0], "a cat", []],
                                 ["a.jpg", 1, [3.2, 4.0, 2.7, 5.0], "a dog", []]]))
-    src = sources.grounding(str(path), data, int_box=True, max_skip_rate=0.5)
+    src = grounding_format.read(str(path), data, int_box=True, max_skip_rate=0.5)
     assert len(src) == 1 and src.skipped["bad_record"] == 1 and src[0]["bbox"] == [3, 4, 2, 5]
 
 

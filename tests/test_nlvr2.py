@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs import nlvr2 as nlvr2_config
 from mplug_jax import tasks, trainer
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import nlvr2 as nlvr2_format
 from mplug_jax.data.inputs import nlvr2 as nlvr2_input
 from mplug_jax.data.synthetic import nlvr2 as synthetic_nlvr2
 from mplug_jax.data.ops import image as transforms
@@ -133,14 +133,14 @@ def test_reader_on_official_records(tmp_path):
     ]
     ann = _write_official(tmp_path, records[:2])
     ann.write_text(json.dumps(records))
-    src = sources.nlvr2([str(ann)], str(tmp_path), max_skip_rate=0.5)
+    src = nlvr2_format.read([str(ann)], str(tmp_path), max_skip_rate=0.5)
     assert len(src) == 2 and src.skipped["bad_record"] == 1
     assert src[0]["images"] == [str(tmp_path / "train/train-10171-0-img0.png"),
                                 str(tmp_path / "train/train-10171-0-img1.png")]
     assert [r["label"] for r in src] == [1, 0]
     assert src[0]["sentence"] == "the left image has two dogs"
     with pytest.raises(DataError, match="malformed"):
-        sources.nlvr2([str(ann)], str(tmp_path))
+        nlvr2_format.read([str(ann)], str(tmp_path))
 
     c = small_config()
     c.input.update(dataset="json", val_files=[str(ann)], image_root=str(tmp_path),
@@ -172,7 +172,7 @@ def test_swap_only_in_training(tmp_path):
     assert nlvr2_input.swap_left_right("the left image is right of the bright left") == \
         "the right image is left of the bright right"
     paths = synthetic_nlvr2.write_nlvr2_files(str(tmp_path), "train", 24, image_size=32)
-    src = sources.nlvr2(paths["json"], paths["root"])
+    src = nlvr2_format.read(paths["json"], paths["root"])
     kw = dict(image_size=32, max_tokens=16, seed=0, augment=None, epoch_length=len(src))
     train = nlvr2_input._NLVR2Record(src, train=True, **kw)
     evals = nlvr2_input._NLVR2Record(src, train=False, **kw)

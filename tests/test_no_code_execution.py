@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mplug_jax import cli, safe_pickle
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.ops.image import DataError
 from mplug_jax.interop import official_io
 from mplug_jax.interop.errors import CheckpointError
@@ -143,8 +143,8 @@ def test_torch_saved_split_files_read_without_torch(tmp_path, monkeypatch, legac
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
     with pytest.raises(ImportError):
         import torch  # noqa: F401,F811
-    assert sources._load_split_file(str(path)) == SPLIT
-    src = sources.grounding(str(path), str(tmp_path))
+    assert grounding_format.load_split_file(str(path)) == SPLIT
+    src = grounding_format.read(str(path), str(tmp_path))
     assert [r["phrase"] for r in src] == ["the dog", "a red cup"]
     assert src[1]["bbox"] == [1.0, 2.0, 3.0, 4.0]
 
@@ -154,10 +154,10 @@ def test_split_file_of_another_type_is_a_one_line_error(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"not": "a list"}, f)
     with pytest.raises(DataError, match=f"{path} holds a dict, not a list of tuples"):
-        sources._load_split_file(str(path))
+        grounding_format.load_split_file(str(path))
     path.write_bytes(b"\x80\x02junk")
     with pytest.raises(DataError, match=f"cannot read {path}: truncated"):
-        sources._load_split_file(str(path))
+        grounding_format.load_split_file(str(path))
 
 
 def _scripted_module(torch):

@@ -14,7 +14,8 @@ from PIL import Image
 
 from configs import snli_ve as snli_config
 from mplug_jax import cli, scoring, tasks
-from mplug_jax.data import pipeline, snli_ve_jsonl
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import snli_ve_jsonl
 from mplug_jax.data.inputs import snli_ve as snli_ve_input
 from mplug_jax.data.synthetic import snli_ve as S
 from mplug_jax.data.synthetic.shapes import COLORS, SHAPES

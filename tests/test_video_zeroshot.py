@@ -12,7 +12,9 @@ from PIL import Image
 
 from configs import video_zeroshot
 from mplug_jax import cli, tasks, workdir
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import msrvtt_retrieval as msrvtt_retrieval_format
+from mplug_jax.data.formats import vatex_caption as vatex_caption_format
+from mplug_jax.data.formats import video_qa as video_qa_format
 from mplug_jax.data.synthetic import video as synthetic_video
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops import video
@@ -219,12 +221,12 @@ def _has_av() -> bool:
 def test_official_readers_and_score_file_round_trip(tmp_path):
     paths = synthetic_video.write_video_files(str(tmp_path), 3, num_frames=4, image_size=16,
                                               mp4=False, qa_per_video=2)
-    ret = sources.msrvtt_retrieval(paths["msrvtt_retrieval"], paths["frames_root"])
+    ret = msrvtt_retrieval_format.read(paths["msrvtt_retrieval"], paths["frames_root"])
     assert [r["video_id"] for r in ret] == paths["video_ids"]
     assert os.path.isdir(ret[0]["video"])
-    vatex = sources.vatex_caption(paths["vatex"], paths["frames_root"])
+    vatex = vatex_caption_format.read(paths["vatex"], paths["frames_root"])
     assert len(vatex[0]["gold_captions"]) == 5
-    qa = sources.video_qa(paths["msrvtt_qa"], paths["frames_root"])
+    qa = video_qa_format.read(paths["msrvtt_qa"], paths["frames_root"])
     assert [r["question_id"] for r in qa] == list(range(6))
     preds = [{"question_id": r["question_id"], "answer": r["answer"] if i % 3 else "nope"}
              for i, r in enumerate(qa)]

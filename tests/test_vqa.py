@@ -143,7 +143,7 @@ def test_distill_task_matches_plain_loss_while_alpha_is_zero():
 
 
 def test_official_records_to_batches(tmp_path):
-    """write_vqa_files -> official json + PNGs -> sources.vqa -> batches: weights count/10,
+    """write_vqa_files -> official json + PNGs -> formats.vqa.read -> batches: weights count/10,
     answers '[CLS] a [SEP]', heaviest kept, the rest counted; vg answers weigh 0.5."""
     paths = synthetic.write_vqa_files(str(tmp_path), "heldout", 12, image_size=32)
     raw = json.load(open(paths["json"]))

@@ -4,7 +4,7 @@ Library use::
 
     report = prepare("vqa", ["vqa_train_ocr.json", "vg_qa.json"], "img_root/coco_2014",
                      "data/tfds", roots={"vg": "img_root/visual_genome"})
-    sources = tfds_builders.load_prepared("data/tfds", "vqa")   # {'train': data source}
+    sources = formats.builder.load_prepared("data/tfds", "vqa")   # {'train': data source}
 
 CLI (the lead's `cli.py` only calls :func:`add_prepare_args` and :func:`run_prepare`)::
 
@@ -19,7 +19,6 @@ loader) from ``<root>/<video_id>/`` frame folders or video files (PyAV: the `vid
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -27,45 +26,11 @@ from typing import Any, Sequence
 
 import tensorflow_datasets as tfds
 
-from mplug_jax.data.formats import base as sources
-from mplug_jax.data.formats import builder as tfds_builders
+from mplug_jax.data import formats
+from mplug_jax.data.formats import base, builder as tfds_builder
 from mplug_jax.data.ops import image as transforms
 
 logger = logging.getLogger(__name__)
-
-FORMATS = tuple(tfds_builders.BUILDERS)
-
-
-def _reader(format: str, annotations: list[str], image_root: str, *, train: bool,
-            roots: dict[str, str] | None, flickr: bool, max_skip_rate: float):
-    """Zero-argument reader of one split for the builder."""
-    kw: dict[str, Any] = {"max_skip_rate": max_skip_rate}
-    if format == "pretrain":
-        return functools.partial(sources.pretrain, annotations, image_root, **kw)
-    if format == "vqa":
-        all_roots = {"vqa": image_root, **(roots or {})}
-        return functools.partial(sources.vqa, annotations, all_roots, train=train, **kw)
-    if format == "coco_caption":
-        return functools.partial(sources.coco_caption, annotations, image_root, train=train, **kw)
-    if format == "retrieval":
-        return functools.partial(sources.retrieval, annotations, image_root, train=train, **kw)
-    single = {"grounding", "snli_ve", "video_qa", "video_caption"}
-    if format in single and len(annotations) != 1:
-        raise ValueError(f"{format} takes exactly one annotation file per split, "
-                         f"got {len(annotations)}")
-    if format == "grounding":
-        return functools.partial(sources.grounding, annotations[0], image_root, flickr=flickr,
-                                 **kw)
-    if format == "nlvr2":
-        return functools.partial(sources.nlvr2, annotations, image_root, **kw)
-    if format == "snli_ve":
-        return functools.partial(sources.snli_ve, annotations[0], image_root, **kw)
-    if format == "video_qa":
-        return functools.partial(sources.video_qa, annotations[0], image_root, **kw)
-    if format == "video_caption":
-        return functools.partial(sources.video_caption, annotations[0], image_root, train=train,
-                                 **kw)
-    raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
 
 
 def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[str]],
@@ -76,7 +41,7 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
     """Build a TFDS array_record dataset from official annotation files.
 
     Args:
-      format: one of :data:`FORMATS`.
+      format: a format module that can be prepared (`formats.preparable()`).
       annotations: file(s) of one split named `split`, or {split name: files}.
       image_root: root joined to relative image paths (vqa: the 'vqa' root; video formats:
         the folder of ``<video_id>/`` frame folders and video files).
@@ -94,26 +59,28 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
     Returns:
       Report dict: format, path, and per split records written and skipped by reason.
     """
-    if format not in tfds_builders.BUILDERS:
-        raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
+    if format not in formats.preparable():
+        raise ValueError(f"unknown format {format!r}; valid: {formats.preparable()}")
+    module = formats.get(format)
     if not isinstance(annotations, dict):
         annotations = {split: annotations}
     splits = {}
     for name, files in annotations.items():
         files = [files] if isinstance(files, str) else list(files)
         is_train = (name == "train") if train is None else train
-        splits[name] = _reader(format, files, image_root, train=is_train, roots=roots,
-                               flickr=flickr, max_skip_rate=max_skip_rate)
+        splits[name] = module.prepare_reader(base.Split(
+            files, image_root, train=is_train, roots=dict(roots or {}), flickr=flickr,
+            max_skip_rate=max_skip_rate))
     extra: dict[str, Any] = {}
-    if format in tfds_builders.VIDEO_FORMATS:
+    if tfds_builder.is_video(format):
         _check_num_frames(out_dir, format, num_frames)
         extra["num_frames"] = num_frames
     image_roots = None if allow_outside_root else [image_root, *(roots or {}).values()]
-    builder = tfds_builders.BUILDERS[format](
+    builder = tfds_builder.builder_class(format)(
         data_dir=out_dir, splits=splits, max_pixels=max_pixels, max_skip_rate=max_skip_rate,
         image_roots=image_roots, **extra)
     builder.download_and_prepare()
-    report = {"format": format, "path": tfds_builders.dataset_dir(out_dir, format), "splits": {
+    report = {"format": format, "path": tfds_builder.dataset_dir(out_dir, format), "splits": {
         name: {"written": builder.written.get(name, 0),
                "skipped": {k: v for k, v in builder.skipped.get(name, {}).items() if v}}
         for name in splits}}
@@ -129,7 +96,7 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
 
 def _check_num_frames(out_dir: str, format: str, num_frames: int) -> None:
     """Refuse to report an existing video dataset with another frame count as prepared."""
-    path = tfds_builders.dataset_dir(out_dir, format)
+    path = tfds_builder.dataset_dir(out_dir, format)
     if not os.path.isfile(os.path.join(path, "features.json")):
         return
     stored = tfds.builder_from_directory(path).info.features["frames"].shape[0]
@@ -159,7 +126,7 @@ def _positive_int(value: str) -> int:
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     """Add the `prepare` subcommand's arguments to `parser`."""
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", required=True, choices=formats.preparable())
     parser.add_argument("--annotations", required=True, nargs="+",
                         help="annotation json/jsonl file(s) of one split")
     parser.add_argument("--image-root", "--video-root", dest="image_root", required=True,

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from mplug_jax import metrics
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats.base import read_annotations
 from mplug_jax.data.synthetic import shapes as synthetic
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.inputs import vqa as vqa_input
@@ -114,7 +114,7 @@ class Evaluator:
                  for r in (self.source[i] for i in range(len(self.source)))])
         if inp.get("eval_labels"):
             return vqa_scoring.load_annotations(inp.eval_labels)
-        raw = [r for f in inp.eval_annotations for r in sources.read_annotations(f)]
+        raw = [r for f in inp.eval_annotations for r in read_annotations(f)]
         with_answers = [r for r in raw if isinstance(r, dict) and "question_id" in r
                         and isinstance(r.get("answer"), list) and r["answer"]]
         return vqa_scoring.annotations_from_records(with_answers) if with_answers else None

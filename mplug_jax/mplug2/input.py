@@ -1,7 +1,7 @@
 """mPLUG-2 video QA input (official `dataset/video_downstream_datasets.py`), by
 `config.input.dataset`:
 
-- 'json': official MSRVTT-QA / MSVD-QA / TGIF jsonl (`sources.video_qa`): `input.annotations`
+- 'json': official MSRVTT-QA / MSVD-QA / TGIF jsonl (`formats.video_qa.read`): `input.annotations`
   (train) and `input.eval_annotations`, videos under `input.video_root` (frame folders or
   video files, `data.video.video_path`);
 - 'synthetic': the built-in motion set (`data.synthetic_motion`), first written as real files
@@ -44,7 +44,8 @@ import grain
 import numpy as np
 
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import video_caption as video_caption_format
+from mplug_jax.data.formats import video_qa as video_qa_format
 from mplug_jax.data.ops import text
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import video
@@ -110,7 +111,8 @@ def source(input_cfg, split: str, seed: int = 0):
                              "jsonl: video_id, question, answer) and input.video_root")
     else:
         raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
-    return sources.video_qa(str(ann), str(root), max_skip_rate=float(input_cfg.max_skip_rate))
+    return video_qa_format.read(str(ann), str(root),
+                                max_skip_rate=float(input_cfg.max_skip_rate))
 
 
 def read_clip(path, num_frames: int, image_size: int, *, train: bool,
@@ -338,8 +340,8 @@ def caption_source(input_cfg, split: str, seed: int = 0):
                              "golden_captions}) and input.video_root")
     else:
         raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
-    return sources.video_caption(str(ann), str(root), train=train,
-                                 max_skip_rate=float(input_cfg.max_skip_rate))
+    return video_caption_format.read(str(ann), str(root), train=train,
+                                     max_skip_rate=float(input_cfg.max_skip_rate))
 
 
 class _VideoCaptionRecord(ClipRecord):

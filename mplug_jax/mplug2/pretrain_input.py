@@ -2,7 +2,7 @@
 batches of mPLUG-2 pretraining.
 
 Video-caption records, by `config.input.dataset`:
-- 'json': MSRVTT retrieval jsonl (`sources.msrvtt_retrieval`: `clip_name`, `caption`, one
+- 'json': MSRVTT retrieval jsonl (`formats.msrvtt_retrieval.read`: `clip_name`, `caption`, one
   line per caption; several lines may name one clip: they are positives of each other), train
   `input.annotations`, videos under `input.video_root` (frame folders or files);
 - 'synthetic': the built-in moving-shape videos (`data.synthetic_video`, split 'train'),
@@ -36,7 +36,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import msrvtt_retrieval as msrvtt_retrieval_format
 from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops import tokenizer
@@ -81,9 +81,9 @@ def video_text_source(input_cfg, seed: int = 0):
                              "retrieval jsonl: clip_name, caption) and input.video_root")
     else:
         raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
-    src = sources.msrvtt_retrieval(str(ann), str(root),
-                                   max_words=int(input_cfg.get("max_words", 40)),
-                                   max_skip_rate=float(input_cfg.max_skip_rate))
+    src = msrvtt_retrieval_format.read(str(ann), str(root),
+                                       max_words=int(input_cfg.get("max_words", 40)),
+                                       max_skip_rate=float(input_cfg.max_skip_rate))
     ids: dict[str, int] = {}
     index = np.asarray([ids.setdefault(r["video_id"], len(ids)) for r in src.records], np.int32)
     return src, index

@@ -110,7 +110,7 @@ def check_rows(path: str, rows: Any, spec: Mapping[str, tuple[Callable, str]], k
 
 @contextlib.contextmanager
 def reading_annotations() -> Iterator[None]:
-    """Turns the data readers' DataError (annotation files read by `mplug_jax.data.sources`)
+    """Turns the data readers' DataError (annotation files read by `mplug_jax.data.formats`)
     into ScoreInputError, so that every bad scoring input has one exception type."""
     from mplug_jax.data.ops.image import DataError
     try:

@@ -159,7 +159,7 @@ def score_file(results_path: str, annotations_path: str) -> dict:
     Raises:
       ValueError: malformed results, an id outside the split, a duplicate id, no results.
     """
-    from mplug_jax.data.formats import base as sources
+    from mplug_jax.data.formats import grounding as grounding_format
     from mplug_jax.scoring import checks
 
     results = checks.check_rows(
@@ -167,7 +167,7 @@ def score_file(results_path: str, annotations_path: str) -> dict:
         {"id": checks.INT, "pred_box": checks.list_of(checks.NUMBER, 4)}, key="id",
         what='{"id", "pred_box"} objects')
     with checks.reading_annotations():
-        split = sources._load_split_file(annotations_path)
+        split = grounding_format.load_split_file(annotations_path)
     pred, gt = [], []
     for n, r in enumerate(results):
         i = r["id"]

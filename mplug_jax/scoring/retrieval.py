@@ -185,7 +185,7 @@ def _annotation_keys(annotations_path: str) -> tuple[dict[str, list[str]], dict[
             continue
         caps = r.get("caption")
         caps = [caps] if isinstance(caps, str) else caps if isinstance(caps, list) else []
-        caps = [c for c in caps if isinstance(c, str) and c.strip()]  # as sources.retrieval
+        caps = [c for c in caps if isinstance(c, str) and c.strip()]  # as formats.retrieval.read
         img2txt.setdefault(r["image"], []).extend(
             text_key(r["image"], j) for j in range(len(caps)))
     txt2img = {t: i for i, ts in img2txt.items() for t in ts}

@@ -1,18 +1,18 @@
 """SNLI-VE scoring: three-way accuracy (overall and per class) of a `snli_ve_result.json`
 ([{"id", "pred", "label"}], written by the `classify` evaluator) against the official annotation
 json (docs/official-formats.md#snli-ve) or the original SNLI-VE jsonl
-(`mplug_jax.data.snli_ve_jsonl`). `id` is the record's index among the annotation's valid
-records in file order, as the readers give them (records `sources.snli_ve` skips get no id).
+(`formats.snli_ve_jsonl`). `id` is the record's index among the annotation's valid
+records in file order, as the readers give them (records `formats.snli_ve.read` skips get no id).
 
     mplug-jax score --task snli_ve --results snli_ve_result.json --annotations snli_ve_test.jsonl
 """
 from __future__ import annotations
 
-from mplug_jax.data import snli_ve_jsonl
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import snli_ve as snli_ve_format
+from mplug_jax.data.formats import snli_ve_jsonl
 from mplug_jax.scoring import checks, classify
 
-LABELS = tuple(sorted(sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get))
+LABELS = tuple(sorted(snli_ve_format.LABELS, key=snli_ve_format.LABELS.get))
 
 
 def load_gold(annotation: str) -> dict[int, str]:
@@ -22,7 +22,7 @@ def load_gold(annotation: str) -> dict[int, str]:
         if snli_ve_jsonl.is_original(annotation):
             src = snli_ve_jsonl.read(annotation, "")
         else:
-            src = sources.snli_ve(annotation, "", max_skip_rate=1.0)
+            src = snli_ve_format.read(annotation, "", max_skip_rate=1.0)
     return {i: LABELS[r["label"]] for i, r in enumerate(src)}
 
 

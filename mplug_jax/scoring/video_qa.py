@@ -34,7 +34,7 @@ def exact_match(predictions: Mapping[int, str], answers: Mapping[int, str]) -> d
 
 def load_answers(annotations_path: str) -> dict[int, str]:
     """{line index: answer} of a video QA jsonl (blank lines are not counted, as
-    `data.sources.read_annotations`)."""
+    `data.formats.base.read_annotations`)."""
     out = {}
     with open(annotations_path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]

@@ -180,10 +180,10 @@ def test_vqa_majority_answers_match_the_scene():
 def test_write_vqa_files_reads_back_through_the_official_reader(tmp_path):
     from PIL import Image
 
-    from mplug_jax.data.formats import base as sources
+    from mplug_jax.data.formats import vqa as vqa_format
     from mplug_jax.scoring import vqa as scoring
     paths = synthetic.write_vqa_files(str(tmp_path), "train", 5, image_size=24, seed=2)
-    src = sources.vqa(paths["json"], {"vqa": paths["root"]}, train=True)
+    src = vqa_format.read(paths["json"], {"vqa": paths["root"]}, train=True)
     ds = synthetic.SyntheticVQA("train", 5, image_size=24, seed=2)
     ann = scoring.load_annotations(paths["annotations"])
     for i in range(5):

@@ -12,7 +12,7 @@ from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
 from mplug_jax.data import pipeline, prepare
-from mplug_jax.data.formats import builder as tfds_builders
+from mplug_jax.data.formats import builder as tfds_builder
 from mplug_jax.data.ops.image import DataError
 
 
@@ -49,7 +49,7 @@ def test_prepare_pretrain_roundtrip_into_pipeline(tmp_path):
     assert report["splits"]["train"] == {"written": 4,
                                          "skipped": {"empty_file": 1, "missing_file": 1}}
     assert "4 records written, 2 skipped" in prepare.format_report(report)
-    src = tfds_builders.load_prepared(str(tmp_path / "out"), "pretrain")["train"]
+    src = tfds_builder.load_prepared(str(tmp_path / "out"), "pretrain")["train"]
     assert len(src) == 4
     by_id = {int(src[i]["id"]): src[i] for i in range(len(src))}
     assert sorted(by_id) == [0, 1, 2, 3]
@@ -95,7 +95,7 @@ def test_prepare_vqa_train_and_eval_splits(tmp_path):
                                      "test": [str(tmp_path / "test.json")]},
                              str(root), str(tmp_path / "out"), roots={"vg": str(vg)})
     assert {k: v["written"] for k, v in report["splits"].items()} == {"train": 2, "test": 1}
-    ds = tfds_builders.load_prepared(str(tmp_path / "out"), "vqa")
+    ds = tfds_builder.load_prepared(str(tmp_path / "out"), "vqa")
     recs = {ds["train"][i]["question_id"].decode(): ds["train"][i] for i in range(2)}
     a = recs["1"]
     assert dict(zip([x.decode() for x in a["answers"]], np.asarray(a["weights"]).tolist())) \
@@ -114,14 +114,14 @@ def test_cli_prepare_without_tensorflow(tmp_path):
     code = BLOCK_TENSORFLOW + textwrap.dedent(f"""
         import argparse
         from mplug_jax.data import prepare
-        from mplug_jax.data.formats import builder as tfds_builders
+        from mplug_jax.data.formats import builder as tfds_builder
         p = argparse.ArgumentParser()
         prepare.add_prepare_args(p)
         args = p.parse_args(["--format", "pretrain", "--annotations", {ann!r},
                              "--image-root", {str(root)!r}, "--out", {str(tmp_path / "o")!r},
                              "--max-skip-rate", "0.5"])
         assert prepare.run_prepare(args) == 0
-        src = tfds_builders.load_prepared({str(tmp_path / "o")!r}, "pretrain")["train"]
+        src = tfds_builder.load_prepared({str(tmp_path / "o")!r}, "pretrain")["train"]
         assert len(src) == 4 and src[0]["image"].ndim == 3
         assert not any(m.startswith("tensorflow.") or m == "tensorflow" for m in sys.modules)
         print("OK")

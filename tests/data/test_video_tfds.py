@@ -15,7 +15,7 @@ from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
 from mplug_jax.data import prepare
-from mplug_jax.data.formats import builder as tfds_builders
+from mplug_jax.data.formats import builder as tfds_builder
 from mplug_jax.data.ops import video
 from mplug_jax.data.ops.image import DataError
 
@@ -95,7 +95,7 @@ def test_video_qa_frame_folders_skips_and_counts(tmp_path):
     assert ("3 records written, 3 skipped (missing_file=1, empty_file=1, bad_image=1)"
             in prepare.format_report(report))
 
-    src = tfds_builders.load_prepared(str(tmp_path / "out"), "video_qa")["train"]
+    src = tfds_builder.load_prepared(str(tmp_path / "out"), "video_qa")["train"]
     recs = _by_id(src)
     assert sorted(recs) == [0, 1, 2]
     first = recs[0]
@@ -133,7 +133,7 @@ def test_video_caption_train_and_eval_splits(tmp_path):
     report = prepare.prepare("video_caption", {"train": train, "test": test},
                              str(tmp_path / "videos"), str(tmp_path / "out"))
     assert {k: v["written"] for k, v in report["splits"].items()} == {"train": 3, "test": 2}
-    ds = tfds_builders.load_prepared(str(tmp_path / "out"), "video_caption")
+    ds = tfds_builder.load_prepared(str(tmp_path / "out"), "video_caption")
     tr, te = _by_id(ds["train"]), _by_id(ds["test"])
     assert [c.decode() for r in tr.values() for c in r["captions"]] == [
         "an astronaut smiles", "a woman in a space suit", "a short clip"]
@@ -205,7 +205,7 @@ def test_video_files_through_pyav(tmp_path):
                              max_skip_rate=0.5)
     assert report["splits"]["train"] == {"written": 3,
                                          "skipped": {"bad_image": 2, "empty_file": 1}}
-    recs = _by_id(tfds_builders.load_prepared(str(tmp_path / "out"), "video_qa")["train"])
+    recs = _by_id(tfds_builder.load_prepared(str(tmp_path / "out"), "video_qa")["train"])
     assert [recs[i]["video_id"] for i in range(3)] == [b"clip", b"msvd_clip", b"tumblr_abc"]
     for rec in recs.values():
         assert rec["frame_indices"].tolist() == picks and len(rec["frames"]) == 5
@@ -235,7 +235,7 @@ def test_cli_prepare_video_without_tensorflow(tmp_path):
     code = BLOCK_TENSORFLOW + textwrap.dedent(f"""
         import argparse
         from mplug_jax.data import prepare
-        from mplug_jax.data.formats import builder as tfds_builders
+        from mplug_jax.data.formats import builder as tfds_builder
         p = argparse.ArgumentParser()
         prepare.add_prepare_args(p)
         common = ["--video-root", {str(tmp_path / "videos")!r}, "--out", {str(tmp_path / "o")!r},
@@ -245,8 +245,8 @@ def test_cli_prepare_video_without_tensorflow(tmp_path):
         assert prepare.run_prepare(p.parse_args(
             ["--format", "video_caption", "--annotations", {cap!r}, "--split", "test",
              "--eval"] + common)) == 0
-        qa = tfds_builders.load_prepared({str(tmp_path / "o")!r}, "video_qa")["train"]
-        cap = tfds_builders.load_prepared({str(tmp_path / "o")!r}, "video_caption")["test"]
+        qa = tfds_builder.load_prepared({str(tmp_path / "o")!r}, "video_qa")["train"]
+        cap = tfds_builder.load_prepared({str(tmp_path / "o")!r}, "video_caption")["test"]
         assert len(qa) == 1 and len(qa[0]["frames"]) == 3
         assert qa[0]["frames"][0].shape == (16, 24, 3)
         assert list(cap[0]["captions"]) == [b"c"] and cap[0]["frame_indices"].tolist() == [0, 1, 2]

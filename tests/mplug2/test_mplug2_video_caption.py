@@ -15,7 +15,7 @@ import pytest
 
 from configs.mplug2 import video_caption as cfg_lib
 from mplug_jax import tasks
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import video_caption as video_caption_format
 from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import video
@@ -211,8 +211,8 @@ def test_eval_captions_are_the_task_predict_fns(caption_workdir):
     _, params, _ = workdir.restore_params(path)
     rows = json.loads((path / "results" / "val_step2" / ev_lib.MPLUG2_RESULT_FILE).read_text())
     root = c.evals.val.synthetic_dir
-    src = sources.video_caption(os.path.join(root, "video_caption.jsonl"),
-                                os.path.join(root, "frames"), train=False)
+    src = video_caption_format.read(os.path.join(root, "video_caption.jsonl"),
+                                    os.path.join(root, "frames"), train=False)
     assert [r["video_id"] for r in rows] == [src[i]["video_id"] for i in range(len(src))]
     assert [r["gold_caption"] for r in rows] == [src[i]["gold_captions"] for i in range(len(src))]
     clips = np.stack([video.eval_clip(video.load_frames(src[i]["video"], 4), 32)

@@ -11,7 +11,7 @@ import pytest
 
 from configs.mplug2 import video_qa as cfg_lib
 from mplug_jax import tasks
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import video_qa as video_qa_format
 from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.data.synthetic import motion as synthetic_motion
 from mplug_jax.data.ops import tokenizer
@@ -33,7 +33,7 @@ def test_synthetic_motion_needs_time(tmp_path):
     """Official jsonl + frame folders read by the real reader; 'order' clips show the answer's
     shape only in the first half and reversed videos swap the answers of 'order' questions."""
     paths = synthetic_motion.write_motion_files(str(tmp_path), 6, split="train")
-    recs = sources.video_qa(paths["msrvtt_qa"], paths["frames_root"])
+    recs = video_qa_format.read(paths["msrvtt_qa"], paths["frames_root"])
     assert len(recs) == 6 and paths["kinds"] == list(synthetic_motion.KINDS) * 2
     ds = synthetic_motion.SyntheticMotion("train", 6)
     for i in range(6):
@@ -230,7 +230,7 @@ def test_video_qa_evaluator_runs_the_mplug2_task(tmp_path):
     assert res["num_questions"] == len(rows) == c.input.eval_size and 0 <= res["acc"] <= 1
     # Its inputs are the task pipeline's eval inputs bit for bit (frames by the release's
     # nearest resize, questions); test_generation_predict_fns covers the generation path.
-    src = sources.video_qa(ann, root)
+    src = video_qa_format.read(ann, root)
     b = mplug2_input.eval_batches(src, c.input, num_frames=4, image_size=32, batch_size=3)[0]
     first = next(iter(ev.input))
     np.testing.assert_array_equal(first["frames"], b["video"])

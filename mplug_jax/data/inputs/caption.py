@@ -3,7 +3,7 @@ captions in the same format, train batches with decoder targets, and eval record
 
 Datasets (`config.input.dataset`):
 - 'karpathy': official `coco_caption_{train,test}_ocr.json`-style files
-  (docs/official-formats.md#coco-caption) through `sources.coco_caption`, images under
+  (docs/official-formats.md#coco-caption) through `formats.coco_caption.read`, images under
   `input.coco_root`;
 - 'synthetic': `SyntheticCaptions`, Karpathy-format entries of `mplug_jax.data.synthetic.shapes` scenes
   with `refs_per_image` references each (the scene's `caption(scene, rng)` drawn with
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import coco_caption as coco_caption_format
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.synthetic.shapes import SPLITS, SyntheticShapes, caption
@@ -136,7 +136,8 @@ def _split_from_synthetic(ds: SyntheticCaptions) -> CaptionSplit:
 
 
 def _split_from_karpathy(annotations, coco_root: str, max_skip_rate: float) -> CaptionSplit:
-    src = sources.coco_caption(annotations, coco_root, train=False, max_skip_rate=max_skip_rate)
+    src = coco_caption_format.read(annotations, coco_root, train=False,
+                                   max_skip_rate=max_skip_rate)
     ids, refs, train, evals = [], [], [], []
     for i, rec in enumerate(src):
         ids.append(rec["image_id"])
@@ -259,6 +260,6 @@ def eval_batches(split: CaptionSplit, image_size: int, batch_size: int,
 
 def write_karpathy(entries: list[dict], path: str) -> None:
     """Write Karpathy-format entries as a JSON array (what `scoring.caption.score_file` and
-    `sources.coco_caption` read)."""
+    `formats.coco_caption.read` read)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(entries, f)

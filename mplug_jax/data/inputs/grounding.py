@@ -4,7 +4,7 @@ Sources (`input.dataset`): 'unc' (RefCOCO), 'unc+' (RefCOCO+), 'gref', 'gref_umd
 'referit', 'flickr', 'vg_uni' (train: referit + unc + unc+ + gref_umd train concatenated) -
 split files `<split_root>/<name>/<name>_<split>.pth` (or `.json`, the same tuples), images
 under `<data_root>` as the official loader (docs/official-formats.md#refcoco-grounding), read by
-`sources.grounding`; 'synthetic': the built-in shapes expressions
+`formats.grounding.read`; 'synthetic': the built-in shapes expressions
 (`data.synthetic_grounding`, scene layout `input.synthetic`), written once in that layout
 under `input.synthetic_dir`.
 
@@ -22,7 +22,7 @@ Normalisation: CLIP mean/std in both (the official switches to ImageNet statisti
 evaluation, quirk G2; `official_eval_normalisation=True` restores that).
 
 Box: the split file's, with `input.int_box` (official) cast to int (truncated) before the
-corner conversion, so x2 = int(x) + int(w) (`sources.grounding`; referit and flickr files hold
+corner conversion, so x2 = int(x) + int(w) (`formats.grounding.read`; referit and flickr files hold
 corners, cast as they are). Box target: (cx, cy, w, h) of the box in the padded R x R frame,
 divided by R.
 Text: "[CLS] " + tokens(phrase.lower())[:L - 2] + " [SEP]", 0-padded to L = max_query_len.
@@ -43,7 +43,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import grounding as grounding_format
+from mplug_jax.data.formats.base import RecordSource
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.image import BadRecord
@@ -206,10 +207,10 @@ def train_transform(img: Image.Image, box_xyxy: np.ndarray, phrase: str, size: i
 
 # ---- sources ------------------------------------------------------------------------------
 
-class _Concat(sources.RecordSource):
+class _Concat(RecordSource):
     """Records of several sources in order (vg_uni)."""
 
-    def __init__(self, parts: list[sources.RecordSource]):
+    def __init__(self, parts: list[RecordSource]):
         skipped = {k: sum(p.skipped.get(k, 0) for p in parts) for k in parts[0].skipped}
         super().__init__([r for p in parts for r in p.records], skipped,
                          "+".join(p.name for p in parts))
@@ -251,10 +252,10 @@ def synthetic_root(input_cfg, image_size: int, seed: int) -> str:
 
 
 def source(input_cfg, split: str, *, dataset: str | None = None, size: int = 0,
-           image_size: int = 64, seed: int = 0) -> sources.RecordSource:
+           image_size: int = 64, seed: int = 0) -> RecordSource:
     """Records {image, bbox [x, y, w, h] px, phrase, id} of `dataset` (default
     input.dataset) / `split`; `size` = records of the synthetic split (ignored otherwise).
-    `input.int_box`: the file's box cast to int first (official, `sources.grounding`)."""
+    `input.int_box`: the file's box cast to int first (official, `formats.grounding.read`)."""
     name = dataset or input_cfg.dataset
     if name not in DATASETS:
         raise ValueError(f"unknown grounding dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -270,17 +271,17 @@ def source(input_cfg, split: str, *, dataset: str | None = None, size: int = 0,
         root = synthetic_root(input_cfg, image_size, seed)
         path = synthetic_grounding.write_split(root, split, size, image_size=image_size,
                                                seed=seed, options=input_cfg.get("synthetic"))
-        return sources.grounding(path, os.path.join(root, "images"), max_skip_rate=rate,
-                                 int_box=int_box)
+        return grounding_format.read(path, os.path.join(root, "images"), max_skip_rate=rate,
+                                     int_box=int_box)
     data_root, split_root = input_cfg.get("data_root", ""), input_cfg.get("split_root", "")
     if not data_root or not split_root:
         raise ValueError(f"grounding dataset {name!r} needs input.data_root (images, official "
                          "ln_data) and input.split_root (split files, official data/)")
     names = VG_UNI if name == "vg_uni" and split == "train" else \
         ("unc",) if name == "vg_uni" else (name,)
-    parts = [sources.grounding(split_path(split_root, n, split), image_dir(data_root, n),
-                               flickr=n == "flickr", corners=n in CORNER_BOXES,
-                               int_box=int_box, max_skip_rate=rate) for n in names]
+    parts = [grounding_format.read(split_path(split_root, n, split), image_dir(data_root, n),
+                                   flickr=n == "flickr", corners=n in CORNER_BOXES,
+                                   int_box=int_box, max_skip_rate=rate) for n in names]
     return parts[0] if len(parts) == 1 else _Concat(parts)
 
 

@@ -1,6 +1,6 @@
 """NLVR2 input by `config.input.dataset` (the NLVR2 task and the `classify` evaluator share it).
 
-- 'json': official NLVR2 json files (`sources.nlvr2`, docs/official-formats.md#nlvr2): lists
+- 'json': official NLVR2 json files (`formats.nlvr2.read`, docs/official-formats.md#nlvr2): lists
   `input.train_files`, `input.val_files`, `input.test_files` (the official train_file /
   val_file / test_file), image paths relative to `input.image_root`;
 - 'synthetic': the built-in `synthetic_nlvr2` pairs, written once as the same official files
@@ -36,7 +36,8 @@ import grain
 import numpy as np
 
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import nlvr2 as nlvr2_format
+from mplug_jax.data.formats.base import RecordSource
 from mplug_jax.data.synthetic import nlvr2 as synthetic_nlvr2
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
@@ -58,7 +59,7 @@ SPLITS = ("train", "val", "test")
 _FILES = {"train": "train_files", "val": "val_files", "test": "test_files"}
 
 
-def source(config, split: str) -> sources.RecordSource:
+def source(config, split: str) -> RecordSource:
     """Parsed NLVR2 records of `config.input.dataset` for `split` ('train', 'val', 'test')."""
     inp = config.input
     if split not in SPLITS:
@@ -88,8 +89,8 @@ def source(config, split: str) -> sources.RecordSource:
                              "json image paths are relative to)")
     else:
         raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
-    src = sources.nlvr2(files, root, max_words=int(inp.get("max_words", 30)),
-                        max_skip_rate=float(inp.max_skip_rate))
+    src = nlvr2_format.read(files, root, max_words=int(inp.get("max_words", 30)),
+                            max_skip_rate=float(inp.max_skip_rate))
     if sum(src.skipped.values()):
         logger.warning("NLVR2 %s: %d malformed annotation records skipped (%s)", split,
                        sum(src.skipped.values()),
@@ -171,11 +172,11 @@ def train_batches(config, process_index: int, process_count: int) -> tuple[Any, 
     return iter(it_ds), n
 
 
-def _eval_source(config, ecfg) -> sources.RecordSource:
+def _eval_source(config, ecfg) -> RecordSource:
     n = int(ecfg.get("num_examples", 0) or 0)
     src = source(config, str(ecfg.get("split", "val")))
     if 0 < n < len(src):
-        src = sources.RecordSource(src.records[:n], src.skipped, src.name)
+        src = RecordSource(src.records[:n], src.skipped, src.name)
     if len(src) == 0:
         raise ValueError("the NLVR2 eval set is empty")
     return src

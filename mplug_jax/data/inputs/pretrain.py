@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import pretrain as pretrain_format
 from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.synthetic.shapes import SyntheticShapes
 from mplug_jax.data.formats.builder import load_prepared
@@ -30,8 +30,8 @@ def source(input_cfg, split: str, size: int, image_size: int, seed: int):
         files = input_cfg.get(key)
         if not files:
             raise ValueError(f"input.dataset='json' needs input.{key} (official json lists)")
-        return sources.pretrain(list(files), input_cfg.get("image_root", ""),
-                                max_skip_rate=input_cfg.max_skip_rate)
+        return pretrain_format.read(list(files), input_cfg.get("image_root", ""),
+                                    max_skip_rate=input_cfg.max_skip_rate)
     if kind == "tfds":
         splits = load_prepared(input_cfg.tfds_dir, "pretrain")
         name = "train" if split == "train" else input_cfg.get("eval_split", "validation")

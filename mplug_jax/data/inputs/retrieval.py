@@ -3,7 +3,8 @@
 `config.input.dataset`:
 - 'json': `input.train_annotations` (train records {image, caption, image_id}) and
   `input.eval_annotations` (eval records {image, caption: [..]}), images under
-  `input.image_root` (docs/official-formats.md#image-text-retrieval), read by `sources.retrieval`;
+  `input.image_root` (docs/official-formats.md#image-text-retrieval), read by
+  `formats.retrieval.read`;
 - 'synthetic': `synthetic_retrieval.write_files` (the same format, written once under
   `input.synthetic_dir`, default a folder in the system temp dir named by its settings).
 
@@ -29,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import retrieval as retrieval_format
 from mplug_jax.data.synthetic import retrieval as synthetic_retrieval
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.pipeline import pretrain_dataset
-from mplug_jax.data.formats.base import RecordSource
+from mplug_jax.data.formats.base import RecordSource, read_annotations
 from mplug_jax.data.ops.image import BadRecord, DataError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def train_source(input_cfg, image_size: int, seed: int) -> RecordSource:
     (image_index stays the official first-appearance numbering of every image_id)."""
     files, root = _files(input_cfg, "train", image_size, seed)
     rate = float(input_cfg.max_skip_rate)
-    src = sources.retrieval(files, root, train=True, max_words=MAX_WORDS, max_skip_rate=rate)
+    src = retrieval_format.read(files, root, train=True, max_words=MAX_WORDS, max_skip_rate=rate)
     exists: dict[str, bool] = {}
     kept, missing = [], 0
     for r in src.records:
@@ -111,7 +112,7 @@ class EvalSplit:
     Attributes:
       images: [NI] image paths; keys: [NI] the paths as written in the json (result file keys).
       texts: [NT] pre_caption'ed captions; txt2img: int[NT]; img2txt: [NI] lists of text ids.
-      skipped: skip counts by reason (sources.SKIP_REASONS).
+      skipped: skip counts by reason (formats.base.SKIP_REASONS).
     """
     images: list[str]
     keys: list[str]
@@ -132,9 +133,9 @@ def eval_split(input_cfg, image_size: int, seed: int, annotations=None,
 def read_eval(files, image_root: str, max_skip_rate: float = 0.01) -> EvalSplit:
     """Official eval json `files` -> `EvalSplit` (see `eval_split`)."""
     files = [files] if isinstance(files, str) else list(files)
-    src = sources.retrieval(files, image_root, train=False, max_words=MAX_WORDS,
-                            max_skip_rate=max_skip_rate)
-    raw_keys = [r.get("image") for f in files for r in sources.read_annotations(f)
+    src = retrieval_format.read(files, image_root, train=False, max_words=MAX_WORDS,
+                                max_skip_rate=max_skip_rate)
+    raw_keys = [r.get("image") for f in files for r in read_annotations(f)
                 if isinstance(r, dict) and isinstance(r.get("image"), str)]
     by_path = {os.path.join(image_root, k): k for k in raw_keys}
     images, keys, texts, txt2img, img2txt = [], [], [], [], []

@@ -2,9 +2,9 @@
 
 Annotation files, either official format (told apart by content, `snli_ve_jsonl.is_original`):
 the original SNLI-VE release's JSON lines `snli_ve_<split>.jsonl` (premise `sentence1`,
-hypothesis `sentence2`, `Flikr30kID`, `gold_label`; `mplug_jax.data.snli_ve_jsonl`, a malformed
+hypothesis `sentence2`, `Flikr30kID`, `gold_label`; `formats.snli_ve_jsonl`, a malformed
 line is an error) or ALBEF's `ve_<split>.json` (docs/official-formats.md#snli-ve: image id,
-hypothesis `sentence`, `label`, no premise; `sources.snli_ve`, malformed records skipped and
+hypothesis `sentence`, `label`, no premise; `formats.snli_ve.read`, malformed records skipped and
 counted). Both: image `<image_root>/<id>.jpg`, text pre_caption, label entailment=2 /
 neutral=1 / contradiction=0.
 
@@ -49,8 +49,10 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline, snli_ve_jsonl
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data import pipeline
+from mplug_jax.data.formats import snli_ve as snli_ve_format
+from mplug_jax.data.formats import snli_ve_jsonl
+from mplug_jax.data.formats.base import RecordSource
 from mplug_jax.data.synthetic import snli_ve as synthetic_snli_ve
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
@@ -59,7 +61,7 @@ from mplug_jax.data.ops.image import BadRecord, DataError
 logger = logging.getLogger(__name__)
 
 # Class names, index = official class id (contradiction 0, neutral 1, entailment 2).
-LABELS = tuple(sorted(sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get))
+LABELS = tuple(sorted(snli_ve_format.LABELS, key=snli_ve_format.LABELS.get))
 DATASETS = ("synthetic", "json")
 EVAL_SPLITS = ("val", "test")
 _FILE_KEYS = {"train": "train_file", "val": "val_file", "test": "test_file"}
@@ -100,16 +102,16 @@ def files(config, split: str) -> tuple[str, str]:
 
 
 def read(annotation: str, image_root: str, *, max_words: int = 30,
-         max_skip_rate: float = 0.01) -> sources.RecordSource:
+         max_skip_rate: float = 0.01) -> RecordSource:
     """Records of an SNLI-VE file of either official format (see module docstring); jsonl
     records carry a 'premise'."""
     if snli_ve_jsonl.is_original(annotation):
         return snli_ve_jsonl.read(annotation, image_root, max_words=max_words)
-    return sources.snli_ve(annotation, image_root, max_words=max_words,
+    return snli_ve_format.read(annotation, image_root, max_words=max_words,
                            max_skip_rate=max_skip_rate)
 
 
-def source(config, split: str) -> sources.RecordSource:
+def source(config, split: str) -> RecordSource:
     """The parsed records of `split` (`read`); with `task.premise`, a file without premises
     (ALBEF's json) is a ValueError saying what to pass instead."""
     annotation, root = files(config, split)

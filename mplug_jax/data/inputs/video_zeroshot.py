@@ -63,7 +63,7 @@ class VideoEval:
     """Iterable over the eval batches of a video record source (see module docstring).
 
     Args:
-      source: random-access records with 'video' (path) and 'video_id' (`data.sources`).
+      source: random-access records with 'video' (path) and 'video_id' (`data.formats`).
       num_frames: T frames per video.
       image_size: R.
       batch_size: B videos per batch.
@@ -172,7 +172,7 @@ class VideoEval:
 # ---- shared by the video evaluators ---------------------------------------------------------
 
 DATASETS = ("synthetic", "json")
-# Reader and synthetic file of each annotation format (`data.sources`, `data.synthetic_video`).
+# Reader and synthetic file of each annotation format (`data.formats`, `data.synthetic_video`).
 FORMATS = {"msrvtt_retrieval": "msrvtt_retrieval", "video_qa": "msrvtt_qa",
            "vatex_caption": "vatex", "video_caption": "video_caption"}
 
@@ -182,7 +182,7 @@ def eval_source(ecfg, fmt: str, seed: int = 0):
     under `ecfg.video_root`; 'synthetic' first writes `ecfg.synthetic_size` synthetic videos
     (`data.synthetic_video.write_video_files`, into `ecfg.synthetic_dir` or a fresh temporary
     folder; `ecfg.synthetic_video` 'frames' or 'mp4') and reads those files the same way."""
-    from mplug_jax.data.formats import base as sources
+    from mplug_jax.data import formats
     from mplug_jax.data.synthetic import video as synthetic_video
     if fmt not in FORMATS:
         raise ValueError(f"unknown video annotation format {fmt!r}; valid: {sorted(FORMATS)}")
@@ -207,7 +207,7 @@ def eval_source(ecfg, fmt: str, seed: int = 0):
     else:
         raise ValueError(f"unknown eval dataset {kind!r}; valid: {DATASETS}")
     skip = float(ecfg.get("max_skip_rate", 0.01))
-    reader = getattr(sources, fmt)
+    reader = formats.get(fmt).read
     if fmt == "video_caption":
         return reader(annotation, root, train=False, max_skip_rate=skip)
     return reader(annotation, root, max_skip_rate=skip)

@@ -1,7 +1,7 @@
 """VQA input by `config.input.dataset` (the VQA task and evaluator share it).
 
 - 'synthetic': the built-in `SyntheticVQA` ('train' / 'heldout' splits, official record format);
-- 'json': official VQA / VG / GQA json files (`sources.vqa`): `input.annotations` for training,
+- 'json': official VQA / VG / GQA json files (`formats.vqa.read`): `input.annotations` for training,
   `input.eval_annotations` for evaluation, images under `input.roots[record['dataset']]`
   (the official vqa_root / vg_root / gqa_root).
 
@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from mplug_jax.data import pipeline
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import vqa as vqa_format
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.synthetic.shapes import SyntheticVQA
 from mplug_jax.data.ops.image import BadRecord
@@ -55,8 +55,8 @@ def source(input_cfg, split: str, size: int, image_size: int, seed: int):
         if not roots:
             raise ValueError("input.dataset='json' needs input.roots = {dataset tag: image "
                              "folder}, e.g. {'vqa': 'coco_2014/', 'vg': 'visual_genome/'}")
-        return sources.vqa(list(files), roots, train=split == "train",
-                           max_skip_rate=input_cfg.max_skip_rate)
+        return vqa_format.read(list(files), roots, train=split == "train",
+                               max_skip_rate=input_cfg.max_skip_rate)
     raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
 
 
@@ -113,16 +113,16 @@ class _VQARecord:
             record = self.source[index]
             if not isinstance(record, dict) or "image" not in record or "question" not in record:
                 raise BadRecord("bad_record", f"record {index} lacks 'image'/'question'")
-            question = sources.vqa_question_text(record, self.add_ocr, self.add_object)
+            question = vqa_format.question_text(record, self.add_ocr, self.add_object)
             image = pipeline.process_image(
                 record["image"], self.image_size,
                 np.random.default_rng([self.seed, epoch, index, 1]), augment=self.augment,
                 image_dtype=self.image_dtype, reduced_decode=self.reduced_decode)
             if self.train:
-                if "answers" in record:  # parsed by sources.vqa
+                if "answers" in record:  # parsed by formats.vqa.read
                     answers, weights = record["answers"], record["weights"]
                 else:  # raw official format (the synthetic records)
-                    answers, weights = sources.vqa_answer_weights(record)
+                    answers, weights = vqa_format.answer_weights(record)
         except BadRecord as e:
             logger.warning("skipping VQA record %d (%s): %s", index, e.reason, e)
             return {pipeline._SKIP_KEY: e.reason}

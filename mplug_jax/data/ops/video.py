@@ -1,6 +1,6 @@
 """Video frames for the video formats: frame folders and video files, sampled as mPLUG-2.
 
-A record's ``video`` field (see :func:`sources.video_qa`) is either a folder of frame images
+A record's ``video`` field (see :func:`formats.video_qa.read`) is either a folder of frame images
 (read in sorted file-name order) or a video file decoded with PyAV, or with OpenCV when PyAV is
 missing. :func:`frame_indices` is the official uniform sampling rule; :func:`sample_frames`
 applies it to one video and :func:`load_frames` returns the sampled frames as RGB images.

@@ -1,6 +1,6 @@
 """Built-in synthetic grounding data: referring expressions with boxes over the shapes scenes,
 written in the official TransVG / RefCOCO layout (docs/official-formats.md#refcoco-grounding), so
-the reader of real split files (`sources.grounding`) serves it unchanged.
+the reader of real split files (`formats.grounding.read`) serves it unchanged.
 
 Scenes are the shapes scenes of `data.synthetic` (colours, shapes, backgrounds, repeated
 kinds) on a configurable layout (`layout`: `input.synthetic` in the configs): by default that

@@ -33,7 +33,7 @@ frame is sampled: a video and its time reversal then give a model without tempor
 same frames in reverse order (an unordered-set model is at chance on both kinds).
 
 `write_motion_files(directory, size, split=...)` writes the official MSRVTT-QA layout, so the
-reader of real data (`data.sources.video_qa`) serves it: frame folders
+reader of real data (`formats.video_qa.read`) serves it: frame folders
 ``frames/<video_id>/frame_0000.png ...`` and ``msrvtt_qa.jsonl`` (video_id, question, answer;
 question id = line index). Segment boundaries are chosen so that any `num_frames` <=
 `raw_frames` / 2 sampled by `data.video.frame_indices` (train 'rand' or eval 'middle') sees

@@ -18,7 +18,7 @@ left / right image, so the official left <-> right swap keeps its label.
 
 Records are a pure function of (seed, split, index); `write_nlvr2_files` writes a split in the
 official NLVR2 json format (docs/official-formats.md#nlvr2: `images` = two paths relative to the
-image root, `sentence`, `label` "True" / "False") with PNG files, so `sources.nlvr2` reads it
+image root, `sentence`, `label` "True" / "False") with PNG files, so `formats.nlvr2.read` reads it
 like the real data. Train images live directly under `train/` (the reader rewrites any path
 containing "train" to `train/<basename>`, the official flattening).
 """

@@ -1,6 +1,6 @@
 """Built-in synthetic retrieval data: shapes scenes written as ALBEF-format json + image files.
 
-The same reader (`sources.retrieval`, via `retrieval_input`) then serves real COCO / Flickr30k
+The same reader (`formats.retrieval.read`, via `retrieval_input`) then serves real COCO / Flickr30k
 files and this data. Layout of `write_files(directory, ...)`:
 
   directory/images/{train,val,test}_{i:06d}.png    rendered scenes (`synthetic.render`)

@@ -2,7 +2,7 @@
 the shapes scenes of `mplug_jax.data.synthetic.shapes`, written as both official formats:
 `ve_<split>.json` (ALBEF, docs/official-formats.md#snli-ve) = [{"image": id, "sentence": str,
 "label": "entailment"|"neutral"|"contradiction"}] and `snli_ve_<split>.jsonl` (the original
-release, `mplug_jax.data.snli_ve_jsonl`) = one {"sentence1": premise, "sentence2": hypothesis,
+release, `formats.snli_ve_jsonl`) = one {"sentence1": premise, "sentence2": hypothesis,
 "Flikr30kID": "<id>.jpg", "gold_label"} per line, plus the `<id>.jpg` images, so the readers of
 real data serve synthetic data alike.
 

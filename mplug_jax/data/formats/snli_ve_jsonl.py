@@ -5,12 +5,12 @@ fields plus the Flickr30k image id:
     {"sentence1": "Two women are embracing ...", "sentence2": "The sisters are hugging ...",
      "Flikr30kID": "4705552913.jpg", "gold_label": "neutral", "pairID": ..., ...}
 
-The ALBEF-format `ve_*.json` (docs/official-formats.md#snli-ve, read by `sources.snli_ve`)
+The ALBEF-format `ve_*.json` (docs/official-formats.md#snli-ve, read by `formats.snli_ve.read`)
 keeps only the image, `sentence2` and the label; the paper feeds the text premise too (mPLUG
 section 5.2.5: "the image premise, text premise and text hypothesis are fed to the encoder"),
 so only these files can give it.
 
-Records (as `sources.snli_ve`'s, plus the premise): image = `<image_root>/<id>.jpg` (the id
+Records (as `formats.snli_ve.read`'s, plus the premise): image = `<image_root>/<id>.jpg` (the id
 with or without its `.jpg`), premise = `pre_caption(sentence1, max_words)`, sentence =
 `pre_caption(sentence2, max_words)` (the hypothesis), label entailment 2 / neutral 1 /
 contradiction 0. The release is clean (pairs without a gold label were removed), so a line that
@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 
-from mplug_jax.data.formats import base as sources
+from mplug_jax.data.formats import base, snli_ve
 from mplug_jax.data.ops import text
 from mplug_jax.data.ops.image import DataError
 
 FIELDS = {"premise": "sentence1", "hypothesis": "sentence2", "image": "Flikr30kID",
           "label": "gold_label"}
-LABELS = sources.SNLI_VE_LABELS  # entailment 2, neutral 1, contradiction 0
+LABELS = snli_ve.LABELS  # entailment 2, neutral 1, contradiction 0
 
 
 def is_original(path: str) -> bool:
@@ -90,7 +90,7 @@ def parse_line(line: str, where: str, image_root: str, max_words: int = 30) -> d
     return out
 
 
-def read(annotation: str, image_root: str, *, max_words: int = 30) -> sources.RecordSource:
+def read(annotation: str, image_root: str, *, max_words: int = 30) -> base.RecordSource:
     """Every triple of an original SNLI-VE jsonl, in file order (blank lines ignored).
 
     Args:
@@ -111,4 +111,4 @@ def read(annotation: str, image_root: str, *, max_words: int = 30) -> sources.Re
             if line.strip():
                 records.append(parse_line(line, f"{annotation} line {n}", image_root,
                                           max_words))
-    return sources.RecordSource(records, name=f"snli_ve_jsonl[{annotation}]")
+    return base.RecordSource(records, name=f"snli_ve_jsonl[{annotation}]")
