@@ -120,9 +120,9 @@ class MplugBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(**kwargs)
 
     def _feature(self, kind: str):
-        image = tfds.features.Image(shape=(None, None, 3))
+        """The tfds feature of one FEATURES kind."""
         if kind == "image":
-            return image
+            return tfds.features.Image(shape=(None, None, 3))
         if kind == "text":
             return tfds.features.Text()
         if kind == "texts":
