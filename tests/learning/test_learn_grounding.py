@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import grounding as grounding_config
 from mplug_jax import cli, metrics
-from mplug_jax.data import sources
+from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.inputs import grounding as GI
 from mplug_jax.data.synthetic import grounding as synthetic_grounding
 from mplug_jax.scoring import grounding as G
@@ -81,7 +81,7 @@ def test_finetune_tiny_learns_then_predict_png(pretrain_workdir, tmp_path, capsy
     split = synthetic_grounding.split_file(c.input.synthetic_dir, "heldout")
     assert G.score_file(str(result), split)["accu"] == pytest.approx(rows[0]["val/pixel_accu"])
 
-    src = sources.grounding(split, os.path.join(c.input.synthetic_dir, "images"))
+    src = grounding_format.read(split, os.path.join(c.input.synthetic_dir, "images"))
     png = tmp_path / "boxed.png"
     capsys.readouterr()
     assert cli.main(["predict", "--checkpoint", str(run), "--task", "ground", "--image",
