@@ -47,7 +47,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mplug_jax.data.formats.base import SNLI_VE_LABELS
+from mplug_jax.data.formats.snli_ve import LABELS as SNLI_VE_LABELS
 from mplug_jax.data.synthetic.shapes import (COLORS, GRID, SHAPES, Scene, _article, _sample_scene,
                                              render)
 
