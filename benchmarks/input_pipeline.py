@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (machine + load-average stamp of every results JSON)
 from mplug_jax.data import pipeline
 from mplug_jax.data.formats import vqa as vqa_format
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops import augment_fast
 from mplug_jax.data.ops import randaugment
 from mplug_jax.data.ops import text
@@ -153,7 +154,7 @@ def grain_run(kind: str, recs: list[dict], n: int, batch_size: int, workers: int
     """images/s of the grain train pipeline after its first batch (workers started)."""
     s = SETTINGS[kind]
     if kind == "pretrain":
-        ds = pipeline.pretrain_dataset(recs, image_size=s["image_size"], batch_size=batch_size,
+        ds = pretrain_input.dataset(recs, image_size=s["image_size"], batch_size=batch_size,
                                        max_tokens=s["max_tokens"], augment=s["augment"],
                                        workers=workers, read_threads=1,
                                        image_dtype=image_dtype)

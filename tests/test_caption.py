@@ -47,7 +47,7 @@ def test_targets_and_ce_loss_match_a_hand_computation():
     params = task.init_params(jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                           is_leaf=lambda x: hasattr(x, "value"))
-    it, n = caption_input.train_batches(cfg.input, 32, 0, "", 0, 1)
+    it, n = caption_input.train_batches(cfg, 0, 1)
     assert n == 64 * 5  # one record per reference
     batch = next(it)
     loss, (m, _) = jax.jit(task.loss)(params, {}, batch, jax.random.PRNGKey(1), jnp.int32(0))

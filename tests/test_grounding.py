@@ -8,6 +8,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,6 +25,11 @@ from mplug_jax.tasks.grounding import coordinate_loss, paired_giou
 SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
                    fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
                    vision_width=32, vision_layers=1, vision_heads=2, embed_dim=16)
+
+
+def eval_config(inp, image_size: int) -> ml_collections.ConfigDict:
+    """The run config `grounding_input.eval_batches` reads: `inp` at `image_size`."""
+    return ml_collections.ConfigDict({"input": inp, "model": {"image_size": image_size}})
 
 
 def small_config(tmp_path, vocab_size: int = 1024):
@@ -120,7 +126,7 @@ def test_split_tuples_to_batches(tmp_path):
                                     max_skip_rate=0.5)
     assert src_pth.records == src.records
     inp = grounding_config.get_config("tiny").input
-    batches = GI.eval_batches(src, inp, 48, 4)
+    batches = list(GI.eval_batches(eval_config(inp, 48), src, 4))
     assert [len(b["idx"]) for b in batches] == [4, 2]
     b = batches[0]
     assert b["image"].shape == (4, 48, 48, 3) and b["text_ids"].shape == (4, 20)

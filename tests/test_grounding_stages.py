@@ -13,7 +13,7 @@ from configs import grounding as grounding_config
 from mplug_jax import metrics, tasks, trainer, workdir
 from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.inputs import grounding as GI
-from test_grounding import SMALL_MODEL
+from test_grounding import SMALL_MODEL, eval_config
 
 
 # ---- presets -------------------------------------------------------------------------------
@@ -131,7 +131,8 @@ def test_int_cast_before_the_corner_conversion(tmp_path):
     # The eval target follows: the int box in the padded frame (long side 64 -> 32, ratio 0.5,
     # 8 rows of padding on top).
     c.input.int_box = True
-    b = GI.eval_batches(GI.source(c.input, "val", dataset="unc"), c.input, 32, 1)[0]
+    b = next(GI.eval_batches(eval_config(c.input, 32), GI.source(c.input, "val", dataset="unc"),
+                             1))
     np.testing.assert_allclose(b["gt_box"][0], np.array([20, 8 + 20, 20, 30]) / 2 / 32,
                                atol=1e-6)
     # flickr rows (file, corners, phrase) through the source directly.

@@ -127,12 +127,12 @@ def reference_run(steps: int) -> tuple[list[dict], dict]:
     from mplug_jax.evaluators.pretrain_zeroshot import Evaluator
     from test_sharding_strategies import one_device_step
     from mplug_jax import trainer
-    from mplug_jax.data.pipeline import make_global_batch, pretrain_dataset
+    from mplug_jax.data.pipeline import make_global_batch
     config = mh_config()
     inp = config.input
     source = pretrain_input.source(inp, "train", inp.train_size, config.model.image_size,
                                    config.seed)
-    shards = [iter(pretrain_dataset(source, image_size=config.model.image_size,
+    shards = [iter(pretrain_input.dataset(source, image_size=config.model.image_size,
                                     batch_size=inp.batch_size // PROCESSES,
                                     max_words=inp.max_words, max_tokens=inp.max_tokens,
                                     seed=inp.shuffle_seed, train=True, augment=None,

@@ -1,6 +1,7 @@
 """NLVR2 task: the two-image fusion against the single-image one, pretrained init of both
 branches, the official reader, the training-only swap, eval batches, accuracy and score_file,
 configs (learning run: tests/learning/test_learn_nlvr2.py)."""
+import functools
 import json
 import os
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from configs import nlvr2 as nlvr2_config
 from mplug_jax import tasks, trainer
+from mplug_jax.data import pipeline
 from mplug_jax.data.formats import nlvr2 as nlvr2_format
 from mplug_jax.data.inputs import nlvr2 as nlvr2_input
 from mplug_jax.data.synthetic import nlvr2 as synthetic_nlvr2
@@ -148,21 +150,22 @@ def test_reader_on_official_records(tmp_path):
     ecfg = c.evals.val
     ecfg.update(batch_size=4, num_examples=0)
     assert [r["label"] for r in nlvr2_input.eval_records(c, ecfg)] == [1, 0]
-    (batch,) = list(nlvr2_input.eval_batches(c, ecfg))
+    recs = nlvr2_input.eval_records(c, ecfg)
+    (batch,) = list(nlvr2_input.eval_batches(c, recs, 4))
     assert batch["images"].shape == (4, 2, 32, 32, 3)
     np.testing.assert_array_equal(batch["valid"], [1, 1, 0, 0])
     np.testing.assert_array_equal(batch["idx"], [0, 1, 1, 1])
     np.testing.assert_array_equal(batch["label"][:2], [1, 0])
     # Two processes: each gets its half of the global batch.
-    halves = [next(nlvr2_input.eval_batches(c, ecfg, p, 2)) for p in range(2)]
+    halves = [next(nlvr2_input.eval_batches(c, recs, 4, p, 2)) for p in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["valid"] for h in halves]), [1, 1, 0, 0])
     # A missing image file is an error in evaluation, a counted skip in training.
     os.remove(tmp_path / "dev/dev-1-0-img1.png")
     with pytest.raises(DataError, match="dev-1-0-img1"):
-        list(nlvr2_input.eval_batches(c, ecfg))
-    rec = nlvr2_input._NLVR2Record(src, image_size=32, max_tokens=8, seed=0, augment=None,
-                                   epoch_length=2, train=True)
-    assert rec(0, 1) == {"_skip_reason": "missing_file"}
+        list(nlvr2_input.eval_batches(c, recs, 4))
+    rec = pipeline.Examples(src, functools.partial(
+        nlvr2_input.to_example, image_size=32, max_tokens=8, augment=None, train=True))
+    assert rec(0, 1) == pipeline.skip("missing_file")
     assert rec(0, 0)["label"] == 1
 
 
@@ -173,17 +176,17 @@ def test_swap_only_in_training(tmp_path):
         "the right image is left of the bright right"
     paths = synthetic_nlvr2.write_nlvr2_files(str(tmp_path), "train", 24, image_size=32)
     src = nlvr2_format.read(paths["json"], paths["root"])
-    kw = dict(image_size=32, max_tokens=16, seed=0, augment=None, epoch_length=len(src))
-    train = nlvr2_input._NLVR2Record(src, train=True, **kw)
-    evals = nlvr2_input._NLVR2Record(src, train=False, **kw)
+    kw = dict(image_size=32, max_tokens=16, augment=None)
+    train = functools.partial(nlvr2_input.to_example, train=True, **kw)
+    evals = functools.partial(nlvr2_input.to_example, train=False, **kw)
     swapped = 0
     for i in range(len(src)):
-        e = evals.load(i)
+        e = evals(src[i], pipeline.RecordRng(0, 0, i))
         want = [transforms.eval_transform(transforms.decode_image(p), 32)
                 for p in src[i]["images"]]
         np.testing.assert_array_equal(e["images"], np.stack(want))
         for epoch in (0, 1):
-            t = train.load(i, epoch)
+            t = train(src[i], pipeline.RecordRng(0, epoch, i))
             assert t["label"] == e["label"]
             if np.array_equal(t["images"], e["images"][::-1]) and not np.array_equal(
                     e["images"][0], e["images"][1]):

@@ -6,7 +6,6 @@ import pytest
 from PIL import Image
 
 from mplug_jax import trainer
-from mplug_jax.data import pipeline
 from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
@@ -43,7 +42,7 @@ def test_pretraining_reads_official_json_lists(tmp_path):
     assert src[0] == {"image": str(tmp_path / "img0.jpg"), "caption": "a picture"}
     assert src[1] == {"image": str(tmp_path / "img1.jpg"),
                       "caption": ["a photo number 1", "another caption"]}
-    batch = next(iter(pipeline.pretrain_dataset(src, image_size=32, batch_size=4, train=False,
+    batch = next(iter(pretrain_input.dataset(src, image_size=32, batch_size=4, train=False,
                                                 max_tokens=16)))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["idx"].tolist() == [0, 1, 2, 3]
     for i in range(4):  # each record's own photo, through the official test transform

@@ -221,10 +221,11 @@ def test_original_jsonl_reader_premise_and_refusals(tmp_path):
     ecfg = {**c.evals.val, "batch_size": 4}
     for i in range(3):
         Image.new("RGB", (40, 40)).save(recs[i]["image"])
-    b = next(snli_ve_input.eval_batches(c, ecfg, 0, 1))
+    erecs = snli_ve_input.eval_records(c, ecfg)
+    b = next(snli_ve_input.eval_batches(c, erecs, 4, 0, 1))
     np.testing.assert_array_equal(b["text_ids"][:3], want)
     c.task.premise = False
-    b = next(snli_ve_input.eval_batches(c, ecfg, 0, 1))
+    b = next(snli_ve_input.eval_batches(c, erecs, 4, 0, 1))
     np.testing.assert_array_equal(b["text_ids"][:3], snli_ve_input.encode_text(
         [r["sentence"] for r in recs], 20)[0])
     c.task.premise = True
@@ -276,14 +277,14 @@ def test_reader_and_eval_batches_on_official_records(tmp_path, caplog):
     recs = snli_ve_input.eval_records(c, ecfg)
     assert [r["idx"] for r in recs] == [0, 1, 2, 3, 5]  # record 4's image is missing
     assert "image file missing" in caplog.text
-    whole = list(snli_ve_input.eval_batches(c, ecfg, 0, 1))
+    whole = list(snli_ve_input.eval_batches(c, recs, ecfg.batch_size, 0, 1))
     assert [b["valid"].tolist() for b in whole] == [[1, 1, 1, 1], [1, 0, 0, 0]]
     assert whole[1]["idx"].tolist() == [5, 5, 5, 5]
     np.testing.assert_array_equal(whole[0]["label"], [src[i]["label"] for i in range(4)])
     assert whole[0]["image"].shape == (4, 32, 32, 3) and whole[0]["text_ids"].shape == (4, 20)
     assert whole[0]["text_ids"][0, 0] == 101 and whole[0]["text_ids"].dtype == np.int32
     # Two processes: each gets its half of every global batch, same number of batches.
-    halves = [list(snli_ve_input.eval_batches(c, ecfg, p, 2)) for p in (0, 1)]
+    halves = [list(snli_ve_input.eval_batches(c, recs, 4, p, 2)) for p in (0, 1)]
     assert [len(h) for h in halves] == [2, 2]
     for j in range(2):
         for k in ("idx", "valid", "label", "text_ids", "image"):
@@ -307,7 +308,7 @@ def test_reader_and_eval_batches_on_official_records(tmp_path, caplog):
     with open(os.path.join(root, "1002.jpg"), "wb") as f:
         f.write(b"not a jpeg")
     with pytest.raises(DataError, match="1002.jpg"):
-        list(snli_ve_input.eval_batches(c, ecfg, 0, 1))
+        list(snli_ve_input.eval_batches(c, snli_ve_input.eval_records(c, ecfg), 4, 0, 1))
 
 
 @pytest.fixture(scope="module")
@@ -346,8 +347,7 @@ def test_evaluator_end_to_end_and_score_round_trip(small, tmp_path, mesh8, capsy
     # By hand: the same predict fn on every record, one batch, no mesh.
     recs = snli_ve_input.eval_records(c, c.evals.val)
     assert len(recs) == 20 == res["n"]
-    big = {**c.evals.val, "batch_size": 32}
-    b = next(snli_ve_input.eval_batches(c, big, 0, 1))
+    b = next(snli_ve_input.eval_batches(c, recs, 32, 0, 1))
     pred = np.argmax(np.asarray(jax.jit(task.classify)(params, b)), -1)[:20]
     gold = b["label"][:20]
     assert res["acc"] == pytest.approx(np.mean(pred == gold))

@@ -1,50 +1,55 @@
-"""grain input pipelines: random-access source -> per-process, shuffled, batched numpy dicts.
+"""The one input-pipeline builder (grain): random-access source -> per-process, shuffled, batched
+numpy dicts, for every task's training input; its skip marker and skip accounting.
 
-Order of stages (official `pretrain_dataset_4m` + `create_loader` semantics, made deterministic):
+A task's input (`mplug_jax.data.inputs.<task>`, `mplug_jax.mplug2.input`) is its record source
+plus ``to_example(record, rng, **options) -> dict`` (one processed example, numpy arrays); bad
+records raise :class:`BadRecord` (or KeyError / IndexError / TypeError / ValueError / OSError:
+counted as 'bad_record'). :func:`dataset` does the rest, in this order (official
+`create_loader` semantics, made deterministic):
 
-1. record indices ``range(len(source))``, shuffled per epoch with `seed` (training only), cut to
+1. record indices ``range(len(source))``, shuffled per epoch with `seed` (when shuffling), cut to
    a multiple of `shard_count` and sliced ``[shard_index::shard_count]``, repeated `num_epochs`;
-2. per record (threads, or `workers` processes): read, pick one caption of a list with a
-   generator seeded by ``(seed, epoch, index)``, ``pre_caption``, decode the image, augment
-   with the same per-record generator, tokenise (``[CLS] tokens``, right-padded, truncated);
-3. records that fail (see :data:`transforms.SKIP_REASONS`) are logged with their file name and
-   dropped BEFORE batching, so every batch is full; the count by reason travels with the next
-   good record to the main process, where :class:`SkipStats` adds it up and raises
-   :class:`DataError` once the skip rate exceeds `max_skip_rate`;
-4. ``batch(drop_remainder=True)`` and ``mp_prefetch`` when ``workers > 0``.
-
-Batch: ``image`` float32[B, R, R, 3] (CLIP-normalised, channels last; or uint8[B, R, R, 3]
-before normalisation with ``image_dtype='uint8'``, normalised on the device by the vision
-encoder, bit-identically: a quarter of the bytes to copy and no float work here), ``text_ids`` and
-``text_mask`` int32[B, max_tokens], ``idx`` int32[B] (source index of each record).
+2. per record (threads, or `workers` processes): ``to_example(source[index], rng)`` where `rng`
+   is a :class:`RecordRng` of ``(seed, epoch, index)`` (``rng.stream(k)``: the generator of
+   stream k), then ``idx`` int32 = the record's index is added;
+3. records that fail are logged with their file name and replaced by the public skip marker
+   (:func:`skip`), dropped BEFORE batching, so every batch is full; the count by reason
+   (:data:`SKIP_REASONS`) travels with the next good record to the main process, where
+   :class:`SkipStats` adds it up and raises :class:`DataError` once the skip rate exceeds
+   `max_skip_rate`;
+4. ``batch(drop_remainder)`` and ``mp_prefetch`` when ``workers > 0``.
 
 The iterator of the returned dataset is checkpointable: ``it.get_state()`` / ``it.set_state()``
 (JSON-serialisable dicts, skip counters included) or orbax via :func:`iterator_checkpoint_args`.
+Evaluation batches (in order, every process the same number) come from
+`mplug_jax.data.eval_loader` with the same ``to_example`` functions.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
 import numpy as np
 
 from mplug_jax.data.ops import text
-from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.image import SKIP_REASONS, BadRecord, DataError
 
-__all__ = ["DataError", "SkipStats", "pretrain_dataset", "skip_stats", "make_global_batch",
-           "iterator_checkpoint_args", "choose_caption"]
+__all__ = ["DataError", "SkipStats", "RecordRng", "SKIP_REASONS", "skip", "skipped_reason",
+           "dataset", "train_batches", "batched", "skip_stats", "make_global_batch",
+           "iterator_checkpoint_args", "choose_caption", "augment_options"]
 
 logger = logging.getLogger(__name__)
 
-_SKIP_KEY = "_skip_reason"
+SKIP_KEY = "_skip_reason"  # the key of the skip marker (:func:`skip`)
 _COUNT_KEY = "_skipped_before"
 DEFAULT_AUGMENT = {"crop_scale": (0.2, 1.0), "randaug_n": 2, "randaug_m": 7, "hflip": True}
 IMAGE_DTYPES = ("float32", "uint8")
+# Errors of a malformed record (a missing key, a wrong type ...): skipped as 'bad_record'.
+BAD_RECORD_ERRORS = (KeyError, IndexError, TypeError, ValueError, OSError)
 
 
 def check_image_dtype(image_dtype: str) -> str:
@@ -67,6 +72,144 @@ def process_image(image: Any, image_size: int, rng: np.random.Generator | None, 
         image = transforms.decode_train_image(image, image_size, rng, max_pixels=max_pixels,
                                               reduced_decode=reduced_decode, **augment)
     return transforms.normalize(image) if image_dtype == "float32" else image
+
+
+def skip(reason: str) -> dict[str, str]:
+    """The skip marker: what a record mapper returns for a record that cannot be used
+    (`reason` one of :data:`SKIP_REASONS`); :func:`batched` drops it and counts the reason."""
+    if reason not in SKIP_REASONS:
+        raise ValueError(f"unknown skip reason {reason!r}; valid: {SKIP_REASONS}")
+    return {SKIP_KEY: reason}
+
+
+def skipped_reason(element: Any) -> str | None:
+    """The reason of a skip marker (:func:`skip`); None for an example."""
+    return element.get(SKIP_KEY) if isinstance(element, dict) else None
+
+
+class RecordRng:
+    """The random streams of one record (``index``, its source index) in one epoch:
+    ``stream(k)`` is ``np.random.default_rng([seed, epoch, index, k])`` (independent of
+    threads, workers and order, so a resumed or re-sharded run draws the same numbers)."""
+
+    __slots__ = ("seed", "epoch", "index")
+
+    def __init__(self, seed: int, epoch: int, index: int):
+        self.seed, self.epoch, self.index = int(seed), int(epoch), int(index)
+
+    def stream(self, k: int) -> np.random.Generator:
+        """The generator of stream `k` of this record."""
+        return np.random.default_rng([self.seed, self.epoch, self.index, k])
+
+
+def describe(record: Any) -> str:
+    """A record's file(s) for log lines: its 'image' / 'video' path (or 'images' list), else a
+    placeholder."""
+    if isinstance(record, dict):
+        for key in ("image", "video", "images"):
+            if isinstance(record.get(key), (str, list, tuple)):
+                return str(record[key])
+    return "<in-memory record>"
+
+
+class Examples:
+    """``(position, index) -> to_example(source[index], RecordRng(seed, epoch, index))`` plus
+    ``idx``, or the skip marker (logged) for a bad record; the epoch is ``position //
+    epoch_length``. Picklable (grain worker processes) when `to_example` is, e.g. a
+    ``functools.partial`` of a module-level function."""
+
+    def __init__(self, source: Sequence, to_example: Callable, *, seed: int = 0,
+                 epoch_length: int = 1, what: str = ""):
+        self.source, self.to_example, self.seed = source, to_example, int(seed)
+        self.epoch_length, self.prefix = max(int(epoch_length), 1), f"{what} " if what else ""
+
+    def __call__(self, position: int, index: int) -> dict[str, Any]:
+        index, record = int(index), None
+        try:
+            record = self.source[index]
+            example = self.to_example(record, RecordRng(self.seed,
+                                                        position // self.epoch_length, index))
+        except BadRecord as e:
+            logger.warning("skipping %srecord %d (%s) %s: %s", self.prefix, index, e.reason,
+                           describe(record), e)
+            return skip(e.reason)
+        except BAD_RECORD_ERRORS as e:
+            logger.warning("skipping %srecord %d (bad_record) %s: %r", self.prefix, index,
+                           describe(record), e)
+            return skip("bad_record")
+        example["idx"] = np.int32(index)
+        return example
+
+
+def augment_options(aug, defaults: dict | None = None) -> dict | None:
+    """The training augmentation of an `input.augment` block: None when it is missing or not
+    enabled, else its keys but 'enabled' over `defaults` (when given; other keys are a
+    ValueError)."""
+    if aug is None or not aug.get("enabled"):
+        return None
+    out = {k: v for k, v in dict(aug).items() if k != "enabled"}
+    if defaults is None:
+        return out
+    unknown = set(out) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown input.augment keys {sorted(unknown)}; valid: "
+                         f"{sorted(defaults)} and 'enabled'")
+    return {**defaults, **out}
+
+
+def dataset(source: Sequence, to_example: Callable, *, batch_size: int, seed: int = 0,
+            shuffle: bool = True, shard_index: int = 0, shard_count: int = 1,
+            num_epochs: int | None = None, drop_remainder: bool = True, workers: int = 0,
+            max_skip_rate: float = 0.01, skip_check_after: int = 1000, read_threads: int = 4,
+            what: str = "") -> grain.IterDataset:
+    """The one pipeline builder (module docstring): shuffle / shard / repeat / map with skip
+    accounting / batch.
+
+    Args:
+      source: random-access records.
+      to_example: ``fn(record, rng: RecordRng) -> dict`` of numpy arrays (one example);
+        raises BadRecord for a record to skip.
+      batch_size: per-process batch size B.
+      seed: shuffle seed and seed of every :class:`RecordRng`.
+      shuffle: a new order every epoch; False keeps source order.
+      shard_index, shard_count: this process's shard; every shard gets ``len // count``
+        records per epoch, so all processes make the same number of steps.
+      num_epochs: None repeats forever.
+      drop_remainder: drop a last incomplete batch (then a shard needs >= B records).
+      workers, max_skip_rate, skip_check_after, read_threads: see :func:`batched`.
+      what: the record kind in log lines and errors (e.g. 'VQA').
+    Returns:
+      A grain IterDataset of batches: every key of the examples stacked to [B, ...], plus
+      idx int32[B] (source index of each record).
+    """
+    n = len(source)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    per_shard = n // shard_count
+    if drop_remainder and per_shard < batch_size:
+        raise ValueError(f"{n} {what + ' ' if what else ''}records over {shard_count} shards "
+                         f"give {per_shard} per shard, fewer than batch_size={batch_size}")
+    ds = grain.MapDataset.range(n)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds[shard_index:per_shard * shard_count:shard_count].repeat(num_epochs)
+    ds = ds.map_with_index(Examples(source, to_example, seed=seed, epoch_length=per_shard,
+                                    what=what))
+    return batched(ds, batch_size, drop_remainder=drop_remainder, workers=workers,
+                   max_skip_rate=max_skip_rate, skip_check_after=skip_check_after,
+                   read_threads=read_threads)
+
+
+def train_batches(input_cfg, source: Sequence, to_example: Callable, process_index: int,
+                  process_count: int, what: str = "") -> tuple[Any, int]:
+    """(checkpointable iterator of this process's train batches, records per epoch): every
+    task's training input. `input_cfg` gives batch_size (global), shuffle_seed, workers and
+    max_skip_rate; the batches are those of :func:`dataset`, shuffled and sharded."""
+    ds = dataset(source, to_example, batch_size=process_batch_size(input_cfg, process_count),
+                 seed=int(input_cfg.shuffle_seed), shard_index=process_index,
+                 shard_count=process_count, workers=int(input_cfg.get("workers", 0)),
+                 max_skip_rate=float(input_cfg.get("max_skip_rate", 0.01)), what=what)
+    return iter(ds), len(source)
 
 
 @dataclasses.dataclass
@@ -116,53 +259,6 @@ def choose_caption(caption: Any, rng: np.random.Generator, max_words: int) -> st
     return caption
 
 
-def _describe(record: Any) -> str:
-    if isinstance(record, dict) and isinstance(record.get("image"), str):
-        return record["image"]
-    return "<in-memory image>"
-
-
-class _PretrainRecord:
-    """Index -> processed example (picklable, so it can run in grain worker processes)."""
-
-    def __init__(self, source, *, image_size: int, max_words: int, max_tokens: int, seed: int,
-                 augment: dict | None, epoch_length: int, max_pixels: int, image_dtype: str,
-                 reduced_decode: bool):
-        self.source, self.image_size, self.max_words = source, image_size, max_words
-        self.max_tokens, self.seed, self.augment = max_tokens, seed, augment
-        self.epoch_length, self.max_pixels = epoch_length, max_pixels
-        self.image_dtype, self.reduced_decode = image_dtype, reduced_decode
-
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        epoch = position // self.epoch_length
-        index = int(index)
-        record = None
-        try:
-            record = self.source[index]
-            if not isinstance(record, dict) or "image" not in record or "caption" not in record:
-                raise BadRecord("bad_record", f"record {index} lacks 'image'/'caption': "
-                                              f"{record!r:.80}")
-            caption = choose_caption(record["caption"],
-                                     np.random.default_rng([self.seed, epoch, index, 0]),
-                                     self.max_words)
-            image = process_image(record["image"], self.image_size,
-                                  np.random.default_rng([self.seed, epoch, index, 1]),
-                                  augment=self.augment, image_dtype=self.image_dtype,
-                                  reduced_decode=self.reduced_decode,
-                                  max_pixels=self.max_pixels)
-        except BadRecord as e:
-            logger.warning("skipping record %d (%s) %s: %s", index, e.reason,
-                           _describe(record), e)
-            return {_SKIP_KEY: e.reason}
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            logger.warning("skipping record %d (bad_record) %s: %r", index, _describe(record), e)
-            return {_SKIP_KEY: "bad_record"}
-        ids, mask = tokenizer.get_tokenizer().encode([caption], max_length=self.max_tokens,
-                                                     pad_to=self.max_tokens)
-        return {"image": image, "text_ids": ids[0], "text_mask": mask[0],
-                "idx": np.int32(index)}
-
-
 class _DropSkippedIterDataset(grain.IterDataset):
     """Drops skipped records; attaches the count skipped since the last kept one to the next."""
 
@@ -178,8 +274,9 @@ class _DropSkippedIterator(grain.DatasetIterator):
     def __next__(self):
         while True:
             element = next(self._parent)
-            if _SKIP_KEY in element:
-                self._pending[SKIP_REASONS.index(element[_SKIP_KEY])] += 1
+            reason = skipped_reason(element)
+            if reason is not None:
+                self._pending[SKIP_REASONS.index(reason)] += 1
                 continue
             element[_COUNT_KEY] = self._pending
             self._pending = np.zeros(len(SKIP_REASONS), np.int32)
@@ -231,78 +328,14 @@ class _SkipAccountingIterator(grain.DatasetIterator):
 
 
 def skip_stats(iterator: grain.DatasetIterator) -> SkipStats:
-    """The :class:`SkipStats` of an iterator of :func:`pretrain_dataset`."""
+    """The :class:`SkipStats` of an iterator of :func:`dataset` / :func:`batched`."""
     node, todo = iterator, [iterator]
     while todo:
         node = todo.pop()
         if isinstance(node, _SkipAccountingIterator):
             return node.stats
         todo.extend(getattr(node, "_parents", ()))
-    raise ValueError(f"{type(iterator).__name__} is not an iterator of pretrain_dataset")
-
-
-def pretrain_dataset(source: Sequence[dict], *, image_size: int, batch_size: int,
-                     max_words: int = 30, max_tokens: int = 32, seed: int = 0,
-                     train: bool = True, augment: dict | None = None, workers: int = 0,
-                     shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                     max_skip_rate: float = 0.01, skip_check_after: int = 1000,
-                     read_threads: int = 4, max_pixels: int = transforms.MAX_PIXELS,
-                     image_dtype: str = "float32", reduced_decode: bool = False
-                     ) -> grain.IterDataset:
-    """Image-caption batches for pretraining (also usable for captioning/retrieval inputs).
-
-    Args:
-      source: random-access records with 'image' (uint8 array, PIL image, encoded bytes or
-        path) and 'caption' (str or list of str).
-      image_size: output side R.
-      batch_size: per-process batch size B.
-      max_words: ``pre_caption`` word limit (official 30).
-      max_tokens: token length L (ids truncated and right-padded to it).
-      seed: shuffle and augmentation seed (same on every process).
-      train: shuffle every epoch; when False keep source order.
-      augment: training augmentation keys (crop_scale, randaug_n, randaug_m, hflip; missing
-        keys default to :data:`DEFAULT_AUGMENT`); None = official test transform.
-      workers: grain worker processes (0 = threads in this process).
-      shard_index, shard_count: this process's shard; every shard gets ``len // count``
-        records per epoch, so all processes make the same number of steps.
-      num_epochs: None repeats forever.
-      max_skip_rate: raise :class:`DataError` above this fraction of skipped records.
-      skip_check_after: records seen before the rate is checked.
-      read_threads: threads reading/processing records per process.
-      max_pixels: decompression-bomb guard, see :func:`transforms.decode_image`.
-      image_dtype: 'float32' (CLIP-normalised) or 'uint8' (raw RGB; the vision encoder
-        normalises it on the device to the same float32 values).
-      reduced_decode: decode training JPEGs at a reduced DCT scale when the drawn crop allows
-        it (not pixel-identical; see :func:`transforms.decode_train_image`).
-    Returns:
-      A grain IterDataset of dicts: image float32 or uint8 [B, R, R, 3], text_ids int32[B, L],
-      text_mask int32[B, L], idx int32[B].
-    """
-    n = len(source)
-    check_image_dtype(image_dtype)
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-    per_shard = n // shard_count
-    if per_shard < batch_size:
-        raise ValueError(f"{n} records over {shard_count} shards give {per_shard} per shard, "
-                         f"fewer than batch_size={batch_size}")
-    if augment is not None:
-        unknown = set(augment) - set(DEFAULT_AUGMENT)
-        if unknown:
-            raise ValueError(f"unknown augment keys {sorted(unknown)}; "
-                             f"valid: {sorted(DEFAULT_AUGMENT)}")
-        augment = {**DEFAULT_AUGMENT, **augment}
-    ds = grain.MapDataset.range(n)
-    if train:
-        ds = ds.shuffle(seed=seed)
-    ds = ds[shard_index:per_shard * shard_count:shard_count]
-    ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_PretrainRecord(
-        source, image_size=image_size, max_words=max_words, max_tokens=max_tokens, seed=seed,
-        augment=augment, epoch_length=per_shard, max_pixels=max_pixels,
-        image_dtype=image_dtype, reduced_decode=reduced_decode))
-    return batched(ds, batch_size, workers=workers, max_skip_rate=max_skip_rate,
-                   skip_check_after=skip_check_after, read_threads=read_threads)
+    raise ValueError(f"{type(iterator).__name__} is not an iterator of pipeline.dataset")
 
 
 def batched(ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool = True,

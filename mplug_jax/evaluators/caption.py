@@ -22,6 +22,7 @@ import time
 import jax
 import numpy as np
 
+from mplug_jax.data import eval_loader
 from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.evaluators.common import FILES
@@ -53,9 +54,10 @@ class Evaluator:
                              f"{shards} batch shards of mesh {dict(mesh.shape)}")
         self.split = caption_input.load_split(config.input, "eval", config.model.image_size,
                                               config.seed)
-        self.batches, self.n = caption_input.eval_batches(
-            self.split, config.model.image_size, int(ecfg.batch_size),
-            int(ecfg.get("num_images", 0) or 0))
+        recs = self.split.eval_records
+        recs = eval_loader.Head(recs, int(ecfg.get("num_images", 0) or 0) or len(recs))
+        self.n = len(recs)
+        self.batches = list(caption_input.eval_batches(config, recs, int(ecfg.batch_size)))
         self.prompt = str(config.task.get("prompt", "") or "")
         self.metrics = tuple(ecfg.get("metrics", scoring.METRICS))
         self.tokenize = str(ecfg.get("tokenize", "ptb"))

@@ -4,10 +4,11 @@ and per class, and a result file.
 Contract with a task `T` (= `config.task.name`):
 - module `mplug_jax.data.inputs.T` defines `LABELS` (class names, index = class id),
   `eval_records(config, ecfg) -> list[dict]` (the evaluated records) and
-  `eval_batches(config, ecfg, process_index, process_count)` yielding numpy batches of this
-  process's rows: every model input plus `label` int32[b], `valid` int32[b] (0 = a padding
-  row of the last batch) and `idx` int32[b] (the record's id in the result file), the same
-  number of batches on every process, b = ecfg.batch_size / process_count;
+  `eval_batches(config, records, batch_size, process_index, process_count)` (the one eval
+  signature of every task input) yielding numpy batches of this process's rows: every model
+  input plus `label` int32[b], `valid` int32[b] (0 = a padding row of the last batch) and
+  `idx` int32[b] (the record's id in the result file), the same number of batches on every
+  process, b = ecfg.batch_size / process_count;
 - the task's `predict_fns()['classify'](params, batch) -> float32[B, C]` logits (C =
   len(LABELS)), jitted here with replicated outputs; `batch` is the global batch with every
   key `eval_batches` yields (label / valid / idx included: ignore them);
@@ -92,8 +93,8 @@ class Evaluator:
         every = int(self.cfg.get("log_every_batches", 0) or 0)
         idx, pred, gold = [], [], []
         t0 = time.perf_counter()
-        batches = self.input.eval_batches(self.config, self.cfg, jax.process_index(),
-                                          jax.process_count())
+        batches = self.input.eval_batches(self.config, self.records, self.batch_size,
+                                          jax.process_index(), jax.process_count())
         for i, b in enumerate(batches):
             g = make_global_batch(b, self.mesh)
             logits = np.asarray(self._predict(params, g))

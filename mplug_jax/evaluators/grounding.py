@@ -19,6 +19,7 @@ import functools
 import jax
 import numpy as np
 
+from mplug_jax.data import eval_loader
 from mplug_jax.data.inputs import grounding as grounding_input
 from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.evaluators.common import FILES
@@ -27,21 +28,6 @@ from mplug_jax.sharding import make_mesh, replicated
 
 PREDICT_FNS = ("grounding_boxes",)
 RESULT_FILE = "grounding_result.json"
-
-
-class _Subset:
-    """The first `n` records of a source (random access)."""
-
-    def __init__(self, src, n: int):
-        self.src, self.n = src, min(n, len(src))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.src[i]
 
 
 def to_pixels(boxes_cxcywh: np.ndarray, image_size: int, ratio, left, top, width, height
@@ -67,7 +53,7 @@ class Evaluator:
     """
 
     def __init__(self, predict_fns: dict, ecfg, config, mesh=None):
-        self.cfg = ecfg
+        self.cfg, self.config = ecfg, config
         inp = config.input
         self.input_cfg = inp
         self.image_size = int(config.model.image_size)
@@ -85,7 +71,7 @@ class Evaluator:
                                          seed=config.seed)
         else:
             src = grounding_input.source(inp, split, dataset=ecfg.get("dataset") or None)
-        self.source = _Subset(src, n) if n > 0 else src
+        self.source = eval_loader.Head(src, n) if n > 0 else src
         if len(self.source) == 0:
             raise ValueError(f"the grounding eval split {split!r} is empty")
         if mesh is None:
@@ -113,8 +99,7 @@ class Evaluator:
         float32[N, 4] padded-frame cxcywh, 'pred_px' / 'gt_px' [N, 4] pixel xyxy, 'clipped'."""
         cols: dict[str, list] = {k: [] for k in ("idx", "tokens", "gt", "ratio", "left", "top",
                                                  "width", "height")}
-        for b in grounding_input.eval_batches(self.source, self.input_cfg, self.image_size,
-                                              self.batch_size):
+        for b in grounding_input.eval_batches(self.config, self.source, self.batch_size):
             rows = len(b["idx"])
             arrays = [self._pad(b[k]) for k in ("image", "text_ids", "text_mask")]
             cols["tokens"].append(np.asarray(self._predict(params, *self._put(*arrays)))[:rows])

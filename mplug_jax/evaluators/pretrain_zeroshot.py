@@ -19,7 +19,7 @@ import numpy as np
 
 from mplug_jax import losses
 from mplug_jax.data.inputs import pretrain as pretrain_input
-from mplug_jax.data.pipeline import make_global_batch, pretrain_dataset
+from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.data.ops.tokenizer import get_tokenizer
 from mplug_jax.sharding import make_mesh, replicated
 
@@ -44,11 +44,10 @@ class Evaluator:
                              f"batch_size {ecfg.batch_size}")
         self.source = pretrain_input.source(config.input, "heldout", ecfg.num_examples,
                                             config.model.image_size, config.seed)
-        ds = pretrain_dataset(self.source, image_size=config.model.image_size,
-                              batch_size=ecfg.batch_size, max_words=config.input.max_words,
-                              max_tokens=config.input.max_tokens, train=False, augment=None,
-                              num_epochs=1)
-        self.batches = list(ds)
+        # Full batches only (a skipped record shortens the last one, which is left out).
+        self.batches = [b for b in pretrain_input.eval_batches(config, self.source,
+                                                               ecfg.batch_size)
+                        if len(b["idx"]) == ecfg.batch_size]
         self.vocab_size = config.model.vocab_size
         if mesh is None:
             mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])

@@ -1,7 +1,7 @@
 """Zero-shot video captioning (VATEX; paper section 5.4.2) from a caption (or pretraining) model.
 
-Per video: `num_frames` frames sampled uniformly (`data.video_input`), encoded in one batched
-call, tokens concatenated into float[B, T * N, D]; the decoder states are built by
+Per video: `num_frames` frames sampled uniformly (`data.inputs.video_zeroshot`), encoded in one
+batched call, tokens concatenated into float[B, T * N, D]; the decoder states are built by
 `tasks.caption.Task.embed_states`: with `task.zero_shot_prompt` (the config sets "a video of",
 the paper's prefix prompt) the prompt goes through the text encoder and fusion with the video
 tokens, as the zero-shot "a picture of" of image captioning; then the caption task's beam
@@ -81,9 +81,9 @@ class Evaluator:
         if fmt not in ("vatex_caption", "video_caption"):
             raise ValueError(f"video_caption eval format must be 'vatex_caption' or "
                              f"'video_caption', got {fmt!r}")
-        self.source = video_input.eval_source(ecfg, fmt, int(config.seed))
-        self.input = video_input.VideoEval.from_eval_block(self.source, ecfg, config,
-                                                           "video caption")
+        self.input = video_input.VideoEval.from_eval_block(
+            ecfg, config, fmt, "video caption")
+        self.source = self.input.source
         self.format = fmt
         self.prompt_strip = str(ecfg.get("prompt_strip", "official_list"))
         if self.prompt_strip not in PROMPT_STRIPS:

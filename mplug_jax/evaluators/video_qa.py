@@ -1,7 +1,7 @@
 """Zero-shot video QA (MSRVTT-QA, MSVD-QA; paper section 5.4.2) from a VQA model by generation.
 
-Per question: `num_frames` frames sampled uniformly (`data.video_input`), encoded by the image
-encoder in one batched call, their tokens concatenated into one sequence float[B, T * N, D]
+Per question: `num_frames` frames sampled uniformly (`data.inputs.video_zeroshot`), encoded by the
+image encoder in one batched call, their tokens concatenated into one sequence float[B, T * N, D]
 (official `videoqa_mplug.py`); then exactly the image VQA path on those embeddings: fused
 [video; question] states and the official beam search (`tasks.vqa.Task.generate_from_embeds`,
 beam 5 / min 1 / max 10 by default), the top hypothesis decoded with the official
@@ -51,12 +51,12 @@ class Evaluator:
         if not 1 <= int(ecfg.min_length) <= int(ecfg.max_length):
             raise ValueError(f"need 1 <= min_length <= max_length, got {ecfg.min_length} / "
                              f"{ecfg.max_length}")
-        self.source = video_input.eval_source(ecfg, "video_qa", int(config.seed))
         self.input = video_input.VideoEval.from_eval_block(
-            self.source, ecfg, config, "video QA",
+            ecfg, config, "video_qa", "video QA",
             text_fields={"question": int(ecfg.get("max_question_tokens", 40))},
             # official (v1 and mPLUG-2 readers): pre_question to 50 words at test time
             text_prep={"question": lambda q: text.pre_question(q, 50)})
+        self.source = self.input.source
         encode, gen = video_input.video_encoder(predict_fns, "video_qa"), functools.partial(
             predict_fns["vqa_generate_embeds"], beam_size=int(ecfg.beam_size),
             min_length=int(ecfg.min_length), max_length=int(ecfg.max_length))

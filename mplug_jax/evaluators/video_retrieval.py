@@ -1,8 +1,8 @@
 """Zero-shot text-to-video retrieval (MSRVTT 1k-A; paper section 5.4.2), official v1 style.
 
 From any checkpoint whose task has the ITC / ITM heads (a pretraining or retrieval workdir):
-1. Videos: `num_frames` frames sampled uniformly (`data.video_input`), the B * T frames of a
-   batch through `image_embed` in one call. ITC embedding of a video = the mean of its T
+1. Videos: `num_frames` frames sampled uniformly (`data.inputs.video_zeroshot`), the B * T frames
+   of a batch through `image_embed` in one call. ITC embedding of a video = the mean of its T
    per-frame unit [CLS] embeddings, re-normalised (BLIP's zero-shot video retrieval averages
    the projected [CLS] features before normalising; the shared `image_embed` predict fn
    returns them already normalised, so here unit vectors are averaged; identical for
@@ -33,7 +33,7 @@ Eval block keys: type='video_retrieval', dataset ('json' | 'synthetic'), annotat
 video_root, num_frames, batch_size (videos and texts per embedding call), max_text_tokens,
 k_test, sim_chunk, itm_batch_size, add_similarity (default True; False = ITM logit only),
 limit, workers, log_every, log_every_batches, top_n, synthetic_* (see
-`data.video_input.eval_source`).
+`data.inputs.video_zeroshot.eval_source`).
 """
 from __future__ import annotations
 
@@ -97,9 +97,9 @@ class Evaluator(image_retrieval.Evaluator):
                                  f"{dict(mesh.shape)}")
         if int(ecfg.k_test) < 1:
             raise ValueError(f"evals.<video_retrieval>.k_test must be >= 1, got {ecfg.k_test}")
-        self.source = video_input.eval_source(ecfg, "msrvtt_retrieval", int(config.seed))
-        self.input = video_input.VideoEval.from_eval_block(self.source, ecfg, config,
-                                                           "video retrieval")
+        self.input = video_input.VideoEval.from_eval_block(
+            ecfg, config, "msrvtt_retrieval", "video retrieval")
+        self.source = self.input.source
         self.max_tokens = int(ecfg.get("max_text_tokens", 35))
         self.kept: list[int] = []
         rep = replicated(mesh)

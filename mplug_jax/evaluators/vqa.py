@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from mplug_jax import metrics
+from mplug_jax.data import eval_loader
 from mplug_jax.data.formats.base import read_annotations
 from mplug_jax.data.synthetic import shapes as synthetic
 from mplug_jax.data.ops import tokenizer
@@ -37,21 +38,6 @@ from mplug_jax.sharding import make_mesh, replicated
 
 PREDICT_FNS = ("vqa_generate", "vqa_rank")
 RESULT_FILE = "vqa_result.json"
-
-
-class _Subset:
-    """The first `n` records of a source (random access)."""
-
-    def __init__(self, src, n: int):
-        self.src, self.n = src, min(n, len(src))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.src[i]
 
 
 class Evaluator:
@@ -66,14 +52,14 @@ class Evaluator:
     """
 
     def __init__(self, predict_fns: dict, ecfg, config, mesh=None):
-        self.cfg = ecfg
+        self.cfg, self.config = ecfg, config
         inp = config.input
         self.image_size = config.model.image_size
         n = int(ecfg.get("num_examples", 0) or 0)
         if inp.dataset == "synthetic" and n <= 0:
             raise ValueError("evals.<vqa>.num_examples must be > 0 for the synthetic data")
         src = vqa_input.source(inp, "heldout", n, self.image_size, config.seed)
-        self.source = _Subset(src, n) if n > 0 else src
+        self.source = eval_loader.Head(src, n) if n > 0 else src
         if len(self.source) == 0:
             raise ValueError("the VQA eval set is empty")
         self.input_cfg = inp
@@ -149,8 +135,7 @@ class Evaluator:
     def answers(self, params) -> dict:
         """{question_id: answer} for every eval question (progress lines on long runs)."""
         out = {}
-        ds = vqa_input.eval_batches(self.source, self.input_cfg, self.image_size,
-                                    self.batch_size)
+        ds = vqa_input.eval_batches(self.config, self.source, self.batch_size)
         total = -(-len(self.source) // self.batch_size)
         every = int(self.cfg.get("log_every_batches", 0) or 0)
         t0 = time.perf_counter()

@@ -33,23 +33,20 @@ idx int32[B].
 """
 from __future__ import annotations
 
-import abc
 import functools
-import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline
+from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import video_caption as video_caption_format
 from mplug_jax.data.formats import video_qa as video_qa_format
 from mplug_jax.data.ops import text
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import video
-from mplug_jax.data.ops.image import BadRecord
 from mplug_jax.data.inputs.vqa import encode_answers
 
 DATASETS = ("synthetic", "json")
@@ -127,142 +124,77 @@ def read_clip(path, num_frames: int, image_size: int, *, train: bool,
     return video.eval_clip(frames, image_size)
 
 
-class ClipRecord(abc.ABC):
-    """(position, index) -> example of one video record (`read_clip` + text fields), or the
-    `pipeline` skip marker when the record cannot be used (logged); picklable for grain.
-
-    Subclasses set `what` (the record kind in skip log lines) and `rng_tag` (last entry of
-    the per-record seed [seed, epoch, index, rng_tag]) and define `read_text(record)` (the raw
-    text fields; runs under the skip guard) and `example(record, clip, text, index)` (the output
-    dict; clip float32[T, R, R, 3])."""
-
-    what = "video"
-    rng_tag = 3
-
-    def __init__(self, source, *, num_frames: int, image_size: int, seed: int,
-                 augment: dict | None, epoch_length: int, train: bool):
-        self.source, self.t, self.r, self.seed = source, num_frames, image_size, seed
-        self.augment, self.epoch_length, self.train = augment, epoch_length, train
-
-    @abc.abstractmethod
-    def read_text(self, record: dict) -> Any:
-        """The raw text fields of `record` (KeyError etc. skip the record)."""
-
-    @abc.abstractmethod
-    def example(self, record: dict, clip: np.ndarray, text: Any, index: int) -> dict[str, Any]:
-        """The output dict of one usable record."""
-
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        epoch = position // max(self.epoch_length, 1)
-        index = int(index)
-        # The subclass's module logger: skip lines keep the logger name of their pipeline.
-        log = logging.getLogger(type(self).__module__)
-        try:
-            record = self.source[index]
-            rng = np.random.default_rng([self.seed, epoch, index, self.rng_tag])
-            clip = read_clip(record["video"], self.t, self.r, train=self.train, rng=rng,
-                             augment=self.augment)
-            fields = self.read_text(record)
-        except BadRecord as e:
-            log.warning("skipping %s record %d (%s): %s", self.what, index, e.reason, e)
-            return {pipeline._SKIP_KEY: e.reason}
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            log.warning("skipping %s record %d (bad_record): %r", self.what, index, e)
-            return {pipeline._SKIP_KEY: "bad_record"}
-        return self.example(record, clip.astype(np.float32), fields, index)
+def clip_options(input_cfg, *, num_frames: int, image_size: int, train: bool,
+                 frames_key: str = "num_frames") -> dict:
+    """The clip options of every mPLUG-2 `to_example` (`read_clip`): frames, size, `train`
+    and the augmentation of `input.augment` (training only; `video.train_clip` keys).
+    `frames_key` names the frame count in errors."""
+    if num_frames < 1:
+        raise ValueError(f"{frames_key} must be >= 1, got {num_frames}")
+    return dict(num_frames=num_frames, image_size=image_size, train=train,
+                augment=pipeline.augment_options(input_cfg.get("augment")) if train else None)
 
 
-class _VideoQARecord(ClipRecord):
-    """Video QA example (module docstring)."""
+def to_example(record: dict, rng: pipeline.RecordRng, *, num_frames: int, image_size: int,
+               augment: dict | None, train: bool, max_question_tokens: int,
+               max_answer_tokens: int) -> dict[str, Any]:
+    """One video QA record -> example (module docstring; the answer only when `train`); the
+    frames and augmentation drawn from stream 2 of `rng`. Raises BadRecord."""
+    clip = read_clip(record["video"], num_frames, image_size, train=train, rng=rng.stream(2),
+                     augment=augment)
+    words = TRAIN_QUESTION_WORDS if train else EVAL_QUESTION_WORDS
+    question = text.pre_question(record["question"], words)
+    lq = max_question_tokens
+    q_ids, q_mask = tokenizer.get_tokenizer().encode([question], max_length=lq, pad_to=lq)
+    out = {"video": clip.astype(np.float32), "question_ids": q_ids[0],
+           "question_mask": q_mask[0]}
+    if train:
+        a_ids, a_mask = encode_answers([record["answer"]], 1, max_answer_tokens)
+        out.update(answer_ids=a_ids[0], answer_mask=a_mask[0], answer_weights=np.float32(1.0))
+    return out
 
-    what, rng_tag = "video QA", 2
 
-    def __init__(self, source, *, max_question_tokens: int, max_answer_tokens: int, **clip):
-        super().__init__(source, **clip)
-        self.lq, self.la = max_question_tokens, max_answer_tokens
-
-    def read_text(self, record: dict) -> str:
-        words = TRAIN_QUESTION_WORDS if self.train else EVAL_QUESTION_WORDS
-        return text.pre_question(record["question"], words)
-
-    def example(self, record: dict, clip: np.ndarray, question: str,
-                index: int) -> dict[str, Any]:
-        tok = tokenizer.get_tokenizer()
-        q_ids, q_mask = tok.encode([question], max_length=self.lq, pad_to=self.lq)
-        out = {"video": clip, "question_ids": q_ids[0], "question_mask": q_mask[0],
-               "idx": np.int32(index)}
-        if self.train:
-            a_ids, a_mask = encode_answers([record["answer"]], 1, self.la)
-            out.update(answer_ids=a_ids[0], answer_mask=a_mask[0],
-                       answer_weights=np.float32(1.0))
-        return out
+def example_fn(input_cfg, *, num_frames: int, image_size: int, train: bool):
+    """Video QA `to_example` with the options of `input_cfg` bound (picklable)."""
+    return functools.partial(
+        to_example, max_question_tokens=int(input_cfg.max_question_tokens),
+        max_answer_tokens=int(input_cfg.max_answer_tokens),
+        **clip_options(input_cfg, num_frames=num_frames, image_size=image_size, train=train))
 
 
 def dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_size: int,
             train: bool, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
             num_epochs: int | None = None, drop_remainder: bool = True) -> grain.IterDataset:
-    """Batches of `src` (module docstring); a checkpointable iterator (grain state plus skip
-    counters). `train`: answers, shuffling every epoch, per-process shards, 'rand' sampling and
-    augmentation when `input.augment.enabled`."""
-    record = functools.partial(_VideoQARecord,
-                               max_question_tokens=int(input_cfg.max_question_tokens),
-                               max_answer_tokens=int(input_cfg.max_answer_tokens))
-    return clip_batches(src, record, input_cfg, "video QA", num_frames=num_frames,
-                        image_size=image_size, batch_size=batch_size, train=train, seed=seed,
-                        shard_index=shard_index, shard_count=shard_count,
-                        num_epochs=num_epochs, drop_remainder=drop_remainder)
-
-
-def clip_batches(src, record, input_cfg, what: str, *, num_frames: int, image_size: int,
-                 batch_size: int, train: bool, seed: int, shard_index: int = 0,
-                 shard_count: int = 1, num_epochs: int | None = None,
-                 drop_remainder: bool = True,
-                 frames_key: str = "num_frames") -> grain.IterDataset:
-    """The pipeline of every mPLUG-2 video dataset: record indices of `src` (train: shuffled
-    every epoch, this process's shard, augmentation when `input.augment.enabled`) mapped by
-    `record(src, num_frames=, image_size=, seed=, augment=, epoch_length=, train=)` (a
-    `ClipRecord`), batched by `pipeline.batched` with skip accounting. `what` names the records
-    and `frames_key` the frame count in errors."""
-    n = len(src)
-    per_shard = n // shard_count
-    if train and per_shard < batch_size:
-        raise ValueError(f"{n} {what} records over {shard_count} processes give {per_shard} "
-                         f"per process, fewer than the batch of {batch_size}")
-    if num_frames < 1:
-        raise ValueError(f"{frames_key} must be >= 1, got {num_frames}")
-    augment = None
-    aug = input_cfg.get("augment")
-    if train and aug is not None and aug.get("enabled"):
-        augment = {k: v for k, v in aug.items() if k != "enabled"}
-    ds = grain.MapDataset.range(n)
-    if train:
-        ds = ds.shuffle(seed=seed)[shard_index:per_shard * shard_count:shard_count]
-    ds = ds.repeat(num_epochs).map_with_index(record(
-        src, num_frames=num_frames, image_size=image_size, seed=seed, augment=augment,
-        epoch_length=per_shard if train else n, train=train))
-    return pipeline.batched(ds, batch_size, drop_remainder=drop_remainder,
-                            workers=int(input_cfg.get("workers", 0)) if train else 0,
-                            max_skip_rate=float(input_cfg.max_skip_rate))
+    """Batches of `src` (module docstring) by `pipeline.dataset`: a checkpointable iterator
+    (grain state plus skip counters). `train`: answers, shuffling every epoch, per-process
+    shards, 'rand' sampling and augmentation when `input.augment.enabled`."""
+    return pipeline.dataset(
+        src, example_fn(input_cfg, num_frames=num_frames, image_size=image_size, train=train),
+        batch_size=batch_size, seed=seed, shuffle=train, shard_index=shard_index,
+        shard_count=shard_count, num_epochs=num_epochs, drop_remainder=drop_remainder,
+        workers=int(input_cfg.get("workers", 0)) if train else 0,
+        max_skip_rate=float(input_cfg.max_skip_rate), what="video QA")
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    batch_size = pipeline.process_batch_size(inp, process_count)
-    src = source(inp, "train", config.seed)
-    ds = dataset(src, inp, num_frames=int(config.model.num_frames),
-                 image_size=int(config.model.image_size), batch_size=batch_size, train=True,
-                 seed=inp.shuffle_seed, shard_index=process_index, shard_count=process_count)
-    return iter(ds), len(src)
+    fn = example_fn(inp, num_frames=int(config.model.num_frames),
+                    image_size=int(config.model.image_size), train=True)
+    return pipeline.train_batches(inp, source(inp, "train", config.seed), fn, process_index,
+                                  process_count, what="video QA")
 
 
-def eval_batches(src, input_cfg, *, num_frames: int, image_size: int,
-                 batch_size: int) -> list[dict]:
-    """Every record of `src` in order, in batches of `batch_size` (the last may be shorter);
+def eval_batches(config, src, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Every record of `src` in order (`eval_loader.batches`), `config.model.num_frames`
+    frames at `config.model.image_size`, in batches of `batch_size` (the last may be shorter);
     unusable videos are left out (their `idx` is missing)."""
-    return list(dataset(src, input_cfg, num_frames=num_frames, image_size=image_size,
-                        batch_size=batch_size, train=False, num_epochs=1,
-                        drop_remainder=False))
+    fn = example_fn(config.input, num_frames=int(config.model.num_frames),
+                    image_size=int(config.model.image_size), train=False)
+    return eval_loader.batches(src, fn, batch_size=batch_size, process_index=process_index,
+                               process_count=process_count, bad="skip", pad=None,
+                               what="video QA")
 
 
 # ---- video captioning (official `video_caption_mplug2.py` / `video_downstream_datasets.py`) ----
@@ -344,53 +276,53 @@ def caption_source(input_cfg, split: str, seed: int = 0):
                                      max_skip_rate=float(input_cfg.max_skip_rate))
 
 
-class _VideoCaptionRecord(ClipRecord):
-    """Video caption example {video, caption_ids, caption_mask, idx} (eval records: their first
-    golden caption)."""
+def caption_example(record: dict, rng: pipeline.RecordRng, *, num_frames: int,
+                    image_size: int, augment: dict | None, train: bool, max_tokens: int,
+                    prompt: str, join: str) -> dict[str, Any]:
+    """One video caption record -> {video, caption_ids, caption_mask} (eval records: their
+    first golden caption); frames drawn from stream 3 of `rng`. Raises BadRecord."""
+    clip = read_clip(record["video"], num_frames, image_size, train=train, rng=rng.stream(3),
+                     augment=augment)
+    caption = record["caption"] if train else record["gold_captions"][0]
+    ids, mask = encode_captions([caption], prompt, join, max_tokens)
+    return {"video": clip.astype(np.float32), "caption_ids": ids[0], "caption_mask": mask[0]}
 
-    what = "video caption"
 
-    def __init__(self, source, *, max_tokens: int, prompt: str, join: str, **clip):
-        super().__init__(source, **clip)
-        self.max_tokens, self.prompt, self.join = max_tokens, prompt, join
-
-    def read_text(self, record: dict) -> str:
-        return record["caption"] if self.train else record["gold_captions"][0]
-
-    def example(self, record: dict, clip: np.ndarray, caption: str,
-                index: int) -> dict[str, Any]:
-        ids, mask = encode_captions([caption], self.prompt, self.join, self.max_tokens)
-        return {"video": clip, "caption_ids": ids[0], "caption_mask": mask[0],
-                "idx": np.int32(index)}
+def caption_example_fn(input_cfg, *, num_frames: int, image_size: int, prompt: str, join: str,
+                       train: bool):
+    """`caption_example` with the options of `input_cfg` bound (picklable); config errors
+    raise here, before any worker starts."""
+    max_tokens = int(input_cfg.max_caption_tokens)
+    encode_captions(["x"], prompt, join, max_tokens)
+    return functools.partial(caption_example, max_tokens=max_tokens, prompt=prompt, join=join,
+                             **clip_options(input_cfg, num_frames=num_frames,
+                                            image_size=image_size, train=train))
 
 
 def caption_dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_size: int,
                     prompt: str, join: str, train: bool, seed: int = 0, shard_index: int = 0,
                     shard_count: int = 1, num_epochs: int | None = None,
                     drop_remainder: bool = True) -> grain.IterDataset:
-    """Caption batches of `src` (train: shuffled, sharded, 'rand' frames, augmentation when
-    `input.augment.enabled`; eval records use their first golden caption):
+    """Caption batches of `src` by `pipeline.dataset` (train: shuffled, sharded, 'rand'
+    frames, augmentation when `input.augment.enabled`):
       video float32[B, T, R, R, 3]; caption_ids / caption_mask int32[B, input.max_caption_tokens]
       (`encode_captions`); idx int32[B]."""
-    max_tokens = int(input_cfg.max_caption_tokens)
-    encode_captions(["x"], prompt, join, max_tokens)  # config errors before any worker starts
-    record = functools.partial(_VideoCaptionRecord, max_tokens=max_tokens, prompt=prompt,
-                               join=join)
-    return clip_batches(src, record, input_cfg, "video caption", num_frames=num_frames,
-                        image_size=image_size, batch_size=batch_size, train=train, seed=seed,
-                        shard_index=shard_index, shard_count=shard_count,
-                        num_epochs=num_epochs, drop_remainder=drop_remainder)
+    fn = caption_example_fn(input_cfg, num_frames=num_frames, image_size=image_size,
+                            prompt=prompt, join=join, train=train)
+    return pipeline.dataset(src, fn, batch_size=batch_size, seed=seed, shuffle=train,
+                            shard_index=shard_index, shard_count=shard_count,
+                            num_epochs=num_epochs, drop_remainder=drop_remainder,
+                            workers=int(input_cfg.get("workers", 0)) if train else 0,
+                            max_skip_rate=float(input_cfg.max_skip_rate), what="video caption")
 
 
 def caption_train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's caption train batches, records per epoch);
     prompt and join from `config.task`."""
     inp = config.input
-    batch_size = pipeline.process_batch_size(inp, process_count)
-    src = caption_source(inp, "train", config.seed)
-    ds = caption_dataset(src, inp, num_frames=int(config.model.num_frames),
-                         image_size=int(config.model.image_size), batch_size=batch_size,
-                         prompt=str(config.task.prompt), join=str(config.task.prompt_join),
-                         train=True, seed=inp.shuffle_seed, shard_index=process_index,
-                         shard_count=process_count)
-    return iter(ds), len(src)
+    fn = caption_example_fn(inp, num_frames=int(config.model.num_frames),
+                            image_size=int(config.model.image_size),
+                            prompt=str(config.task.prompt), join=str(config.task.prompt_join),
+                            train=True)
+    return pipeline.train_batches(inp, caption_source(inp, "train", config.seed), fn,
+                                  process_index, process_count, what="video caption")

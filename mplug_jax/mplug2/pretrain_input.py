@@ -10,7 +10,7 @@ Video-caption records, by `config.input.dataset`:
   empty): frame folders + a retrieval jsonl with `input.captions_per_video` captions per
   video (independent template draws), then read exactly as 'json'.
 
-Frames as mPLUG-2's video tasks (`data.mplug2_input`): `model.num_frames` per clip, one random
+Frames as mPLUG-2's video tasks (`mplug2.input`): `model.num_frames` per clip, one random
 frame per segment in training, `video.train_clip` when `input.augment.enabled` else
 `video.eval_clip`. Captions `pre_caption` to `input.max_words` and tokenised "[CLS] caption"
 to `input.max_tokens`. A clip that cannot be used is skipped and counted (`pipeline`).
@@ -19,12 +19,12 @@ Video batch (per process, B rows):
   video float32[B, T, R, R, 3]; text_ids / text_mask int32[B, L]; idx int32[B] (record);
   video_index int32[B] (the clip's number: equal for captions of one clip).
 
-Mixed pretraining batch (`pretrain_train_batches`): `video`, `video_text_ids`,
-`video_text_mask`, `video_idx` from the video batch, and the image-caption batch of `data.pretrain_input` (built-in
+Mixed pretraining batch (`pretrain_train_batches`): `video`, `video_text_ids`, `video_text_mask`,
+`video_idx` from the video batch, and the image-caption batch of `data.inputs.pretrain` (built-in
 shapes, or json / tfds, configured by `input.images`) with keys `image`, `image_text_ids`,
-`image_text_mask`, `image_idx`: `input.batch_size` clips and `input.image_batch_size` images
-per step (global; an epoch counts the video records). The iterator is checkpointable
-(`get_state` / `set_state` of both streams).
+`image_text_mask`, `image_idx`: `input.batch_size` clips and `input.image_batch_size` images per
+step (global; an epoch counts the video records). The iterator is checkpointable (`get_state` /
+`set_state` of both streams).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from mplug_jax.data import pipeline
 from mplug_jax.data.formats import msrvtt_retrieval as msrvtt_retrieval_format
 from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.data.inputs import pretrain as pretrain_input
@@ -89,25 +90,18 @@ def video_text_source(input_cfg, seed: int = 0):
     return src, index
 
 
-class _VideoTextRecord(mplug2_input.ClipRecord):
-    """Video-caption example (module docstring): {video, text_ids, text_mask, idx,
-    video_index}."""
-
-    what = "video-caption"
-
-    def __init__(self, source, *, video_index: np.ndarray, max_tokens: int, **clip):
-        super().__init__(source, **clip)
-        self.video_index, self.max_tokens = video_index, max_tokens
-
-    def read_text(self, record: dict) -> str:
-        return record["caption"]
-
-    def example(self, record: dict, clip: np.ndarray, caption: str,
-                index: int) -> dict[str, Any]:
-        ids, mask = tokenizer.get_tokenizer().encode([caption], max_length=self.max_tokens,
-                                                     pad_to=self.max_tokens)
-        return {"video": clip, "text_ids": ids[0], "text_mask": mask[0],
-                "idx": np.int32(index), "video_index": np.int32(self.video_index[index])}
+def to_example(record: dict, rng: pipeline.RecordRng, *, num_frames: int, image_size: int,
+               augment: dict | None, train: bool, max_tokens: int,
+               video_index: np.ndarray) -> dict[str, Any]:
+    """One video-caption record -> {video, text_ids, text_mask, video_index} (module
+    docstring); frames drawn from stream 3 of `rng`. Raises BadRecord."""
+    clip = mplug2_input.read_clip(record["video"], num_frames, image_size, train=train,
+                                  rng=rng.stream(3), augment=augment)
+    caption = record["caption"]
+    ids, mask = tokenizer.get_tokenizer().encode([caption], max_length=max_tokens,
+                                                 pad_to=max_tokens)
+    return {"video": clip.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
+            "video_index": np.int32(video_index[rng.index])}
 
 
 def video_text_dataset(src, video_index, input_cfg, *, num_frames: int, image_size: int,
@@ -115,12 +109,16 @@ def video_text_dataset(src, video_index, input_cfg, *, num_frames: int, image_si
                        shard_count: int = 1, num_epochs: int | None = None
                        ) -> grain.IterDataset:
     """Shuffled train batches of video-caption records (module docstring)."""
-    record = functools.partial(_VideoTextRecord, video_index=video_index,
-                               max_tokens=int(input_cfg.max_tokens))
-    return mplug2_input.clip_batches(
-        src, record, input_cfg, "video-caption", num_frames=num_frames, image_size=image_size,
-        batch_size=batch_size, train=True, seed=seed, shard_index=shard_index,
-        shard_count=shard_count, num_epochs=num_epochs, frames_key="model.num_frames")
+    fn = functools.partial(to_example, video_index=video_index,
+                           max_tokens=int(input_cfg.max_tokens),
+                           **mplug2_input.clip_options(input_cfg, num_frames=num_frames,
+                                                       image_size=image_size, train=True,
+                                                       frames_key="model.num_frames"))
+    return pipeline.dataset(src, fn, batch_size=batch_size, seed=seed,
+                            shard_index=shard_index, shard_count=shard_count,
+                            num_epochs=num_epochs, workers=int(input_cfg.get("workers", 0)),
+                            max_skip_rate=float(input_cfg.max_skip_rate),
+                            what="video-caption")
 
 
 def _check_batch(batch_size: int, process_count: int, key: str) -> int:
@@ -170,7 +168,7 @@ class MixedIterator:
 
 
 def image_input_config(inp):
-    """The `data.pretrain_input` view of the mixed config: `input.images` (dataset, sizes,
+    """The `data.inputs.pretrain` view of the mixed config: `input.images` (dataset, sizes,
     annotations ...) with the shared text and skip settings."""
     import ml_collections
     c = ml_collections.ConfigDict(inp.images)
@@ -197,7 +195,9 @@ def pretrain_train_batches(config, process_index: int, process_count: int
                               image_size=int(config.model.image_size), batch_size=bv,
                               seed=int(inp.shuffle_seed), shard_index=process_index,
                               shard_count=process_count)
-    img_cfg = image_input_config(inp)
-    imgs, _ = pretrain_input.train_batches(img_cfg, int(config.model.image_size), config.seed,
-                                           process_index, process_count)
+    import ml_collections
+    image_config = ml_collections.ConfigDict({"input": image_input_config(inp),
+                                              "model": {"image_size": config.model.image_size},
+                                              "seed": config.seed})
+    imgs, _ = pretrain_input.train_batches(image_config, process_index, process_count)
     return MixedIterator(iter(vids), imgs), len(src)

@@ -6,7 +6,7 @@ heads stay in the tree, unused, as in the official caption model.
 
 Cross-entropy (official `MPLUG.forward(train=True)` of `model_caption_mplug.py`,
 docs/fixtures.md#forward): decoder states = the image embeddings only (mask all ones); targets =
-`[CLS] prompt + caption [SEP]` (see `data.caption_input`); loss = mean of the next-token nll over
+`[CLS] prompt + caption [SEP]` (see `data.inputs.caption`); loss = mean of the next-token nll over
 every valid target position. With a `task.prompt`, its tokens stay in the loss: the official caption
 targets mask only padding (label -100 at pad ids, docs/official-formats.md#tokenisation), nothing
 else.
@@ -105,24 +105,11 @@ class Task(base.Task):
     # ---- input ------------------------------------------------------------------------------
 
     @classmethod
-    def _placeholders(cls, config) -> dict:
-        scst = config.task.get("scst") or {}
-        if not scst.get("enabled", False):
-            return {}
-        k = int(scst.get("num_samples", 0) or config.task.generation.beam_size)
-        t = int(config.task.generation.max_length) + 1
-        return {"scst_ids": ((k, t), np.int32), "scst_lengths": ((k,), np.int32),
-                "scst_advantage": ((k,), np.float32), "scst_reward": ((k,), np.float32)}
-
-    @classmethod
     def train_input(cls, config):
-        inp = config.input
         base.refuse_synthetic(config, "caption", "set input.dataset='karpathy' with "
                               "input.train_annotations, input.eval_annotations and "
                               "input.coco_root")
-        return caption_input.train_batches(
-            inp, config.model.image_size, config.seed, str(config.task.get("prompt", "") or ""),
-            jax.process_index(), jax.process_count(), placeholders=cls._placeholders(config))
+        return caption_input.train_batches(config, jax.process_index(), jax.process_count())
 
     def dummy_batch(self, batch_size: int) -> dict:
         r, length = self.model.image_size, self.max_tokens
@@ -131,7 +118,7 @@ class Task(base.Task):
                "dec_mask": np.ones((batch_size, length), np.int32),
                "image_index": np.zeros((batch_size,), np.int32),
                "idx": np.zeros((batch_size,), np.int32)}
-        for name, (shape, dtype) in self._placeholders(self.config).items():
+        for name, (shape, dtype) in caption_input.scst_placeholders(self.config).items():
             out[name] = np.zeros((batch_size,) + shape, dtype)
         return out
 

@@ -106,11 +106,9 @@ class Task(base.Task):
 
     @classmethod
     def train_input(cls, config):
-        inp = config.input
         base.refuse_synthetic(config, "pretraining",
                               "set input.dataset to 'json' or 'tfds' with your data")
-        return pretrain_input.train_batches(inp, config.model.image_size, config.seed,
-                                            jax.process_index(), jax.process_count())
+        return pretrain_input.train_batches(config, jax.process_index(), jax.process_count())
 
     def dummy_batch(self, batch_size: int) -> dict:
         r, length = self.model.image_size, self.max_len

@@ -8,6 +8,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from mplug_jax.data import pipeline
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.image import BadRecord
 
@@ -128,7 +129,7 @@ def test_pipeline_over_real_bad_files(tmp_path, cat, caplog):
                     {"image": good[1]}]
     kw = dict(image_size=16, batch_size=5, augment={}, train=True, seed=0, num_epochs=1,
               max_skip_rate=0.5, skip_check_after=1)
-    it = iter(pipeline.pretrain_dataset(records, **kw))
+    it = iter(pretrain_input.dataset(records, **kw))
     with caplog.at_level("WARNING", logger="mplug_jax.data.pipeline"):
         batches = list(it)
     assert len(batches) == 3 and all(b["image"].shape == (5, 16, 16, 3) for b in batches)
@@ -143,4 +144,4 @@ def test_pipeline_over_real_bad_files(tmp_path, cat, caplog):
         assert name in logged
     # Same pipeline, but strict: 5 skipped of 20 is far above 1 %.
     with pytest.raises(pipeline.DataError, match="max_skip_rate=0.01"):
-        list(pipeline.pretrain_dataset(records, **{**kw, "max_skip_rate": 0.01}))
+        list(pretrain_input.dataset(records, **{**kw, "max_skip_rate": 0.01}))

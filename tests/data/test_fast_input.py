@@ -15,6 +15,7 @@ from mplug_jax.data.ops import augment_fast
 from mplug_jax.data.ops import randaugment
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.inputs import vqa as vqa_input
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.models import vit
 
 
@@ -155,7 +156,7 @@ def test_pipelines_ship_uint8_images_that_normalise_to_the_float_batches():
     recs = [{"image": JPEGS[p], "caption": f"a photo of a {p}", "question": f"is it a {p}?",
              "answers": ["yes"], "weights": [1.0]} for p in PHOTOS]
     aug = {"crop_scale": (0.2, 1.0), "randaug_n": 2, "randaug_m": 7, "hflip": True}
-    batches = {dt: next(iter(pipeline.pretrain_dataset(recs, image_size=48, batch_size=4,
+    batches = {dt: next(iter(pretrain_input.dataset(recs, image_size=48, batch_size=4,
                                                        augment=aug, image_dtype=dt)))
                for dt in pipeline.IMAGE_DTYPES}
     assert batches["uint8"]["image"].dtype == np.uint8
@@ -163,9 +164,9 @@ def test_pipelines_ship_uint8_images_that_normalise_to_the_float_batches():
                                   batches["float32"]["image"])
     np.testing.assert_array_equal(batches["uint8"]["idx"], batches["float32"]["idx"])
     with pytest.raises(ValueError, match="image_dtype must be one of"):
-        pipeline.pretrain_dataset(recs, image_size=48, batch_size=4, image_dtype="float16")
+        pretrain_input.dataset(recs, image_size=48, batch_size=4, image_dtype="float16")
     # reduced_decode: 640x480 JPEGs, 48 px crops of at least 96 px: decoded at 1/2 or less.
-    reduced = next(iter(pipeline.pretrain_dataset(recs, image_size=48, batch_size=4,
+    reduced = next(iter(pretrain_input.dataset(recs, image_size=48, batch_size=4,
                                                   augment=aug, image_dtype="uint8",
                                                   reduced_decode=True)))
     assert reduced["image"].shape == batches["uint8"]["image"].shape

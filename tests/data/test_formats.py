@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mplug_jax.data import pipeline
 from mplug_jax.data.formats import coco_caption as coco_caption_format
 from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.formats import nlvr2 as nlvr2_format
@@ -17,6 +16,7 @@ from mplug_jax.data.formats import snli_ve as snli_ve_format
 from mplug_jax.data.formats import video_caption as video_caption_format
 from mplug_jax.data.formats import video_qa as video_qa_format
 from mplug_jax.data.formats import vqa as vqa_format
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops import video
 from mplug_jax.data.ops.image import DataError
@@ -47,7 +47,7 @@ def test_pretrain_multiple_files_and_malformed_records(tmp_path, caplog):
     assert "sbu.json record 39" in caplog.text
     assert src[0]["image"] == os.path.join(tmp_path, "img", "coco/a.jpg")
     assert src[60]["caption"] == ["one", "two"]
-    batch = next(iter(pipeline.pretrain_dataset(src, image_size=16, batch_size=4, train=False)))
+    batch = next(iter(pretrain_input.dataset(src, image_size=16, batch_size=4, train=False)))
     assert batch["image"].shape == (4, 16, 16, 3)
 
 

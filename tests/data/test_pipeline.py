@@ -6,6 +6,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mplug_jax.data import pipeline
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.synthetic import shapes as synthetic
 from mplug_jax.data.ops import text
 from mplug_jax.data.ops import tokenizer
@@ -33,7 +34,7 @@ def _assert_same(a, b):
 
 
 def test_batch_format_and_text(source):
-    ds = pipeline.pretrain_dataset(source, image_size=24, batch_size=4, max_tokens=12,
+    ds = pretrain_input.dataset(source, image_size=24, batch_size=4, max_tokens=12,
                                    train=False, num_epochs=1)
     batches = list(ds)
     assert len(batches) == 10
@@ -56,13 +57,13 @@ def test_batch_format_and_text(source):
 
 def test_shuffle_epochs_and_determinism(source):
     kw = dict(image_size=16, batch_size=8, augment=AUG, seed=3)
-    a = _take(pipeline.pretrain_dataset(source, **kw), 10)
-    _assert_same(a, _take(pipeline.pretrain_dataset(source, **kw), 10))
+    a = _take(pretrain_input.dataset(source, **kw), 10)
+    _assert_same(a, _take(pretrain_input.dataset(source, **kw), 10))
     idx = np.concatenate([b["idx"] for b in a])
     epochs = idx.reshape(2, 40)  # 5 batches per epoch, each index once per epoch
     assert all(sorted(e) == list(range(40)) for e in epochs)
     assert epochs[0].tolist() != list(range(40)) and epochs[0].tolist() != epochs[1].tolist()
-    other = _take(pipeline.pretrain_dataset(source, **{**kw, "seed": 4}), 1)
+    other = _take(pretrain_input.dataset(source, **{**kw, "seed": 4}), 1)
     assert other[0]["idx"].tolist() != a[0]["idx"].tolist()
     # Augmentation differs between epochs for the same record.
     first = {int(i): a[k // 8]["image"][k % 8] for k, i in enumerate(idx[:40])}
@@ -72,12 +73,12 @@ def test_shuffle_epochs_and_determinism(source):
 
 def test_shards_are_disjoint_and_equal(source):
     kw = dict(image_size=16, batch_size=5, seed=1, num_epochs=1, augment=None)
-    shards = [np.concatenate([b["idx"] for b in pipeline.pretrain_dataset(
+    shards = [np.concatenate([b["idx"] for b in pretrain_input.dataset(
         source[:39], shard_index=s, shard_count=3, **kw)]) for s in range(3)]
     assert [len(s) for s in shards] == [10, 10, 10]  # 39 // 3 = 13 -> 2 full batches each
     assert len(set(np.concatenate(shards).tolist())) == 30
     with pytest.raises(ValueError, match="shard_index"):
-        pipeline.pretrain_dataset(source, image_size=8, batch_size=2, shard_index=3,
+        pretrain_input.dataset(source, image_size=8, batch_size=2, shard_index=3,
                                   shard_count=3)
 
 
@@ -86,8 +87,8 @@ def test_caption_list_choice_is_deterministic_per_epoch():
     caps = ["red", "green", "blue", "yellow"]
     src = [{"image": img, "caption": caps} for _ in range(8)]
     kw = dict(image_size=8, batch_size=8, max_tokens=4, augment=None, seed=0)
-    a = _take(pipeline.pretrain_dataset(src, **kw), 4)
-    _assert_same(a, _take(pipeline.pretrain_dataset(src, **kw), 4))
+    a = _take(pretrain_input.dataset(src, **kw), 4)
+    _assert_same(a, _take(pretrain_input.dataset(src, **kw), 4))
     words = np.stack([b["text_ids"][np.argsort(b["idx"]), 1] for b in a])  # [epoch, record]
     assert len(set(words.ravel().tolist())) > 1
     assert not all((w == words[0]).all() for w in words[1:])
@@ -96,11 +97,11 @@ def test_caption_list_choice_is_deterministic_per_epoch():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_iterator_state_resume_is_bit_identical(source, workers):
     kw = dict(image_size=16, batch_size=4, augment=AUG, seed=7, workers=workers)
-    it = iter(pipeline.pretrain_dataset(source, **kw))
+    it = iter(pretrain_input.dataset(source, **kw))
     _take(it, 3)
     state = it.get_state()
     want = _take(it, 12)  # crosses the epoch boundary (10 batches per epoch)
-    fresh = iter(pipeline.pretrain_dataset(source, **kw))
+    fresh = iter(pretrain_input.dataset(source, **kw))
     fresh.set_state(state)
     _assert_same(want, _take(fresh, 12))
     if workers:
@@ -110,7 +111,7 @@ def test_iterator_state_resume_is_bit_identical(source, workers):
 
 def test_orbax_checkpoint_of_iterator_and_state(source, tmp_path):
     kw = dict(image_size=16, batch_size=4, augment=AUG, seed=5)
-    it = iter(pipeline.pretrain_dataset(source, **kw))
+    it = iter(pretrain_input.dataset(source, **kw))
     _take(it, 4)
     params = {"w": np.arange(6.0).reshape(2, 3)}
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
@@ -119,7 +120,7 @@ def test_orbax_checkpoint_of_iterator_and_state(source, tmp_path):
             data_iter=pipeline.iterator_checkpoint_args(it)))
         mngr.wait_until_finished()
     want = _take(it, 5)
-    fresh = iter(pipeline.pretrain_dataset(source, **kw))
+    fresh = iter(pretrain_input.dataset(source, **kw))
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         restored = mngr.restore(4, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(params),
@@ -136,7 +137,7 @@ def test_bad_records_are_skipped_counted_and_batches_full(caplog):
     src[11] = {"caption": "no image"}
     kw = dict(image_size=8, batch_size=4, augment=None, train=False, num_epochs=1,
               max_skip_rate=0.5, skip_check_after=1)
-    it = iter(pipeline.pretrain_dataset(src, **kw))
+    it = iter(pretrain_input.dataset(src, **kw))
     with caplog.at_level("WARNING", logger="mplug_jax.data.pipeline"):
         batches = list(it)
     assert [len(b["idx"]) for b in batches] == [4, 4, 4, 4]  # 17 good -> 4 full batches
@@ -148,7 +149,7 @@ def test_bad_records_are_skipped_counted_and_batches_full(caplog):
     assert stats.seen == 19  # record 19 is left over by drop_remainder, never seen
     assert sum("skipping record" in r.message for r in caplog.records) == 3
     with pytest.raises(pipeline.DataError, match="skip rate"):
-        list(pipeline.pretrain_dataset(src, **{**kw, "max_skip_rate": 0.1}))
+        list(pretrain_input.dataset(src, **{**kw, "max_skip_rate": 0.1}))
 
 
 def test_make_global_batch(mesh8):

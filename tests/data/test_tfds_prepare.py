@@ -11,8 +11,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from no_tensorflow import BLOCK_TENSORFLOW
-from mplug_jax.data import pipeline, prepare
+from mplug_jax.data import prepare
 from mplug_jax.data.formats import builder as tfds_builder
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops.image import DataError
 
 
@@ -58,7 +59,7 @@ def test_prepare_pretrain_roundtrip_into_pipeline(tmp_path):
     np.testing.assert_array_equal(by_id[1]["image"], np.asarray(Image.open(root / "b.png")))
     assert by_id[2]["image"].shape == (20, 32, 3) and by_id[3]["image"].shape == (20, 20, 3)
     assert [c.decode() for c in by_id[1]["caption"]] == ["an astronaut", "a woman"]
-    batch = next(iter(pipeline.pretrain_dataset(src, image_size=16, batch_size=4, train=False)))
+    batch = next(iter(pretrain_input.dataset(src, image_size=16, batch_size=4, train=False)))
     assert batch["image"].shape == (4, 16, 16, 3) and sorted(batch["idx"].tolist()) == [0, 1, 2, 3]
     again = prepare.prepare("pretrain", ann, str(root), str(tmp_path / "out"),
                             max_skip_rate=0.5)

@@ -17,7 +17,7 @@ from mplug_jax.data.inputs import grounding as GI
 from mplug_jax.data.synthetic import grounding as synthetic_grounding
 from mplug_jax.scoring import grounding as G
 
-from test_grounding import SMALL_MODEL
+from test_grounding import SMALL_MODEL, eval_config
 
 
 LEARN = {"total_steps": 500, "optim.lr": 3e-3, "optim.warmup_steps": 30,
@@ -30,7 +30,8 @@ def mean_box_baseline(inp, n_train: int, n_eval: int, size: int) -> tuple[float,
     training box in the padded frame."""
     def boxes(split, n):
         src = GI.source(inp, split, size=n, image_size=inp.synthetic_image_size)
-        return np.concatenate([b["gt_box"] for b in GI.eval_batches(src, inp, size, 256)])
+        return np.concatenate([b["gt_box"] for b in GI.eval_batches(eval_config(inp, size),
+                                                                     src, 256)])
     mean = boxes("train", n_train).mean(0)
     held = boxes("heldout", n_eval)
     q = G.tokens_to_coords(G.coords_to_tokens(mean))

@@ -122,7 +122,7 @@ def test_input_batches_skip_bad_videos(tmp_path):
     assert (b["answer_weights"] == 1).all()
     seen = np.concatenate([x["idx"] for x in batches])
     assert 3 not in seen and len(seen) == 8  # 11 usable, the last 3 dropped (remainder)
-    ev = mplug2_input.eval_batches(src, c.input, num_frames=4, image_size=32, batch_size=5)
+    ev = list(mplug2_input.eval_batches(c, src, 5))
     assert np.concatenate([x["idx"] for x in ev]).tolist() == [i for i in range(12) if i != 3]
     from mplug_jax.data.ops import video
     want = video.eval_clip(video.load_frames(src[0]["video"], 4), 32)
@@ -185,7 +185,7 @@ def test_generation_predict_fns(tmp_path):
     task = tasks.build(c)
     params = nn.meta.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
     src = mplug2_input.source(c.input, "heldout")
-    b = mplug2_input.eval_batches(src, c.input, num_frames=4, image_size=32, batch_size=3)[0]
+    b = next(mplug2_input.eval_batches(c, src, 3))
     fns = task.predict_fns()
 
     @jax.jit
@@ -231,7 +231,7 @@ def test_video_qa_evaluator_runs_the_mplug2_task(tmp_path):
     # Its inputs are the task pipeline's eval inputs bit for bit (frames by the release's
     # nearest resize, questions); test_generation_predict_fns covers the generation path.
     src = video_qa_format.read(ann, root)
-    b = mplug2_input.eval_batches(src, c.input, num_frames=4, image_size=32, batch_size=3)[0]
+    b = next(mplug2_input.eval_batches(c, src, 3))
     first = next(iter(ev.input))
     np.testing.assert_array_equal(first["frames"], b["video"])
     np.testing.assert_array_equal(first["question_ids"], b["question_ids"])

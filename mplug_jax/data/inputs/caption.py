@@ -21,15 +21,15 @@ idx int32[B] (record index).
 from __future__ import annotations
 
 import collections.abc
+import functools
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from mplug_jax.data import pipeline
+from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import coco_caption as coco_caption_format
 from mplug_jax.data.ops import tokenizer
-from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.synthetic.shapes import SPLITS, SyntheticShapes, caption
 
 DATASETS = ("synthetic", "karpathy")
@@ -183,50 +183,50 @@ def encode_targets(texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.nd
     return tokenizer.get_tokenizer().encode(texts, max_length=max_tokens, pad_to=max_tokens)
 
 
-class _AddTargets:
-    """Batch map: record index -> decoder targets and image index (main process, cheap: the
-    captions are plain strings held here, no record is read again)."""
-
-    def __init__(self, captions: list[str], image_index: np.ndarray, prompt: str,
-                 max_tokens: int, placeholders: dict | None = None):
-        self.captions, self.image_index = captions, image_index
-        self.prompt, self.max_tokens = prompt, max_tokens
-        self.placeholders = placeholders or {}
-
-    def __call__(self, batch: dict) -> dict:
-        idx = np.asarray(batch["idx"])
-        ids, mask = encode_targets([target_text(self.captions[i], self.prompt) for i in idx],
-                                   self.max_tokens)
-        out = {"image": batch["image"], "dec_ids": ids, "dec_mask": mask,
-               "image_index": self.image_index[idx].astype(np.int32), "idx": idx}
-        for name, (shape, dtype) in self.placeholders.items():
-            out[name] = np.zeros((len(idx),) + tuple(shape), dtype)
-        return out
+def scst_placeholders(config) -> dict:
+    """{name: (per-row shape, dtype)} of the SCST fields a caption task fills in
+    `prepare_batch` (empty unless `task.scst.enabled`): zero arrays in every train batch, so
+    that the compiled step knows their shapes."""
+    scst = config.task.get("scst") or {}
+    if not scst.get("enabled", False):
+        return {}
+    k = int(scst.get("num_samples", 0) or config.task.generation.beam_size)
+    t = int(config.task.generation.max_length) + 1
+    return {"scst_ids": ((k, t), np.int32), "scst_lengths": ((k,), np.int32),
+            "scst_advantage": ((k,), np.float32), "scst_reward": ((k,), np.float32)}
 
 
-def train_batches(input_cfg, image_size: int, seed: int, prompt: str, process_index: int,
-                  process_count: int, split: CaptionSplit | None = None,
-                  placeholders: dict | None = None):
-    """(checkpointable iterator of this process's train batches, records per epoch).
+def to_example(record: dict, rng: pipeline.RecordRng, *, image_size: int, max_tokens: int,
+               prompt: str, augment: dict | None, placeholders: dict) -> dict[str, Any]:
+    """One train record {image, caption, image_index} -> {image, dec_ids, dec_mask,
+    image_index} and the zero `placeholders` (module docstring); the image augmented with
+    stream 1 of `rng`. A caption empty after `pre_caption` is a BadRecord ('bad_caption')."""
+    pipeline.choose_caption(record["caption"], rng.stream(0), 10_000)
+    image = pipeline.process_image(record["image"], image_size, rng.stream(1), augment=augment,
+                                   image_dtype="float32")
+    ids, mask = encode_targets([target_text(record["caption"], prompt)], max_tokens)
+    out = {"image": image, "dec_ids": ids[0], "dec_mask": mask[0],
+           "image_index": np.int32(record["image_index"])}
+    for name, (shape, dtype) in placeholders.items():
+        out[name] = np.zeros(tuple(shape), dtype)
+    return out
 
-    `placeholders` {name: (per-row shape, dtype)}: zero arrays added to every batch, for
-    fields a task fills in `prepare_batch` (SCST) so the compiled step knows their shapes."""
-    batch_size = pipeline.process_batch_size(input_cfg, process_count)
-    split = split or load_split(input_cfg, "train", image_size, seed)
-    recs = split.train_records
-    captions = [r["caption"] for r in recs.rows]
-    image_index = np.asarray([r["image_index"] for r in recs.rows], np.int32)
-    aug = input_cfg.augment
-    augment = {k: v for k, v in aug.items() if k != "enabled"} if aug.enabled else None
-    ds = pretrain_dataset(recs, image_size=image_size,
-                          batch_size=batch_size,
-                          max_words=10_000, max_tokens=input_cfg.max_tokens,
-                          seed=input_cfg.shuffle_seed, train=True, augment=augment,
-                          workers=input_cfg.workers, shard_index=process_index,
-                          shard_count=process_count, max_skip_rate=input_cfg.max_skip_rate)
-    ds = ds.map(_AddTargets(captions, image_index, prompt, int(input_cfg.max_tokens),
-                            placeholders))
-    return iter(ds), len(recs)
+
+def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
+    """(checkpointable iterator of this process's train batches, records per epoch): the
+    'train' split of `config.input`, targets with `task.prompt`, `scst_placeholders`."""
+    inp = config.input
+    split = load_split(inp, "train", config.model.image_size, config.seed)
+    fn = functools.partial(
+        to_example, image_size=config.model.image_size, max_tokens=int(inp.max_tokens),
+        prompt=str(config.task.get("prompt", "") or ""), placeholders=scst_placeholders(config),
+        augment=pipeline.augment_options(inp.get("augment"), pipeline.DEFAULT_AUGMENT))
+    return pipeline.train_batches(inp, split.train_records, fn, process_index, process_count)
+
+
+def _eval_example(record: dict, rng: pipeline.RecordRng, *, image_size: int) -> dict:
+    return {"image": pipeline.process_image(record["image"], image_size, None, augment=None,
+                                            image_dtype="float32")}
 
 
 class _Padded(collections.abc.Sequence):
@@ -242,20 +242,20 @@ class _Padded(collections.abc.Sequence):
         return self.records[min(int(i), len(self.records) - 1)]
 
 
-def eval_batches(split: CaptionSplit, image_size: int, batch_size: int,
-                 num_images: int = 0) -> tuple[list[dict], int]:
-    """(batches of the first `num_images` eval images (0 = all) with the official test
-    transform, the number of real images); the last batch is padded with copies of the last
-    image (their outputs are dropped). Batch: image, idx (= image position)."""
-    recs = split.eval_records
-    n = len(recs) if not num_images else min(int(num_images), len(recs))
+def eval_batches(config, src, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Batches of the eval records `src` (e.g. the first N of `CaptionSplit.eval_records`) with
+    the official test transform, in order; the last batch is filled up to `batch_size` with
+    copies of the last image (their idx run on past len(src); their outputs are dropped).
+    Batch: image, idx (= image position)."""
+    n = len(src)
     if n == 0:
         raise ValueError("the caption eval split has no images")
-    padded = _Padded(_Records(recs.rows[:n], recs.images), -(-n // batch_size) * batch_size)
-    ds = pretrain_dataset(padded, image_size=image_size, batch_size=batch_size,
-                          max_words=10_000, max_tokens=8, train=False, augment=None,
-                          num_epochs=1, max_skip_rate=0.0)
-    return [{"image": b["image"], "idx": b["idx"]} for b in ds], n
+    padded = _Padded(src, -(-n // batch_size) * batch_size)
+    fn = functools.partial(_eval_example, image_size=config.model.image_size)
+    return eval_loader.batches(padded, fn, batch_size=batch_size, process_index=process_index,
+                               process_count=process_count, bad="raise", pad=None,
+                               what="caption")
 
 
 def write_karpathy(entries: list[dict], path: str) -> None:

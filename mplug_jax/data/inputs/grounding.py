@@ -34,15 +34,15 @@ original pixels) and width / height int32[B] (original image size).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-import grain
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from mplug_jax.data import pipeline
+from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.formats.base import RecordSource
 from mplug_jax.data.ops import tokenizer
@@ -287,94 +287,54 @@ def source(input_cfg, split: str, *, dataset: str | None = None, size: int = 0,
 
 # ---- batches ------------------------------------------------------------------------------
 
-class _GroundingRecord:
-    """(position, index) -> processed example; picklable for grain worker processes."""
-
-    def __init__(self, source, *, image_size: int, max_query_len: int, seed: int,
-                 augment: dict | None, epoch_length: int, train: bool, imagenet_eval: bool):
-        self.source, self.image_size, self.lq, self.seed = source, image_size, max_query_len, seed
-        self.augment, self.epoch_length, self.train = augment, epoch_length, train
-        self.imagenet_eval = imagenet_eval
-
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        epoch = position // max(self.epoch_length, 1)
-        index = int(index)
-        try:
-            rec = self.source[index]
-            phrase = rec["phrase"]
-            if not isinstance(phrase, str) or not phrase.strip():
-                raise BadRecord("bad_record", "empty referring expression")
-            img = transforms.decode_image(rec["image"])
-            x, y, w, h = (float(v) for v in rec["bbox"])
-            box = np.array([x, y, x + w, y + h], np.float32)
-            extra = {}
-            if self.train:
-                rng = np.random.default_rng([self.seed, epoch, index, 7])
-                image, gt, phrase = train_transform(img, box, phrase, self.image_size, rng,
-                                                    self.augment)
-            else:
-                image, ratio, left, top = eval_transform(img, self.image_size,
-                                                         imagenet=self.imagenet_eval)
-                shifted = box * np.float32(ratio) + np.array([left, top, left, top], np.float32)
-                gt = normalised_cxcywh(shifted, self.image_size)
-                extra = dict(ratio=np.float32(ratio), left=np.int32(left), top=np.int32(top),
-                             width=np.int32(img.size[0]), height=np.int32(img.size[1]))
-        except BadRecord as e:
-            logger.warning("skipping grounding record %d (%s): %s", index, e.reason, e)
-            return {pipeline._SKIP_KEY: e.reason}
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            logger.warning("skipping grounding record %d (bad_record): %r", index, e)
-            return {pipeline._SKIP_KEY: "bad_record"}
-        ids, mask = encode_phrases([phrase], self.lq)
-        return {"image": image.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
-                "gt_box": gt.astype(np.float32), "idx": np.int32(index), **extra}
-
-
-def dataset(src, input_cfg, *, image_size: int, batch_size: int, train: bool, seed: int = 0,
-            shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-            drop_remainder: bool = True) -> grain.IterDataset:
-    """Batches of `src` (module docstring); checkpointable iterator. `train`: shuffled every
-    epoch, per-process shards, augmentation when `input.augment.enabled`."""
-    n = len(src)
-    per_shard = n // shard_count
-    if train and per_shard < batch_size:
-        raise ValueError(f"{n} grounding records over {shard_count} processes give {per_shard} "
-                         f"per process, fewer than the batch of {batch_size}")
-    augment = None
-    aug = input_cfg.get("augment")
-    if train and aug is not None and aug.get("enabled"):
-        augment = {k: v for k, v in dict(aug).items() if k != "enabled"}
-        unknown = set(augment) - set(DEFAULT_AUGMENT)
-        if unknown:
-            raise ValueError(f"unknown input.augment keys {sorted(unknown)}; valid: "
-                             f"{sorted(DEFAULT_AUGMENT)} and 'enabled'")
-    ds = grain.MapDataset.range(n)
+def to_example(record: Any, rng: pipeline.RecordRng, *, image_size: int, max_query_len: int,
+               augment: dict | None, train: bool, imagenet_eval: bool) -> dict[str, Any]:
+    """One grounding record -> example (module docstring; the eval fields when not `train`);
+    the training transform draws from stream 7 of `rng`. Raises BadRecord."""
+    phrase = record["phrase"]
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise BadRecord("bad_record", "empty referring expression")
+    img = transforms.decode_image(record["image"])
+    x, y, w, h = (float(v) for v in record["bbox"])
+    box = np.array([x, y, x + w, y + h], np.float32)
+    extra = {}
     if train:
-        ds = ds.shuffle(seed=seed)[shard_index:per_shard * shard_count:shard_count]
-    ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_GroundingRecord(
-        src, image_size=image_size, max_query_len=int(input_cfg.max_query_len), seed=seed,
-        augment=augment, epoch_length=per_shard if train else n, train=train,
-        imagenet_eval=bool(input_cfg.get("official_eval_normalisation", False))))
-    return pipeline.batched(ds, batch_size, drop_remainder=drop_remainder,
-                            workers=int(input_cfg.get("workers", 0)) if train else 0,
-                            max_skip_rate=float(input_cfg.get("max_skip_rate", 0.01)))
+        image, gt, phrase = train_transform(img, box, phrase, image_size, rng.stream(7), augment)
+    else:
+        image, ratio, left, top = eval_transform(img, image_size, imagenet=imagenet_eval)
+        shifted = box * np.float32(ratio) + np.array([left, top, left, top], np.float32)
+        gt = normalised_cxcywh(shifted, image_size)
+        extra = dict(ratio=np.float32(ratio), left=np.int32(left), top=np.int32(top),
+                     width=np.int32(img.size[0]), height=np.int32(img.size[1]))
+    ids, mask = encode_phrases([phrase], max_query_len)
+    return {"image": image.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
+            "gt_box": gt.astype(np.float32), **extra}
+
+
+def example_fn(input_cfg, image_size: int, train: bool):
+    """`to_example` with the options of `input_cfg` bound (picklable; augmentation when
+    training and `input.augment.enabled`)."""
+    return functools.partial(
+        to_example, image_size=image_size, max_query_len=int(input_cfg.max_query_len),
+        train=train, augment=pipeline.augment_options(input_cfg.get("augment"), DEFAULT_AUGMENT)
+        if train else None,
+        imagenet_eval=bool(input_cfg.get("official_eval_normalisation", False)))
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    batch_size = pipeline.process_batch_size(inp, process_count)
     src = source(inp, "train", size=int(inp.get("train_size", 0)),
                  image_size=int(inp.get("synthetic_image_size", 64)), seed=config.seed)
-    ds = dataset(src, inp, image_size=config.model.image_size,
-                 batch_size=batch_size, train=True,
-                 seed=inp.shuffle_seed, shard_index=process_index, shard_count=process_count)
-    return iter(ds), len(src)
+    return pipeline.train_batches(inp, src, example_fn(inp, config.model.image_size, True),
+                                  process_index, process_count, what="grounding")
 
 
-def eval_batches(src, input_cfg, image_size: int, batch_size: int) -> list[dict]:
-    """Every usable record of `src` in order, in batches of `batch_size` (the last one may be
-    shorter); unusable records are skipped and logged."""
-    return list(dataset(src, input_cfg, image_size=image_size, batch_size=batch_size,
-                        train=False, num_epochs=1, drop_remainder=False))
+def eval_batches(config, src, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Every usable record of `src` in order (`eval_loader.batches`; unusable records skipped
+    and logged), in batches of `batch_size` (the last one may be shorter)."""
+    return eval_loader.batches(src, example_fn(config.input, config.model.image_size, False),
+                               batch_size=batch_size, process_index=process_index,
+                               process_count=process_count, bad="skip", pad=None,
+                               what="grounding")

@@ -28,20 +28,19 @@ Eval batch: the same plus valid int32[B] (0 = padding row of the last batch).
 """
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import logging
 from typing import Any, Iterator
 
-import grain
 import numpy as np
 
-from mplug_jax.data import pipeline
+from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import nlvr2 as nlvr2_format
 from mplug_jax.data.formats.base import RecordSource
 from mplug_jax.data.synthetic import nlvr2 as synthetic_nlvr2
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
-from mplug_jax.data.ops.image import BadRecord, DataError
+from mplug_jax.data.ops.image import BadRecord
 
 logger = logging.getLogger(__name__)
 
@@ -98,78 +97,40 @@ def source(config, split: str) -> RecordSource:
     return src
 
 
-class _NLVR2Record:
-    """(position, index) -> processed example; picklable for grain worker processes."""
-
-    def __init__(self, source, *, image_size: int, max_tokens: int, seed: int,
-                 augment: dict | None, epoch_length: int, train: bool):
-        self.source, self.image_size, self.max_tokens = source, image_size, max_tokens
-        self.seed, self.augment, self.epoch_length = seed, augment, max(epoch_length, 1)
-        self.train = train
-
-    def load(self, index: int, epoch: int = 0) -> dict[str, Any]:
-        """Record `index` as arrays (see module docstring); raises BadRecord."""
-        record = self.source[index]
-        paths = record.get("images") if isinstance(record, dict) else None
-        if not (isinstance(paths, (list, tuple)) and len(paths) == 2):
-            raise BadRecord("bad_record", f"NLVR2 record {index} needs two images, got "
-                                          f"{paths!r:.80}")
-        images = []
-        for k, path in enumerate(paths):
-            img = transforms.decode_image(path)
-            if self.augment is None:
-                images.append(transforms.eval_transform(img, self.image_size))
-            else:
-                rng = np.random.default_rng([self.seed, epoch, index, 1 + k])
-                images.append(transforms.train_transform(img, self.image_size, rng,
-                                                         **self.augment))
-        sentence = record["sentence"]
-        if self.train and np.random.default_rng([self.seed, epoch, index, 0]).random() < 0.5:
-            images, sentence = images[::-1], swap_left_right(sentence)
-        ids, mask = tokenizer.get_tokenizer().encode([sentence], max_length=self.max_tokens,
-                                                     pad_to=self.max_tokens)
-        return {"images": np.stack(images).astype(np.float32), "text_ids": ids[0],
-                "text_mask": mask[0], "label": np.int32(record["label"]),
-                "idx": np.int32(index)}
-
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        index = int(index)
-        try:
-            return self.load(index, position // self.epoch_length)
-        except BadRecord as e:
-            logger.warning("skipping NLVR2 record %d (%s): %s", index, e.reason, e)
-            return {pipeline._SKIP_KEY: e.reason}
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            logger.warning("skipping NLVR2 record %d (bad_record): %r", index, e)
-            return {pipeline._SKIP_KEY: "bad_record"}
-
-
-def _augment(input_cfg) -> dict | None:
-    aug = input_cfg.get("augment")
-    if aug is None or not aug.get("enabled"):
-        return None
-    return {**pipeline.DEFAULT_AUGMENT, **{k: v for k, v in aug.items() if k != "enabled"}}
+def to_example(record: Any, rng: pipeline.RecordRng, *, image_size: int, max_tokens: int,
+               augment: dict | None, train: bool) -> dict[str, Any]:
+    """One NLVR2 record -> {images float32[2, R, R, 3], text_ids, text_mask, label} (module
+    docstring): image k augmented with stream 1 + k of `rng`, the swap drawn from stream 0
+    (training only). Raises BadRecord."""
+    paths = record.get("images") if isinstance(record, dict) else None
+    if not (isinstance(paths, (list, tuple)) and len(paths) == 2):
+        raise BadRecord("bad_record", f"NLVR2 record needs two images, got {paths!r:.80}")
+    images = []
+    for k, path in enumerate(paths):
+        img = transforms.decode_image(path)
+        if augment is None:
+            images.append(transforms.eval_transform(img, image_size))
+        else:
+            images.append(transforms.train_transform(img, image_size, rng.stream(1 + k),
+                                                     **augment))
+    sentence = record["sentence"]
+    if train and rng.stream(0).random() < 0.5:
+        images, sentence = images[::-1], swap_left_right(sentence)
+    ids, mask = tokenizer.get_tokenizer().encode([sentence], max_length=max_tokens,
+                                                 pad_to=max_tokens)
+    return {"images": np.stack(images).astype(np.float32), "text_ids": ids[0],
+            "text_mask": mask[0], "label": np.int32(record["label"])}
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    batch = pipeline.process_batch_size(inp, process_count)
-    src = source(config, "train")
-    n = len(src)
-    per_shard = n // process_count
-    if per_shard < batch:
-        raise ValueError(f"{n} NLVR2 records over {process_count} processes give {per_shard} "
-                         f"per process, fewer than the batch of {batch}")
-    ds = grain.MapDataset.range(n).shuffle(seed=int(inp.shuffle_seed))
-    ds = ds[process_index:per_shard * process_count:process_count].repeat(None)
-    ds = ds.map_with_index(_NLVR2Record(
-        src, image_size=config.model.image_size, max_tokens=int(inp.max_tokens),
-        seed=int(inp.shuffle_seed), augment=_augment(inp), epoch_length=per_shard, train=True))
-    it_ds = pipeline.batched(ds, batch, drop_remainder=True,
-                             workers=int(inp.get("workers", 0)),
-                             max_skip_rate=float(inp.max_skip_rate))
-    return iter(it_ds), n
+    fn = functools.partial(to_example, image_size=config.model.image_size,
+                           max_tokens=int(inp.max_tokens), train=True,
+                           augment=pipeline.augment_options(inp.get("augment"),
+                                                            pipeline.DEFAULT_AUGMENT))
+    return pipeline.train_batches(inp, source(config, "train"), fn, process_index,
+                                  process_count, what="NLVR2")
 
 
 def _eval_source(config, ecfg) -> RecordSource:
@@ -187,37 +148,17 @@ def eval_records(config, ecfg) -> list[dict]:
     return list(_eval_source(config, ecfg).records)
 
 
-def eval_batches(config, ecfg, process_index: int = 0, process_count: int = 1
-                 ) -> Iterator[dict]:
-    """This process's rows of every global eval batch of `ecfg.batch_size` (global), in
-    record order; the last batch is padded with copies of its last record (valid = 0).
+def eval_batches(config, src, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """This process's rows of every global eval batch of `batch_size` (global) of the records
+    `src` (`eval_records`), in order; the last batch is padded with copies of its last record
+    (valid = 0).
 
     Raises:
       DataError: a record's image cannot be read (evaluation covers every record).
     """
-    src = _eval_source(config, ecfg)
-    bs = int(ecfg.batch_size)
-    if bs % process_count:
-        raise ValueError(f"eval batch_size {bs} is not divisible by the {process_count} "
-                         "processes")
-    local = bs // process_count
-    rec = _NLVR2Record(src, image_size=config.model.image_size,
-                       max_tokens=int(config.input.max_tokens), seed=0, augment=None,
-                       epoch_length=len(src), train=False)
-
-    def load(i: int) -> dict:
-        try:
-            return rec.load(i)
-        except BadRecord as e:
-            raise DataError(f"NLVR2 eval record {i} ({src[i].get('images')}): {e}") from e
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for start in range(0, len(src), bs):
-            rows = list(range(start, min(start + bs, len(src))))
-            valid = [1] * len(rows) + [0] * (bs - len(rows))
-            rows += [rows[-1]] * (bs - len(rows))
-            mine = slice(process_index * local, (process_index + 1) * local)
-            examples = list(pool.map(load, rows[mine]))
-            batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-            batch["valid"] = np.asarray(valid[mine], np.int32)
-            yield batch
+    fn = functools.partial(to_example, image_size=config.model.image_size,
+                           max_tokens=int(config.input.max_tokens), augment=None, train=False)
+    return eval_loader.batches(src, fn, batch_size=batch_size, process_index=process_index,
+                               process_count=process_count, bad="raise", pad="last",
+                               what="NLVR2")

@@ -20,8 +20,8 @@ one image share it), idx int32[B] (record index).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from mplug_jax.data import pipeline
+from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import retrieval as retrieval_format
+from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.synthetic import retrieval as synthetic_retrieval
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
-from mplug_jax.data.pipeline import pretrain_dataset
 from mplug_jax.data.formats.base import RecordSource, read_annotations
 from mplug_jax.data.ops.image import BadRecord, DataError
 
@@ -162,32 +162,21 @@ def read_eval(files, image_root: str, max_skip_rate: float = 0.01) -> EvalSplit:
     return EvalSplit(images, keys, texts, np.asarray(txt2img, np.int64), img2txt, skipped)
 
 
-class _AddImageIndex:
-    """Batch map: record index -> the record's image_index (main process, a table lookup)."""
-
-    def __init__(self, image_index: np.ndarray):
-        self.image_index = image_index
-
-    def __call__(self, batch: dict) -> dict:
-        idx = np.asarray(batch["idx"])
-        return {**batch, "image_index": self.image_index[idx].astype(np.int32)}
+def to_example(record: dict, rng: pipeline.RecordRng, **options) -> dict[str, Any]:
+    """One train record -> the image-caption example of `pretrain_input.to_example` (`options`
+    there) plus its image_index int32."""
+    out = pretrain_input.to_example(record, rng, **options)
+    out["image_index"] = np.int32(record["image_index"])
+    return out
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    batch_size = pipeline.process_batch_size(inp, process_count)
     src = train_source(inp, config.model.image_size, config.seed)
-    image_index = np.asarray([r["image_index"] for r in src.records], np.int32)
-    aug = inp.augment
-    augment = {k: v for k, v in aug.items() if k != "enabled"} if aug.enabled else None
-    ds = pretrain_dataset(src, image_size=config.model.image_size,
-                          batch_size=batch_size, max_words=MAX_WORDS,
-                          max_tokens=int(inp.max_tokens), seed=inp.shuffle_seed, train=True,
-                          augment=augment, workers=int(inp.workers),
-                          shard_index=process_index, shard_count=process_count,
-                          max_skip_rate=inp.max_skip_rate)
-    return iter(ds.map(_AddImageIndex(image_index))), len(src)
+    options = pretrain_input.input_example_fn(inp, config.model.image_size, MAX_WORDS).keywords
+    return pipeline.train_batches(inp, src, functools.partial(to_example, **options),
+                                  process_index, process_count)
 
 
 def encode_texts(texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,5 +193,5 @@ def load_images(paths: list[str], image_size: int, threads: int = 8) -> np.ndarr
         except BadRecord as e:
             raise DataError(f"retrieval eval image {path}: {e.reason}: {e}") from e
 
-    with concurrent.futures.ThreadPoolExecutor(threads) as ex:
-        return np.stack(list(ex.map(one, paths))).astype(np.float32)
+    return np.stack(list(eval_loader.ordered_map(one, paths, threads, len(paths)))).astype(
+        np.float32)

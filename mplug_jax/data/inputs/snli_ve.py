@@ -40,16 +40,15 @@ processes with different batches).
 """
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import logging
 import os
 import tempfile
 from typing import Any, Iterator
 
-import grain
 import numpy as np
 
-from mplug_jax.data import pipeline
+from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import snli_ve as snli_ve_format
 from mplug_jax.data.formats import snli_ve_jsonl
 from mplug_jax.data.formats.base import RecordSource
@@ -171,64 +170,44 @@ def encode(records: list[dict], max_tokens: int, premise: bool
     return encode_text([r["sentence"] for r in records], max_tokens)
 
 
-class _Record:
-    """(position, index) -> processed train example; picklable for grain worker processes."""
+def to_example(record: Any, rng: pipeline.RecordRng, *, image_size: int, max_tokens: int,
+               augment: dict | None, premise: bool) -> dict[str, Any]:
+    """One SNLI-VE record -> {image float32[R, R, 3], text_ids, text_mask, label} (and `idx`
+    when the record carries one: the evaluation records); the image augmented with stream 1 of
+    `rng`; text by `encode`. Raises BadRecord (an image that does not decode: 'bad_image')."""
+    try:
+        img = transforms.decode_image(record["image"])
+        if augment is None:
+            image = transforms.eval_transform(img, image_size)
+        else:
+            image = transforms.train_transform(img, image_size, rng.stream(1), **augment)
+    except BadRecord:
+        raise
+    except (OSError, ValueError) as e:
+        raise BadRecord("bad_image", repr(e)) from e
+    ids, mask = encode([record], max_tokens, premise)
+    out = {"image": image.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
+           "label": np.int32(record["label"])}
+    if "idx" in record:
+        out["idx"] = np.int32(record["idx"])
+    return out
 
-    def __init__(self, src, *, image_size: int, max_tokens: int, seed: int,
-                 augment: dict | None, epoch_length: int, premise: bool):
-        self.src, self.image_size, self.max_tokens = src, image_size, max_tokens
-        self.premise = premise
-        self.seed, self.augment, self.epoch_length = seed, augment, epoch_length
 
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        index = int(index)
-        epoch = position // max(self.epoch_length, 1)
-        record = self.src[index]
-        try:
-            img = transforms.decode_image(record["image"])
-            if self.augment is None:
-                image = transforms.eval_transform(img, self.image_size)
-            else:
-                rng = np.random.default_rng([self.seed, epoch, index, 1])
-                image = transforms.train_transform(img, self.image_size, rng, **self.augment)
-        except BadRecord as e:
-            logger.warning("skipping SNLI-VE record %d (%s) %s: %s", index, e.reason,
-                           record["image"], e)
-            return {pipeline._SKIP_KEY: e.reason}
-        except (OSError, ValueError) as e:
-            logger.warning("skipping SNLI-VE record %d (bad_image) %s: %r", index,
-                           record["image"], e)
-            return {pipeline._SKIP_KEY: "bad_image"}
-        ids, mask = encode([record], self.max_tokens, self.premise)
-        return {"image": image.astype(np.float32), "text_ids": ids[0], "text_mask": mask[0],
-                "label": np.int32(record["label"]), "idx": np.int32(index)}
+def example_fn(config, train: bool):
+    """`to_example` with the options of `config` bound (picklable; augmentation when `train`
+    and `input.augment.enabled`)."""
+    aug = config.input.get("augment") if train else None
+    return functools.partial(to_example, image_size=int(config.model.image_size),
+                             max_tokens=int(config.input.max_text_tokens),
+                             augment=pipeline.augment_options(aug, pipeline.DEFAULT_AUGMENT),
+                             premise=premise_on(config))
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
-    inp = config.input
-    batch = pipeline.process_batch_size(inp, process_count)
-    src = source(config, "train")
-    n = len(src)
-    per_shard = n // process_count
-    if per_shard < batch:
-        raise ValueError(f"{n} SNLI-VE train records over {process_count} processes give "
-                         f"{per_shard} per process, fewer than the batch of {batch}")
-    augment = None
-    aug = inp.get("augment")
-    if aug is not None and aug.get("enabled"):
-        augment = {**pipeline.DEFAULT_AUGMENT, **{k: v for k, v in aug.items()
-                                                  if k != "enabled"}}
-    ds = grain.MapDataset.range(n).shuffle(seed=int(inp.shuffle_seed))
-    ds = ds[process_index:per_shard * process_count:process_count].repeat(None)
-    ds = ds.map_with_index(_Record(src, image_size=int(config.model.image_size),
-                                   max_tokens=int(inp.max_text_tokens),
-                                   seed=int(inp.shuffle_seed), augment=augment,
-                                   epoch_length=per_shard, premise=premise_on(config)))
-    it_ds = pipeline.batched(ds, batch, drop_remainder=True,
-                             workers=int(inp.get("workers", 0)),
-                             max_skip_rate=float(inp.max_skip_rate))
-    return iter(it_ds), n
+    return pipeline.train_batches(config.input, source(config, "train"),
+                                  example_fn(config, True), process_index, process_count,
+                                  what="SNLI-VE")
 
 
 def eval_records(config, ecfg) -> list[dict]:
@@ -260,37 +239,12 @@ def eval_records(config, ecfg) -> list[dict]:
     return out
 
 
-def _eval_image(record: dict, image_size: int) -> np.ndarray:
-    try:
-        return transforms.eval_transform(transforms.decode_image(record["image"]), image_size)
-    except (BadRecord, OSError, ValueError) as e:
-        raise DataError(f"SNLI-VE evaluation image {record['image']} (record {record['idx']}) "
-                        f"cannot be read: {e}") from e
-
-
-def eval_batches(config, ecfg, process_index: int = 0, process_count: int = 1
-                 ) -> Iterator[dict]:
-    """This process's rows of every evaluation batch, in order (see module docstring):
-    image float32[b, R, R, 3], text_ids / text_mask int32[b, L], label / valid / idx int32[b],
-    b = ecfg.batch_size / process_count. Same number of batches on every process."""
-    batch = int(ecfg["batch_size"])
-    if batch % process_count:
-        raise ValueError(f"eval batch_size {batch} is not divisible by the {process_count} "
-                         "processes")
-    records = eval_records(config, ecfg)
-    local = batch // process_count
-    size, lt = int(config.model.image_size), int(config.input.max_text_tokens)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for start in range(0, len(records), batch):
-            rows = list(range(start, min(start + batch, len(records))))
-            valid = [1] * len(rows) + [0] * (batch - len(rows))
-            rows += [rows[0]] * (batch - len(rows))
-            mine = slice(process_index * local, (process_index + 1) * local)
-            recs = [records[i] for i in rows[mine]]
-            ids, mask = encode(recs, lt, premise_on(config))
-            images = list(pool.map(lambda r: _eval_image(r, size), recs))
-            yield {"image": np.stack(images).astype(np.float32), "text_ids": ids,
-                   "text_mask": mask,
-                   "label": np.asarray([r["label"] for r in recs], np.int32),
-                   "valid": np.asarray(valid[mine], np.int32),
-                   "idx": np.asarray([r["idx"] for r in recs], np.int32)}
+def eval_batches(config, src, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """This process's rows of every evaluation batch of the records `src` (`eval_records`), in
+    order (see module docstring): image float32[b, R, R, 3], text_ids / text_mask int32[b, L],
+    label / valid / idx int32[b], b = batch_size / process_count. Same number of batches on
+    every process."""
+    return eval_loader.batches(src, example_fn(config, False), batch_size=batch_size,
+                               process_index=process_index, process_count=process_count,
+                               bad="raise", pad="first", what="SNLI-VE")

@@ -17,17 +17,17 @@ Batch (B = batch_size; the last batch is padded by repeating its last real row):
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from mplug_jax.data import eval_loader
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops import video
-from mplug_jax.data.ops.image import BadRecord, SKIP_REASONS
+from mplug_jax.data.ops.image import SKIP_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,12 @@ class VideoEval:
         self.skipped_ids: list[str] = []
 
     @classmethod
-    def from_eval_block(cls, source: Sequence[dict], ecfg, config, name: str,
-                        **kwargs) -> "VideoEval":
-        """The batches an eval block asks for: `ecfg.num_frames` frames at the model's
-        resolution, `ecfg.batch_size` videos, and `workers` / `limit` / `log_every` /
-        `resize` from the block when set; `kwargs` (text_fields, text_prep) pass through."""
+    def from_eval_block(cls, ecfg, config, fmt: str, name: str, **kwargs) -> "VideoEval":
+        """The batches an eval block asks for: the records of `eval_source(ecfg, fmt,
+        config.seed)` (kept as `.source`), `ecfg.num_frames` frames at the model's resolution,
+        `ecfg.batch_size` videos, and `workers` / `limit` / `log_every` / `resize` from the
+        block when set; `kwargs` (text_fields, text_prep) pass through."""
+        source = eval_source(ecfg, fmt, int(config.seed))
         return cls(source, num_frames=int(ecfg.num_frames), image_size=config.model.image_size,
                    batch_size=int(ecfg.batch_size), workers=int(ecfg.get("workers", 4)),
                    limit=int(ecfg.get("limit", 0) or 0),
@@ -115,55 +116,35 @@ class VideoEval:
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def _load(self, i: int) -> np.ndarray | BadRecord:
-        try:
-            return load_clip(self.source[i]["video"], self.num_frames, self.image_size,
-                             self.resize)
-        except BadRecord as e:
-            return e
-
-    def _skip(self, i: int, err: BadRecord) -> None:
-        vid = str(self.source[i].get("video_id", i))
-        self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1
-        self.skipped_ids.append(vid)
-        logger.warning("%s: skipping video %s (%s): %s", self.name, vid, err.reason, err)
-
-    def _batch(self, rows: list[tuple[int, np.ndarray]]) -> dict:
-        real = len(rows)
-        rows = rows + [rows[-1]] * (self.batch_size - real)
-        idx = np.asarray([i for i, _ in rows], np.int32)
-        out = {"frames": np.stack([f for _, f in rows]), "idx": idx,
-               "valid": np.arange(self.batch_size) < real}
+    def to_example(self, record: dict, rng=None) -> dict:
+        """One video record -> {frames float32[T, R, R, 3], `<field>_ids` / `_mask` int32[L]
+        of every text field}; raises BadRecord for an unusable video."""
+        out = {"frames": load_clip(record["video"], self.num_frames, self.image_size,
+                                   self.resize)}
         tok = tokenizer.get_tokenizer()
         for field, length in self.text_fields.items():
             prep = self.text_prep.get(field, str)
-            texts = [prep(self.source[int(i)][field]) for i in idx]
-            out[f"{field}_ids"], out[f"{field}_mask"] = tok.encode(texts, max_length=length,
-                                                                   pad_to=length)
+            ids, mask = tok.encode([prep(record[field])], max_length=length, pad_to=length)
+            out[f"{field}_ids"], out[f"{field}_mask"] = ids[0], mask[0]
         return out
 
     def __iter__(self) -> Iterator[dict]:
-        """Batches in source order; resets the skip counts (each pass counts afresh)."""
-        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
-        self.skipped_ids = []
+        """Batches in source order (`eval_loader.batches`, unusable videos skipped, the last
+        batch padded); resets the skip counts (each pass counts afresh)."""
+        counts = eval_loader.SkipCounts()
+        self.skipped, self.skipped_ids = counts.skipped, counts.ids
         total = -(-self.n // self.batch_size)
-        t0, done, rows = time.perf_counter(), 0, []
+        t0 = time.perf_counter()
         # Decoded a window at a time: memory stays bounded whatever the number of videos.
-        window = 2 * max(self.batch_size, self.workers)
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            for start in range(0, self.n, window):
-                stop = min(self.n, start + window)
-                for i, clip in zip(range(start, stop), pool.map(self._load, range(start, stop))):
-                    if isinstance(clip, BadRecord):
-                        self._skip(i, clip)
-                    else:
-                        rows.append((i, clip))
-                    if len(rows) == self.batch_size or (i == self.n - 1 and rows):
-                        done += 1
-                        yield self._batch(rows)
-                        rows = []
-                        if self.log_every and done % self.log_every == 0:
-                            print(progress(f"{self.name}: batch", done, total, t0), flush=True)
+        for done, batch in enumerate(eval_loader.batches(
+                eval_loader.Head(self.source, self.n), self.to_example, batch_size=self.batch_size,
+                bad="skip", pad="last", threads=self.workers,
+                window=2 * max(self.batch_size, self.workers), what=self.name, stats=counts,
+                id_key="video_id"), 1):
+            batch["valid"] = batch["valid"].astype(bool)
+            yield batch
+            if self.log_every and done % self.log_every == 0:
+                print(progress(f"{self.name}: batch", done, total, t0), flush=True)
         if self.num_skipped:
             logger.warning("%s: skipped %d of %d videos: %s", self.name, self.num_skipped,
                            self.n, ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v))

@@ -13,7 +13,7 @@ heaviest (ties: first seen) and the others are counted in `answers_dropped` (and
 
 Train batch (per process, B rows):
   image float32[B, R, R, 3] (uint8 with `input.image_dtype='uint8'`, normalised on the device;
-  `input.reduced_decode`: see `pipeline.pretrain_dataset`);
+  `input.reduced_decode`: see `pipeline.process_image`);
   question_ids / question_mask int32[B, Lq];
   answer_ids / answer_mask int32[B, A, La] ([CLS] answer [SEP], right-padded);
   answer_weights float32[B, A]; answers_dropped int32[B]; idx int32[B] (source index).
@@ -23,14 +23,16 @@ official evaluation pads to the longest question of the batch without truncating
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import numpy as np
 
-from mplug_jax.data import pipeline
+from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import vqa as vqa_format
+from mplug_jax.data.inputs import json_annotations
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.synthetic.shapes import SyntheticVQA
 from mplug_jax.data.ops.image import BadRecord
@@ -47,16 +49,13 @@ def source(input_cfg, split: str, size: int, image_size: int, seed: int):
     if kind == "synthetic":
         return SyntheticVQA(split, size, image_size=image_size, seed=seed)
     if kind == "json":
-        key = "annotations" if split == "train" else "eval_annotations"
-        files = input_cfg.get(key)
-        if not files:
-            raise ValueError(f"input.dataset='json' needs input.{key} (official VQA json files)")
+        files = json_annotations(input_cfg, split, "official VQA json files")
         roots = dict(input_cfg.get("roots") or {})
         if not roots:
             raise ValueError("input.dataset='json' needs input.roots = {dataset tag: image "
                              "folder}, e.g. {'vqa': 'coco_2014/', 'vg': 'visual_genome/'}")
-        return vqa_format.read(list(files), roots, train=split == "train",
-                               max_skip_rate=input_cfg.max_skip_rate)
+        return vqa_format.read(files, roots, train=split == "train",
+                           max_skip_rate=input_cfg.max_skip_rate)
     raise ValueError(f"unknown input.dataset {kind!r}; valid: {', '.join(DATASETS)}")
 
 
@@ -92,116 +91,90 @@ def encode_answers(answers: list[str], max_answers: int, max_tokens: int
     return ids, mask
 
 
-class _VQARecord:
-    """(position, index) -> processed example; picklable for grain worker processes."""
+_warned_answers = [False]  # "more answers than task.max_answers" is logged once per process
 
-    def __init__(self, source, *, image_size: int, max_question_tokens: int,
-                 max_answer_tokens: int, max_answers: int, seed: int, augment: dict | None,
-                 epoch_length: int, add_ocr: bool, add_object: bool, train: bool,
-                 image_dtype: str = "float32", reduced_decode: bool = False):
-        self.source, self.image_size, self.seed, self.augment = source, image_size, seed, augment
-        self.lq, self.la, self.na = max_question_tokens, max_answer_tokens, max_answers
-        self.epoch_length, self.add_ocr, self.add_object = epoch_length, add_ocr, add_object
-        self.train, self.image_dtype, self.reduced_decode = train, image_dtype, reduced_decode
-        self._warned = False
 
-    def __call__(self, position: int, index: int) -> dict[str, Any]:
-        epoch = position // max(self.epoch_length, 1)
-        index = int(index)
-        record = None
-        try:
-            record = self.source[index]
-            if not isinstance(record, dict) or "image" not in record or "question" not in record:
-                raise BadRecord("bad_record", f"record {index} lacks 'image'/'question'")
-            question = vqa_format.question_text(record, self.add_ocr, self.add_object)
-            image = pipeline.process_image(
-                record["image"], self.image_size,
-                np.random.default_rng([self.seed, epoch, index, 1]), augment=self.augment,
-                image_dtype=self.image_dtype, reduced_decode=self.reduced_decode)
-            if self.train:
-                if "answers" in record:  # parsed by formats.vqa.read
-                    answers, weights = record["answers"], record["weights"]
-                else:  # raw official format (the synthetic records)
-                    answers, weights = vqa_format.answer_weights(record)
-        except BadRecord as e:
-            logger.warning("skipping VQA record %d (%s): %s", index, e.reason, e)
-            return {pipeline._SKIP_KEY: e.reason}
-        except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            logger.warning("skipping VQA record %d (bad_record): %r", index, e)
-            return {pipeline._SKIP_KEY: "bad_record"}
-        q_ids, q_mask = tokenizer.get_tokenizer().encode([question], max_length=self.lq,
-                                                         pad_to=self.lq)
-        out = {"image": image, "question_ids": q_ids[0],
-               "question_mask": q_mask[0], "idx": np.int32(index)}
-        if self.train:
-            answers, weights, dropped = select_answers(list(answers), list(weights), self.na)
-            if dropped and not self._warned:
-                self._warned = True
-                logger.warning(
-                    "question %s has %d distinct answers, more than task.max_answers=%d: the "
-                    "lightest are dropped (counted in train/answers_dropped_total; warned once)",
-                    record.get("question_id", index), len(answers) + dropped, self.na)
-            a_ids, a_mask = encode_answers(answers, self.na, self.la)
-            w = np.zeros((self.na,), np.float32)
-            w[:len(weights)] = weights
-            out.update(answer_ids=a_ids, answer_mask=a_mask, answer_weights=w,
-                       answers_dropped=np.int32(dropped))
-        return out
+def to_example(record: Any, rng: pipeline.RecordRng, *, image_size: int,
+               max_question_tokens: int, max_answer_tokens: int, max_answers: int,
+               augment: dict | None, add_ocr: bool, add_object: bool, train: bool,
+               image_dtype: str = "float32", reduced_decode: bool = False) -> dict[str, Any]:
+    """One VQA record -> example (module docstring; answers only when `train`); the image is
+    drawn from stream 1 of `rng`. Raises BadRecord."""
+    if not isinstance(record, dict) or "image" not in record or "question" not in record:
+        raise BadRecord("bad_record", "record lacks 'image'/'question'")
+    question = vqa_format.question_text(record, add_ocr, add_object)
+    image = pipeline.process_image(record["image"], image_size, rng.stream(1), augment=augment,
+                                   image_dtype=image_dtype, reduced_decode=reduced_decode)
+    if train:
+        if "answers" in record:  # parsed by formats.vqa.read
+            answers, weights = record["answers"], record["weights"]
+        else:  # raw official format (the synthetic records)
+            answers, weights = vqa_format.answer_weights(record)
+    lq = max_question_tokens
+    q_ids, q_mask = tokenizer.get_tokenizer().encode([question], max_length=lq, pad_to=lq)
+    out = {"image": image, "question_ids": q_ids[0], "question_mask": q_mask[0]}
+    if train:
+        answers, weights, dropped = select_answers(list(answers), list(weights), max_answers)
+        if dropped and not _warned_answers[0]:
+            _warned_answers[0] = True
+            logger.warning(
+                "question %s has %d distinct answers, more than task.max_answers=%d: the "
+                "lightest are dropped (counted in train/answers_dropped_total; warned once)",
+                record.get("question_id", rng.index), len(answers) + dropped, max_answers)
+        a_ids, a_mask = encode_answers(answers, max_answers, max_answer_tokens)
+        w = np.zeros((max_answers,), np.float32)
+        w[:len(weights)] = weights
+        out.update(answer_ids=a_ids, answer_mask=a_mask, answer_weights=w,
+                   answers_dropped=np.int32(dropped))
+    return out
+
+
+def example_fn(input_cfg, *, image_size: int, max_answers: int, train: bool):
+    """`to_example` with the options of `input_cfg` bound (picklable); augmentation (when
+    `input.augment.enabled`), uint8 images and reduced decoding are training options."""
+    return functools.partial(
+        to_example, image_size=image_size, max_answers=max_answers, train=train,
+        max_question_tokens=int(input_cfg.max_question_tokens),
+        max_answer_tokens=int(input_cfg.max_answer_tokens),
+        augment=pipeline.augment_options(input_cfg.get("augment"), pipeline.DEFAULT_AUGMENT)
+        if train else None,
+        add_ocr=bool(input_cfg.get("add_ocr", False)),
+        add_object=bool(input_cfg.get("add_object", False)),
+        image_dtype=pipeline.check_image_dtype(input_cfg.get("image_dtype", "float32"))
+        if train else "float32",
+        reduced_decode=train and bool(input_cfg.get("reduced_decode", False)))
 
 
 def dataset(src, input_cfg, *, image_size: int, max_answers: int, batch_size: int,
             train: bool, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
             num_epochs: int | None = None, drop_remainder: bool = True,
             shuffle: bool | None = None) -> grain.IterDataset:
-    """Batches of `src` (see module docstring); checkpointable iterator (grain state plus skip
-    counters). `train`: answer targets, per-process shards, and augmentation when
-    `input.augment.enabled`; `shuffle` (default = `train`): a new order every epoch."""
-    n = len(src)
-    per_shard = n // shard_count
-    if train and per_shard < batch_size:
-        raise ValueError(f"{n} VQA records over {shard_count} processes give {per_shard} per "
-                         f"process, fewer than the batch of {batch_size}")
-    augment = None
-    aug = input_cfg.get("augment")
-    if train and aug is not None and aug.get("enabled"):
-        augment = {**pipeline.DEFAULT_AUGMENT,
-                   **{k: v for k, v in aug.items() if k != "enabled"}}
-    # uint8 images and reduced decoding are options of the training batches only.
-    image_dtype = pipeline.check_image_dtype(input_cfg.get("image_dtype", "float32")) \
-        if train else "float32"
-    ds = grain.MapDataset.range(n)
-    if train if shuffle is None else shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds[shard_index:per_shard * shard_count:shard_count] if train else ds
-    ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_VQARecord(
-        src, image_size=image_size, max_question_tokens=int(input_cfg.max_question_tokens),
-        max_answer_tokens=int(input_cfg.max_answer_tokens), max_answers=max_answers, seed=seed,
-        augment=augment, epoch_length=per_shard if train else n,
-        add_ocr=bool(input_cfg.get("add_ocr", False)),
-        add_object=bool(input_cfg.get("add_object", False)), train=train,
-        image_dtype=image_dtype, reduced_decode=train and bool(input_cfg.get("reduced_decode",
-                                                                              False))))
-    return pipeline.batched(ds, batch_size, drop_remainder=drop_remainder,
-                            workers=int(input_cfg.get("workers", 0)) if train else 0,
-                            max_skip_rate=input_cfg.max_skip_rate)
+    """Batches of `src` (see module docstring) by `pipeline.dataset`. `train`: answer targets,
+    per-process shards, and augmentation when `input.augment.enabled`; `shuffle` (default =
+    `train`): a new order every epoch."""
+    return pipeline.dataset(
+        src, example_fn(input_cfg, image_size=image_size, max_answers=max_answers, train=train),
+        batch_size=batch_size, seed=seed, shuffle=train if shuffle is None else shuffle,
+        shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+        drop_remainder=drop_remainder, workers=int(input_cfg.get("workers", 0)) if train else 0,
+        max_skip_rate=input_cfg.max_skip_rate, what="VQA")
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's train batches, records per epoch)."""
     inp = config.input
-    batch_size = pipeline.process_batch_size(inp, process_count)
     src = source(inp, "train", inp.train_size, config.model.image_size, config.seed)
-    ds = dataset(src, inp, image_size=config.model.image_size,
-                 max_answers=int(config.task.max_answers),
-                 batch_size=batch_size, train=True,
-                 seed=inp.shuffle_seed, shard_index=process_index, shard_count=process_count)
-    return iter(ds), len(src)
+    fn = example_fn(inp, image_size=config.model.image_size,
+                    max_answers=int(config.task.max_answers), train=True)
+    return pipeline.train_batches(inp, src, fn, process_index, process_count, what="VQA")
 
 
-def eval_batches(src, input_cfg, image_size: int, batch_size: int) -> list[dict]:
-    """Every record of `src` in order, in batches of `batch_size` (the last one may be
-    shorter; the evaluator pads it)."""
-    ds = dataset(src, input_cfg, image_size=image_size, max_answers=1, batch_size=batch_size,
-                 train=False, num_epochs=1, drop_remainder=False)
-    return list(ds)
+def eval_batches(config, src, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Every usable record of `src` in order (`eval_loader.batches`; unusable records skipped
+    and logged), in batches of `batch_size` (the last one may be shorter; the evaluator pads
+    it): image, question_ids, question_mask, idx."""
+    fn = example_fn(config.input, image_size=config.model.image_size, max_answers=1,
+                    train=False)
+    return eval_loader.batches(src, fn, batch_size=batch_size, process_index=process_index,
+                               process_count=process_count, bad="skip", pad=None, what="VQA")
