@@ -18,7 +18,8 @@ back as a list of T uint8[H, W, 3] arrays of one size (``np.stack`` gives uint8[
 Unreadable videos are skipped and counted like bad images.
 
 Read back with :func:`load_prepared` (``tfds.builder_from_directory(...).as_data_source()``); a
-split can be fed straight to :func:`mplug_jax.data.inputs.pretrain.dataset`. TensorFlow is never imported.
+split can be fed straight to :func:`mplug_jax.data.inputs.pretrain.dataset`. TensorFlow is never
+imported.
 """
 from __future__ import annotations
 
