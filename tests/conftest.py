@@ -16,17 +16,21 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-# One persistent JAX compilation cache for the whole test run, in a fresh tmp directory: made
+# Optional: one persistent JAX compilation cache for the whole test run, in a tmp directory made
 # by the first process (pytest itself, before it starts the xdist workers) and inherited, as
 # JAX's own environment variables, by the workers and by every subprocess a test starts (the
 # CLI leaves JAX's settings alone while MPLUG_JAX_CACHE_DIR is off). Many tests compile the same
 # tiny programs through different jit objects; from the second time on they are read back.
 # Every program is written (no compile-time or size threshold); no size limit (JAX's LRU
 # eviction takes a file lock and scans the directory on every write). The tests of the cache
-# itself pass directories of their own. MPLUG_TEST_JAX_CACHE=off: no shared cache.
+# itself pass directories of their own. Opt-in: MPLUG_TEST_JAX_CACHE=new (a fresh tmp dir,
+# removed at the end) or a directory; unset or "off": no shared cache. Off by default because a
+# worker once died with a segmentation fault inside JAX's cache write (put_executable_and_time,
+# XLA:CPU, jax 0.10.2) while two workers and subprocesses wrote the same directory.
 TEST_CACHE_ENV = "MPLUG_TEST_JAX_CACHE"
 _OWN_CACHE = None
-if TEST_CACHE_ENV not in os.environ:
+os.environ.setdefault(TEST_CACHE_ENV, "off")
+if os.environ[TEST_CACHE_ENV] == "new":
     _OWN_CACHE = os.environ[TEST_CACHE_ENV] = tempfile.mkdtemp(prefix="mplug_jax_test_cache_")
 if os.environ[TEST_CACHE_ENV] != "off":
     os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ[TEST_CACHE_ENV],
