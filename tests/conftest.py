@@ -42,7 +42,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-if os.environ[TEST_CACHE_ENV] != "off":  # in case something imported jax before this file
+if os.environ[TEST_CACHE_ENV] == "off":
+    # Not even a JAX_COMPILATION_CACHE_DIR from the caller's environment (subprocesses drop it
+    # too): a test run compiles fresh unless it opted in above.
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    jax.config.update("jax_enable_compilation_cache", False)
+else:  # in case something imported jax before this file
     jax.config.update("jax_compilation_cache_dir", os.environ[TEST_CACHE_ENV])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -20,8 +20,10 @@ set +e
 # slow files first (conftest.SLOW_FILES, kept in that order by --no-loadscope-reorder); the 15
 # slowest tests are listed at the end (where the suite's time goes).
 workers=$(python -c "import os; print(max(2, min(6, len(os.sched_getaffinity(0)))))")
+# A test (its fixtures included) that runs past MPLUG_TEST_TIMEOUT seconds fails with its stack
+# printed instead of hanging the run (pytest-timeout).
 python -m pytest -q -n "${MPLUG_TEST_WORKERS:-$workers}" --dist loadfile --no-loadscope-reorder \
-  --durations=15 "${tier[@]}" "$@" tests
+  --durations=15 --timeout="${MPLUG_TEST_TIMEOUT:-900}" "${tier[@]}" "$@" tests
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

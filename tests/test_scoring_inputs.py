@@ -155,3 +155,24 @@ def test_score_help_lists_the_tasks(capsys):
     with pytest.raises(SystemExit):
         cli.main(["score", "--help"])
     assert "{" + ",".join(scoring.TASKS) + "}" in capsys.readouterr().out
+
+
+def test_grounding_box_layouts(tmp_path, capsys):
+    """referit-style split boxes are corners (official) and can be truncated to ints as the
+    official `pull_item` does; the default reads RefCOCO's [x, y, w, h]."""
+    split = _write(tmp_path / "referit.json", [["a.jpg", 0, [2.7, 3.2, 12.9, 13.8], "dog", []]])
+    res = _write(tmp_path / "res.json", [{"id": 0, "pred_box": [2, 3, 12, 13]}])
+    G = scoring.score_file
+    assert G("grounding", res, split, corners=True, int_box=True)["miou"] == pytest.approx(1.0)
+    as_corners = G("grounding", res, split, corners=True)["miou"]
+    assert as_corners == pytest.approx(9.3 * 9.8 / (100 + 10.2 * 10.6 - 9.3 * 9.8))
+    as_xywh = G("grounding", res, split)["miou"]  # box read as 12.9 x 13.8 from (2.7, 3.2)
+    assert as_xywh < 0.5
+    base = ["score", "--task", "grounding", "--results", res, "--annotations", split]
+    assert cli.main(base + ["--boxes", "corners", "--int-box"]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(1.0)
+    assert cli.main(base) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(as_xywh)
+    vqa = ["score", "--task", "vqa", "--results", res, "--annotations", split, "--int-box"]
+    assert cli.main(vqa) == 2
+    assert "--boxes / --int-box are for --task grounding" in capsys.readouterr().err

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", required=True, help="result file (ours or the official code's)")
     s.add_argument("--annotations", required=True, help="annotation file in the official format")
     s.add_argument("--out", help="also write the metrics JSON here")
+    s.add_argument("--boxes", choices=("xywh", "corners"), help="grounding: the split file's box "
+                   "layout (default: corners for flickr tuples, else xywh; official: corners "
+                   "for referit and flickr)")
+    s.add_argument("--int-box", action="store_true", help="grounding: truncate the split's "
+                   "boxes to ints first, as the official pull_item")
     s.set_defaults(fn=runs.score)
 
     s = sub.add_parser("train", help="train: same flags as `python -m mplug_jax.main`",

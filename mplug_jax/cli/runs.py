@@ -30,7 +30,13 @@ def evaluate(args) -> int:
 def score(args) -> int:
     """`mplug-jax score`: a result file's metrics, printed as JSON."""
     from mplug_jax import scoring
-    metrics = scoring.score_file(args.task, args.results, args.annotations)
+    options = {}
+    if args.task == "grounding":
+        options = dict(int_box=args.int_box,
+                       corners=None if args.boxes is None else args.boxes == "corners")
+    elif args.boxes or args.int_box:
+        raise ValueError("--boxes / --int-box are for --task grounding")
+    metrics = scoring.score_file(args.task, args.results, args.annotations, **options)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     if args.out:
         with open(args.out, "w") as f:

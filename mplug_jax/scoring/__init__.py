@@ -24,12 +24,13 @@ def available() -> list[str]:
                   if hasattr(importlib.import_module(f"{__name__}.{m.name}"), "score_file"))
 
 
-def score_file(task: str, results: str, annotations: str) -> dict:
-    """Score result file `results` of `task` against `annotations` (official formats)."""
+def score_file(task: str, results: str, annotations: str, **options) -> dict:
+    """Score result file `results` of `task` against `annotations` (official formats);
+    `options`: keyword arguments of that task's `score_file` (e.g. grounding's `corners`)."""
     if task not in available():
         raise ValueError(f"no scorer for task {task!r}; valid: {available()}")
     module = importlib.import_module(f"{__name__}.{task}")
     for what, path in (("results", results), ("annotations", annotations)):
         if not path or not os.path.isfile(path):
             raise FileNotFoundError(f"--{what} file {path!r} does not exist")
-    return module.score_file(results, annotations)
+    return module.score_file(results, annotations, **options)

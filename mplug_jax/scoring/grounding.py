@@ -142,15 +142,19 @@ def pixel_iou(p: np.ndarray, g: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def score_file(results_path: str, annotations_path: str) -> dict:
+def score_file(results_path: str, annotations_path: str, *, corners: bool | None = None,
+               int_box: bool = False) -> dict:
     """Score a `grounding_result.json` against an official split file.
 
     Args:
       results_path: JSON list of {"id": position in the split file, "pred_box": [x1, y1, x2,
         y2] original-image pixels, ...} (what the `grounding` evaluator writes).
       annotations_path: the split file (`.pth` list of tuples, read safely, or `.json` list of
-        the same): COCO-style (file, _, [x, y, w, h], phrase, ...) or flickr (file, [x1, y1,
-        x2, y2], phrase).
+        the same): COCO-style (file, _, box, phrase, ...) or flickr (file, box, phrase).
+      corners: the split's boxes are [x1, y1, x2, y2] (official for referit and flickr) rather
+        than [x, y, w, h] (RefCOCO*); default: corners for flickr tuples only.
+      int_box: truncate the box to ints first, as the official `pull_item` does (so x2 =
+        int(x) + int(w)); the same switch as the training reader's.
     Returns:
       {'accu': Acc@0.5, 'accu_num', 'miou', 'num': boxes scored, 'num_missing': split records
       without a prediction} - IoU of the pixel boxes as given (the evaluator already clipped
@@ -176,11 +180,12 @@ def score_file(results_path: str, annotations_path: str) -> dict:
                                          f"position in {annotations_path} ({len(split)} "
                                          "records)")
         rec = split[i]
-        if len(rec) == 3:  # flickr: (file, x1y1x2y2, phrase)
-            g = [float(v) for v in rec[1]]
-        else:
-            x, y, w, h = (float(v) for v in rec[2])
-            g = [x, y, x + w, y + h]
+        flickr = len(rec) == 3  # (file, box, phrase)
+        g = [float(v) for v in (rec[1] if flickr else rec[2])]
+        if int_box:
+            g = [float(int(v)) for v in g]
+        if not (flickr if corners is None else corners):
+            g = [g[0], g[1], g[0] + g[2], g[1] + g[3]]
         p = _boxes([float(v) for v in r["pred_box"]], f"{results_path} entry {n} pred_box")
         if p[2] < p[0] or p[3] < p[1]:
             raise ValueError(f"{results_path} entry {n}: pred_box needs x2 >= x1, y2 >= y1")
