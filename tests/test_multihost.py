@@ -88,7 +88,8 @@ def _launch(workdir: pathlib.Path, stop_at: int, signalled: int, cache: pathlib.
             MPLUG_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
             # -O0 codegen (compile time on 2 cores); the resume compiles hit the cache.
             XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false",
             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         log = open(workdir.parent / f"{workdir.name}_stop{stop_at}_p{pid}.log", "w+")

@@ -17,7 +17,8 @@ def _batch(config):
     return next(it)
 
 
-@pytest.mark.parametrize("impl", sorted(rng.IMPLS))
+# The default (threefry) trains in every other test (bit-identical resume: test_trainer.py).
+@pytest.mark.parametrize("impl", sorted(set(rng.IMPLS) - {rng.DEFAULT}))
 def test_each_impl_runs_a_train_step(impl):
     config = loop_config()
     config.rng_impl = impl

@@ -51,7 +51,7 @@ EXTRA_EVALS = {"mplug2.video_qa": _video_qa_eval, "mplug2.pretrain": _pretrain2_
 
 
 def tiny_config(name: str, tmp_path):
-    """Task `name`'s `tiny` config shrunk to one train step of 8 (one per device) and one
+    """Task `name`'s `tiny` config shrunk to one train step of 8 on 2 devices and one
     eval batch of 8 per evaluator."""
     mod = config_module(name)
     try:
@@ -62,7 +62,8 @@ def tiny_config(name: str, tmp_path):
     c.log_every_steps, c.ckpt_every_steps = 1, 1000
     c.peak_flops = 1e11  # no CPU matmul measurement
     c.eval_at_start = False
-    c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+    # 2 devices: the batch-split, sharded path of every task at 0.7x the compile time of 8.
+    c.mesh.shape = dict(data=2, fsdp=1, tensor=1)
     c.init.allow_scratch = True  # fine-tuning from a pretrained model: test_init_pretrained.py
     c.model.update(LAYERS["mplug2" if name.startswith("mplug2.") else "mplug"])
     c.input.batch_size = 8

@@ -138,10 +138,11 @@ def test_video_model_from_an_image_checkpoint_equals_the_image_model(fixture_dir
     encode = jax.jit(lambda p: m.apply({"params": {"vision": p["vision"]}}, method=f))
 
     vid, img, spatial = encode(video.params)
-    # Every patch token of frame i equals the image model's token on frame i alone ...
-    np.testing.assert_allclose(vid[:, 1:].reshape(b, t, patches, -1), img[:, :, 1:], atol=2e-6)
+    # Every patch token of frame i equals the image model's token on frame i alone (float32
+    # rounding: the two programs fuse differently; 2.4e-6 seen with XLA:CPU's older emitters) ...
+    np.testing.assert_allclose(vid[:, 1:].reshape(b, t, patches, -1), img[:, :, 1:], atol=5e-6)
     # ... and the whole sequence (mean class token) equals the spatial-only encoder.
-    np.testing.assert_allclose(vid, spatial, atol=2e-6)
+    np.testing.assert_allclose(vid, spatial, atol=5e-6)
     # The fixture's trained (non-zero) temporal modules do change the output.
     vid_lt, _, spatial_lt = encode(conv.params)
     assert np.abs(np.asarray(vid_lt) - np.asarray(spatial_lt)).max() > 1e-2
