@@ -32,7 +32,12 @@ Official values (docs/official-formats.md#config-values and #optimiser-and-sched
 1e-5 / 5e-6 (visual encoder), wd 0.02, 5 epochs, 400 warm-up iterations (= 100 optimizer steps with
 accumulation 4), min lr 1e-6, 64 images/GPU x 4 GPUs x 4 accumulation = 1024 per update, targets
 truncated at 25 tokens, beam 5 / min 8 / max 25, prompt ''. SCST: lr 1e-6 for all, min lr 8e-8, 32
-(base) / 64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image.
+(base) / 64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image; and the official
+SCST's details (`task.scst`, mplug_jax/tasks/caption.py): length_norm='official' (summed
+log-prob / (generated tokens + 1)), search_dropout=True (the beam search runs in train mode),
+reward_tokenize='ptb' (Java), cider_df='batch' (CIDEr-D document frequencies from the batch's
+references). `tiny` keeps ours instead (length_norm='generated', search_dropout=False,
+reward_tokenize='simple', cider_df='train'): fast, no Java, and its dropout is 0 anyway.
 
 Learning-rate schedule: base / large (CE and SCST) use the official one
 (`optim.schedule='epoch_cosine'`, mplug_jax/optim.py): every group starts at warmup_lr 1e-5 and
@@ -94,8 +99,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              max_length=v["max_length"], alpha=0.6)
     # SCST: 'beam' = the official (K n-best of the beam search, baseline = their mean reward);
     # 'sample' = num_samples sampled captions, baseline = the greedy caption's reward.
+    # The official SCST's own choices (mplug_jax/tasks/caption.py): loss divided by the
+    # generated tokens + 1, search with dropout on, PTB-tokenised rewards, CIDEr-D document
+    # frequencies from the batch's references. tiny keeps ours (n, deterministic search,
+    # simple tokenizer, training-set frequencies): no Java, and dropout is 0 there anyway.
     c.task.scst = dict(enabled=scst, mode="beam", num_samples=0, temperature=1.0, top_k=0,
-                       top_p=1.0)
+                       top_p=1.0, length_norm="generated" if tiny else "official",
+                       search_dropout=not tiny, reward_tokenize="simple" if tiny else "ptb",
+                       cider_df="train" if tiny else "batch")
 
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'karpathy' (official files)

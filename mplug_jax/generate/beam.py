@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax.generate.decode import decode_step, full_logits, prefill
+from mplug_jax.generate.decode import decode_step, full_logits, prefill, step_key
 from mplug_jax.losses import CLS_ID, PAD_ID, SEP_ID
 
 
@@ -22,7 +22,7 @@ def beam_search(model, params, states: jax.Array, states_mask: jax.Array, *, bea
                 min_length: int = 1, max_length: int = 10, alpha: float = 0.6,
                 bos_id: int = CLS_ID, eos_id: int = SEP_ID, pad_id: int = PAD_ID,
                 return_trace: bool = False, use_cache: bool = True,
-                official: bool = True) -> dict:
+                official: bool = True, rng: jax.Array | None = None) -> dict:
     """Beam search with the key/value cache: the official mPLUG algorithm (default) or the
     standard one; jit-compatible with the keyword settings static.
 
@@ -65,6 +65,12 @@ def beam_search(model, params, states: jax.Array, states_mask: jax.Array, *, bea
       has ended), 'trace_score' / 'trace_cum_logprob' float32[S, B, K].
     use_cache=False recomputes the whole prefix at every step, as the official code (the
     reference the cached search is tested against, and the baseline of benchmarks).
+    rng: dropout key, for a search in train mode (the official SCST searches with dropout
+    on): pass a `model` built with deterministic=False (e.g. a task's `train_model`); decoder
+    call c draws its masks from `fold_in(rng, c)` (c = 0 the prefill, then the step). With the
+    cache, the keys / values of earlier positions keep the masks of the call that wrote them
+    (the uncached search redraws the whole prefix at every step, as the official). None (the
+    default): no dropout rng, the deterministic search.
     """
     b, k, steps = states.shape[0], beam_size, max_length
     if states.ndim != 3 or states.shape[:2] != states_mask.shape:
@@ -83,12 +89,14 @@ def beam_search(model, params, states: jax.Array, states_mask: jax.Array, *, bea
     first = jnp.full((b, 1), bos_id, jnp.int32)
     rep_mask = jnp.repeat(states_mask, k, axis=0)
     if use_cache:
-        logits, cache = prefill(model, params, first, states, states_mask, steps)
+        logits, cache = prefill(model, params, first, states, states_mask, steps,
+                                step_key(rng, 0))
         # Every row of an example holds the same prefix ([CLS]) and states at step 0.
         cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=1), cache)
     else:
         rep_states = jnp.repeat(states, k, axis=0)
-        logits, cache = full_logits(model, params, first, states, states_mask), None
+        logits, cache = full_logits(model, params, first, states, states_mask,
+                                    step_key(rng, 0)), None
     vocab = logits.shape[-1]
     if not official and vocab < 2 * k:
         raise ValueError(f"standard beam search needs vocab ({vocab}) >= 2 * beam_size ({k})")
@@ -186,11 +194,12 @@ def beam_search(model, params, states: jax.Array, states_mask: jax.Array, *, bea
         step = c["step"]
         if not use_cache:
             logits = full_logits(model, params, c["alive"].reshape(b * k, total), rep_states,
-                                  rep_mask)
+                                  rep_mask, step_key(rng, step))
             return advance(c, log_probs(jax.lax.dynamic_index_in_dim(logits, step, 1, False))
                            .reshape(b, k, vocab))
         tok = jax.lax.dynamic_slice_in_dim(c["alive"], step, 1, axis=2).reshape(b * k, 1)
-        logits, cache = decode_step(model, params, tok, step, c["cache"], rep_mask)
+        logits, cache = decode_step(model, params, tok, step, c["cache"], rep_mask,
+                                    rng=step_key(rng, step))
         return advance({**c, "cache": cache}, log_probs(logits[:, 0]).reshape(b, k, vocab))
 
     c = jax.lax.while_loop(cond, body, carry)

@@ -29,23 +29,36 @@ def init_cache(model, params, batch: int, length: int) -> dict:
                        method=lambda m, b, t: _decoder(m).init_cache(b, t))
 
 
+def _rngs(rng: jax.Array | None):
+    return None if rng is None else {"dropout": rng}
+
+
+def step_key(rng: jax.Array | None, call) -> jax.Array | None:
+    """The dropout key of a search's decoder call number `call` (int or int32[]): None
+    without dropout, else `fold_in(rng, call)` (fresh masks at every call)."""
+    return None if rng is None else jax.random.fold_in(rng, call)
+
+
 def decode_step(model, params, ids: jax.Array, pos, cache: dict, states_mask: jax.Array,
-                states: jax.Array | None = None, key_mask: jax.Array | None = None):
+                states: jax.Array | None = None, key_mask: jax.Array | None = None,
+                rng: jax.Array | None = None):
     """One cached decoder call: ids int32[B, L] at positions pos .. pos + L - 1
     -> (logits float32[B, L, V], cache). `states` float[B, S, D] is needed on the first call
-    (prefill) only. See `TextDecoder.decode_step`."""
+    (prefill) only. See `TextDecoder.decode_step`. `rng`: dropout key, used when `model` was
+    built with deterministic=False (see `beam_search`); None: no dropout rng."""
     return model.apply({"params": params}, ids, pos, cache, states_mask, states, key_mask,
-                       method=lambda m, *a: _decoder(m).decode_step(*a))
+                       method=lambda m, *a: _decoder(m).decode_step(*a), rngs=_rngs(rng))
 
 
 def prefill(model, params, prefix: jax.Array, states: jax.Array, states_mask: jax.Array,
-            length: int):
-    """Run the prefix int32[B, P] through a fresh cache of `length` slots.
+            length: int, rng: jax.Array | None = None):
+    """Run the prefix int32[B, P] through a fresh cache of `length` slots (`rng`: dropout key,
+    as `decode_step`).
 
     Returns (logits float32[B, P, V], cache holding positions 0 .. P-1 and the
     cross-attention keys/values of `states` float[B, S, D])."""
     cache = init_cache(model, params, prefix.shape[0], length)
-    return decode_step(model, params, prefix, 0, cache, states_mask, states)
+    return decode_step(model, params, prefix, 0, cache, states_mask, states, rng=rng)
 
 
 def check_inputs(states, states_mask, prefix, max_len):
@@ -64,7 +77,8 @@ def check_inputs(states, states_mask, prefix, max_len):
 
 def greedy(model, params, states: jax.Array, states_mask: jax.Array, max_len: int, *,
            prefix: jax.Array | None = None, min_length: int = 0, bos_id: int = CLS_ID,
-           eos_id: int = SEP_ID, pad_id: int = PAD_ID, use_cache: bool = True) -> jax.Array:
+           eos_id: int = SEP_ID, pad_id: int = PAD_ID, use_cache: bool = True,
+           rng: jax.Array | None = None) -> jax.Array:
     """Greedy decoding with the key/value cache; jit-compatible (`max_len` and the keyword
     settings static). use_cache=False re-runs the decoder on the whole buffer at every step,
     as the official code (the baseline of benchmarks/generate.py).
@@ -76,6 +90,7 @@ def greedy(model, params, states: jax.Array, states_mask: jax.Array, max_len: in
       max_len: T, length of the output buffer (prefix included).
       prefix: int32[B, P] tokens to start from, P < T, no padding; default [CLS] (bos_id).
       min_length: [eos_id] is never picked among the first `min_length` generated tokens.
+      rng: dropout key for a `model` built with deterministic=False (as `beam_search`).
     Returns:
       int32[B, T]: the prefix, the argmax tokens up to and including the first eos_id, then
       pad_id (as `tasks.pretrain.Task.greedy_decode`, which recomputes the whole prefix at
@@ -96,10 +111,11 @@ def greedy(model, params, states: jax.Array, states_mask: jax.Array, max_len: in
                 jnp.where(banned, -jnp.inf, logits[:, eos_id]))
         return jnp.argmax(logits, -1).astype(jnp.int32)
 
+    k0 = step_key(rng, 0)
     if use_cache:
-        logits, cache = prefill(model, params, prefix, states, states_mask, max_len)
+        logits, cache = prefill(model, params, prefix, states, states_mask, max_len, k0)
     else:
-        logits, cache = full_logits(model, params, prefix, states, states_mask), None
+        logits, cache = full_logits(model, params, prefix, states, states_mask, k0), None
     nxt = choose(logits[:, -1], p)
     ids = jnp.full((b, max_len), pad_id, jnp.int32).at[:, :p].set(prefix).at[:, p].set(nxt)
     done = nxt == eos_id
@@ -113,11 +129,13 @@ def greedy(model, params, states: jax.Array, states_mask: jax.Array, max_len: in
         t, ids, cache, done = carry
         if use_cache:
             tok = jax.lax.dynamic_slice_in_dim(ids, t, 1, axis=1)
-            logits, cache = decode_step(model, params, tok, t, cache, states_mask)
+            logits, cache = decode_step(model, params, tok, t, cache, states_mask,
+                                        rng=step_key(rng, t))
             logits = logits[:, 0]
         else:  # causal: the padding after t does not change the logits at t
             logits = jax.lax.dynamic_index_in_dim(
-                full_logits(model, params, ids, states, states_mask), t, 1, False)
+                full_logits(model, params, ids, states, states_mask, step_key(rng, t)), t, 1,
+                False)
         nxt = jnp.where(done, pad_id, choose(logits, t + 1)).astype(jnp.int32)
         ids = jax.lax.dynamic_update_slice_in_dim(ids, nxt[:, None], t + 1, axis=1)
         return t + 1, ids, cache, done | (nxt == eos_id)
@@ -147,7 +165,7 @@ def _restrict(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 def sample(model, params, states: jax.Array, states_mask: jax.Array, key: jax.Array, *,
            max_len: int, num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, min_length: int = 0, bos_id: int = CLS_ID, eos_id: int = SEP_ID,
-           pad_id: int = PAD_ID) -> dict:
+           pad_id: int = PAD_ID, rng: jax.Array | None = None) -> dict:
     """Ancestral sampling from [CLS] with the key/value cache (for SCST and diverse
     captions); jit-compatible with the keyword settings static, deterministic for a key.
 
@@ -160,6 +178,7 @@ def sample(model, params, states: jax.Array, states_mask: jax.Array, key: jax.Ar
       states: float[B, S, D] encoder states; states_mask: int[B, S], 1 = attend.
       key: a PRNG key.
       max_len: T, length of the output buffer ([CLS] included).
+      rng: dropout key for a `model` built with deterministic=False (as `beam_search`).
     Returns dict:
       'ids' int32[B, N, T]: [CLS], the sampled tokens up to and including eos_id, then pad_id;
       'lengths' int32[B, N]: valid lengths ([CLS] and [SEP] included);
@@ -196,7 +215,8 @@ def sample(model, params, states: jax.Array, states_mask: jax.Array, key: jax.Ar
         tok = tok.astype(jnp.int32)
         return tok, jnp.take_along_axis(plain, tok[:, None], axis=-1)[:, 0]
 
-    logits, cache = prefill(model, params, first, states, states_mask, max_len)
+    logits, cache = prefill(model, params, first, states, states_mask, max_len,
+                            step_key(rng, 0))
     cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1), cache)
     nxt, logp = draw(jnp.repeat(logits[:, -1], n, axis=0), 1, key)
     ids = jnp.full((rows, max_len), pad_id, jnp.int32).at[:, 0].set(bos_id).at[:, 1].set(nxt)
@@ -209,7 +229,8 @@ def sample(model, params, states: jax.Array, states_mask: jax.Array, key: jax.Ar
     def body(carry):
         t, ids, cache, done, total, length = carry
         tok = jax.lax.dynamic_slice_in_dim(ids, t, 1, axis=1)
-        logits, cache = decode_step(model, params, tok, t, cache, rep_mask)
+        logits, cache = decode_step(model, params, tok, t, cache, rep_mask,
+                                    rng=step_key(rng, t))
         nxt, logp = draw(logits[:, 0], t + 1, key)
         nxt = jnp.where(done, pad_id, nxt)
         ids = jax.lax.dynamic_update_slice_in_dim(ids, nxt[:, None], t + 1, axis=1)
@@ -222,11 +243,11 @@ def sample(model, params, states: jax.Array, states_mask: jax.Array, key: jax.Ar
                 logprobs=total.reshape(b, n))
 
 
-def full_logits(model, params, ids, states, states_mask):
+def full_logits(model, params, ids, states, states_mask, rng: jax.Array | None = None):
     """Uncached decoder: ids int32[R, L] (causal mask only, as the official generation),
-    states float[R, S, D] -> logits float32[R, L, V]."""
+    states float[R, S, D] -> logits float32[R, L, V] (`rng`: dropout key, as `decode_step`)."""
     return model.apply({"params": params}, ids, jnp.ones_like(ids), states, states_mask,
-                       method=lambda m, *a: _decoder(m)(*a))
+                       method=lambda m, *a: _decoder(m)(*a), rngs=_rngs(rng))
 
 
 def coordinate_greedy(model, params, states: jax.Array, states_mask: jax.Array, *,

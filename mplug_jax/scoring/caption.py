@@ -11,9 +11,11 @@ package does not do. The PTB tokenizer and METEOR are Java programs: without `ja
 raise `JavaMissingError` naming the metric.
 
 `CiderD` is the SCST reward (docs/official-formats.md#scst): the same formula with document
-frequencies from a fixed reference corpus (the *training* references) and a Python tokenizer
-instead of PTB (`simple_tokenize`: lowercase, punctuation split off and dropped; PTB also
-splits clitics such as "n't", which the shapes data and most COCO captions never contain).
+frequencies from a fixed reference corpus (the *training* references, or the batch's:
+`task.scst.cider_df`) and a Python tokenizer instead of PTB (`simple_tokenize`: lowercase,
+punctuation split off and dropped; PTB also splits clitics such as "n't", which the shapes data
+and most COCO captions never contain), or the PTB tokenizer itself (`ptb_tokenize`,
+`task.scst.reward_tokenize='ptb'`).
 """
 from __future__ import annotations
 
@@ -146,6 +148,15 @@ def _ptb(data: Mapping[int, list[str]]) -> dict[int, list[str]]:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     require_java("the PTB tokenizer of the caption metrics")
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in data.items()})
+
+
+def ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """The captions `texts` through pycocoevalcap's PTB tokenizer (Java; lowercased,
+    punctuation dropped), as the official metrics see them (space-separated tokens)."""
+    if not texts:
+        return []
+    out = _ptb({i: [str(t)] for i, t in enumerate(texts)})
+    return [out[i][0] for i in range(len(texts))]
 
 
 def evaluate(predictions: Sequence[str], references: Sequence[Sequence[str]],

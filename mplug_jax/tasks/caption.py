@@ -26,12 +26,33 @@ continuation alone, the prompt is by construction not in it.
 SCST (`task.scst.enabled`, docs/official-formats.md#scst): `prepare_batch` runs, outside the jitted
 step and without gradients, a search on the current params: 'beam' (official) keeps the K
 n-best hypotheses of the official beam search; reward = CIDEr-D of each vs the image's
-references with document frequencies from the training references (`scoring.caption.CiderD`),
+references (`scoring.caption.CiderD`; tokenizer and document frequencies: options below),
 baseline = mean reward of the image's K; 'sample': K sequences from `generate.sample`,
 baseline = the reward of the greedy caption. The step recomputes with gradients, by teacher
 forcing, score = summed log-prob of the generated tokens ([SEP] included), divided by the
 length penalty ((5 + n) / 6) ** alpha in 'beam' mode (the beam score), and minimises the mean
-over images and sequences of -(score / n) * (reward - baseline), n = generated tokens.
+over images and sequences of -(score / m) * (reward - baseline), n = generated tokens.
+
+SCST options (`task.scst`; base / large presets: the official value, tiny: ours; a field left
+out means ours; a bad value is a one-line ValueError at construction):
+  length_norm      'generated' (ours): m = n; 'official': m = n + 1 (the official counts the
+                   [CLS] start token). The beam score's length penalty keeps n in both.
+  search_dropout   False (ours): the search is deterministic (eval model); True (official,
+                   which searches in train mode): `train_model` with dropout keyed by
+                   fold_in(key, 1), key = the batch's deterministic search key (so SCST stays
+                   a function of params and batch, and resume stays bit-identical). Search
+                   outputs keep their shapes. Differences left: the cached search keeps each
+                   position's keys / values from the step that wrote them (the official
+                   recomputes the prefix, with fresh masks, at every step), and the step
+                   recomputes the log-probs with its own dropout masks (the official
+                   back-propagates through the search itself). No-op at dropout_rate 0.
+  reward_tokenize  'simple' (ours): `scoring.simple_tokenize`; 'ptb' (official): the PTB
+                   tokenizer (`scoring.ptb_tokenize`, Java; one call per batch and one for the
+                   training references).
+  cider_df         'train' (ours): CIDEr-D document frequencies (and log #documents) from the
+                   whole training set's references; 'batch' (official as far as public code
+                   shows): from the B rows' references of the batch (one document per row;
+                   the K hypotheses of a row share it), so a reward depends on the batch.
 
 Batch (CE): image float32[B, R, R, 3], dec_ids / dec_mask int32[B, L], image_index int32[B],
 idx int32[B]; SCST adds scst_ids int32[B, K, T], scst_lengths int32[B, K], scst_advantage /
@@ -55,6 +76,25 @@ from mplug_jax.sharding import replicated
 from mplug_jax.tasks import base
 
 SCST_MODES = ("beam", "sample")
+# task.scst options: (field, valid values, default when the field is absent = ours).
+SCST_OPTIONS = (("length_norm", ("generated", "official"), "generated"),
+                ("search_dropout", (False, True), False),
+                ("reward_tokenize", ("simple", "ptb"), "simple"),
+                ("cider_df", ("train", "batch"), "train"))
+
+
+def scst_options(scst) -> dict:
+    """The validated `SCST_OPTIONS` of the mapping `scst` (config `task.scst`); a bad value
+    raises a one-line ValueError naming the field and the valid values."""
+    out = {}
+    for name, valid, default in SCST_OPTIONS:
+        value = scst.get(name, default)
+        # bool options take bools only (1 == True would slip through `in`).
+        if isinstance(default, bool) != isinstance(value, bool) or value not in valid:
+            raise ValueError(f"task.scst.{name}={value!r}; valid: "
+                             f"{', '.join(repr(v) for v in valid)}")
+        out[name] = value
+    return out
 
 
 class Task(base.Task):
@@ -99,7 +139,8 @@ class Task(base.Task):
             if self.zero_shot_prompt:
                 raise ValueError("task.zero_shot_prompt is for evaluating a pretraining "
                                  "workdir; SCST trains the fine-tuned (prompt-free) decoder")
-            self._cider = None  # built on first use (reads the training references)
+            self.scst_opts = scst_options(scst)
+            self._cider = self._refs = None  # built on first use (the training references)
             self._search_fns: dict = {}
 
     # ---- input ------------------------------------------------------------------------------
@@ -187,7 +228,8 @@ class Task(base.Task):
         if self.scst_mode == "beam":
             score = score / ((5.0 + n) / 6.0) ** self.alpha
         adv = batch["scst_advantage"].reshape(-1)
-        loss = jnp.mean(-(score / n) * adv)
+        norm = n + 1.0 if self.scst_opts["length_norm"] == "official" else n
+        loss = jnp.mean(-(score / norm) * adv)
         metrics = {"loss": loss, "loss_scst": loss,
                    "scst_reward": jnp.mean(batch["scst_reward"]),
                    "scst_logprob_per_token": jnp.mean(score / n)}
@@ -195,47 +237,71 @@ class Task(base.Task):
 
     # ---- SCST rewards (host side, outside the jitted step) ----------------------------------
 
-    def cider(self) -> scoring.CiderD:
-        """The reward scorer, document frequencies from the training references."""
-        if self._cider is None:
+    def tokenize(self, texts) -> list[str]:
+        """Captions -> space-separated reward tokens (`task.scst.reward_tokenize`)."""
+        if self.scst_opts["reward_tokenize"] == "ptb":
+            return scoring.ptb_tokenize(list(texts))
+        return [scoring.simple_tokenize(t) for t in texts]
+
+    def references(self) -> list[list[str]]:
+        """The tokenised training references, one list per image (read on first use)."""
+        if self._refs is None:
             split = caption_input.load_split(self.config.input, "train",
                                              self.config.model.image_size, self.config.seed)
-            self._refs = [[scoring.simple_tokenize(r) for r in refs]
-                          for refs in split.references]
-            self._cider = scoring.CiderD(self._refs)
+            counts = [len(r) for r in split.references]
+            flat = self.tokenize([r.lower() for refs in split.references for r in refs])
+            ends = np.cumsum(counts)
+            self._refs = [flat[e - c:e] for c, e in zip(counts, ends)]
+        return self._refs
+
+    def cider(self) -> scoring.CiderD:
+        """The reward scorer with document frequencies from the training references."""
+        if self._cider is None:
+            self._cider = scoring.CiderD(self.references())
         return self._cider
 
     def _search(self, params, image, key):
-        states, smask = self.states(params, image)
+        # search_dropout: train-mode search (the official), dropout keyed off `key`; the
+        # sampling key itself stays `key`, so 'sample' draws the same tokens as before.
+        drop = jax.random.fold_in(key, 1) if self.scst_opts["search_dropout"] else None
+        model = self.model if drop is None else self.train_model
+        k_img, k_dec, k_greedy = ((None,) * 3 if drop is None else
+                                  (jax.random.fold_in(drop, i) for i in range(3)))
+        states, smask = self.states(params, image, rng=k_img)
         t = self.max_length + 1
         if self.scst_mode == "beam":
-            out = generate.beam_search(self.model, params, states, smask,
+            out = generate.beam_search(model, params, states, smask,
                                        beam_size=self.beam_size, min_length=self.min_length,
-                                       max_length=self.max_length, alpha=self.alpha)
+                                       max_length=self.max_length, alpha=self.alpha,
+                                       rng=k_dec)
             return {"ids": out["ids"], "lengths": out["lengths"]}
-        out = generate.sample(self.model, params, states, smask, key, max_len=t,
+        out = generate.sample(model, params, states, smask, key, max_len=t,
                               num_samples=self.scst_k, min_length=self.min_length,
-                              **self.sample_kw)
-        greedy = generate.greedy(self.model, params, states, smask, t,
-                                 min_length=self.min_length)
+                              rng=k_dec, **self.sample_kw)
+        greedy = generate.greedy(model, params, states, smask, t,
+                                 min_length=self.min_length, rng=k_greedy)
         return {"ids": out["ids"], "lengths": out["lengths"], "greedy": greedy}
 
     def rewards(self, ids: np.ndarray, image_index: np.ndarray,
                 greedy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(reward, advantage) float32[B, K] of generated ids int32[B, K, T] for the images
         `image_index` int[B]; baseline = mean of the K rewards, or the reward of `greedy`
-        int32[B, T] when given."""
-        cider = self.cider()
+        int32[B, T] when given. Captions tokenised by `tokenize`; CIDEr-D document
+        frequencies from the training references (cider_df 'train') or from the B rows'
+        references (cider_df 'batch': one document per row)."""
         b, k, _ = ids.shape
-        refs = [self._refs[int(i)] for i in image_index]
-        texts = [scoring.simple_tokenize(decode_text(ids[i, j], self.prompt))
-                 for i in range(b) for j in range(k)]
-        reward = cider.scores(texts, [r for r in refs for _ in range(k)]).reshape(b, k)
+        all_refs = self.references()
+        refs = [all_refs[int(i)] for i in image_index]
+        cider = self.cider() if self.scst_opts["cider_df"] == "train" else scoring.CiderD(refs)
+        texts = [decode_text(ids[i, j], self.prompt) for i in range(b) for j in range(k)]
+        if greedy is not None:
+            texts += [decode_text(x, self.prompt) for x in greedy]
+        texts = self.tokenize(texts)  # one call: PTB starts one Java process per call
+        reward = cider.scores(texts[:b * k], [r for r in refs for _ in range(k)]).reshape(b, k)
         if greedy is None:
             base_line = reward.mean(1, keepdims=True)
         else:
-            g = [scoring.simple_tokenize(decode_text(x, self.prompt)) for x in greedy]
-            base_line = cider.scores(g, refs)[:, None]
+            base_line = cider.scores(texts[b * k:], refs)[:, None]
         return reward.astype(np.float32), (reward - base_line).astype(np.float32)
 
     def prepare_batch(self, params, batch: dict) -> dict:
