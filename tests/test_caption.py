@@ -1,15 +1,18 @@
 """Captioning: CE loss, CIDEr-D, SCST loss and rewards, result files, Java errors, configs,
 zero-shot prompts (learning: tests/learning/test_learn_caption.py)."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import caption as caption_config
-from mplug_jax import trainer
+from mplug_jax import generate, trainer
 from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.ops.tokenizer import CLS_ID, SEP_ID
+from mplug_jax.data.pipeline import make_global_batch
 from mplug_jax.scoring import caption as scoring
 from mplug_jax.tasks import caption as caption_task
 
@@ -140,6 +143,129 @@ def test_scst_loss_and_rewards_match_a_hand_computation():
     want_loss = np.mean(-(score / n) * batch["scst_advantage"].reshape(-1))
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
     assert float(m["scst_reward"]) == pytest.approx(reward.mean())
+    # length_norm='official': the official divides by the generated tokens + 1 ([CLS] counted).
+    cfg.task.scst.length_norm = "official"
+    official = caption_task.Task(cfg)
+    loss_off, _ = jax.jit(official.loss)(params, {}, batch, jax.random.PRNGKey(0), jnp.int32(0))
+    want_off = np.mean(-(score / (n + 1)) * batch["scst_advantage"].reshape(-1))
+    np.testing.assert_allclose(float(loss_off), want_off, rtol=1e-5)
+    assert abs(want_off - want_loss) > 1e-3 * abs(want_loss)
+    # cider_df='batch': document frequencies from the batch rows' references only.
+    cfg.task.scst.cider_df = "batch"
+    reward_b, adv_b = caption_task.Task(cfg).rewards(ids, np.array([0, 1]))
+    batch_scorer = scoring.CiderD([refs[0], refs[1]])
+    want_b = np.array([[batch_scorer.score(ref0, refs[0]),
+                        batch_scorer.score("a purple triangle", refs[0])],
+                       [batch_scorer.score("a green circle", refs[1])] * 2])
+    np.testing.assert_allclose(reward_b, want_b, rtol=1e-6)
+    np.testing.assert_allclose(adv_b, want_b - want_b.mean(1, keepdims=True), rtol=1e-5,
+                               atol=1e-6)
+    assert np.abs(reward_b - reward).max() > 1e-3  # other document frequencies, other rewards
+
+
+def test_scst_rewards_with_the_ptb_tokenizer(monkeypatch):
+    """reward_tokenize='ptb': references and hypotheses go through pycocoevalcap's PTB
+    tokenizer (one Java call per batch), rewards = CIDEr-D of those tokens."""
+    if shutil.which("java") is None:
+        pytest.skip("reward_tokenize='ptb' runs the PTB tokenizer, which needs java on PATH")
+    cfg = small_config("scst")
+    cfg.task.generation.update(beam_size=2)
+    cfg.task.scst.reward_tokenize = "ptb"
+    task = caption_task.Task(cfg)
+    calls = []
+
+    def spy(texts):
+        calls.append(list(texts))
+        return ptb(texts)
+
+    ptb = scoring.ptb_tokenize
+    monkeypatch.setattr(scoring, "ptb_tokenize", spy)
+    split = caption_input.load_split(cfg.input, "train", 32, 0)
+    texts = ["A red circle.", "a purple triangle, here", "a green circle", "two blue squares"]
+    ids, _ = caption_input.encode_targets([caption_input.target_text(t) for t in texts], 16)
+    reward, _ = task.rewards(ids.reshape(2, 2, 16), np.array([0, 1]))
+    refs = [ptb([r.lower() for r in rr]) for rr in split.references]
+    assert task.references() == refs
+    hyps = [scoring.decode_text(x) for x in ids]
+    assert calls[-1] == hyps and len(calls) == 2  # the training references, then the batch
+    scorer = scoring.CiderD(refs)
+    tok = ptb(hyps)
+    want = [[scorer.score(tok[0], refs[0]), scorer.score(tok[1], refs[0])],
+            [scorer.score(tok[2], refs[1]), scorer.score(tok[3], refs[1])]]
+    np.testing.assert_allclose(reward, want, rtol=1e-6)
+    assert ptb(["It isn't a red circle."]) == ["it is n't a red circle"]
+
+
+def test_scst_search_dropout_depends_on_the_key_and_a_step_runs_with_the_official_options():
+    """search_dropout=True (dropout_rate > 0): the beam hypotheses depend on the search key;
+    False: the deterministic search, whatever the key. One SCST train step with every
+    official option (PTB only where Java is installed)."""
+    cfg = small_config("scst")
+    cfg.model.dropout_rate = 0.3
+    cfg.task.generation.update(beam_size=2)
+    cfg.task.scst.search_dropout = True
+    task = caption_task.Task(cfg)
+    params = task.init_params(jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    image = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    search = jax.jit(task._search)
+    keys = [jax.random.PRNGKey(i) for i in range(3)]
+    outs = [np.asarray(search(params, image, k)["ids"]) for k in keys]
+    np.testing.assert_array_equal(outs[0], np.asarray(search(params, image, keys[0])["ids"]))
+    assert any((o != outs[0]).any() for o in outs[1:])
+    cfg.task.scst.search_dropout = False
+    plain = caption_task.Task(cfg)
+    det = jax.jit(plain._search)
+    a, b = (det(params, image, k) for k in keys[:2])
+    np.testing.assert_array_equal(a["ids"], b["ids"])
+    states, smask = plain.states(params, image)
+    ref = generate.beam_search(plain.model, params, states, smask, beam_size=2,
+                               min_length=plain.min_length, max_length=plain.max_length,
+                               alpha=plain.alpha)
+    np.testing.assert_array_equal(a["ids"], ref["ids"])
+    # The decoder's own dropout (generate's `rng` hook), on fixed states.
+    dec = jax.jit(lambda k: generate.beam_search(
+        task.train_model, params, states, smask, beam_size=2, min_length=plain.min_length,
+        max_length=plain.max_length, alpha=plain.alpha, rng=k)["ids"])
+    d0 = np.asarray(dec(keys[0]))
+    np.testing.assert_array_equal(d0, np.asarray(dec(keys[0])))
+    assert any((np.asarray(dec(k)) != d0).any() for k in keys[1:])
+
+    java = shutil.which("java") is not None
+    cfg.task.scst.update(length_norm="official", search_dropout=True, cider_df="batch",
+                         reward_tokenize="ptb" if java else "simple")
+    cfg.total_steps = 1
+    host = next(caption_input.train_batches(cfg, 0, 1)[0])
+    s = trainer.setup(cfg, 1)
+    state = trainer.init_state(s, cfg.seed)
+    step = trainer.compile_step(s, cfg, trainer.global_batch_shapes(host))
+    batch = s.task.prepare_batch(state.params, make_global_batch(host, s.mesh))
+    again = s.task.prepare_batch(state.params, make_global_batch(host, s.mesh))
+    for k in ("scst_ids", "scst_reward"):  # deterministic given params and batch
+        np.testing.assert_array_equal(jax.device_get(batch[k]), jax.device_get(again[k]))
+    state, m = step(state, batch)
+    assert int(state.step) == 1 and np.isfinite(float(m["train/loss_scst"]))
+
+
+def test_scst_options_refuse_bad_values():
+    for field, bad in (("length_norm", "n+1"), ("search_dropout", 1),
+                       ("reward_tokenize", "nltk"), ("cider_df", "corpus")):
+        cfg = small_config("scst")
+        cfg.task.scst = {**cfg.task.scst.to_dict(), field: bad}
+        with pytest.raises(ValueError, match=rf"^task\.scst\.{field}=.*; valid: ") as e:
+            caption_task.Task(cfg)
+        assert "\n" not in str(e.value)
+    for variant in ("base", "large", "large_paper"):
+        scst = caption_config.get_config(f"{variant},mode=scst").task.scst
+        assert caption_task.scst_options(scst) == dict(
+            length_norm="official", search_dropout=True, reward_tokenize="ptb",
+            cider_df="batch"), variant
+    assert caption_task.scst_options(small_config("scst").task.scst) == dict(
+        length_norm="generated", search_dropout=False, reward_tokenize="simple",
+        cider_df="train")
+    assert caption_task.scst_options({}) == caption_task.scst_options(
+        small_config("scst").task.scst)
 
 
 def test_result_files_round_trip(tmp_path):
