@@ -128,6 +128,9 @@ def _caption_ce(size: str) -> Section:
         ("The paper's fine-tuning table is for the ViT-L model: no paper preset for base.",))
 
 
+SCST_SRC = "the release's SCST as the issue describes it, no line read"
+
+
 def _caption_scst() -> Section:
     y = "mPLUG/configs/caption_mplug_large_scst.yaml"
     sh = "mPLUG/scripts/caption_mplug_large_scst.sh"
@@ -153,7 +156,17 @@ def _caption_scst() -> Section:
              why="the 1500 steps count from the run's start (configs/caption.py)"),
          Row("selection", Ref("caption/CIDEr", "mPLUG/caption_mplug_scst.py",
                               "checkpoint_best"), Ref("caption/CIDEr", "mPLUG arXiv 5.2.2",
-                                                      "the best checkpoint"))),
+                                                      "the best checkpoint")),
+         # The issue's description of the release's SCST code (no line read here).
+         Row("scst_length_norm", Ref("official", note=f"summed log-prob / (generated tokens "
+                                     f"+ 1), [CLS] counted; {SCST_SRC}"), Ref(NS)),
+         Row("scst_search_dropout", Ref(True, note=f"beam search in train mode; {SCST_SRC}"),
+             Ref(NS)),
+         Row("scst_tokenize", Ref("ptb", note=f"pycocoevalcap's PTB tokenizer; {SCST_SRC}"),
+             Ref(NS)),
+         Row("scst_cider_df", Ref("batch", note=f"from the batch's references as far as public "
+                                  f"code shows (`compute_ciders` is not public); {SCST_SRC}"),
+             Ref(NS))),
         ("Starts from the cross-entropy workdir (`init.checkpoint`) at its checkpoint after "
          f"epoch 4, counted from 0 (`init.select='epoch:4'`), as the release's "
          f"`checkpoint_04.pth` ({sh}:9).",))
