@@ -184,7 +184,8 @@ def test_scst_rewards_with_the_ptb_tokenizer(monkeypatch):
     texts = ["A red circle.", "a purple triangle, here", "a green circle", "two blue squares"]
     ids, _ = caption_input.encode_targets([caption_input.target_text(t) for t in texts], 16)
     reward, _ = task.rewards(ids.reshape(2, 2, 16), np.array([0, 1]))
-    refs = [ptb([r.lower() for r in rr]) for rr in split.references]
+    flat = iter(ptb([r.lower() for rr in split.references for r in rr]))
+    refs = [[next(flat) for _ in rr] for rr in split.references]
     assert task.references() == refs
     hyps = [scoring.decode_text(x) for x in ids]
     assert calls[-1] == hyps and len(calls) == 2  # the training references, then the batch
