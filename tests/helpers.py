@@ -18,3 +18,20 @@ def assert_rejected(make_config, build, cases, error=ValueError) -> None:
         set_path(c, path, value)
         with pytest.raises(error, match=match):
             build(c)
+
+
+# A two-layer mPLUG of width 32 at 32 px (2 x 2 patches): the task unit tests' model.
+SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
+                   fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
+                   vision_width=32, vision_layers=1, vision_heads=2, embed_dim=16)
+
+
+def built_task(config, seed: int = 0):
+    """(`tasks.build(config)`, its unboxed initial params from PRNGKey(`seed`))."""
+    import flax.linen as nn
+    import jax
+
+    from mplug_jax import tasks
+
+    task = tasks.build(config)
+    return task, nn.meta.unbox(task.init_params(jax.random.PRNGKey(seed)))
