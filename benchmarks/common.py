@@ -165,16 +165,10 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def host_info() -> dict[str, Any]:
-    """Host facts that need no JAX: name, cores, CPU model, Python."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f
-                          if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"host": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version()}
+    """Host facts that need no JAX: name, cores, CPU model, Python (`run_summary.host`)."""
+    from mplug_jax import run_summary
+
+    return run_summary.host()
 
 
 def write_json(path: str, data: dict) -> None:
@@ -190,6 +184,16 @@ def write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+def write_results(stem: str, res: dict, t_start: float, plot: Callable[[str], None]) -> dict:
+    """Write `res` to <stem>.json (`write_json`) and its figure to <stem>.png (`plot(path)`),
+    print both paths and the total runtime since `t_start` (perf_counter); returns `res`."""
+    write_json(stem + ".json", res)
+    plot(stem + ".png")
+    print(f"wrote {stem}.json and {stem}.png")
+    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
+    return res
 
 
 def bar_plot(path: str, labels: Sequence[str], series: dict[str, Sequence[float | None]],

@@ -397,11 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tag = "smoke_" if args.smoke else "" if batch == 1 else f"b{batch}_"
     stem = os.path.join(args.out_dir, f"mplug2_{tag}cpu{res['device']['cpus']}")
-    common.write_json(stem + ".json", res)
-    plot(res, stem + ".png")
-    print(f"wrote {stem}.json and {stem}.png")
-    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
-    return res
+    return common.write_results(stem, res, t_start, lambda png: plot(res, png))
 
 
 if __name__ == "__main__":
