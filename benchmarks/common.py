@@ -160,6 +160,25 @@ def ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def paired(a: dict, b: dict) -> float | None:
+    """Median over timing rounds of a's time / b's time in the same round: with round-robin
+    timing both saw about the same load, so this is steadier than a ratio of medians."""
+    if not a["times_s"] or len(a["times_s"]) != len(b["times_s"]):
+        return None
+    return statistics.median(x / y for x, y in zip(a["times_s"], b["times_s"]))
+
+
+def row_ratios(a: dict, b: dict) -> dict:
+    """Benchmark row a over row b (rows with times_s, median_s, min_s, peak_bytes and
+    xla_gflops): time (of the medians), time_min, time_paired (`paired`), peak_memory,
+    xla_flops."""
+    return {"time": ratio(a["median_s"], b["median_s"]),
+            "time_min": ratio(a["min_s"], b["min_s"]),
+            "time_paired": paired(a, b),
+            "peak_memory": ratio(a["peak_bytes"], b["peak_bytes"]),
+            "xla_flops": ratio(a["xla_gflops"], b["xla_gflops"])}
+
+
 def fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
