@@ -1,5 +1,16 @@
 """Small helpers several test files share (imported by name: `from helpers import ...`)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
 import pytest
+
+from mplug_jax import metrics, tasks
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def set_path(config, path: str, value) -> None:
@@ -28,10 +39,28 @@ SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusio
 
 def built_task(config, seed: int = 0):
     """(`tasks.build(config)`, its unboxed initial params from PRNGKey(`seed`))."""
-    import flax.linen as nn
-    import jax
-
-    from mplug_jax import tasks
-
     task = tasks.build(config)
     return task, nn.meta.unbox(task.init_params(jax.random.PRNGKey(seed)))
+
+
+def train_cli(config: str, workdir, overrides: dict, *, timeout: int = 600,
+              default_xla: bool = True):
+    """`python -m mplug_jax.main --config=CONFIG --workdir=WORKDIR --config.K=V ...` (one
+    `--config.K=V` per item of `overrides`) in a subprocess at the repository root; asserts
+    it exits 0 and returns the CompletedProcess. `default_xla`: without the suite's
+    XLA_FLAGS, i.e. at XLA's default optimisation (the learning runs' speed)."""
+    env = dict(os.environ)
+    if default_xla:
+        env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "mplug_jax.main", f"--config={config}",
+           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.run(cmd, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metric_rows(workdir, key: str) -> list[dict]:
+    """The rows of <workdir>/metrics.jsonl that have `key`."""
+    return [r for r in metrics.read_jsonl(os.path.join(str(workdir), "metrics.jsonl"))
+            if key in r]
