@@ -1,6 +1,7 @@
 """Shared config pieces: model size presets, `parse_arg`, and the blocks every fine-tuning
-config starts from (`start`, `finetune_model`, `finetune_optim`, `smoke_run`). Imports only
-ml_collections.
+config starts from (`start`, `finetune_model`, `finetune_optim`, `smoke_run`) or assembles
+(`begin_finetune`, `new_input` ... `finish_input`, `release_optim`, `finetune_run`,
+`classify_run`). Imports only ml_collections.
 
 Model presets are the keyword arguments of `mplug_jax.models.mplug.MPLUG`.
 """
@@ -242,9 +243,10 @@ def smoke_run(c: ml_collections.ConfigDict, batch_size: int = 16) -> None:
 def begin_finetune(arg: str | None, variants, *, default: str, name: str, epochs: float | str,
                    model=None, modes=("full", "smoke")):
     """`start` plus what every fine-tuning config sets next: the run length (`total_steps`
-    from the variant; `total_epochs` = `epochs` when that is 0, else 0, or the variant's value
-    under key `epochs` when a str), the model (`model(variant dict, tiny)`, or
-    `finetune_model` of the variant's release preset at its `image_size`) and `task.name`.
+    from the variant; `total_epochs`: the variant's value under key `epochs` when that is a
+    str, else `epochs` for a variant with total_steps 0 and 0 otherwise), the model
+    (`model(variant dict, tiny)`, or `finetune_model` of the variant's release preset at its
+    `image_size`) and `task.name`.
 
     Returns (parsed argument, config, variant dict, tiny)."""
     arg, c = start(arg, variants, default=default, modes=modes)
