@@ -160,21 +160,34 @@ def ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def paired(a: dict, b: dict) -> float | None:
+    """Median over timing rounds of a's time / b's time in the same round: with round-robin
+    timing both saw about the same load, so this is steadier than a ratio of medians."""
+    if not a["times_s"] or len(a["times_s"]) != len(b["times_s"]):
+        return None
+    return statistics.median(x / y for x, y in zip(a["times_s"], b["times_s"]))
+
+
+def row_ratios(a: dict, b: dict) -> dict:
+    """Benchmark row a over row b (rows with times_s, median_s, min_s, peak_bytes and
+    xla_gflops): time (of the medians), time_min, time_paired (`paired`), peak_memory,
+    xla_flops."""
+    return {"time": ratio(a["median_s"], b["median_s"]),
+            "time_min": ratio(a["min_s"], b["min_s"]),
+            "time_paired": paired(a, b),
+            "peak_memory": ratio(a["peak_bytes"], b["peak_bytes"]),
+            "xla_flops": ratio(a["xla_gflops"], b["xla_gflops"])}
+
+
 def fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
 def host_info() -> dict[str, Any]:
-    """Host facts that need no JAX: name, cores, CPU model, Python."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f
-                          if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"host": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version()}
+    """Host facts that need no JAX: name, cores, CPU model, Python (`run_summary.host`)."""
+    from mplug_jax import run_summary
+
+    return run_summary.host()
 
 
 def write_json(path: str, data: dict) -> None:
@@ -190,6 +203,16 @@ def write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+def write_results(stem: str, res: dict, t_start: float, plot: Callable[[str], None]) -> dict:
+    """Write `res` to <stem>.json (`write_json`) and its figure to <stem>.png (`plot(path)`),
+    print both paths and the total runtime since `t_start` (perf_counter); returns `res`."""
+    write_json(stem + ".json", res)
+    plot(stem + ".png")
+    print(f"wrote {stem}.json and {stem}.png")
+    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
+    return res
 
 
 def bar_plot(path: str, labels: Sequence[str], series: dict[str, Sequence[float | None]],

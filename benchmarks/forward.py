@@ -239,17 +239,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     stem = os.path.join(args.out_dir, f"forward_{'smoke_' if args.smoke else ''}"
                                       f"cpu{res['device']['cpus']}")
-    common.write_json(stem + ".json", res)
     names = list(res["rows"])
-    common.bar_plot(stem + ".png", names,
-                    {"ours (JAX)": [res["rows"][n]["ours_median_s"] for n in names],
-                     "official PyTorch (note)": [res["rows"][n]["official_median_s"]
-                                                 for n in names]},
-                    title=f"mPLUG-base forward, B={batch}, float32, {res['device']['device_kind']}"
-                          f", {args.threads} threads, load {res['load_avg_start'][0]:.1f}")
-    print(f"wrote {stem}.json and {stem}.png")
-    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
-    return res
+    return common.write_results(stem, res, t_start, lambda png: common.bar_plot(
+        png, names,
+        {"ours (JAX)": [res["rows"][n]["ours_median_s"] for n in names],
+         "official PyTorch (note)": [res["rows"][n]["official_median_s"] for n in names]},
+        title=f"mPLUG-base forward, B={batch}, float32, {res['device']['device_kind']}"
+              f", {args.threads} threads, load {res['load_avg_start'][0]:.1f}"))
 
 
 if __name__ == "__main__":

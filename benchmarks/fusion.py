@@ -225,17 +225,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     stem = os.path.join(args.out_dir, f"fusion_{'smoke_' if args.smoke else ''}"
                                       f"cpu{res['device']['cpus']}")
-    common.write_json(stem + ".json", res)
     names = list(res["runs"])
-    common.bar_plot(stem + ".png", [f"{n} ({res['runs'][n]['pattern']})" for n in names],
-                    {"ours (JAX)": [med[n] for n in names],
-                     "official PyTorch (note)": [OFFICIAL_S.get(n) for n in names]},
-                    title=f"fusion encoder forward, B={batch}, {dims['image_tokens']}+"
-                          f"{dims['text_tokens']} tokens, {res['device']['device_kind']}, "
-                          f"{args.threads} threads, load {res['load_avg_start'][0]:.1f}")
-    print(f"wrote {stem}.json and {stem}.png")
-    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
-    return res
+    return common.write_results(stem, res, t_start, lambda png: common.bar_plot(
+        png, [f"{n} ({res['runs'][n]['pattern']})" for n in names],
+        {"ours (JAX)": [med[n] for n in names],
+         "official PyTorch (note)": [OFFICIAL_S.get(n) for n in names]},
+        title=f"fusion encoder forward, B={batch}, {dims['image_tokens']}+"
+              f"{dims['text_tokens']} tokens, {res['device']['device_kind']}, "
+              f"{args.threads} threads, load {res['load_avg_start'][0]:.1f}"))
+
 
 if __name__ == "__main__":
     main()

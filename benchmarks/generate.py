@@ -114,18 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
     res["runtime_s"] = time.perf_counter() - t_start
     tag = "smoke_" if args.smoke else "" if batch == 1 else f"b{batch}_"
     stem = os.path.join(args.out_dir, f"generate_{tag}cpu{res['device']['cpus']}")
-    common.write_json(stem + ".json", res)
     names = list(res["rows"])
-    common.bar_plot(
-        stem + ".png", [f"{n} (L={res['rows'][n]['length']})" for n in names],
+    return common.write_results(stem, res, t_start, lambda png: common.bar_plot(
+        png, [f"{n} (L={res['rows'][n]['length']})" for n in names],
         {"recompute (official style)": [res["rows"][n]["recompute_per_answer_s"] for n in names],
          "KV cache": [res["rows"][n]["cache_per_answer_s"] for n in names]},
         title=f"generation per answer, {res['settings']['model']} dims, float32, "
               f"{res['device']['device_kind']}, {args.threads} threads, load "
-              f"{res['load_avg_start'][0]:.1f}", xlabel="seconds per answer / caption")
-    print(f"wrote {stem}.json and {stem}.png")
-    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
-    return res
+              f"{res['load_avg_start'][0]:.1f}", xlabel="seconds per answer / caption"))
 
 
 if __name__ == "__main__":

@@ -223,16 +223,6 @@ def _vqa_apply(model, temporal, params, video, q_ids, q_mask, a_ids, a_mask):
                        method=_vqa)
 
 
-def paired(a: dict, b: dict) -> float | None:
-    """Median over timing rounds of a's time / b's time in the same round: with round-robin
-    timing both saw about the same load, so this is steadier than a ratio of medians."""
-    import statistics
-
-    if not a["times_s"] or len(a["times_s"]) != len(b["times_s"]):
-        return None
-    return statistics.median(x / y for x, y in zip(a["times_s"], b["times_s"]))
-
-
 def ratios(rows: dict, frames, latents, latent_frames, preset_latents: int) -> dict:
     """Derived ratios; every one is computed from `rows` of this run. 'time' = ratio of the
     medians, 'time_min' = of the minima, 'time_paired' = `paired` (the steadiest on a shared
@@ -248,7 +238,7 @@ def ratios(rows: dict, frames, latents, latent_frames, preset_latents: int) -> d
                 ("time", "median_s"), ("time_min", "min_s"), ("peak_memory", "peak_bytes"),
                 ("temp_memory", "temp_bytes"), ("xla_flops", "xla_gflops"),
                 ("params", "params"))}
-            tp = paired(on, off)
+            tp = common.paired(on, off)
             row["time_paired"] = None if tp is None else 100 * (tp - 1)
             out["lt_overhead_pct"][f"{part}_T{t}"] = row
         lo, hi = min(frames), max(frames)
@@ -256,28 +246,18 @@ def ratios(rows: dict, frames, latents, latent_frames, preset_latents: int) -> d
             a, b = rows.get(f"{part}_T{hi}_{lt}"), rows.get(f"{part}_T{lo}_{lt}")
             if a is None or lo == hi:
                 continue
-            out["frames"][f"{part}_{lt}_T{hi}_over_T{lo}"] = {
-                "time": common.ratio(a["median_s"], b["median_s"]),
-                "time_min": common.ratio(a["min_s"], b["min_s"]),
-                "time_paired": paired(a, b),
-                "peak_memory": common.ratio(a["peak_bytes"], b["peak_bytes"]),
-                "xla_flops": common.ratio(a["xla_gflops"], b["xla_gflops"]),
-                "linear": hi / lo}
+            out["frames"][f"{part}_{lt}_T{hi}_over_T{lo}"] = dict(common.row_ratios(a, b),
+                                                                  linear=hi / lo)
     lo, hi = min(latents), max(latents)
     for t in latent_frames:
         if lo != hi:
             a, b = rows[f"universal_T{t}_L{hi}"], rows[f"universal_T{t}_L{lo}"]
-            out["latents"][f"universal_T{t}_L{hi}_over_L{lo}"] = {
-                "time": common.ratio(a["median_s"], b["median_s"]),
-                "time_min": common.ratio(a["min_s"], b["min_s"]),
-                "time_paired": paired(a, b),
-                "peak_memory": common.ratio(a["peak_bytes"], b["peak_bytes"]),
-                "xla_flops": common.ratio(a["xla_gflops"], b["xla_gflops"]),
-                "latents": hi / lo}
+            out["latents"][f"universal_T{t}_L{hi}_over_L{lo}"] = dict(common.row_ratios(a, b),
+                                                                      latents=hi / lo)
         u = rows.get(f"universal_T{t}_L{preset_latents}")
         if u is not None:
             out["universal_share"][f"T{t}_L{preset_latents}"] = {
-                "of_encoder_lt_time": paired(u, rows[f"encoder_T{t}_lt"]),
+                "of_encoder_lt_time": common.paired(u, rows[f"encoder_T{t}_lt"]),
                 "of_encoder_lt_flops": common.ratio(u["xla_gflops"],
                                                     rows[f"encoder_T{t}_lt"]["xla_gflops"])}
     return out
@@ -397,11 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tag = "smoke_" if args.smoke else "" if batch == 1 else f"b{batch}_"
     stem = os.path.join(args.out_dir, f"mplug2_{tag}cpu{res['device']['cpus']}")
-    common.write_json(stem + ".json", res)
-    plot(res, stem + ".png")
-    print(f"wrote {stem}.json and {stem}.png")
-    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
-    return res
+    return common.write_results(stem, res, t_start, lambda png: plot(res, png))
 
 
 if __name__ == "__main__":

@@ -289,12 +289,9 @@ def main(argv=None):
            "paper_table6": {"samples_per_s": paper.TABLE6_SAMPLES_PER_S,
                             "condition": paper.TABLE6_CONDITION},
            "rows": rows, "runtime_s": time.perf_counter() - t_start}
-    common.write_json(stem + ".json", out)
-    plot(rows, stem + ".png", f"pretrain step, {args.variant}, batch {rows[0]['batch']}, "
-         f"{info['device_kind']} x {len(jax.devices())}, load {load_start[0]:.1f}")
-    print(f"wrote {stem}.json and .png")
-    print(f"total runtime {time.perf_counter() - t_start:.1f} s")
-    return out
+    title = (f"pretrain step, {args.variant}, batch {rows[0]['batch']}, "
+             f"{info['device_kind']} x {len(jax.devices())}, load {load_start[0]:.1f}")
+    return common.write_results(stem, out, t_start, lambda png: plot(rows, png, title))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared config pieces: model size presets, `parse_arg`, and the blocks every fine-tuning
-config starts from (`start`, `finetune_model`, `finetune_optim`, `smoke_run`). Imports only
-ml_collections.
+config starts from (`start`, `finetune_model`, `finetune_optim`, `smoke_run`) or assembles
+(`begin_finetune`, `new_input` ... `finish_input`, `release_optim`, `finetune_run`,
+`classify_run`). Imports only ml_collections.
 
 Model presets are the keyword arguments of `mplug_jax.models.mplug.MPLUG`.
 """
@@ -237,3 +238,100 @@ def smoke_run(c: ml_collections.ConfigDict, batch_size: int = 16) -> None:
     c.log_every_steps = 5
     c.ckpt_every_steps = 10
     c.eval_at_start = False  # the evals run once, after the 20 steps
+
+
+def begin_finetune(arg: str | None, variants, *, default: str, name: str, epochs: float | str,
+                   model=None, modes=("full", "smoke")):
+    """`start` plus what every fine-tuning config sets next: the run length (`total_steps`
+    from the variant; `total_epochs`: the variant's value under key `epochs` when that is a
+    str, else `epochs` for a variant with total_steps 0 and 0 otherwise), the model
+    (`model(variant dict, tiny)`, or `finetune_model` of the variant's release preset at its
+    `image_size`) and `task.name`.
+
+    Returns (parsed argument, config, variant dict, tiny)."""
+    arg, c = start(arg, variants, default=default, modes=modes)
+    v, tiny = variants[arg.variant], arg.variant == "tiny"
+    c.total_steps = v["total_steps"]
+    if isinstance(epochs, str):
+        c.total_epochs = v[epochs]
+    else:
+        c.total_epochs = 0.0 if v["total_steps"] else epochs
+    c.model = (model(v, tiny) if model
+               else finetune_model(release_of(arg.variant), v["image_size"]))
+    c.task = ml_collections.ConfigDict()
+    c.task.name = name
+    return arg, c, v, tiny
+
+
+def new_input(tiny: bool) -> ml_collections.ConfigDict:
+    """An `input` block reading the built-in synthetic data, which only tiny accepts unless
+    `allow_synthetic` is set."""
+    i = ml_collections.ConfigDict()
+    i.dataset = "synthetic"
+    i.allow_synthetic = tiny
+    return i
+
+
+def train_augment(tiny: bool, *, crop_scale=(0.5, 1.0), randaug=(2, 7)) -> dict:
+    """The official fine-tuning augmentation (random resized crop at `crop_scale`, horizontal
+    flip, RandAugment n/m = `randaug`), off for tiny."""
+    return dict(enabled=not tiny, crop_scale=crop_scale, randaug_n=randaug[0],
+                randaug_m=randaug[1], hflip=True)
+
+
+def image_transfer(i: ml_collections.ConfigDict) -> None:
+    """Image loading of input block `i`: train images travel as uint8 and the vision encoder
+    normalises them on the device (`image_dtype`; bit-identical to 'float32', normalised on
+    the host: a quarter of the bytes, no float work); `reduced_decode` off (True: decode JPEGs
+    at 1/2, 1/4 or 1/8 scale when the drawn crop still covers the output size; faster for
+    large photos, not pixel-identical, see transforms.decode_train_image)."""
+    i.image_dtype = "uint8"
+    i.reduced_decode = False
+
+
+def finish_input(i: ml_collections.ConfigDict, augment: dict) -> None:
+    """Set the `augment` block and the loader defaults of input block `i`: no worker
+    processes, shuffle seed 0, stop when over 1% of the records fail to load."""
+    i.augment = augment
+    i.workers = 0
+    i.shuffle_seed = 0
+    i.max_skip_rate = 0.01
+
+
+def release_optim(v: dict, tiny: bool, *, frozen: str, warmup_stairs: int
+                  ) -> ml_collections.ConfigDict:
+    """`finetune_optim` of an mPLUG fine-tuning variant `v` (its lr for everything but the
+    visual encoder, lr2 for that, wd (default 0.02), warmup_steps, clip_norm); base/large
+    then select the official schedule (warmup_lr 1e-5, `warmup_stairs`, min_lr 1e-6)."""
+    o = finetune_optim(v["lr"], vision_lr=v["lr2"], wd=v.get("wd", 0.02),
+                       warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"], frozen=frozen)
+    if not tiny:
+        official_schedule(o, warmup_lr=1e-5, warmup_stairs=warmup_stairs, min_lr=1e-6)
+    return o
+
+
+def finetune_run(c: ml_collections.ConfigDict, tiny: bool, *, allow_scratch: bool,
+                 ckpt_every_steps: int) -> None:
+    """The mesh (`mesh_config`), the run defaults (`set_run_defaults`) and an empty `evals`
+    block for the task config to fill."""
+    c.mesh = mesh_config(tiny)
+    set_run_defaults(c, tiny, allow_scratch=allow_scratch, ckpt_every_steps=ckpt_every_steps)
+    c.evals = ml_collections.ConfigDict()
+
+
+def classify_run(c: ml_collections.ConfigDict, mode: str, tiny: bool) -> None:
+    """The run, eval and smoke settings of the classification fine-tunings (NLVR2, SNLI-VE;
+    no official script, so ALBEF's cadence): val accuracy after every epoch, the best kept;
+    tiny: once, after training. Eval `split`: 'val' or 'test'; `num_examples`: the first N
+    records (0 = all)."""
+    finetune_run(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
+    c.best.update(eval="val", metric="acc")
+    c.evals.val = dict(type="classify", every_steps=0, every_epochs=0.0 if tiny else 1.0,
+                       split="val", num_examples=0,
+                       batch_size=64 if tiny else 256, log_every_batches=50,
+                       num_examples_shown=5)
+    if mode == "smoke":
+        smoke_run(c)
+        c.input.train_size = max(c.input.train_size, 1024) if tiny else 1024
+        c.input.eval_size = 64 if tiny else c.input.eval_size
+        c.evals.val.update(num_examples=64, batch_size=32)

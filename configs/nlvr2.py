@@ -57,20 +57,10 @@ _VARIANTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """NLVR2 config; `arg` is `VARIANT[,mode=smoke]`."""
-    arg, c = common.start(arg, _VARIANTS, default="base")
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps = v["total_steps"]
-    c.total_epochs = 0.0 if v["total_steps"] else 15.0
+    arg, c, v, tiny = common.begin_finetune(arg, _VARIANTS, default="base", name="nlvr2",
+                                            epochs=15.0)
 
-    c.model = common.finetune_model(arg.variant, v["image_size"])
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "nlvr2"
-
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in, written as official files) | 'json'
-    c.input.allow_synthetic = tiny
+    c.input = common.new_input(tiny)  # dataset 'synthetic' (built-in, official files) | 'json'
     c.input.train_files = []  # official json lists (ALBEF's nlvr_train/nlvr_dev/nlvr_test)
     c.input.val_files = []
     c.input.test_files = []
@@ -81,30 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = v["batch_size"]  # global
     c.input.max_words = 30  # official pre_caption
     c.input.max_tokens = v["max_tokens"]
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
-                           hflip=True)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny))
 
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.05,  # paper 7.1
                                     warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"])
 
-    c.mesh = common.mesh_config(tiny)
-    common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
-    c.best.update(eval="val", metric="acc")  # best checkpoint by val accuracy
-
-    c.evals = ml_collections.ConfigDict()
-    # split: 'val' (input.val_files) or 'test'; num_examples: the first N records (0 = all).
-    # Cadence (no official NLVR2 script; ALBEF's NLVR.py evaluates val (and test) after every epoch and keeps the best val accuracy); tiny: once, after training.
-    c.evals.val = dict(type="classify", every_steps=0, every_epochs=0.0 if tiny else 1.0,
-                       split="val", num_examples=0,
-                       batch_size=64 if tiny else 256, log_every_batches=50,
-                       num_examples_shown=5)
-
-    if arg.mode == "smoke":
-        common.smoke_run(c)
-        c.input.train_size = max(c.input.train_size, 1024) if tiny else 1024
-        c.input.eval_size = 64 if tiny else c.input.eval_size
-        c.evals.val.update(num_examples=64, batch_size=32)
+    # Eval split 'val' reads input.val_files, 'test' input.test_files (ALBEF's NLVR.py
+    # evaluates val and test after every epoch and keeps the best val accuracy).
+    common.classify_run(c, arg.mode, tiny)
     return c

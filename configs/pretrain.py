@@ -44,16 +44,9 @@ _VARIANTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Pretraining config; `arg` is `VARIANT[,mode=smoke]`."""
-    arg = common.parse_arg(arg, variant="base", mode="full")
-    if arg.variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}; valid: {sorted(_VARIANTS)}")
-    if arg.mode not in ("full", "smoke"):
-        raise ValueError(f"unknown mode {arg.mode!r}; valid: full, smoke")
+    arg, c = common.start(arg, _VARIANTS, default="base")
     v = _VARIANTS[arg.variant]
     tiny = arg.variant == "tiny"
-    c = ml_collections.ConfigDict()
-    c.variant, c.mode = arg.variant, arg.mode
-    c.seed = 0
     # Exactly one of total_steps / total_epochs is > 0.
     c.total_steps = v["total_steps"]
     c.total_epochs = 0.0 if v["total_steps"] else 30.0
@@ -90,9 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # made tiny's V-way heads 1.5x slower (37 vs 55 samples/s) for padding.
     c.task.gather_length = 16 if tiny else 0
 
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'json' | 'tfds' (data/inputs/pretrain.py)
-    c.input.allow_synthetic = tiny  # base/large refuse the shapes data unless this is set
+    # dataset: 'synthetic' (built-in) | 'json' | 'tfds' (data/inputs/pretrain.py); base/large
+    # refuse the shapes data unless allow_synthetic is set.
+    c.input = common.new_input(tiny)
     # 'json': official pretraining lists, e.g. ['data/mscoco_train.json', 'data/vgnococo.json',
     # 'data/google_cc.json', 'data/sbu.json'] with their image root; 'tfds': `prepare` output.
     c.input.annotations = []
@@ -104,18 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = v["batch_size"]  # global
     c.input.max_words = 30
     c.input.max_tokens = v["max_tokens"]
+    common.image_transfer(c.input)
     # Official pretrain augmentation; off for tiny (flips would contradict "left of" captions).
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.2, 1.0), randaug_n=2, randaug_m=7,
-                           hflip=True)
-    # Train images travel as uint8 and the vision encoder normalises them on the device
-    # (bit-identical to 'float32', normalised here: a quarter of the bytes, no float work).
-    c.input.image_dtype = "uint8"
-    # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the drawn crop still covers the output size
-    # (faster for large photos; not pixel-identical, see transforms.decode_train_image).
-    c.input.reduced_decode = False
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny, crop_scale=(0.2, 1.0)))
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = v["lr"]  # lr1: everything but the visual encoder

@@ -86,24 +86,15 @@ UNUSED_HEADS = r"^(decoder|mlm_transform|mlm_ln|mlm_bias)(/|$)"
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Retrieval config; `arg` is `VARIANT[,mode=smoke|zeroshot]`."""
-    arg, c = common.start(arg, _VARIANTS, default="coco_large",
-                          modes=("full", "smoke", "zeroshot"))
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps = v["total_steps"]
-    c.total_epochs = v["epochs"]
-
-    c.model = common.finetune_model(v["model"], v["image_size"])
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "retrieval"
+    arg, c, v, tiny = common.begin_finetune(
+        arg, _VARIANTS, default="coco_large", name="retrieval", epochs="epochs",
+        model=lambda v, tiny: common.finetune_model(v["model"], v["image_size"]),
+        modes=("full", "smoke", "zeroshot"))
     c.task.loss_weights = dict(itc=1.0, itm=1.0)
     c.task.itc = dict(queue_size=v["queue_size"], momentum=v["momentum"], distill_alpha=0.4,
                       alpha_warmup_epochs=1.0, temp_min=0.001, temp_max=0.5)
 
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in, ALBEF json + images) | 'json'
-    c.input.allow_synthetic = tiny
+    c.input = common.new_input(tiny)  # dataset 'synthetic' (built-in, ALBEF json + images) | 'json'
     c.input.train_annotations = []  # official train json ({image, caption, image_id})
     c.input.eval_annotations = []  # official val/test json ({image, caption: [...]})
     c.input.image_root = ""
@@ -114,24 +105,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = v["batch_size"]  # global
     c.input.max_tokens = 30  # official: pre_caption 30 words, 30 ids at evaluation
     # Official retrieval train transform; tiny: none (flips contradict left/right captions).
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
-                           hflip=True)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny))
 
-    # lr1 for everything but the visual encoder (lr2).
-    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=v.get("wd", 0.02),
-                                    warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
-                                    frozen=UNUSED_HEADS)
-    if not tiny:  # official schedular: warmup_lr 1e-5, warmup_epochs 1, min_lr 1e-6
-        common.official_schedule(c.optim, warmup_lr=1e-5, warmup_stairs=1, min_lr=1e-6)
+    # Official schedular (base/large): warmup_lr 1e-5, warmup_epochs 1, min_lr 1e-6.
+    c.optim = common.release_optim(v, tiny, frozen=UNUSED_HEADS, warmup_stairs=1)
 
-    c.mesh = common.mesh_config(tiny)
-    common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
+    common.finetune_run(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
     c.best.update(eval="val", metric="r_mean")  # official: best by val r_mean
 
-    c.evals = ml_collections.ConfigDict()
     # k_test: candidates re-ranked per query (capped at the number of items); batch_size:
     # images / texts per embedding call (official batch_size_test 64); sim_chunk: query rows
     # per similarity call; itm_batch_size: (image, text) pairs per ITM call; annotations:

@@ -61,23 +61,13 @@ UNUSED = r"^(mlm_bias|temp)(/|$)"
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """SNLI-VE config; `arg` is `VARIANT[,mode=smoke]`."""
-    arg, c = common.start(arg, _VARIANTS, default="base")
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps = v["total_steps"]
-    c.total_epochs = 0.0 if v["total_steps"] else 5.0
-
-    c.model = common.finetune_model(arg.variant, v["image_size"])
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "snli_ve"
+    arg, c, v, tiny = common.begin_finetune(arg, _VARIANTS, default="base", name="snli_ve",
+                                            epochs=5.0)
     # True: `[CLS] premise [SEP] hypothesis` (paper 5.2.5; needs the original jsonl); False:
     # `[CLS] hypothesis` (ALBEF's json works too).
     c.task.premise = True
 
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in, written as official files) | 'json'
-    c.input.allow_synthetic = tiny
+    c.input = common.new_input(tiny)  # dataset 'synthetic' (built-in, official files) | 'json'
     # Official single files: snli_ve_{train,dev,test}.jsonl (original release, with premises)
     # or, with task.premise=False, ALBEF's ve_{train,dev,test}.json.
     c.input.train_file = ""
@@ -90,31 +80,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = v["batch_size"]  # global
     c.input.max_words = 30  # official pre_caption
     c.input.max_text_tokens = v["max_text_tokens"]
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
-                           hflip=True)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny))
 
     c.optim = common.finetune_optim(v["lr"], wd=0.05,  # paper 7.1
                                     warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
                                     frozen=UNUSED)
 
-    c.mesh = common.mesh_config(tiny)
-    common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
-    c.best.update(eval="val", metric="acc")  # best checkpoint by val accuracy
-
-    c.evals = ml_collections.ConfigDict()
-    # split: 'val' (input.val_file) or 'test'; num_examples: the first N records (0 = all).
-    # Cadence (no official SNLI-VE script; ALBEF's VE.py evaluates val (and test) after every epoch and keeps the best val accuracy); tiny: once, after training.
-    c.evals.val = dict(type="classify", every_steps=0, every_epochs=0.0 if tiny else 1.0,
-                       split="val", num_examples=0,
-                       batch_size=64 if tiny else 256, log_every_batches=50,
-                       num_examples_shown=5)
-
-    if arg.mode == "smoke":
-        common.smoke_run(c)
-        c.input.train_size = max(c.input.train_size, 1024) if tiny else 1024
-        c.input.eval_size = 64 if tiny else c.input.eval_size
-        c.evals.val.update(num_examples=64, batch_size=32)
+    # Eval split 'val' reads input.val_file, 'test' input.test_file (ALBEF's VE.py evaluates
+    # val and test after every epoch and keeps the best val accuracy).
+    common.classify_run(c, arg.mode, tiny)
     return c

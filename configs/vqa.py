@@ -76,16 +76,8 @@ OFFICIAL_NO_WD, UNUSED_HEADS = common.OFFICIAL_NO_WD, common.PRETRAIN_HEADS
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """VQA config; `arg` is `VARIANT[,mode=smoke]`."""
-    arg, c = common.start(arg, _VARIANTS, default="base")
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps = v["total_steps"]
-    c.total_epochs = 0.0 if v["total_steps"] else 8.0
-
-    c.model = common.finetune_model(common.release_of(arg.variant), v["image_size"])
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "vqa"
+    arg, c, v, tiny = common.begin_finetune(arg, _VARIANTS, default="base", name="vqa",
+                                            epochs=8.0)
     # Answer slots per question (static shapes); more distinct answers: the lightest dropped
     # and counted (train/answers_dropped_total).
     c.task.max_answers = v["max_answers"]
@@ -100,9 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.momentum = 0.995
     c.task.alpha_warmup_epochs = 1.0
 
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'json' (official files)
-    c.input.allow_synthetic = tiny
+    c.input = common.new_input(tiny)  # dataset 'synthetic' (built-in) | 'json' (official files)
     c.input.annotations = []  # official train json files
     c.input.eval_annotations = []  # official val/test json (val: with 'answer' lists)
     # Optional scoring file for eval_annotations without answers: VQA v2 annotations or
@@ -115,32 +105,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_answer_tokens = v["max_answer_tokens"]  # [CLS] answer [SEP]
     c.input.add_ocr = not tiny  # official scripts: --add_ocr --add_object
     c.input.add_object = not tiny
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
-                           hflip=True)
-    # Train images travel as uint8 and the vision encoder normalises them on the device
-    # (bit-identical to 'float32', normalised here: a quarter of the bytes, no float work).
-    c.input.image_dtype = "uint8"
-    # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the drawn crop still covers the output size
-    # (faster for large photos; not pixel-identical, see transforms.decode_train_image).
-    c.input.reduced_decode = False
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.image_transfer(c.input)
+    common.finish_input(c.input, common.train_augment(tiny))
 
-    # lr1 for everything but the visual encoder (lr2).
-    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=v.get("wd", 0.02),
-                                    warmup_steps=v["warmup_steps"], clip_norm=v["clip_norm"],
-                                    frozen=UNUSED_HEADS)
-    if not tiny:  # official schedular: warmup_lr 1e-5, warmup_epochs 4, min_lr 1e-6
-        common.official_schedule(c.optim, warmup_lr=1e-5, warmup_stairs=4, min_lr=1e-6)
-
-    c.mesh = common.mesh_config(tiny)
+    # Official schedular (base/large): warmup_lr 1e-5, warmup_epochs 4, min_lr 1e-6.
+    c.optim = common.release_optim(v, tiny, frozen=UNUSED_HEADS, warmup_stairs=4)
 
     # Fine-tuning starts from a pretrained mPLUG (mplug_jax/pretrained.py): a workdir of ours,
     # a `mplug-jax convert` directory, or an official .pth with init.config_bert.
-    common.set_run_defaults(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
+    common.finetune_run(c, tiny, allow_scratch=False, ckpt_every_steps=200 if tiny else 2000)
 
-    c.evals = ml_collections.ConfigDict()
     # num_examples: synthetic held-out questions (json: the first N, 0 = all). rank_answers:
     # ALBEF-style ranking over `answer_list` (official answer_list.json; synthetic: built-in)
     # instead of open-ended generation.

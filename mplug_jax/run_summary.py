@@ -44,10 +44,8 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine() -> dict[str, Any]:
-    """Host name, cores, CPU model, Python and JAX versions, and the JAX devices."""
-    import jax
-
+def host() -> dict[str, Any]:
+    """Host facts that need no JAX: name, cores, CPU model, Python."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -55,9 +53,16 @@ def machine() -> dict[str, Any]:
                           if ln.startswith("model name")), model)
     except OSError:
         pass
-    dev = jax.devices()[0]
     return {"host": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version(), "jax": jax.__version__,
+            "python": platform.python_version()}
+
+
+def machine() -> dict[str, Any]:
+    """Host name, cores, CPU model, Python and JAX versions, and the JAX devices."""
+    import jax
+
+    dev = jax.devices()[0]
+    return {**host(), "jax": jax.__version__,
             "platform": dev.platform, "device_kind": dev.device_kind,
             "num_devices": jax.device_count(), "num_processes": jax.process_count()}
 

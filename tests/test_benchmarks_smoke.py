@@ -36,16 +36,24 @@ def _check_header(out: dict, name: str) -> None:
     assert "already imported" in out["threads"]["note"]
 
 
+def _smoke_results(name: str, tmp_path) -> dict:
+    """Run benchmarks/<name>.py `--smoke` into `tmp_path`; check its JSON header and that the
+    figure was written; return the JSON."""
+    res = _load(name).main(["--smoke", "--out-dir", str(tmp_path)])
+    stem = tmp_path / "{}_smoke_cpu{}".format(name, res["device"]["cpus"])
+    out = json.loads(stem.with_suffix(".json").read_text())
+    _check_header(out, name)
+    assert stem.with_suffix(".png").is_file()
+    return out
+
+
 def _check_timing(run: dict, repeats: int) -> None:
     assert len(run["times_s"]) == repeats and all(t > 0 for t in run["times_s"])
     assert run["median_s"] == statistics.median(run["times_s"]) > 0 and run["warmup_s"] > 0
 
 
 def test_fusion_smoke(tmp_path):
-    res = _load("fusion").main(["--smoke", "--out-dir", str(tmp_path)])
-    out = json.loads((tmp_path / "fusion_smoke_cpu{}.json".format(res["device"]["cpus"]))
-                     .read_text())
-    _check_header(out, "fusion")
+    out = _smoke_results("fusion", tmp_path)
     assert {"runs", "median_s", "ratios", "paper", "official"} <= set(out)
     assert {"device_kind", "platform", "jax"} <= set(out["device"])
     expected = {"skip_S1", "skip_S2", "skip_S3", "skip_S6", "connected", "coattn", "asym",
@@ -64,14 +72,10 @@ def test_fusion_smoke(tmp_path):
     for row in out["ratios"]:
         assert {"name", "ours", "paper", "official_note"} <= set(row)
         assert row["ours"] > 0
-    assert (tmp_path / "fusion_smoke_cpu{}.png".format(res["device"]["cpus"])).is_file()
 
 
 def test_forward_smoke(tmp_path):
-    res = _load("forward").main(["--smoke", "--out-dir", str(tmp_path)])
-    out = json.loads((tmp_path / "forward_smoke_cpu{}.json".format(res["device"]["cpus"]))
-                     .read_text())
-    _check_header(out, "forward")
+    out = _smoke_results("forward", tmp_path)
     assert {"rows", "official", "experiments"} <= set(out)
     assert out["experiments"] == {}  # off by default in smoke runs
     expected = {"visual", "text", "fusion_S1", "fusion_S3", "fusion_S6", "decoder",
@@ -84,7 +88,6 @@ def test_forward_smoke(tmp_path):
         assert row["official_median_s"] > 0
         assert row["official_over_ours"] == pytest.approx(
             row["official_median_s"] / row["ours_median_s"])
-    assert (tmp_path / "forward_smoke_cpu{}.png".format(res["device"]["cpus"])).is_file()
 
 
 def test_timing_helpers_count_calls_and_take_the_median():
@@ -111,11 +114,7 @@ def test_timing_helpers_count_calls_and_take_the_median():
 
 
 def test_generate_smoke(tmp_path):
-    res = _load("generate").main(["--smoke", "--out-dir", str(tmp_path)])
-    stem = tmp_path / "generate_smoke_cpu{}".format(res["device"]["cpus"])
-    out = json.loads(stem.with_suffix(".json").read_text())
-    _check_header(out, "generate")
-    assert stem.with_suffix(".png").is_file()
+    out = _smoke_results("generate", tmp_path)
     assert set(out["rows"]) == {"vqa_greedy", "vqa_beam5", "caption_greedy", "caption_beam5"}
     for row in out["rows"].values():
         for k in ("cache", "recompute"):
@@ -126,11 +125,7 @@ def test_generate_smoke(tmp_path):
 
 
 def test_mplug2_smoke(tmp_path):
-    res = _load("mplug2").main(["--smoke", "--out-dir", str(tmp_path)])
-    stem = tmp_path / "mplug2_smoke_cpu{}".format(res["device"]["cpus"])
-    out = json.loads(stem.with_suffix(".json").read_text())
-    _check_header(out, "mplug2")
-    assert stem.with_suffix(".png").is_file()
+    out = _smoke_results("mplug2", tmp_path)
     frames, latents = out["settings"]["frames"], out["settings"]["latents"]
     assert len(frames) == 2 and len(latents) == 2
     assert out["settings"]["latent_frames"] == frames[-1:]  # smoke: the sweep at the most frames

@@ -21,10 +21,7 @@ from mplug_jax.data.synthetic import grounding as synthetic_grounding
 from mplug_jax.evaluators import grounding as grounding_eval
 from mplug_jax.scoring import grounding as G
 from mplug_jax.tasks.grounding import coordinate_loss, paired_giou
-
-SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
-                   fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
-                   vision_width=32, vision_layers=1, vision_heads=2, embed_dim=16)
+from helpers import SMALL_MODEL
 
 
 def eval_config(inp, image_size: int) -> ml_collections.ConfigDict:

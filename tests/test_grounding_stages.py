@@ -4,6 +4,7 @@ at the second-stage lr and tests on its own best; the official colour-jitter pro
 (0.8) and the int cast of the split file's box before the corner conversion."""
 import json
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -18,16 +19,6 @@ from test_grounding import SMALL_MODEL, eval_config
 
 # ---- presets -------------------------------------------------------------------------------
 
-def _flat(c, prefix=""):
-    out = {}
-    for k, v in c.items():
-        if hasattr(v, "items"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 @pytest.mark.parametrize("name", ["refcoco_large", "refcocop_base", "refcocog_large",
                                   "refcoco_large_paper", "tiny"])
 def test_finetune_preset_is_the_stage1_preset_at_2e6_from_best(name):
@@ -40,7 +31,7 @@ def test_finetune_preset_is_the_stage1_preset_at_2e6_from_best(name):
     assert two.optim.lr == pytest.approx(want)
     assert two.optim.lr * two.optim.lr_groups.vision.mult == pytest.approx(want)
     assert two.init.select == "best" and one.init.select == "latest"
-    f1, f2 = _flat(one), _flat(two)
+    f1, f2 = (flax.traverse_util.flatten_dict(c.to_dict(), sep=".") for c in (one, two))
     changed = {k for k in f1.keys() | f2.keys() if f1.get(k) != f2.get(k)}
     extra = {"evals.val.every_epochs", "evals.test.batch_size", "evals.test.every_epochs",
              "evals.test.dataset", "evals.test.every_steps", "evals.test.num_examples",

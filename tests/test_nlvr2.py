@@ -25,11 +25,7 @@ from mplug_jax.models.nlvr2 import NLVR2Model
 from mplug_jax.scoring import classify as classify_scoring
 from mplug_jax.scoring import nlvr2 as S
 from mplug_jax.tasks.nlvr2 import twin_cross_attention
-
-# The model of `test_trainer.loop_config` (the `pretrain_workdir` fixture).
-SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
-                   fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
-                   vision_width=32, vision_layers=1, vision_heads=2, embed_dim=16)
+from helpers import SMALL_MODEL  # the model of `test_trainer.loop_config` (pretrain_workdir)
 
 
 def small_config(**model):

@@ -20,10 +20,7 @@ from mplug_jax.evaluators import retrieval as ev
 from mplug_jax.parity import retrieval as retrieval_parity
 from mplug_jax.scoring import retrieval as R
 from mplug_jax.sharding import make_mesh
-
-SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
-                   fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
-                   vision_width=32, vision_layers=1, vision_heads=2, embed_dim=16)
+from helpers import SMALL_MODEL, built_task
 
 
 def small_config(**task):
@@ -37,9 +34,7 @@ def small_config(**task):
 
 @pytest.fixture(scope="module")
 def small_task():
-    task = tasks.build(small_config())
-    params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
-    return task, params
+    return built_task(small_config())
 
 
 @pytest.fixture(scope="module")

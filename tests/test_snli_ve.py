@@ -25,10 +25,7 @@ from mplug_jax.evaluators import classify as classify_eval
 from mplug_jax.evaluators.common import FILES, write_files
 from mplug_jax.scoring import classify as C
 from mplug_jax.scoring import snli_ve as score_snli_ve
-
-SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
-                   fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
-                   vision_width=32, vision_layers=1, vision_heads=2, embed_dim=16)
+from helpers import SMALL_MODEL
 
 
 def small_config(tmp_path, **input_kw):

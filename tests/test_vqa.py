@@ -18,11 +18,9 @@ from mplug_jax.data.inputs import vqa as vqa_input
 from mplug_jax.evaluators import vqa as vqa_eval
 from mplug_jax.scoring import vqa as S
 from mplug_jax.tasks.vqa import answer_nll
+from helpers import SMALL_MODEL, built_task
 
 V = 128  # small vocabulary for the unit tests
-SMALL_MODEL = dict(hidden_size=32, num_heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
-                   fusion_stride=1, decoder_layers=1, image_size=32, patch_size=16,
-                   vision_width=32, vision_layers=1, vision_heads=2, embed_dim=16)
 
 
 def small_config(vocab_size: int = V):
@@ -36,9 +34,7 @@ def small_config(vocab_size: int = V):
 
 @pytest.fixture(scope="module")
 def small_task():
-    task = tasks.build(small_config())
-    params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
-    return task, params
+    return built_task(small_config())
 
 
 def _batch(seed: int, b: int = 2, a: int = 3):

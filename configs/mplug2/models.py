@@ -31,6 +31,14 @@ MPLUG2_PRESETS = {
         patch_size=16, vision_width=64, vision_layers=2, vision_heads=1, num_frames=3),
 }
 
+# Variant settings the video fine-tuning configs (video_caption, video_qa) share: `TINY` trains
+# mplug2_tiny from scratch on the synthetic clips; `RELEASE_VIDEO` is the release's MSRVTT
+# fine-tuning (lr 2e-5 / 2e-6, 10 epochs, 16 frames at 224 px) for base and large.
+TINY = dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
+            total_epochs=0.0, image_size=32, num_frames=4, dropout=0.0)
+RELEASE_VIDEO = dict(lr=2e-5, lr2=2e-6, warmup_steps=200, total_steps=0, total_epochs=10.0,
+                     image_size=224, num_frames=16, dropout=0.1)
+
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
     """The MPLUG2 keyword arguments of a preset ('mplug2_tiny', 'mplug2_base', 'mplug2_large')."""
@@ -54,3 +62,12 @@ def task_model(preset: str, *, image_size: int, num_frames: int, dropout: float,
     else:
         m.dtype = "bfloat16"
     return m
+
+
+def variant_model(v: dict, tiny: bool, **overrides) -> ml_collections.ConfigDict:
+    """`task_model` of a task config's variant dict `v` (its `model`, `image_size`,
+    `num_frames` and `dropout`); `overrides`: further or replaced keyword arguments."""
+    kwargs = dict(image_size=v["image_size"], num_frames=v["num_frames"], tiny=tiny)
+    if "dropout" in v:
+        kwargs["dropout"] = v["dropout"]
+    return task_model(v["model"], **{**kwargs, **overrides})

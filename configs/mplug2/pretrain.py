@@ -30,7 +30,7 @@ refuse the synthetic data and random weights unless asked.
 import ml_collections
 
 from configs import common
-from configs.mplug2.models import task_model
+from configs.mplug2.models import variant_model
 
 _VARIANTS = {
     "tiny": dict(model="mplug2_tiny", batch_size=16, image_batch_size=16, lr=5e-4,
@@ -50,17 +50,10 @@ _VARIANTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """mPLUG-2 pretraining config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large)."""
-    arg, c = common.start(arg, _VARIANTS, default="base")
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps, c.total_epochs = v["total_steps"], v["epochs"]
-
-    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
-                         dropout=0.0 if tiny else 0.1, tiny=tiny,
-                         embed_dim=32 if tiny else 256, temp_init=0.07)
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "mplug2.pretrain"
+    arg, c, v, tiny = common.begin_finetune(
+        arg, _VARIANTS, default="base", name="mplug2.pretrain", epochs="epochs",
+        model=lambda v, tiny: variant_model(v, tiny, dropout=0.0 if tiny else 0.1,
+                                            embed_dim=32 if tiny else 256, temp_init=0.07))
     c.task.loss_weights = dict(itc=1.0, itm=1.0, mlm=1.0, lm=1.0)
     c.task.itc = dict(queue_size=v["queue_size"], momentum=v["momentum"], distill_alpha=0.4,
                       alpha_warmup_epochs=1.0, temp_min=0.001, temp_max=0.5)
@@ -68,9 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Instruction prompts of the instruction-based LM, per modality (paper section 3.2).
     c.task.instructions = dict(video="a video of", image="a picture of")
 
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # videos: 'synthetic' (built-in) | 'json' (clip_name, caption)
-    c.input.allow_synthetic = tiny
+    # dataset of the videos: 'synthetic' (built-in) | 'json' (clip_name, caption)
+    c.input = common.new_input(tiny)
     c.input.annotations = ""
     c.input.video_root = ""
     c.input.synthetic_dir = ""
@@ -82,11 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.image_batch_size = v["image_batch_size"]  # images per step (global)
     c.input.max_words = 30
     c.input.max_tokens = v["max_tokens"]
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), hflip=True, randaug_n=0,
-                           randaug_m=0)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(0, 0)))
     # Image-caption stream (`data.pretrain_input` keys).
     c.input.images = dict(dataset="synthetic", annotations=[], eval_annotations=[],
                           image_root="", tfds_dir="", eval_split="validation",
@@ -98,9 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     warmup_steps=v["warmup_steps"], frozen="",
                                     end_lr=1e-5 if tiny else 1e-6)
 
-    c.mesh = common.mesh_config(tiny)
-    common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=300 if tiny else 2000)
-    c.evals = ml_collections.ConfigDict()
+    common.finetune_run(c, tiny, allow_scratch=tiny, ckpt_every_steps=300 if tiny else 2000)
 
     if arg.mode == "smoke":
         common.smoke_run(c, batch_size=8)

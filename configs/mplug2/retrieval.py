@@ -45,7 +45,7 @@ schedule: ours (`optim.schedule='cosine'`) for every variant (the release has no
 import ml_collections
 
 from configs import common
-from configs.mplug2.models import task_model
+from configs.mplug2.models import variant_model
 
 _MSRVTT = dict(batch_size=192, lr=2e-5, lr2=2e-6, warmup_steps=100, total_steps=0,
                epochs=10.0, image_size=224, num_frames=12, eval_frames=12, queue_size=65472,
@@ -67,24 +67,16 @@ UNUSED = r"^(decoder|mlm_transform|mlm_ln|mlm_bias)(/|$)"
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """mPLUG-2 retrieval config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large)."""
-    arg, c = common.start(arg, _VARIANTS, default="large")
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps, c.total_epochs = v["total_steps"], v["epochs"]
-
-    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
-                         dropout=v["dropout"], tiny=tiny, embed_dim=32 if tiny else 256,
-                         temp_init=0.07)
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "mplug2.retrieval"
+    arg, c, v, tiny = common.begin_finetune(
+        arg, _VARIANTS, default="large", name="mplug2.retrieval", epochs="epochs",
+        model=lambda v, tiny: variant_model(v, tiny, embed_dim=32 if tiny else 256,
+                                            temp_init=0.07))
     c.task.loss_weights = dict(itc=1.0, itm=1.0)
     c.task.itc = dict(queue_size=v["queue_size"], momentum=v["momentum"], distill_alpha=0.4,
                       alpha_warmup_epochs=1.0, temp_min=0.001, temp_max=0.5)
 
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in videos) | 'json' (MSRVTT jsonl)
-    c.input.allow_synthetic = tiny
+    # dataset: 'synthetic' (built-in videos) | 'json' (MSRVTT jsonl)
+    c.input = common.new_input(tiny)
     c.input.annotations = ""  # MSRVTT retrieval train jsonl (clip_name, caption)
     c.input.video_root = ""  # frame folders <root>/<clip>/ or <root>/<clip>.mp4
     c.input.synthetic_dir = ""  # '' = a fresh temporary folder
@@ -96,20 +88,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_words = 40
     c.input.max_tokens = v["max_tokens"]
     # tiny: no augmentation (a flip would contradict the left/right captions).
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), hflip=True, randaug_n=0,
-                           randaug_m=0)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(0, 0)))
 
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
                                     warmup_steps=v["warmup_steps"], frozen=UNUSED,
                                     end_lr=1e-5 if tiny else 1e-6)
 
-    c.mesh = common.mesh_config(tiny)
-    common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=250 if tiny else 2000)
+    common.finetune_run(c, tiny, allow_scratch=tiny, ckpt_every_steps=250 if tiny else 2000)
 
-    c.evals = ml_collections.ConfigDict()
     # Cadence: val r_mean after every epoch, the best kept (as the mPLUG retrieval script,
     # retrieval_img_mplug.py; the mPLUG-2 release has no retrieval fine-tuning script);
     # tiny: once, after training.

@@ -59,18 +59,14 @@ import shutil
 import ml_collections
 
 from configs import common
-from configs.mplug2.models import task_model
+from configs.mplug2.models import RELEASE_VIDEO, TINY, variant_model
 
+# base and large: the release's MSRVTT caption settings.
+_MSRVTT = dict(RELEASE_VIDEO, batch_size=64, max_caption_tokens=20, accum=2)
 _VARIANTS = {
-    "tiny": dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
-                 total_steps=400, total_epochs=0.0, image_size=32, num_frames=4,
-                 max_caption_tokens=20, dropout=0.0, accum=1),
-    "base": dict(model="mplug2_base", batch_size=64, lr=2e-5, lr2=2e-6, warmup_steps=200,
-                 total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
-                 max_caption_tokens=20, dropout=0.1, accum=2),
-    "large": dict(model="mplug2_large", batch_size=64, lr=2e-5, lr2=2e-6, warmup_steps=200,
-                  total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
-                  max_caption_tokens=20, dropout=0.1, accum=2),
+    "tiny": dict(TINY, total_steps=400, max_caption_tokens=20, accum=1),
+    "base": dict(_MSRVTT, model="mplug2_base"),
+    "large": dict(_MSRVTT, model="mplug2_large"),
 }
 # mPLUG-2 paper appendix B.2.3 (base and large), cross-entropy stage: batch 128, prompt, max 25.
 _PAPER_CE = dict(batch_size=128, prompt="what does the video describe?", max_length=25)
@@ -82,16 +78,9 @@ METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """mPLUG-2 video caption config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large, base_paper,
     large_paper)."""
-    arg, c = common.start(arg, _VARIANTS, default="large")
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps, c.total_epochs = v["total_steps"], v["total_epochs"]
-
-    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
-                         dropout=v["dropout"], tiny=tiny)
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "mplug2.video_caption"
+    arg, c, v, tiny = common.begin_finetune(
+        arg, _VARIANTS, default="large", name="mplug2.video_caption", epochs="total_epochs",
+        model=variant_model)
     c.task.prompt = v.get("prompt", "a video of")  # official config `prompt`
     # 'release': prompt + caption glued without a space (the release, the paper's numbers and
     # the released checkpoint); 'space': the corrected join. Generation is the same for both.
@@ -104,9 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.generation = dict(beam_size=5, min_length=4, max_length=v.get("max_length", 20),
                              alpha=0.6)
 
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in moving shapes) | 'json' (official)
-    c.input.allow_synthetic = tiny
+    # dataset: 'synthetic' (built-in moving shapes) | 'json' (official)
+    c.input = common.new_input(tiny)
     c.input.annotations = ""  # official train jsonl (video_id, caption)
     c.input.eval_annotations = ""
     c.input.video_root = ""  # frame folders <root>/<video_id>/ or <root>/<video_id>.mp4
@@ -119,22 +107,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = v["batch_size"]  # global
     c.input.max_caption_tokens = v["max_caption_tokens"]  # official max_length 20
     # tiny: no augmentation (a flip would contradict "moving left / right").
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), hflip=True, randaug_n=2,
-                           randaug_m=5)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(2, 5)))
 
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
                                     warmup_steps=v["warmup_steps"], frozen="",
                                     end_lr=1e-5 if tiny else 1e-6, accum_steps=v["accum"])
 
-    c.mesh = common.mesh_config(tiny)
-    common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=200 if tiny else 2000)
+    common.finetune_run(c, tiny, allow_scratch=tiny, ckpt_every_steps=200 if tiny else 2000)
 
     # METEOR and the PTB tokenizer need java; tiny falls back to the rest without it.
     java = shutil.which("java") is not None
-    c.evals = ml_collections.ConfigDict()
     # Cadence (release video_caption_mplug2.py main): val before training and after every
     # epoch (caption_result_epoch<E>.json), checkpoint_best.pth when CIDEr is >= the best so
     # far (the value before training included; here the first evaluation after step 0 is

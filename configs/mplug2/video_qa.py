@@ -57,18 +57,14 @@ decay or schedule details: those stay the release's.
 import ml_collections
 
 from configs import common
-from configs.mplug2.models import task_model
+from configs.mplug2.models import RELEASE_VIDEO, TINY, variant_model
 
+# base and large: the release's MSRVTT-QA settings.
+_MSRVTT_QA = dict(RELEASE_VIDEO, batch_size=32, max_question_tokens=50, max_answer_tokens=10)
 _VARIANTS = {
-    "tiny": dict(model="mplug2_tiny", batch_size=32, lr=1e-3, lr2=1e-3, warmup_steps=30,
-                 total_steps=500, total_epochs=0.0, image_size=32, num_frames=4,
-                 max_question_tokens=12, max_answer_tokens=4, dropout=0.0),
-    "base": dict(model="mplug2_base", batch_size=32, lr=2e-5, lr2=2e-6, warmup_steps=200,
-                 total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
-                 max_question_tokens=50, max_answer_tokens=10, dropout=0.1),
-    "large": dict(model="mplug2_large", batch_size=32, lr=2e-5, lr2=2e-6, warmup_steps=200,
-                  total_steps=0, total_epochs=10.0, image_size=224, num_frames=16,
-                  max_question_tokens=50, max_answer_tokens=10, dropout=0.1),
+    "tiny": dict(TINY, total_steps=500, max_question_tokens=12, max_answer_tokens=4),
+    "base": dict(_MSRVTT_QA, model="mplug2_base"),
+    "large": dict(_MSRVTT_QA, model="mplug2_large"),
 }
 # mPLUG-2 paper appendix B.2.3 (base and large): batch 128.
 PAPER = {"base": dict(batch_size=128), "large": dict(batch_size=128)}
@@ -78,20 +74,12 @@ _VARIANTS = common.with_paper(_VARIANTS, PAPER)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """mPLUG-2 video QA config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large, base_paper,
     large_paper)."""
-    arg, c = common.start(arg, _VARIANTS, default="large")
-    v = _VARIANTS[arg.variant]
-    tiny = arg.variant == "tiny"
-    c.total_steps, c.total_epochs = v["total_steps"], v["total_epochs"]
+    arg, c, v, tiny = common.begin_finetune(
+        arg, _VARIANTS, default="large", name="mplug2.video_qa", epochs="total_epochs",
+        model=variant_model)
 
-    c.model = task_model(v["model"], image_size=v["image_size"], num_frames=v["num_frames"],
-                         dropout=v["dropout"], tiny=tiny)
-
-    c.task = ml_collections.ConfigDict()
-    c.task.name = "mplug2.video_qa"
-
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "synthetic"  # 'synthetic' (built-in motion QA) | 'json' (official jsonl)
-    c.input.allow_synthetic = tiny
+    # dataset: 'synthetic' (built-in motion QA) | 'json' (official jsonl)
+    c.input = common.new_input(tiny)
     c.input.annotations = ""  # official train jsonl (video_id, question, answer)
     c.input.eval_annotations = ""
     c.input.video_root = ""  # frame folders <root>/<video_id>/ or <root>/<video_id>.mp4
@@ -106,21 +94,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_question_tokens = v["max_question_tokens"]
     c.input.max_answer_tokens = v["max_answer_tokens"]  # [CLS] answer [SEP]
     # tiny: no augmentation (a flip would contradict the left/right answers).
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), hflip=True, randaug_n=2,
-                           randaug_m=5)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(2, 5)))
 
     # lr1 for everything but the visual encoder (lr2); the release clips nothing (apex AMP).
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
                                     warmup_steps=v["warmup_steps"], frozen="",
                                     end_lr=1e-5 if tiny else 1e-6)
 
-    c.mesh = common.mesh_config(tiny)
-    common.set_run_defaults(c, tiny, allow_scratch=tiny, ckpt_every_steps=200 if tiny else 2000)
+    common.finetune_run(c, tiny, allow_scratch=tiny, ckpt_every_steps=200 if tiny else 2000)
 
-    c.evals = ml_collections.ConfigDict()
     if not tiny:
         # Cadence (release video_qa_mplug2.py main): val before training and after every
         # epoch, checkpoint_best.pth when accuracy is >= the best so far (the value before

@@ -6,25 +6,17 @@ import pytest
 
 from mplug_jax.parity import grounding as grounding_parity
 from mplug_jax.scoring import grounding as G
-from task_fixtures import compute, locate, run_parity_on
+from task_fixtures import check_entry_point, task_fixture
 
-FX, needs_fixture = locate("grounding-tiny", "grounding")
-
-
-@pytest.fixture(scope="module")
-def computed():
-    """Our outputs for the fixture, computed once."""
-    return compute(FX, grounding_parity.grounding_outputs)
+needs_fixture, computed = task_fixture(grounding_parity)
 
 
 @needs_fixture
 def test_grounding_parity_on_official_fixture(computed, monkeypatch):
-    meta, got, expected = computed
     # Through the generic entry point (dispatch on meta.json task), reusing the computed arrays.
-    rows = run_parity_on(FX, grounding_parity, "grounding_outputs", got, monkeypatch)
-    names = {r.name for r in rows}
-    assert set(expected) <= names  # every expected array is compared
-    assert {"preprocess:image", "preprocess:gt_box", "tokenizer:phrases"} <= names
+    check_entry_point(grounding_parity, computed, monkeypatch,
+                      required={"preprocess:image", "preprocess:gt_box", "tokenizer:phrases"})
+    meta, got, _ = computed
     res = meta["results"]
     np.testing.assert_allclose(got["pred_box"], res["pred_box"], atol=1e-7)
     assert float(got["accuracy"]) == pytest.approx(res["accuracy"], abs=1e-12)

@@ -6,26 +6,19 @@ import pytest
 
 from mplug_jax.parity import retrieval as retrieval_parity
 from mplug_jax.scoring import retrieval as R
-from task_fixtures import compute, locate, run_parity_on
+from task_fixtures import check_entry_point, task_fixture
 
-FX, needs_fixture = locate("retrieval-tiny", "retrieval")
-
-
-@pytest.fixture(scope="module")
-def computed():
-    """Our outputs for the fixture, computed once."""
-    return compute(FX, retrieval_parity.retrieval_outputs)
+needs_fixture, computed = task_fixture(retrieval_parity)
 
 
 @needs_fixture
 def test_retrieval_parity_on_official_fixture(computed, monkeypatch):
-    meta, got, expected = computed
-    # Through the generic entry point (dispatch on meta.json task), reusing the computed arrays.
-    rows = run_parity_on(FX, retrieval_parity, "retrieval_outputs", got, monkeypatch)
-    names = {r.name for r in rows}
-    given = set(retrieval_parity._GIVEN)
-    assert set(expected) - given <= names  # every output array is compared
-    assert {"tokenizer:eval_texts", "tokenizer:train_texts", "preprocess:image"} <= names
+    # Through the generic entry point (dispatch on meta.json task), reusing the computed arrays;
+    # the given arrays are inputs, not outputs.
+    check_entry_point(retrieval_parity, computed, monkeypatch,
+                      required={"tokenizer:eval_texts", "tokenizer:train_texts",
+                                "preprocess:image"}, given=retrieval_parity._GIVEN)
+    meta, got, _ = computed
     metrics = dict(zip(R.METRIC_NAMES, got["metrics"]))
     assert metrics == meta["metrics"]
     assert float(got["train_loss_ita"]) == pytest.approx(3.2627, abs=1e-4)

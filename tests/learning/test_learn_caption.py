@@ -97,20 +97,27 @@ def test_finetuning_from_pretraining_names_colours_and_shapes(finetuned, tmp_pat
     assert colour_ok >= 0.5 * len(preds), (colour_ok, preds[:5])
 
 
-@pytest.mark.learning
-def test_scst_from_the_finetuned_workdir_resumes_bit_identically(finetuned, tmp_path,
-                                                                 monkeypatch):
-    """A few SCST steps: rewards are computed (> 0 for a model that names shapes), the loss is
-    finite, and a run stopped at step 2 and resumed matches the uninterrupted run."""
+def _scst_config(finetuned, total_steps: int):
+    """`tiny,mode=scst` from the fine-tuned workdir's model and checkpoint: batch 8, captions
+    up to 12 tokens, `total_steps` steps on one device, logged every step, no evals."""
     cfg, run, _ = finetuned
     c = caption_config.get_config("tiny,mode=scst")
     c.model = ml_collections.ConfigDict(cfg.model.to_dict())
     c.init.checkpoint = str(run)
     c.input.update(batch_size=8, train_size=2000, eval_size=8)
     c.task.generation.update(max_length=12)
-    c.total_steps, c.log_every_steps, c.ckpt_every_steps = 4, 1, 100
+    c.total_steps, c.log_every_steps, c.ckpt_every_steps = total_steps, 1, 100
     c.mesh.shape = dict(data=1, fsdp=1, tensor=1)
     c.evals = {}
+    return c
+
+
+@pytest.mark.learning
+def test_scst_from_the_finetuned_workdir_resumes_bit_identically(finetuned, tmp_path,
+                                                                 monkeypatch):
+    """A few SCST steps: rewards are computed (> 0 for a model that names shapes), the loss is
+    finite, and a run stopped at step 2 and resumed matches the uninterrupted run."""
+    c = _scst_config(finetuned, total_steps=4)
     full = trainer.run(c, str(tmp_path / "full"))
     write = metrics.MetricWriter.write
 
@@ -166,16 +173,8 @@ def test_scst_sampling_variant_runs_with_a_greedy_baseline(finetuned, tmp_path):
     """`task.scst.mode='sample'`: K sampled captions per image (generate.sample), baseline = the
     greedy caption's reward; two steps from the fine-tuned workdir train with finite losses,
     and the hook's samples are valid captions (start at [CLS], end at [SEP] or the limit)."""
-    cfg, run, _ = finetuned
-    c = caption_config.get_config("tiny,mode=scst")
-    c.model = ml_collections.ConfigDict(cfg.model.to_dict())
-    c.init.checkpoint = str(run)
-    c.input.update(batch_size=8, train_size=2000, eval_size=8)
-    c.task.generation.update(max_length=12)
+    c = _scst_config(finetuned, total_steps=2)
     c.task.scst.update(mode="sample", num_samples=3, top_k=5)
-    c.total_steps, c.log_every_steps, c.ckpt_every_steps = 2, 1, 100
-    c.mesh.shape = dict(data=1, fsdp=1, tensor=1)
-    c.evals = {}
     out = trainer.run(c, str(tmp_path / "sample"))
     rows = [r for r in metrics.read_jsonl(str(tmp_path / "sample" / "metrics.jsonl"))
             if "train/loss" in r]

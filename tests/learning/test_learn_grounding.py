@@ -2,22 +2,20 @@
 tier)."""
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import grounding as grounding_config
-from mplug_jax import cli, metrics
+from mplug_jax import cli
 from mplug_jax.data.formats import grounding as grounding_format
 from mplug_jax.data.inputs import grounding as GI
 from mplug_jax.data.synthetic import grounding as synthetic_grounding
 from mplug_jax.scoring import grounding as G
 
 from test_grounding import SMALL_MODEL, eval_config
+from helpers import metric_rows, train_cli
 
 
 LEARN = {"total_steps": 500, "optim.lr": 3e-3, "optim.warmup_steps": 30,
@@ -58,14 +56,9 @@ def test_finetune_tiny_learns_then_predict_png(pretrain_workdir, tmp_path, capsy
                                "input.synthetic_dir": str(tmp_path / "shapes"),
                                "input.synthetic.max_objects": 1,
                                "input.synthetic.styles": "solid"})
-    repo = str(pathlib.Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/grounding.py:tiny",
-           f"--workdir={run}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in metrics.read_jsonl(str(run / "metrics.jsonl")) if "val/accu" in r]
+    train_cli("configs/grounding.py:tiny", run, overrides, timeout=900)
+    rows = metric_rows(run, "val/accu")
     steps = LEARN["total_steps"]
     assert [r["step"] for r in rows] == [steps]
     c = grounding_config.get_config("tiny")

@@ -1,17 +1,9 @@
 """mPLUG-2 pretraining: every loss decreases (learning tier)."""
-import os
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from mplug_jax import metrics
 from mplug_jax.mplug2.tasks.pretrain import LOSSES as OBJECTIVES
-
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from helpers import metric_rows, train_cli
 
 
 SMOKE_STEPS = 40
@@ -23,18 +15,14 @@ def test_pretraining_run_every_loss_decreases(tmp_path):
     -O0 codegen: the mixed step's compile dominates 40 steps): the mean of the last three
     logged values of each objective is below the first two (measured: ITC 3.3 -> 2.7, ITM 0.72
     -> 0.63, MLM 10.3 -> 9.1, LM 10.4 -> 8.5)."""
-    env = dict(os.environ)
     overrides = {"total_steps": SMOKE_STEPS, "log_every_steps": 5, "optim.warmup_steps": 5,
                  "mesh.shape.data": 1,
                  "input.batch_size": 8, "input.image_batch_size": 8, "input.train_size": 64,
                  "input.images.train_size": 256, "ckpt_every_steps": 1000,
                  "input.synthetic_dir": str(tmp_path / "videos")}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/mplug2/pretrain.py:tiny",
-           f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
-            if "train/loss" in r]
+    train_cli("configs/mplug2/pretrain.py:tiny", tmp_path / "run", overrides, timeout=900,
+              default_xla=False)
+    rows = metric_rows(tmp_path / "run", "train/loss")
     out = {}
     for o in OBJECTIVES:
         vals = [r[f"train/loss_{o}"] for r in rows]

@@ -1,17 +1,11 @@
 """mPLUG-2 video retrieval fine-tuned from scratch beats chance (learning tier)."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from mplug_jax import metrics
-
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from helpers import train_cli
 
 
 @pytest.mark.learning
@@ -21,13 +15,9 @@ def test_finetune_from_scratch_beats_chance(tmp_path):
     clearly. Measured: t2v R@1 / R@5 / R@10 6.25 / 31.25 / 45.3 % on 64 held-out videos
     (chance 1.56 / 7.8 / 15.6), v2t R@1 6.25; ~5.5 min on 2 heavily shared cores (compile
     ~160 s of it), ~2 min on an idle 2-core machine."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     overrides = {"input.synthetic_dir": str(tmp_path / "videos"),
                  "evals.val.synthetic_dir": str(tmp_path / "eval"), "ckpt_every_steps": 1000}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/mplug2/retrieval.py:tiny",
-           f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_cli("configs/mplug2/retrieval.py:tiny", tmp_path / "run", overrides, timeout=900)
     rows = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
     train = [r for r in rows if "train/loss" in r]
     ev = [r for r in rows if "val/vid_r1" in r][-1]

@@ -1,18 +1,14 @@
 """NLVR2 fine-tuning learns beyond its baseline (learning tier)."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from mplug_jax import metrics
 from mplug_jax.data.inputs import nlvr2 as nlvr2_input
 from mplug_jax.scoring import nlvr2 as S
 
 from test_nlvr2 import SMALL_MODEL
+from helpers import metric_rows, train_cli
 
 
 LEARN = {"total_steps": 400, "optim.lr": 3e-3, "optim.lr_groups.vision.mult": 1.0,
@@ -33,14 +29,8 @@ def test_finetuning_tiny_learns_nlvr2(pretrain_workdir, tmp_path):
     overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
     overrides.update(LEARN, **{"init.checkpoint": str(pretrain_workdir),
                                "input.synthetic_dir": str(tmp_path / "data")})
-    repo = str(pathlib.Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/nlvr2.py:tiny",
-           f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
-            if "val/acc" in r]
+    train_cli("configs/nlvr2.py:tiny", tmp_path / "run", overrides)
+    rows = metric_rows(tmp_path / "run", "val/acc")
     assert [r["step"] for r in rows] == [400]
     acc = rows[0]["val/acc"]
     majority = max(rows[0]["val/n_True"], rows[0]["val/n_False"]) / rows[0]["val/n"]

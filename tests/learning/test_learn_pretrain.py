@@ -2,7 +2,7 @@
 tier)."""
 import pytest
 
-from mplug_jax import metrics
+from helpers import metric_rows, train_cli
 
 
 LEARN_OVERRIDES = {"total_steps": 300, "optim.lr": 1e-3, "optim.warmup_steps": 30,
@@ -19,20 +19,8 @@ def test_pretraining_learns_above_chance(tmp_path):
     (measured here: R@1 12.5% / 10.9% vs chance 0.8%, ITM 71.9%, MLM 31.9% vs the 21.3%
     majority baseline). The run is the CLI in a subprocess with XLA's default optimisation
     (the suite's -O0 codegen would make its 300 steps ~3x slower): ~3 minutes on 2 cores."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-    repo = pathlib.Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    spec = "configs/pretrain.py:tiny"
-    overrides = [f"--config.{k}={v}" for k, v in LEARN_OVERRIDES.items()]
-    cmd = [sys.executable, "-m", "mplug_jax.main", f"--config={spec}",
-           f"--workdir={tmp_path}"] + overrides
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
-            if "heldout/itm_acc" in r]
+    train_cli("configs/pretrain.py:tiny", tmp_path, LEARN_OVERRIDES, timeout=900)
+    rows = metric_rows(tmp_path, "heldout/itm_acc")
     assert [r["step"] for r in rows] == [0, 300]  # eval_at_start: the untrained baseline
     before, after = ({k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("heldout/")}
                      for r in rows)

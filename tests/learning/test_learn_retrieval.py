@@ -1,15 +1,11 @@
 """Retrieval fine-tuning from the shared pretraining fixture learns beyond chance (learning
 tier)."""
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from mplug_jax import metrics
 
 from test_retrieval import SMALL_MODEL
+from helpers import metric_rows, train_cli
 
 
 LEARN = {"total_steps": 300, "optim.lr": 3e-3, "optim.warmup_steps": 30,
@@ -27,15 +23,8 @@ def test_finetuning_tiny_learns_retrieval(pretrain_workdir, tmp_path):
     overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
     overrides.update(LEARN, **{"model.image_size": 48, "init.checkpoint": str(pretrain_workdir),
                                "input.synthetic_dir": str(tmp_path / "data")})
-    repo = str(pathlib.Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/retrieval.py:tiny",
-           f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in
-                                               overrides.items()]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
-            if "val/txt_r1" in r]
+    train_cli("configs/retrieval.py:tiny", tmp_path / "run", overrides)
+    rows = metric_rows(tmp_path / "run", "val/txt_r1")
     assert [r["step"] for r in rows] == [300]
     m = {k[4:]: v for k, v in rows[0].items() if k.startswith("val/")}
     print("held-out retrieval (100 images, chance R@1 1%):",

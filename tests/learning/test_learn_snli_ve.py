@@ -1,9 +1,7 @@
 """SNLI-VE fine-tuning learns beyond its baseline (learning tier)."""
 import json
 import os
-import pathlib
 import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -16,24 +14,19 @@ from mplug_jax.data.inputs import snli_ve as snli_ve_input
 from mplug_jax.data.synthetic import snli_ve as S
 
 from test_snli_ve import SMALL_MODEL
+from helpers import train_cli
 
 
 LEARN = {"total_steps": 300, "optim.lr": 3e-3, "optim.warmup_steps": 30,
          "log_every_steps": 100, "ckpt_every_steps": 10000, "mesh.shape.data": 1,
          "input.train_size": 4000, "input.eval_size": 512, "evals.val.batch_size": 128,
          "model.image_size": 48}
-REPO = str(pathlib.Path(__file__).resolve().parents[2])
 
 
-def train_cli(workdir, overrides: dict) -> subprocess.CompletedProcess:
+def train_snli_ve(workdir, overrides: dict) -> subprocess.CompletedProcess:
     """`configs/snli_ve.py:tiny` through the CLI in a subprocess (XLA's default optimisation,
     not the suite's -O0), `overrides` on top."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/snli_ve.py:tiny",
-           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return train_cli("configs/snli_ve.py:tiny", workdir, overrides)
 
 
 @pytest.mark.learning
@@ -54,7 +47,7 @@ def test_finetuning_tiny_learns_snli_ve(pretrain_workdir, tmp_path, capsys):
                                "input.synthetic_dir": str(tmp_path / "synth"),
                                "task.premise": False, "input.max_text_tokens": 12})
     wd = tmp_path / "run"
-    proc = train_cli(wd, overrides)
+    proc = train_snli_ve(wd, overrides)
     # Every encoder-side array (mlm_bias, temp included) comes from the workdir; cls_head
     # (absent there) stays fresh; the decoder and dense heads of the workdir are skipped.
     cfg = snli_config.get_config("tiny")
@@ -122,7 +115,7 @@ def test_premise_beats_hypothesis_only(pretrain_workdir, tmp_path):
     acc = {}
     for premise in (True, False):
         wd = tmp_path / f"premise_{premise}"
-        train_cli(wd, {**base, "task.premise": premise})
+        train_snli_ve(wd, {**base, "task.premise": premise})
         rows = [r for r in metrics.read_jsonl(str(wd / "metrics.jsonl")) if "val/acc" in r]
         assert [r["step"] for r in rows] == [300] and rows[0]["val/n"] == 256
         acc[premise] = rows[0]["val/acc"]

@@ -1,18 +1,14 @@
 """VQA fine-tuning from the shared pretraining fixture learns beyond chance (learning tier)."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from mplug_jax import metrics
 from mplug_jax.data.synthetic import shapes as synthetic
 from mplug_jax.scoring import vqa as S
 
 from test_vqa import SMALL_MODEL
+from helpers import metric_rows, train_cli
 
 
 def chance_accuracy(heldout) -> float:
@@ -42,13 +38,8 @@ def test_finetuning_tiny_learns_vqa(pretrain_workdir, tmp_path):
     with score_file. CLI in a subprocess at XLA's default optimisation."""
     overrides = {f"model.{k}": v for k, v in SMALL_MODEL.items()}
     overrides.update(LEARN, **{"model.image_size": 48, "init.checkpoint": str(pretrain_workdir)})
-    repo = str(pathlib.Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "mplug_jax.main", "--config=configs/vqa.py:tiny",
-           f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) if "val/acc" in r]
+    train_cli("configs/vqa.py:tiny", tmp_path, overrides)
+    rows = metric_rows(tmp_path, "val/acc")
     assert [r["step"] for r in rows] == [300]
     acc = rows[0]["val/acc"]
     heldout = [synthetic.SyntheticVQA("heldout", 256, image_size=16)[i] for i in range(256)]

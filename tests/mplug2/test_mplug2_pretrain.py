@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_rejected
 
 from configs.mplug2 import pretrain as cfg_lib
 from mplug_jax import tasks
@@ -98,30 +99,13 @@ def test_image_path_skips_temporal_modules_and_generation(built):
 
 
 def test_bad_configs(tmp_path):
-    c = _config(tmp_path)
-    c.task.loss_weights = dict(itc=1.0, vlm=1.0)
-    with pytest.raises(ValueError, match="unknown task.loss_weights"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.task.loss_weights = dict(itc=0.0, itm=0.0, mlm=0.0, lm=0.0)
-    with pytest.raises(ValueError, match="at least one > 0"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.task.instructions.image = ""
-    with pytest.raises(ValueError, match="instructions needs a prompt"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.input.image_batch_size = 1
-    with pytest.raises(ValueError, match="image_batch_size=1"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.task.itc.queue_size = 12
-    with pytest.raises(ValueError, match="queue_size=12"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.task.mlm.mask_prob = 0.0
-    with pytest.raises(ValueError, match="mask_prob"):
-        tasks.build(c)
+    assert_rejected(lambda: _config(tmp_path), tasks.build, (
+        ("task.loss_weights", dict(itc=1.0, vlm=1.0), "unknown task.loss_weights"),
+        ("task.loss_weights", dict(itc=0.0, itm=0.0, mlm=0.0, lm=0.0), "at least one > 0"),
+        ("task.instructions.image", "", "instructions needs a prompt"),
+        ("input.image_batch_size", 1, "image_batch_size=1"),
+        ("task.itc.queue_size", 12, "queue_size=12"),
+        ("task.mlm.mask_prob", 0.0, "mask_prob")))
     for variant in ("base", "large"):
         with pytest.raises(ValueError, match="refuses the built-in synthetic"):
             tasks.get_class("mplug2.pretrain").train_input(cfg_lib.get_config(variant))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_rejected
 
 from configs.mplug2 import retrieval as cfg_lib
 from mplug_jax import losses, tasks
@@ -171,26 +172,12 @@ def test_bad_configs_and_init(tmp_path):
     c = _config(tmp_path, queue_size=6)
     with pytest.raises(ValueError, match="queue_size=6 must be a multiple"):
         tasks.build(c)
-    c = _config(tmp_path)
-    c.task.loss_weights = dict(itc=0.0, itm=0.0)
-    with pytest.raises(ValueError, match="not both 0"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.task.itc.temp_min = 0.0
-    with pytest.raises(ValueError, match="temp_min"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.model.embed_dim = 0
-    with pytest.raises(ValueError, match="embed_dim"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.model.bogus = 1
-    with pytest.raises(ValueError, match="unknown mPLUG-2 config keys"):
-        tasks.build(c)
-    c = _config(tmp_path)
-    c.input.batch_size = 1
-    with pytest.raises(ValueError, match="at least 2 clips"):
-        tasks.build(c)
+    assert_rejected(lambda: _config(tmp_path), tasks.build, (
+        ("task.loss_weights", dict(itc=0.0, itm=0.0), "not both 0"),
+        ("task.itc.temp_min", 0.0, "temp_min"),
+        ("model.embed_dim", 0, "embed_dim"),
+        ("model.bogus", 1, "unknown mPLUG-2 config keys"),
+        ("input.batch_size", 1, "at least 2 clips")))
     c = _config(tmp_path)
     c.init.allow_scratch = False
     with pytest.raises(ValueError, match="allow_scratch"):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import assert_rejected
 
 from configs.mplug2 import video_caption as cfg_lib
 from mplug_jax import tasks
@@ -137,18 +138,12 @@ def test_loss_hand_built_and_bad_configs(tmp_path):
     np.testing.assert_allclose(float(got), (total + extra) / (n + 8), rtol=2e-5)
     assert int(valid.sum()) == n + 8
 
-    for key, value, match in (("prompt_join", "glue", "prompt_join='glue'"),
-                              ("prompt_loss", "none", "prompt_loss='none'"),
-                              ("generation", dict(beam_size=2, min_length=6, max_length=6),
-                               "min_length < max_length")):
-        bad = _config(tmp_path)
-        bad.task[key] = value
-        with pytest.raises(ValueError, match=match):
-            tasks.build(bad)
-    bad = _config(tmp_path)
-    bad.input.max_caption_tokens = 4
-    with pytest.raises(ValueError, match="max_caption_tokens=4 leaves no caption token"):
-        tasks.build(bad)
+    assert_rejected(lambda: _config(tmp_path), tasks.build, (
+        ("task.prompt_join", "glue", "prompt_join='glue'"),
+        ("task.prompt_loss", "none", "prompt_loss='none'"),
+        ("task.generation", dict(beam_size=2, min_length=6, max_length=6),
+         "min_length < max_length"),
+        ("input.max_caption_tokens", 4, "max_caption_tokens=4 leaves no caption token")))
     bad = _config(tmp_path)
     bad.input.dataset = "json"
     with pytest.raises(ValueError, match="input.dataset='json' needs input.annotations"):
