@@ -29,7 +29,6 @@ photos, compared with the gap between two resampling filters.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import os
 import sys

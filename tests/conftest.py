@@ -126,7 +126,8 @@ def _cpu_seconds():
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    if not os.environ.get("MPLUG_TEST_CPU"):
+    out = os.environ.get("MPLUG_TEST_CPU")
+    if not out:
         yield
         return
     cpu, wall = _cpu_seconds(), time.monotonic()
@@ -134,6 +135,7 @@ def pytest_runtest_protocol(item, nextitem):
     tiers = sorted(name for name in TIERS if item.get_closest_marker(name))
     _CPU["tests"][item.nodeid] = {"cpu_s": round(_cpu_seconds() - cpu, 3),
                                   "wall_s": round(time.monotonic() - wall, 3), "tiers": tiers}
+    _write_cpu(out)  # after every test: a worker that dies keeps what it measured
 
 
 def pytest_unconfigure(config):
@@ -143,8 +145,11 @@ def pytest_unconfigure(config):
 
 def pytest_sessionfinish(session):
     out = os.environ.get("MPLUG_TEST_CPU")
-    if not out or not _CPU["tests"]:
-        return
+    if out and _CPU["tests"]:
+        _write_cpu(out)
+
+
+def _write_cpu(out: str) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     path = pathlib.Path(out) / f"cpu-{worker}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +162,9 @@ def pytest_sessionfinish(session):
 def _release_compiled_programs(request):
     """After each test file: drop JAX's compiled-program caches and the file's own
     `functools.cache`d helpers (compiled steps, built tasks). A worker runs dozens of files;
-    without this its memory grew past 7 GB by the middle of the suite, and an XLA compile that
-    cannot allocate aborts the whole worker."""
+    without this one held 7.5 GB resident late in a full run, and the two workers that died
+    (segfault / abort inside an XLA compile, in two full runs) died late in long runs. The
+    cause is not established; keeping workers small is the cheap part."""
     yield
     for value in list(vars(request.module).values()):
         if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
