@@ -1,7 +1,6 @@
 """Shared test setup: 8 fake CPU devices (set once, before JAX initialises) and fixtures."""
 import os
 
-# -O0 codegen: the suite is dominated by XLA compiles of tiny programs; the numbers are the same.
 # -O0 codegen without XLA:CPU's newer fusion emitters: a tiny pretraining step compiles in 11
 # CPU s instead of 21 (34 at XLA's defaults) and runs as fast as at -O0 with them (same loss to
 # the printed digits). At XLA's default -O level the old emitters compile 3.5x slower, so the
