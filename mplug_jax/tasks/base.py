@@ -109,30 +109,52 @@ def enqueue_features(extra: dict, img_feat_m: jax.Array, txt_feat_m: jax.Array) 
     return {"image_queue": image_queue, "text_queue": text_queue, "queue_ptr": new_ptr}
 
 
+def hard_negative_pairs(key: jax.Array, img: jax.Array, txt: jax.Array, mask: jax.Array,
+                        sim_i2t: jax.Array, sim_t2i: jax.Array, matches: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The 3B ITM pairs [B positives; (hard image, text j); (image i, hard text)], the hard
+    negatives drawn from the similarities float32[B, >=B] (`losses.sample_hard_negatives`,
+    never where `matches` bool[B, B] is true).
+
+    Args:
+      img: float[B, N, D] image states; txt: float[B, L, D] text states; mask: int[B, L].
+    Returns:
+      (float[3B, N, D] images, float[3B, L, D] texts, int[3B, L] text masks).
+    """
+    neg_txt, neg_img = losses.sample_hard_negatives(key, sim_i2t, sim_t2i, matches)
+    return (jnp.concatenate([img, img[neg_img], img], 0),
+            jnp.concatenate([txt, txt, txt[neg_txt]], 0),
+            jnp.concatenate([mask, mask, mask[neg_txt]], 0))
+
+
+def itm_pairs_loss(apply: Callable, params: Any, img_all: jax.Array, txt_all: jax.Array,
+                   mask_all: jax.Array, pools: int = 1,
+                   rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """ITM of `pools` blocks of `hard_negative_pairs` laid end to end (float[P * 3b, ...]):
+    the pairs fused (dropout keyed by `rng`) and classified from the fused text [CLS], label 1
+    for each block's first third.
+
+    Args:
+      apply: `(params, method, *args, rng=None)` (`Task._apply`).
+    Returns:
+      (float32[] ITM loss, float32[] ITM accuracy).
+    """
+    b = txt_all.shape[0] // (3 * pools)
+    _, fused = apply(params, "fuse", img_all, txt_all, mask_all, rng=rng)
+    logits = apply(params, "itm_logits", fused[:, 0])
+    labels = jnp.tile(jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)]),
+                      pools)
+    return losses.itm_loss(logits, labels)
+
+
 def itm_with_hard_negatives(apply: Callable, params: Any, key: jax.Array, img: jax.Array,
                             txt: jax.Array, mask: jax.Array, sim_i2t: jax.Array,
                             sim_t2i: jax.Array, matches: jax.Array,
                             rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """ITM over the B positive pairs, (hard image, text j) and (image i, hard text): the hard
-    negatives drawn from the similarities float32[B, >=B] (`losses.sample_hard_negatives`,
-    never where `matches` bool[B, B] is true), the 3B pairs fused (dropout keyed by `rng`)
-    and classified from the fused text [CLS].
-
-    Args:
-      apply: `(params, method, *args, rng=None)` (`Task._apply`).
-      img: float[B, N, D] image states; txt: float[B, L, D] text states; mask: int[B, L].
-    Returns:
-      (float32[] ITM loss, float32[] ITM accuracy).
-    """
-    b = txt.shape[0]
-    neg_txt, neg_img = losses.sample_hard_negatives(key, sim_i2t, sim_t2i, matches)
-    img_all = jnp.concatenate([img, img[neg_img], img], 0)
-    txt_all = jnp.concatenate([txt, txt, txt[neg_txt]], 0)
-    mask_all = jnp.concatenate([mask, mask, mask[neg_txt]], 0)
-    _, fused = apply(params, "fuse", img_all, txt_all, mask_all, rng=rng)
-    logits = apply(params, "itm_logits", fused[:, 0])
-    labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-    return losses.itm_loss(logits, labels)
+    """ITM over the B positive pairs, (hard image, text j) and (image i, hard text) of one pool
+    (`hard_negative_pairs` then `itm_pairs_loss`): (float32[] ITM loss, float32[] accuracy)."""
+    pairs = hard_negative_pairs(key, img, txt, mask, sim_i2t, sim_t2i, matches)
+    return itm_pairs_loss(apply, params, *pairs, rng=rng)
 
 
 def clamp_temperature(params: dict, itc) -> dict:

@@ -78,36 +78,50 @@ def loss_batch_size(config, queue_size: int, min_rows: int = 1, rows: str = "row
     return batch
 
 
-def contrastive(extra: dict, img_feat, txt_feat, img_feat_m, txt_feat_m, temp, alpha,
-                ids: jax.Array | None = None) -> tuple[jax.Array, dict, dict]:
-    """ITC against [momentum batch; queue] and the queue update.
+def contrastive_loss(queues: dict, img_feat, txt_feat, img_feat_m, txt_feat_m, temp, alpha,
+                     ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """ITC against [momentum batch; queue].
 
     Args:
-      extra: task state with (optionally) 'image_queue' / 'text_queue' float32[Q, E],
-        'queue_ptr' int32[] and 'idx_queue' int32[Q].
+      queues: (optionally) 'image_queue' / 'text_queue' float32[Q, E] and 'idx_queue'
+        int32[Q] (other entries are ignored).
       img_feat, txt_feat, img_feat_m, txt_feat_m: unit float32[B, E] (online / momentum).
       temp: float32[] clamped temperature; alpha: distillation weight.
       ids: int32[B] item ids >= 0 (same id = positives, also against 'idx_queue'); None =
         the diagonal only.
     Returns:
-      (float32[] loss, {'sim_i2t', 'sim_t2i': float32[B, B]}, updated extra entries).
+      (float32[] loss, {'sim_i2t', 'sim_t2i': float32[B, B]}).
     """
     empty = jnp.zeros((0, img_feat.shape[-1]), jnp.float32)
     positives = None
     if ids is not None:
         # A queue without ids ('idx_queue'): its entries match nothing (ids are >= 0).
-        q = extra["image_queue"].shape[0] if "image_queue" in extra else 0
-        idx_queue = extra.get("idx_queue", jnp.full((q,), EMPTY_ID, jnp.int32))
+        q = queues["image_queue"].shape[0] if "image_queue" in queues else 0
+        idx_queue = queues.get("idx_queue", jnp.full((q,), EMPTY_ID, jnp.int32))
         positives = ids[:, None] == jnp.concatenate([ids, idx_queue])[None, :]
-    loss, sims = losses.itc_loss(img_feat, txt_feat, img_feat_m, txt_feat_m,
-                                 extra.get("image_queue", empty), extra.get("text_queue", empty),
-                                 temp, alpha, positives)
+    return losses.itc_loss(img_feat, txt_feat, img_feat_m, txt_feat_m,
+                           queues.get("image_queue", empty), queues.get("text_queue", empty),
+                           temp, alpha, positives)
+
+
+def enqueue(extra: dict, img_feat_m, txt_feat_m, ids: jax.Array | None = None) -> dict:
+    """The queue entries of `extra` after writing the momentum features float32[B, E] (and
+    the int32[B] item ids, EMPTY_ID when None) at 'queue_ptr'; {} without a queue."""
     upd = base.enqueue_features(extra, img_feat_m, txt_feat_m)
     if "idx_queue" in extra:
-        write = ids if ids is not None else jnp.full(img_feat.shape[:1], EMPTY_ID, jnp.int32)
+        write = ids if ids is not None else jnp.full(img_feat_m.shape[:1], EMPTY_ID, jnp.int32)
         upd["idx_queue"] = jax.lax.dynamic_update_slice(extra["idx_queue"], write,
                                                         (extra["queue_ptr"],))
-    return loss, sims, upd
+    return upd
+
+
+def contrastive(extra: dict, img_feat, txt_feat, img_feat_m, txt_feat_m, temp, alpha,
+                ids: jax.Array | None = None) -> tuple[jax.Array, dict, dict]:
+    """`contrastive_loss` on the queues of task state `extra`, then `enqueue`: (float32[]
+    loss, {'sim_i2t', 'sim_t2i': float32[B, B]}, updated extra entries)."""
+    loss, sims = contrastive_loss(extra, img_feat, txt_feat, img_feat_m, txt_feat_m, temp,
+                                  alpha, ids)
+    return loss, sims, enqueue(extra, img_feat_m, txt_feat_m, ids)
 
 
 def queue_state(rng: jax.Array, size: int, dim: int, with_ids: bool) -> dict:
