@@ -12,7 +12,9 @@ covered; a field a config lacks is skipped):
   rates and weights >= 0, fractions in [0, 1]; `min_length <= max_length` wherever a block has
   both (the decoding settings);
 - training: exactly one of `total_steps` / `total_epochs` set; `input.batch_size` divisible by
-  the processes and by the mesh's batch shards times `optim.accum_steps`;
+  the processes and by the mesh's batch shards times `optim.accum_steps`; `task.negatives`
+  'per_device' with at least 2 rows per batch shard per loss call;
+- `task.negatives` is one of `mplug_jax.negatives.CHOICES`;
 - evaluation and selection (`mplug_jax.selection`): `best` names an enabled eval block and a
   metric, mode 'max' / 'min'; every `test_on_best` name is an eval block and `best` is set;
   an eval block's `input` names only `config.input` fields; `init.select` is 'latest' /
@@ -86,6 +88,18 @@ def range_problems(config) -> list[str]:
             block = path[:-len(name)]
             out.append(f"{block}min_length {parent.min_length} > {block}max_length {value}")
     return out
+
+
+def negatives_problems(config) -> list[str]:
+    """`task.negatives` (retrieval) not one of `negatives.CHOICES`."""
+    from mplug_jax import negatives
+    task = config.get("task") or {}
+    try:
+        if "negatives" in task:
+            negatives.check(task.negatives)
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def selection_problems(config) -> list[str]:
@@ -177,6 +191,12 @@ def training_problems(config) -> list[str]:
         out.append(f"input.batch_size {batch} must be divisible by the {shards} batch shards "
                    f"(mesh {sizes} on {jax.device_count()} devices) times optim.accum_steps "
                    f"{accum}")
+    negatives = (config.get("task") or {}).get("negatives")
+    if negatives == "per_device" and isinstance(accum, int) and accum >= 1 \
+            and batch // (shards * accum) < 2:
+        out.append(f"task.negatives='per_device' draws negatives from each batch shard's rows: "
+                   f"input.batch_size {batch} / ({shards} batch shards x optim.accum_steps "
+                   f"{accum}) leaves fewer than 2 per shard")
     if batch % jax.process_count():
         out.append(f"input.batch_size {batch} is not divisible by the {jax.process_count()} "
                    "processes")
@@ -253,6 +273,7 @@ def check(config, *, workdir=None, training: bool = True, files: bool = True) ->
         problems.append(f"unknown task {name!r} (config.task.name); valid: {tasks.available()}")
     problems += range_problems(config)
     problems += selection_problems(config)
+    problems += negatives_problems(config)
     if training:
         problems += training_problems(config)
     if problems:

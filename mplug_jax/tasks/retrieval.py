@@ -10,7 +10,9 @@ in the queue via `idx_queue`: R7), mixed with the momentum softmax by alpha (ram
 `alpha_warmup_epochs`); the momentum features and their image ids are then enqueued (R12). ITM
 scores the B positives, B (hard negative image, text) and B (image, hard negative text) pairs;
 negatives are drawn from the softmax of the in-batch similarities and are never the same image
-(nor an identical caption). Losses and softmaxes are float32.
+(nor an identical caption). Losses and softmaxes are float32. `task.negatives`: the in-batch
+ITC columns and the hard negatives come from the whole batch ('global') or from each batch
+shard's own rows ('per_device', the official per-GPU pools under DDP; `mplug_jax.negatives`).
 
 Deviations (documented): the temperature is clamped to [temp_min, temp_max] like ALBEF and our
 pretraining (the official retrieval model leaves it unclamped, R10); hard-negative weights get
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import losses
+from mplug_jax import losses, negatives
 from mplug_jax.data.inputs import retrieval as retrieval_input
 from mplug_jax.tasks import base
 
@@ -136,11 +138,14 @@ def queue_state(rng: jax.Array, size: int, dim: int, with_ids: bool) -> dict:
     return out
 
 
-def same_item_share(idx: jax.Array) -> jax.Array:
+def same_item_share(idx: jax.Array, pools: int = 1) -> jax.Array:
     """float32[] share of the in-batch negative pairs of int32[B] item ids that are in fact
-    the same item."""
-    b = idx.shape[0]
-    return (jnp.sum(idx[:, None] == idx[None, :]) - b).astype(jnp.float32) / max(b * (b - 1), 1)
+    the same item (pairs within each of `pools` equal blocks of rows, averaged over them)."""
+    def share(i):
+        b = i.shape[0]
+        return (jnp.sum(i[:, None] == i[None, :]) - b).astype(jnp.float32) / max(b * (b - 1), 1)
+
+    return jnp.mean(jax.vmap(share)(idx.reshape(pools, -1)))
 
 
 def embedding_fns(task: base.Task, visual: str = "encode_image",
@@ -180,6 +185,7 @@ class ITCMixin:
 
     momentum_params: tuple[str, ...] = MOMENTUM_PARAMS
     queue_ids = True
+    negatives = "global"  # the retrieval tasks set `task.negatives`
 
     def setup_itc(self, itc) -> None:
         """Read and check `task.itc` (after `base.Task.__init__`: the ramp needs
@@ -210,20 +216,32 @@ class ITCMixin:
         """Clamp the temperature into [temp_min, temp_max]."""
         return base.clamp_temperature(params, self.itc)
 
+    def negative_pools(self) -> int:
+        """Pools the (micro-)batch traced now draws its negatives from (`negatives.pools`)."""
+        return negatives.pools(self.negatives)
+
     def itc_itm_loss(self, params, extra: dict, rng: jax.Array, step: jax.Array,
                      visual_method: str, visual: jax.Array, ids: jax.Array, mask: jax.Array,
-                     idx: jax.Array):
-        """w_itc * ITC + w_itm * ITM of one (micro-)batch (module docstring).
+                     idx: jax.Array, pool_index: int | None = None):
+        """w_itc * ITC + w_itm * ITM of one (micro-)batch (module docstring), the in-batch
+        negatives drawn per `negatives` pool (`mplug_jax.negatives`); the queue is read whole
+        by every pool and then gets the whole batch's momentum features in row order (the
+        official concat_all_gather).
 
         Args:
           visual_method: the model method encoding `visual` (its token 0 is pooled).
           visual: the batch's images / videos; ids / mask: int32[B, L] captions;
           idx: int32[B] item ids (same id = positives, never hard negatives of each other).
+          pool_index: draw the hard negatives as pool `pool_index` of a per_device split
+            does (`negatives.pool_key` with n > 1; tests compare against this); None: as the
+            pools `negatives` gives.
         Returns:
           (float32[] loss, metrics {name: float32[]}, new extra, (img_feat, txt_feat) unit
           float32[B, E] online features).
         """
         k_drop, k_neg = jax.random.split(rng)
+        if pool_index is not None:  # the key of shard `pool_index` of n > 1
+            k_neg = jax.random.fold_in(k_neg, pool_index)
         key = self.dropout_keys(k_drop)
         alpha = self.alpha(step)
         temp = losses.clamp_temp(params["temp"], self.itc.temp_min, self.itc.temp_max)
@@ -235,12 +253,22 @@ class ITCMixin:
         img_m = self._apply(params_m, visual_method, visual)
         txt_m = self._apply(params_m, "encode_text", ids, mask)
         img_feat_m, txt_feat_m = self._apply(params_m, "itc_project", img_m[:, 0], txt_m[:, 0])
-        loss_itc, sims, upd = contrastive(extra, img_feat, txt_feat, img_feat_m, txt_feat_m,
-                                          temp, alpha, idx)
-        same = (idx[:, None] == idx[None, :]) | jnp.all(ids[:, None, :] == ids[None, :, :], -1)
-        loss_itm, itm_acc = base.itm_with_hard_negatives(
-            self._apply, params, k_neg, img, txt, mask, sims["sim_i2t"], sims["sim_t2i"], same,
-            rng=key())
+
+        def pool(k, shared, rows):  # ITC and the ITM pairs of one pool's rows
+            queues, temp, alpha = shared
+            img, txt, mask, ids, idx, *feats = rows
+            loss_itc, sims = contrastive_loss(queues, *feats, temp, alpha, idx)
+            same = (idx[:, None] == idx[None, :]) | jnp.all(ids[:, None] == ids[None], -1)
+            return loss_itc, base.hard_negative_pairs(k, img, txt, mask, sims["sim_i2t"],
+                                                      sims["sim_t2i"], same)
+
+        queues = {k: extra[k] for k in ("image_queue", "text_queue", "idx_queue") if k in extra}
+        loss_itc, pairs = negatives.per_pool(
+            pool, self.negatives, k_neg, (queues, temp, alpha),
+            (img, txt, mask, ids, idx, img_feat, txt_feat, img_feat_m, txt_feat_m))
+        upd = enqueue(extra, img_feat_m, txt_feat_m, idx)
+        loss_itm, itm_acc = base.itm_pairs_loss(self._apply, params, *pairs,
+                                                self.negative_pools(), rng=key())
         total = self.w_itc * loss_itc + self.w_itm * loss_itm
         metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": itm_acc,
                    "temp": temp, "alpha": alpha}
@@ -261,6 +289,7 @@ class Task(ITCMixin, base.Task):
         super().__init__(config, steps_per_epoch)
         self.set_model(config.model)
         self.setup_itc(config.task.itc)
+        self.negatives = negatives.check(config.task.get("negatives", "global"))
         self.w_itc, self.w_itm = itc_itm_weights(config.task.loss_weights)
         self.batch_size = loss_batch_size(config, self.queue_size)
         self.max_len = int(config.input.max_tokens)
@@ -314,7 +343,8 @@ class Task(ITCMixin, base.Task):
         total, metrics, new_extra, _ = self.itc_itm_loss(
             params, extra, rng, step, "encode_image", batch["image"], batch["text_ids"],
             batch["text_mask"], idx)
-        return total, ({**metrics, "same_image_pairs": same_item_share(idx)}, new_extra)
+        share = same_item_share(idx, self.negative_pools())
+        return total, ({**metrics, "same_image_pairs": share}, new_extra)
 
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 

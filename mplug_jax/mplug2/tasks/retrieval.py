@@ -17,8 +17,10 @@ Loss, as the image `retrieval` task (ALBEF / mPLUG v1 recipe; the same code,
   LN, visn_emb_norm, text encoder with the universal layers and latents, projections) is
   updated by `begin_step` before the loss.
 - ITM: B positives, B (hard negative video, caption) and B (video, hard negative caption)
-  pairs through the fusion (`base.itm_with_hard_negatives`), negatives drawn from the
+  pairs through the fusion (`base.hard_negative_pairs`), negatives drawn from the
   in-batch similarities and never the same video or an identical caption.
+- `task.negatives`: in-batch ITC columns and hard negatives from the whole batch ('global')
+  or from each batch shard's rows ('per_device', DDP's per-GPU pools; `mplug_jax.negatives`).
 The temperature is clamped to [temp_min, temp_max] after every update
 (`base.clamp_temperature`).
 
@@ -40,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mplug_jax import negatives
 from mplug_jax.mplug2 import heads as mplug2_heads
 from mplug_jax.mplug2 import pretrain_input as mplug2_pretrain_input
 from mplug_jax.mplug2.tasks import base as m2base
@@ -84,6 +87,7 @@ class Task(HeadsTask):
 
     def __init__(self, config, steps_per_epoch: int = 1):
         super().__init__(config, steps_per_epoch)
+        self.negatives = negatives.check(config.task.get("negatives", "global"))
         self.w_itc, self.w_itm = retrieval.itc_itm_weights(config.task.loss_weights)
         self.batch_size = retrieval.loss_batch_size(config, self.queue_size, 2, "clips")
         self.max_len = int(config.input.max_tokens)
@@ -123,4 +127,5 @@ class Task(HeadsTask):
         # In-batch t2v accuracy of the online similarities (a cheap training signal).
         hit = vidx[jnp.argmax(txt_feat @ img_feat.T, -1)] == vidx
         return total, ({**metrics, "t2v_batch_acc": jnp.mean(hit.astype(jnp.float32)),
-                        "same_video_pairs": retrieval.same_item_share(vidx)}, new_extra)
+                        "same_video_pairs": retrieval.same_item_share(
+                            vidx, self.negative_pools())}, new_extra)
