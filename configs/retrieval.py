@@ -54,7 +54,10 @@ encoder, which warms *down*) after one stair of 100 updates, then one cosine val
 min lr 1e-6 over 8 epochs. `--config.optim.schedule=cosine` selects ours instead (linear
 warm-up from 0 over `optim.warmup_steps` = 100 updates, per-update cosine); `tiny` uses ours.
 Deviations (documented): the temperature is clamped to [0.001, 0.5]; the decoder and MLM head
-(absent from the official retrieval model) are frozen.
+(absent from the official retrieval model) are frozen. In-batch negatives: `task.negatives`
+'per_device' (every variant but `tiny`) draws them from each batch shard's rows as the official
+per-GPU forward under DDP does; the pools are the official 128 rows only on 8 batch shards of
+1024 (the paper presets' 256 over 8 gives 32); 'global' draws them from the whole batch.
 """
 import ml_collections
 
@@ -93,6 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.loss_weights = dict(itc=1.0, itm=1.0)
     c.task.itc = dict(queue_size=v["queue_size"], momentum=v["momentum"], distill_alpha=0.4,
                       alpha_warmup_epochs=1.0, temp_min=0.001, temp_max=0.5)
+    # Where ITC's in-batch columns and ITM's hard negatives come from (mplug_jax/negatives.py):
+    # 'per_device' = each batch shard's rows, as the official DDP runs (128 per GPU of 1024:
+    # 8 batch shards reproduce it); 'global' = the whole batch (tiny: one CPU pool of 32).
+    c.task.negatives = "global" if tiny else "per_device"
 
     c.input = common.new_input(tiny)  # dataset 'synthetic' (built-in, ALBEF json + images) | 'json'
     c.input.train_annotations = []  # official train json ({image, caption, image_id})

@@ -38,6 +38,9 @@ official file with init.config_bert / init.config_yaml), or an mPLUG-2 workdir o
 (mplug2_pretrain / mplug2_video_qa / mplug2_retrieval). The retrieval heads (ITC projections,
 ITM head, temperature) are not in the release and start random.
 
+In-batch negatives: `task.negatives='per_device'` (base / large) draws them from each batch
+shard's rows, as the v1 / ALBEF retrieval code does per GPU under DDP; `tiny`: 'global'.
+
 Deviations (documented): the temperature is clamped to [0.001, 0.5]; warm-up ramps from 0;
 the decoder and MLM head get no gradient and are frozen (`optim.frozen`). Learning-rate
 schedule: ours (`optim.schedule='cosine'`) for every variant (the release has no retrieval code).
@@ -74,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.loss_weights = dict(itc=1.0, itm=1.0)
     c.task.itc = dict(queue_size=v["queue_size"], momentum=v["momentum"], distill_alpha=0.4,
                       alpha_warmup_epochs=1.0, temp_min=0.001, temp_max=0.5)
+    # In-batch negatives (mplug_jax/negatives.py): 'per_device' = each batch shard's rows, as
+    # the mPLUG v1 / ALBEF retrieval code under DDP (the paper's per-GPU batch is not stated);
+    # tiny: 'global', one pool of 16.
+    c.task.negatives = "global" if tiny else "per_device"
 
     # dataset: 'synthetic' (built-in videos) | 'json' (MSRVTT jsonl)
     c.input = common.new_input(tiny)
@@ -112,7 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.best.update(eval="val", metric="r_mean")
 
     if arg.mode == "smoke":
-        common.smoke_run(c, batch_size=8)
+        # base / large: 16 clips, so per_device leaves 2 per shard on up to 8 devices.
+        common.smoke_run(c, batch_size=8 if tiny else 16)
         c.task.itc.queue_size = 16
         c.input.train_size = 32 if tiny else 0
         c.evals.val.update(synthetic_size=16, k_test=4)
