@@ -131,6 +131,8 @@ FIELDS = {
                  _schedule),
     "clip_norm": ("gradient clipping", ("optim.clip_norm",), lambda c: c.optim.clip_norm),
     "queue": ("ITC queue", ("task.itc.queue_size",), lambda c: c.task.itc.queue_size),
+    "negatives": ("in-batch negatives (`task.negatives`)", ("task.negatives",),
+                  lambda c: c.task.get("negatives", "global")),
     "text_tokens": ("text tokens (train)", ("input.max_*",), _text_tokens),
     "prompt": ("prompt", ("task.prompt", "evals.*.prompt"), lambda c: c.task.prompt),
     "beam": ("beam size", ("task.generation.beam_size", "evals.*.beam_size"),

@@ -189,12 +189,18 @@ def _retrieval(name: str) -> Section:
          Row("schedule", Ref("epoch_cosine: from 1e-5, 1 stairs of 100 micro-batches, min 1e-6",
                              f"{y}:26"), COSINE_PAPER),
          Row("queue", Ref(65536, f"{y}:13"), Ref(65536, f"{M} 5.1")),
+         Row("negatives", Ref("per_device", "mPLUG/models/model_retrieval_mplug.py, "
+                              "mPLUG/retrieval_img_mplug.py", "each GPU's own 128 rows under "
+                              "DDP; the queue takes every GPU's features (concat_all_gather)"),
+             Ref(NS)),
          Row("k_test", Ref(256, f"{y}:18"), Ref(k_paper, f"{M} 5.2.3")),
          Row("text_tokens", Ref(30, "mPLUG/retrieval_img_mplug.py"), Ref(NS)),
          Row("eval_every", Ref("every epoch", "mPLUG/retrieval_img_mplug.py"), Ref(NS)),
          Row("selection", Ref("val/r_mean", "mPLUG/retrieval_img_mplug.py"), Ref(NS))),
-        ("In-batch ITC negatives and ITM hard negatives come from the global batch here, from "
-         "each GPU's batch in the release (issue 20 item 7).",))
+        ("`per_device` (mplug_jax/negatives.py) draws the in-batch ITC negatives and the ITM "
+         "hard negatives from each batch shard's rows: the release's pools of 128 on 8 batch "
+         "shards; on another mesh a pool is input.batch_size / batch shards rows. "
+         "`--config.task.negatives=global` draws them from the whole batch.",))
 
 
 def _grounding(name: str) -> Section:
