@@ -350,16 +350,14 @@ def _m2_caption_scst() -> Section:
          Row("batch", None, Ref(16, M2_B23, "CIDEr optimisation stage")),
          Row("accum", None, Ref(NS)),
          Row("lr", None, Ref(1e-6, M2_B23)),
-         Row("vision_lr", None, Ref(NS, M2_B23, "one lr stated; here for every group, as the "
-                                    "mPLUG release's SCST")),
+         Row("vision_lr", None, Ref(NS, M2_B23, "one lr stated; here for all, as mPLUG's SCST")),
          Row("wd", None, Ref(NS)),
          Row("epochs", None, Ref(5, M2_B23, "extra epochs after the cross-entropy stage")),
-         Row("schedule", None, Ref(NS, note="here constant, no warm-up and min lr = lr: "
-                                   "the mPLUG-2 release's schedule at lr = warmup_lr = "
-                                   "min_lr")),
+         Row("schedule", None, Ref(NS, note="here constant: the mPLUG-2 release's schedule "
+                                   "at lr = warmup_lr = min_lr")),
          Row("prompt", None, Ref("what does the video describe?", M2_B23,
                                  "capitalised there; lower-case here, as the CE stage")),
-         Row("beam", None, Ref(5, M2_B23, "inference; the SCST search uses the same setting")),
+         Row("beam", None, Ref(5, M2_B23, "inference; the SCST search uses it too")),
          Row("min_length", None, Ref(NS)),
          Row("max_length", None, Ref(25, M2_B23, "inference; the SCST search uses it too")),
          Row("scst_length_norm", None, Ref(NS, note=M2_SCST_SRC)),
@@ -368,7 +366,9 @@ def _m2_caption_scst() -> Section:
          Row("scst_cider_df", None, Ref(NS, note=M2_SCST_SRC)),
          Row("eval_every", None, Ref(NS)),
          Row("selection", None, Ref(NS))),
-        ("The mPLUG-2 release has no SCST: this stage follows the paper and, where it is silent "
+        ("The mPLUG-2 release has no SCST (its caption model's SCST path is dead code, "
+         "docs/fixtures.md#mplug-2-release-quirks): this stage follows the paper and, where "
+         "it is silent "
          "(the search: the K = 5 beam hypotheses per video; the baseline: their mean reward; "
          "the reward tokenisation, document frequencies and loss divisor), the mPLUG "
          "release's SCST (the COCO captioning SCST section above). `base` / `large` refuse "

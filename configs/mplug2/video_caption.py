@@ -58,8 +58,9 @@ would not find the capitalised form) and max generation length 25. With `mode=fu
 default) they are the paper's cross-entropy stage.
 
 SCST (`mode=scst`, mplug_jax/scst.py): the paper then optimises CIDEr for 5 more epochs at lr
-1e-6 with batch 16 (appendix B.2.3). The release has no SCST for mPLUG-2, so `mode=scst` exists
-for the paper presets only (`base_paper`, `large_paper`; `base` / `large` refuse it) and for
+1e-6 with batch 16 (appendix B.2.3). The release has no SCST for mPLUG-2 (its caption model's
+SCST path calls a function that does not exist: docs/fixtures.md#mplug-2-release-quirks, 15),
+so `mode=scst` exists for the paper presets only (`base_paper`, `large_paper`; `base` / `large` refuse it) and for
 `tiny` (ours: 200 updates of 16 at 5e-5, the options below as ours). From the paper: 5 epochs,
 lr 1e-6 (every group: it states one), global batch 16 (no accumulation), the prompt and max
 length 25 of its CE stage (the search uses `task.generation`: beam 5, min 4 as the release's
