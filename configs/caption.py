@@ -33,7 +33,7 @@ Official values (docs/official-formats.md#config-values and #optimiser-and-sched
 accumulation 4), min lr 1e-6, 64 images/GPU x 4 GPUs x 4 accumulation = 1024 per update, targets
 truncated at 25 tokens, beam 5 / min 8 / max 25, prompt ''. SCST: lr 1e-6 for all, min lr 8e-8, 32
 (base) / 64 (large) images/GPU x 4 GPUs, no accumulation, 5 beams per image; and the official
-SCST's details (`task.scst`, mplug_jax/tasks/caption.py): length_norm='official' (summed
+SCST's details (`task.scst`, mplug_jax/scst.py): length_norm='official' (summed
 log-prob / (generated tokens + 1)), search_dropout=True (the beam search runs in train mode),
 reward_tokenize='ptb' (Java), cider_df='batch' (CIDEr-D document frequencies from the batch's
 references). `tiny` keeps ours instead (length_norm='generated', search_dropout=False,
@@ -97,16 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tiny: shapes captions have 2-12 words; the official min 8 would force padding words.
     c.task.generation = dict(beam_size=v.get("beam_size", 5), min_length=v["min_length"],
                              max_length=v["max_length"], alpha=0.6)
-    # SCST: 'beam' = the official (K n-best of the beam search, baseline = their mean reward);
-    # 'sample' = num_samples sampled captions, baseline = the greedy caption's reward.
-    # The official SCST's own choices (mplug_jax/tasks/caption.py): loss divided by the
-    # generated tokens + 1, search with dropout on, PTB-tokenised rewards, CIDEr-D document
-    # frequencies from the batch's references. tiny keeps ours (n, deterministic search,
-    # simple tokenizer, training-set frequencies): no Java, and dropout is 0 there anyway.
-    c.task.scst = dict(enabled=scst, mode="beam", num_samples=0, temperature=1.0, top_k=0,
-                       top_p=1.0, length_norm="generated" if tiny else "official",
-                       search_dropout=not tiny, reward_tokenize="simple" if tiny else "ptb",
-                       cider_df="train" if tiny else "batch")
+    c.task.scst = common.scst_block(scst, tiny)  # official SCST choices; tiny: ours
 
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "synthetic"  # 'synthetic' (built-in) | 'karpathy' (official files)

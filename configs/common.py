@@ -1,7 +1,7 @@
 """Shared config pieces: model size presets, `parse_arg`, and the blocks every fine-tuning
 config starts from (`start`, `finetune_model`, `finetune_optim`, `smoke_run`) or assembles
 (`begin_finetune`, `new_input` ... `finish_input`, `release_optim`, `finetune_run`,
-`classify_run`). Imports only ml_collections.
+`classify_run`, `scst_block`). Imports only ml_collections.
 
 Model presets are the keyword arguments of `mplug_jax.models.mplug.MPLUG`.
 """
@@ -225,6 +225,20 @@ def official_schedule(o: ml_collections.ConfigDict, *, warmup_lr: float, warmup_
     o.schedule = "epoch_cosine"
     o.warmup_lr, o.warmup_stairs, o.stair_microbatches = warmup_lr, warmup_stairs, 100
     o.end_lr = min_lr
+
+
+def scst_block(enabled: bool, tiny: bool) -> dict:
+    """`task.scst` of a caption config (mplug_jax/scst.py): 'beam' = the official mPLUG SCST
+    (the K n-best of the beam search, baseline = their mean reward; 'sample' = num_samples
+    sampled captions, baseline = the greedy caption's reward) with the official SCST's details:
+    loss divided by the generated tokens + 1, search with dropout on, PTB-tokenised rewards,
+    CIDEr-D document frequencies from the batch's references. tiny keeps ours (n,
+    deterministic search, simple tokenizer, training-set frequencies): no Java, and dropout is
+    0 there anyway."""
+    return dict(enabled=enabled, mode="beam", num_samples=0, temperature=1.0, top_k=0,
+                top_p=1.0, length_norm="generated" if tiny else "official",
+                search_dropout=not tiny, reward_tokenize="simple" if tiny else "ptb",
+                cider_df="train" if tiny else "batch")
 
 
 def smoke_run(c: ml_collections.ConfigDict, batch_size: int = 16) -> None:

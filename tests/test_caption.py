@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import caption as caption_config
-from mplug_jax import generate, trainer
+from mplug_jax import generate, scst, trainer
 from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.ops.tokenizer import CLS_ID, SEP_ID
 from mplug_jax.data.pipeline import make_global_batch
@@ -210,14 +210,14 @@ def test_scst_search_dropout_depends_on_the_key_and_a_step_runs_with_the_officia
     params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                           is_leaf=lambda x: hasattr(x, "value"))
     image = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
-    search = jax.jit(task._search)
+    search = jax.jit(task.scst_search)
     keys = [jax.random.PRNGKey(i) for i in range(3)]
     outs = [np.asarray(search(params, image, k)["ids"]) for k in keys]
     np.testing.assert_array_equal(outs[0], np.asarray(search(params, image, keys[0])["ids"]))
     assert any((o != outs[0]).any() for o in outs[1:])
     cfg.task.scst.search_dropout = False
     plain = caption_task.Task(cfg)
-    det = jax.jit(plain._search)
+    det = jax.jit(plain.scst_search)
     a, b = (det(params, image, k) for k in keys[:2])
     np.testing.assert_array_equal(a["ids"], b["ids"])
     states, smask = plain.states(params, image)
@@ -258,14 +258,14 @@ def test_scst_options_refuse_bad_values():
             caption_task.Task(cfg)
         assert "\n" not in str(e.value)
     for variant in ("base", "large", "large_paper"):
-        scst = caption_config.get_config(f"{variant},mode=scst").task.scst
-        assert caption_task.scst_options(scst) == dict(
+        block = caption_config.get_config(f"{variant},mode=scst").task.scst
+        assert scst.options(block) == dict(
             length_norm="official", search_dropout=True, reward_tokenize="ptb",
             cider_df="batch"), variant
-    assert caption_task.scst_options(small_config("scst").task.scst) == dict(
+    assert scst.options(small_config("scst").task.scst) == dict(
         length_norm="generated", search_dropout=False, reward_tokenize="simple",
         cider_df="train")
-    assert caption_task.scst_options({}) == caption_task.scst_options(
+    assert scst.options({}) == scst.options(
         small_config("scst").task.scst)
 
 

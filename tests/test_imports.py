@@ -85,7 +85,8 @@ DATA = ("mplug_jax.data", "mplug_jax.mplug2.input", "mplug_jax.mplug2.pretrain_i
 INTEROP = ("mplug_jax.interop", "mplug_jax.mplug2.convert", "mplug_jax.mplug2.keys")
 STORAGE = ("mplug_jax.checkpoint", "mplug_jax.workdir", "mplug_jax.task_names")
 SCORING = ("mplug_jax.scoring", "mplug_jax.evaluators")
-TASKS = ("mplug_jax.tasks", "mplug_jax.mplug2.tasks")
+# mplug_jax.scst: the SCST mixin of the caption tasks (outside tasks/: not a task of its own).
+TASKS = ("mplug_jax.tasks", "mplug_jax.mplug2.tasks", "mplug_jax.scst")
 PARITY = ("mplug_jax.parity", "mplug_jax.mplug2.parity")
 TOP = ("mplug_jax.trainer", "mplug_jax.evaluate", "mplug_jax.predict", "mplug_jax.cli",
        "mplug_jax.main", "mplug_jax.plan", "mplug_jax.lr_schedule", "mplug_jax.config_checks")

@@ -27,6 +27,11 @@ need java). Variants:
   mplug-jax evaluate --config=configs/mplug2/video_caption.py:large --checkpoint=DIR \
     --config.evals.val.annotations=msrvtt_caption/test.jsonl \
     --config.evals.val.video_root=msrvtt/videos --out=DIR/eval
+  python -m mplug_jax.main --config=configs/mplug2/video_caption.py:large_paper,mode=scst \
+    --workdir=DIR2 --config.init.checkpoint=DIR --config.input.dataset=json \
+    --config.input.annotations=msrvtt_caption/train.jsonl --config.input.video_root=msrvtt/videos \
+    --config.evals.val.annotations=msrvtt_caption/test.jsonl \
+    --config.evals.val.video_root=msrvtt/videos
   python -m mplug_jax.main --config=configs/mplug2/video_caption.py:tiny,mode=smoke --workdir=DIR
   python -m mplug_jax.main --config=configs/mplug2/video_caption.py:tiny --workdir=DIR \
     --config.task.prompt_join=space --config.task.prompt_loss=all     (the corrected form)
@@ -49,10 +54,27 @@ recipe on the base model; `base_paper` / `large_paper` take the values the mPLUG
 where they differ (appendix B.2.3, for both model sizes): global batch 128 (accumulation kept:
 2 micro-batches of 64), the prompt "What does the video describe?" (written lower-case: the
 tokenizer is uncased, and the release's `.split(prompt)` of the decoded, lower-case output
-would not find the capitalised form) and max generation length 25. The paper then runs SCST
-(CIDEr optimisation) for 5 more epochs at lr 1e-6, batch 16: there is no mPLUG-2 SCST here,
-so the paper presets are its cross-entropy stage only and do not reproduce the paper's
-numbers by themselves.
+would not find the capitalised form) and max generation length 25. With `mode=full` (the
+default) they are the paper's cross-entropy stage.
+
+SCST (`mode=scst`, mplug_jax/scst.py): the paper then optimises CIDEr for 5 more epochs at lr
+1e-6 with batch 16 (appendix B.2.3). The release has no SCST for mPLUG-2 (its caption model's
+SCST path calls a function that does not exist: docs/fixtures.md#mplug-2-release-quirks, 15),
+so `mode=scst` exists for the paper presets only (`base_paper`, `large_paper`; `base` / `large` refuse it) and for
+`tiny` (ours: 200 updates of 16 at 5e-5, the options below as ours). From the paper: 5 epochs,
+lr 1e-6 (every group: it states one), global batch 16 (no accumulation), the prompt and max
+length 25 of its CE stage (the search uses `task.generation`: beam 5, min 4 as the release's
+caption generation). Where the paper is silent, the mPLUG release's SCST
+(`configs/caption.py:large,mode=scst`, `task.scst`): the K = 5 beam hypotheses per video,
+baseline = their mean reward, CIDEr-D rewards on PTB tokens with the batch's document
+frequencies, loss / (generated tokens + 1), the search with dropout. Ours: the lr is constant
+(the mPLUG-2 release's schedule at lr = warmup_lr = min_lr, so no warm-up and no decay; the
+mPLUG release's SCST stairs from 1e-5 are mPLUG's schedule, not taken); the run starts from
+the cross-entropy workdir's best checkpoint (`init.checkpoint=` that workdir,
+`init.select='best'`: val CIDEr, as the release's checkpoint_best.pth; `latest` for a
+converted or official checkpoint), evaluates after every epoch as that stage does and keeps
+the best val CIDEr. Without `init.checkpoint` it refuses to start (`init.allow_scratch`
+overrides).
 """
 import shutil
 
@@ -64,23 +86,36 @@ from configs.mplug2.models import RELEASE_VIDEO, TINY, variant_model
 # base and large: the release's MSRVTT caption settings.
 _MSRVTT = dict(RELEASE_VIDEO, batch_size=64, max_caption_tokens=20, accum=2)
 _VARIANTS = {
-    "tiny": dict(TINY, total_steps=400, max_caption_tokens=20, accum=1),
+    # tiny SCST (ours): 200 updates of 16 at a constant 5e-5.
+    "tiny": dict(TINY, total_steps=400, max_caption_tokens=20, accum=1, scst_batch_size=16,
+                 scst_lr=5e-5, scst_steps=200),
     "base": dict(_MSRVTT, model="mplug2_base"),
     "large": dict(_MSRVTT, model="mplug2_large"),
 }
-# mPLUG-2 paper appendix B.2.3 (base and large), cross-entropy stage: batch 128, prompt, max 25.
-_PAPER_CE = dict(batch_size=128, prompt="what does the video describe?", max_length=25)
-PAPER = {"base": _PAPER_CE, "large": _PAPER_CE}
+# mPLUG-2 paper appendix B.2.3 (base and large): cross-entropy stage batch 128, prompt, max
+# generation length 25; then SCST ("CIDEr optimization") for 5 epochs at lr 1e-6, batch 16.
+_PAPER = dict(batch_size=128, prompt="what does the video describe?", max_length=25,
+              scst_batch_size=16, scst_lr=1e-6, scst_epochs=5.0)
+PAPER = {"base": _PAPER, "large": _PAPER}
 _VARIANTS = common.with_paper(_VARIANTS, PAPER)
+MODES = ("full", "smoke", "scst")
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """mPLUG-2 video caption config; `arg` is `VARIANT[,mode=smoke]` (tiny, base, large, base_paper,
-    large_paper)."""
+    """mPLUG-2 video caption config; `arg` is `VARIANT[,mode=full|smoke|scst]` (tiny, base, large,
+    base_paper, large_paper; scst: tiny and the paper presets only)."""
     arg, c, v, tiny = common.begin_finetune(
         arg, _VARIANTS, default="large", name="mplug2.video_caption", epochs="total_epochs",
-        model=variant_model)
+        model=variant_model, modes=MODES)
+    scst = arg.mode == "scst"
+    if scst and "scst_lr" not in v:
+        raise ValueError(f"{arg.variant},mode=scst: the mPLUG-2 release has no SCST; the "
+                         "paper's SCST stage is base_paper,mode=scst or large_paper,mode=scst "
+                         "(tiny,mode=scst: ours, at tiny dims)")
+    if scst:
+        c.total_steps = v.get("scst_steps", 0)
+        c.total_epochs = 0.0 if c.total_steps else v["scst_epochs"]
     c.task.prompt = v.get("prompt", "a video of")  # official config `prompt`
     # 'release': prompt + caption glued without a space (the release, the paper's numbers and
     # the released checkpoint); 'space': the corrected join. Generation is the same for both.
@@ -92,6 +127,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Official argparse defaults of video_caption_mplug2.py; alpha is hard-coded there.
     c.task.generation = dict(beam_size=5, min_length=4, max_length=v.get("max_length", 20),
                              alpha=0.6)
+    # The paper states no SCST details: the mPLUG release's (its K = 5 beam hypotheses of the
+    # search above, mean-reward baseline, loss / (n + 1), search with dropout, PTB-tokenised
+    # CIDEr-D rewards with the batch's document frequencies); tiny: ours.
+    c.task.scst = common.scst_block(scst, tiny)
 
     # dataset: 'synthetic' (built-in moving shapes) | 'json' (official)
     c.input = common.new_input(tiny)
@@ -104,16 +143,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.train_size = 600  # synthetic videos (refs_per_video captions each)
     c.input.eval_size = 32
     c.input.refs_per_video = 5
-    c.input.batch_size = v["batch_size"]  # global
+    c.input.batch_size = v["scst_batch_size"] if scst else v["batch_size"]  # global
     c.input.max_caption_tokens = v["max_caption_tokens"]  # official max_length 20
     # tiny: no augmentation (a flip would contradict "moving left / right").
     common.finish_input(c.input, common.train_augment(tiny, randaug=(2, 5)))
 
-    c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
-                                    warmup_steps=v["warmup_steps"], frozen="",
-                                    end_lr=1e-5 if tiny else 1e-6, accum_steps=v["accum"])
+    # SCST: one lr for every group (the paper states one; the mPLUG release's SCST too), held
+    # constant (no warm-up, end_lr = lr): the release's schedule at lr = warmup_lr = min_lr.
+    lr, lr2 = (v["scst_lr"], v["scst_lr"]) if scst else (v["lr"], v["lr2"])
+    c.optim = common.finetune_optim(lr, vision_lr=lr2, wd=0.02,
+                                    warmup_steps=0 if scst else v["warmup_steps"], frozen="",
+                                    end_lr=lr if scst else (1e-5 if tiny else 1e-6),
+                                    accum_steps=1 if scst else v["accum"])
 
-    common.finetune_run(c, tiny, allow_scratch=tiny, ckpt_every_steps=200 if tiny else 2000)
+    common.finetune_run(c, tiny, allow_scratch=tiny and not scst,
+                        ckpt_every_steps=200 if tiny else 2000)
+    if scst:  # from the cross-entropy run's best/ (val CIDEr, the release's checkpoint_best)
+        c.init.select = "best"
 
     # METEOR and the PTB tokenizer need java; tiny falls back to the rest without it.
     java = shutil.which("java") is not None

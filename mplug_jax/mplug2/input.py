@@ -29,7 +29,7 @@ built-in moving-shape captions (`data.synthetic_video`, 'synthetic'); training t
 `pre_caption(caption, 80)` joined to `task.prompt` as `task.prompt_join` says (`caption_text`),
 "[SEP]" appended, `[CLS] ...` truncated and padded to `input.max_caption_tokens`.
 Caption train batch: video float32[B, T, R, R, 3]; caption_ids / caption_mask int32[B, Lc];
-idx int32[B].
+idx int32[B]; with `task.scst.enabled` the zero SCST fields (`mplug_jax.scst`).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ import numpy as np
 
 from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import video_caption as video_caption_format
+from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.formats import video_qa as video_qa_format
 from mplug_jax.data.ops import text
 from mplug_jax.data.ops import tokenizer
@@ -278,23 +279,27 @@ def caption_source(input_cfg, split: str, seed: int = 0):
 
 def caption_example(record: dict, rng: pipeline.RecordRng, *, num_frames: int,
                     image_size: int, augment: dict | None, train: bool, max_tokens: int,
-                    prompt: str, join: str) -> dict[str, Any]:
+                    prompt: str, join: str, placeholders: dict | None = None
+                    ) -> dict[str, Any]:
     """One video caption record -> {video, caption_ids, caption_mask} (eval records: their
-    first golden caption); frames drawn from stream 3 of `rng`. Raises BadRecord."""
+    first golden caption) and the zero SCST `placeholders` (`caption.scst_placeholders`);
+    frames drawn from stream 3 of `rng`. Raises BadRecord."""
     clip = read_clip(record["video"], num_frames, image_size, train=train, rng=rng.stream(3),
                      augment=augment)
     caption = record["caption"] if train else record["gold_captions"][0]
     ids, mask = encode_captions([caption], prompt, join, max_tokens)
-    return {"video": clip.astype(np.float32), "caption_ids": ids[0], "caption_mask": mask[0]}
+    return {"video": clip.astype(np.float32), "caption_ids": ids[0], "caption_mask": mask[0],
+            **caption_input.placeholder_zeros(placeholders or {})}
 
 
 def caption_example_fn(input_cfg, *, num_frames: int, image_size: int, prompt: str, join: str,
-                       train: bool):
+                       train: bool, placeholders: dict | None = None):
     """`caption_example` with the options of `input_cfg` bound (picklable); config errors
     raise here, before any worker starts."""
     max_tokens = int(input_cfg.max_caption_tokens)
     encode_captions(["x"], prompt, join, max_tokens)
     return functools.partial(caption_example, max_tokens=max_tokens, prompt=prompt, join=join,
+                             placeholders=placeholders,
                              **clip_options(input_cfg, num_frames=num_frames,
                                             image_size=image_size, train=train))
 
@@ -318,11 +323,11 @@ def caption_dataset(src, input_cfg, *, num_frames: int, image_size: int, batch_s
 
 def caption_train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
     """(checkpointable iterator of this process's caption train batches, records per epoch);
-    prompt and join from `config.task`."""
+    prompt and join from `config.task`, the SCST fields of `task.scst` (zeros)."""
     inp = config.input
     fn = caption_example_fn(inp, num_frames=int(config.model.num_frames),
                             image_size=int(config.model.image_size),
                             prompt=str(config.task.prompt), join=str(config.task.prompt_join),
-                            train=True)
+                            train=True, placeholders=caption_input.scst_placeholders(config))
     return pipeline.train_batches(inp, caption_source(inp, "train", config.seed), fn,
                                   process_index, process_count, what="video caption")

@@ -185,7 +185,7 @@ def test_scst_sampling_variant_runs_with_a_greedy_baseline(finetuned, tmp_path):
     image = np.stack([caption_input.load_split(c.input, "train", c.model.image_size, c.seed)
                       .train_records[i]["image"] for i in range(2)])
     image = transforms.normalize(image)
-    got = jax.device_get(jax.jit(task._search)(params, image, jax.random.PRNGKey(3)))
+    got = jax.device_get(jax.jit(task.scst_search)(params, image, jax.random.PRNGKey(3)))
     assert got["ids"].shape == (2, 3, 13) and got["greedy"].shape == (2, 13)
     assert (got["ids"][:, :, 0] == CLS_ID).all()
     for row, n in zip(got["ids"].reshape(-1, 13), got["lengths"].reshape(-1)):

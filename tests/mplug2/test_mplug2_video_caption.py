@@ -250,3 +250,130 @@ def test_evaluate_and_video_qa_load_the_caption_workdir(caption_workdir):
                 {"checkpoint": str(path), "step": 0}), "mplug2.video_qa")
     finally:
         (path / "config.json").write_text(original)
+
+
+# ---- SCST (mode=scst; mplug_jax/scst.py, shared with the image caption task) ----------------
+
+def _scst_config(tmp_path):
+    c = cfg_lib.get_config("tiny,mode=scst")
+    c.model.update(vision_layers=1, text_layers=2, fusion_layers=1, decoder_layers=1)
+    c.input.synthetic_dir = str(tmp_path / "data")
+    c.input.update(train_size=4, batch_size=4)
+    c.task.generation.update(beam_size=2, min_length=1, max_length=6)
+    c.mesh.shape = dict(data=1, fsdp=1, tensor=1)
+    c.init.allow_scratch = True
+    c.evals = {}
+    return c
+
+
+def test_scst_rewards_and_a_train_step_match_a_hand_computation(tmp_path):
+    """References = every training caption of the record's video; reward = CIDEr-D of the
+    decoded hypothesis (prompt split off) vs them, baseline = mean of the video's K. One
+    trainer step of the SCST stage: prepare_batch fills the search's K = 2 hypotheses and
+    rewards, and the step's loss (on the initial params, with fixed advantages) equals
+    mean -(score / n) * advantage, score = summed log-probs of the n generated tokens over
+    the beam length penalty ((5 + n) / 6) ** 0.6, from the teacher-forced logits."""
+    from mplug_jax import trainer
+    from mplug_jax.data.pipeline import make_global_batch
+    from mplug_jax.scoring import caption as scoring
+    c = _scst_config(tmp_path)
+    task = tasks.build(c)
+    src = mplug2_input.caption_source(c.input, "train")
+    refs = task.references()
+    groups = task.groups(np.arange(len(src)))
+    assert len(refs) == 4 and len(src) == 4 * c.input.refs_per_video
+    for i in range(len(src)):
+        same = [src[j]["caption"] for j in range(len(src))
+                if src[j]["video_id"] == src[i]["video_id"]]
+        assert refs[groups[i]] == [scoring.simple_tokenize(x.lower()) for x in same]
+    j = next(j for j in range(len(src)) if groups[j] != groups[0])
+    own, other = src[0]["caption"], src[j]["caption"]
+    # Row 0: video 0's own caption (glued to the release's prompt, as the search may emit it:
+    # decode_caption splits it off) and another video's; row 1: that video's, twice.
+    texts = ["a video of" + own, other, other, other]
+    ids, _ = mplug2_input.encode_captions(texts, "", "space", 20)
+    g = np.array([groups[0], groups[j]])
+    reward, adv = task.rewards(ids.reshape(2, 2, 20), g)
+    scorer = scoring.CiderD(refs)
+    tok = [scoring.simple_tokenize(t.lower()) for t in (own, other)]
+    want = np.array([[scorer.score(tok[0], refs[g[0]]), scorer.score(tok[1], refs[g[0]])],
+                     [scorer.score(tok[1], refs[g[1]])] * 2])
+    np.testing.assert_allclose(reward, want, rtol=1e-6)
+    assert reward[0, 0] > reward[0, 1] and np.all(adv[1] == 0)
+    np.testing.assert_allclose(adv, want - want.mean(1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+    c.total_steps = 1
+    host = next(mplug2_input.caption_train_batches(c, 0, 1)[0])
+    assert host["scst_ids"].shape == (4, 2, 7) and not host["scst_ids"].any()
+    s = trainer.setup(c, 1)
+    state = trainer.init_state(s, c.seed)
+    params = jax.device_get(nn.meta.unbox(state.params))  # the step donates the state
+    step = trainer.compile_step(s, c, trainer.global_batch_shapes(host))
+    batch = s.task.prepare_batch(state.params, make_global_batch(host, s.mesh))
+    got = {k: np.asarray(jax.device_get(batch[k])) for k in batch}
+    again = s.task.prepare_batch(state.params, make_global_batch(host, s.mesh))
+    np.testing.assert_array_equal(got["scst_ids"], np.asarray(again["scst_ids"]))
+    assert (got["scst_ids"][..., 0] == tokenizer.CLS_ID).all()
+    r, a = s.task.rewards(got["scst_ids"], s.task.groups(got["idx"]))
+    np.testing.assert_array_equal(got["scst_reward"], r)
+    np.testing.assert_array_equal(got["scst_advantage"], a)
+    fixed = np.array([[1.5, -1.5], [0.25, -0.25], [1.0, -1.0], [-0.5, 0.5]], np.float32)
+    batch = {**batch, "scst_advantage": make_global_batch({"a": fixed}, s.mesh)["a"]}
+    state, m = step(state, batch)
+    assert int(state.step) == 1 and np.isfinite(float(m["train/loss_scst"]))
+
+    flat = got["scst_ids"].reshape(8, 7)
+    lengths = got["scst_lengths"].reshape(8)
+    mask = (np.arange(7)[None] < lengths[:, None]).astype(np.int32)
+    video = np.repeat(got["video"], 2, 0)
+    logits = np.asarray(task.model.apply({"params": params}, video, flat, mask,
+                                         method=m2cap.caption_logits), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    n = lengths - 1
+    score = np.array([sum(logp[r, t, flat[r, t + 1]] for t in range(n[r])) for r in range(8)])
+    score /= ((5 + n) / 6) ** 0.6
+    want_loss = np.mean(-(score / n) * fixed.reshape(-1))
+    np.testing.assert_allclose(float(m["train/loss_scst"]), want_loss, rtol=1e-5)
+
+
+def test_scst_presets_and_config_errors(tmp_path):
+    """The paper presets' SCST stage (B.2.3: 5 epochs, lr 1e-6, batch 16; the mPLUG
+    release's SCST options), and one-line ValueErrors: SCST on a release preset, an unknown
+    mode, bad task.scst values, and SCST without the cross-entropy stage's checkpoint."""
+    from mplug_jax import config_checks, scst
+    for variant in ("base_paper", "large_paper"):
+        p = cfg_lib.get_config(f"{variant},mode=scst")
+        config_checks.check(p, training=True, files=False)
+        assert (p.total_epochs, p.total_steps, p.input.batch_size, p.optim.accum_steps) == \
+            (5.0, 0, 16, 1)
+        assert p.optim.lr == p.optim.end_lr == 1e-6 and p.optim.warmup_steps == 0
+        assert p.optim.lr_groups.vision.mult == 1.0 and p.init.select == "best"
+        assert not p.init.allow_scratch and p.task.scst.enabled and p.task.scst.mode == "beam"
+        assert p.task.prompt == "what does the video describe?"
+        assert p.task.generation.max_length == 25 and p.task.generation.beam_size == 5
+        assert scst.options(p.task.scst) == dict(length_norm="official", search_dropout=True,
+                                                 reward_tokenize="ptb", cider_df="batch")
+        ce = cfg_lib.get_config(variant)
+        assert not ce.task.scst.enabled and ce.optim.lr == 2e-5 and ce.input.batch_size == 128
+    for arg, match in (("large,mode=scst", "the mPLUG-2 release has no SCST"),
+                       ("base,mode=scst", "the mPLUG-2 release has no SCST"),
+                       ("tiny,mode=rl", "unknown mode 'rl'")):
+        with pytest.raises(ValueError, match=match) as e:
+            cfg_lib.get_config(arg)
+        assert "\n" not in str(e.value)
+    for field, bad, match in (("cider_df", "corpus", r"^task\.scst\.cider_df='corpus'"),
+                              ("search_dropout", 1, r"^task\.scst\.search_dropout=1"),
+                              ("mode", "greedy", r"^task\.scst\.mode='greedy'"),
+                              ("num_samples", 3, r"^task\.scst\.num_samples=3 must equal")):
+        c = _scst_config(tmp_path)
+        c.task.scst = {**c.task.scst.to_dict(), field: bad}
+        with pytest.raises(ValueError, match=match) as e:
+            tasks.build(c)
+        assert "\n" not in str(e.value)
+    c = _scst_config(tmp_path)
+    c.init.allow_scratch = False
+    with pytest.raises(ValueError, match="SCST stage starts from the cross-entropy stage: set "
+                       r"--config.init.checkpoint=") as e:
+        tasks.build(c).init_from_pretrained(None)
+    assert "\n" not in str(e.value)

@@ -185,8 +185,8 @@ def encode_targets(texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.nd
 
 def scst_placeholders(config) -> dict:
     """{name: (per-row shape, dtype)} of the SCST fields a caption task fills in
-    `prepare_batch` (empty unless `task.scst.enabled`): zero arrays in every train batch, so
-    that the compiled step knows their shapes."""
+    `prepare_batch` (empty unless `task.scst.enabled`; `mplug_jax.scst`): zero arrays in every
+    train batch, so that the compiled step knows their shapes."""
     scst = config.task.get("scst") or {}
     if not scst.get("enabled", False):
         return {}
@@ -194,6 +194,13 @@ def scst_placeholders(config) -> dict:
     t = int(config.task.generation.max_length) + 1
     return {"scst_ids": ((k, t), np.int32), "scst_lengths": ((k,), np.int32),
             "scst_advantage": ((k,), np.float32), "scst_reward": ((k,), np.float32)}
+
+
+def placeholder_zeros(placeholders: dict, lead: tuple = ()) -> dict:
+    """Zero arrays of the `scst_placeholders` {name: (shape, dtype)}, shape `lead + shape`
+    (lead (): one example; (B,): a batch)."""
+    return {name: np.zeros(tuple(lead) + tuple(shape), dtype)
+            for name, (shape, dtype) in placeholders.items()}
 
 
 def to_example(record: dict, rng: pipeline.RecordRng, *, image_size: int, max_tokens: int,
@@ -207,9 +214,7 @@ def to_example(record: dict, rng: pipeline.RecordRng, *, image_size: int, max_to
     ids, mask = encode_targets([target_text(record["caption"], prompt)], max_tokens)
     out = {"image": image, "dec_ids": ids[0], "dec_mask": mask[0],
            "image_index": np.int32(record["image_index"])}
-    for name, (shape, dtype) in placeholders.items():
-        out[name] = np.zeros(tuple(shape), dtype)
-    return out
+    return {**out, **placeholder_zeros(placeholders)}
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:

@@ -31,6 +31,14 @@ alpha 0.6; `task.generation`) from [CLS] alone over image_embeds (no prompt is f
 the official post-processing and `.split(prompt)[-1].strip()` (`decode_caption`), which removes the
 prompt from glued outputs too ("a video ofa red circle" -> "a red circle").
 
+SCST (`task.scst.enabled`, the paper's CIDEr optimisation after the cross-entropy stage, appendix
+B.2.3; the release has none): `mplug_jax.scst.ScstMixin`, the image caption task's SCST (search,
+CIDEr-D rewards, loss and the `task.scst` options are described there), on the video's
+image_embeds; the search is `task.generation`'s beam search from [CLS] alone, its captions
+decoded as evaluation decodes them (`decode_caption`, the prompt split off), and the references
+of a training record are every caption of its video (records grouped by `video_id`). It starts
+from the cross-entropy stage: `init.checkpoint` must be set (or `init.allow_scratch`).
+
 Init (`config.init.checkpoint`, as the video QA task: `mplug_jax.mplug2.checkpoint`): a
 `mplug-jax convert` mPLUG-2 directory, an official mPLUG-2 file with `config_bert` /
 `config_yaml`, or a workdir of an mPLUG-2 task; random weights only with
@@ -43,10 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import generate
-from mplug_jax.mplug2 import input as mplug2_input
+from mplug_jax import generate, scst
+from mplug_jax.data.inputs import caption as caption_input
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.losses import CLS_ID, PAD_ID, SEP_ID
+from mplug_jax.mplug2 import input as mplug2_input
 from mplug_jax.mplug2 import model as mplug2
 from mplug_jax.mplug2.tasks import base as m2base
 from mplug_jax.mplug2.tasks import video_qa as qa
@@ -84,19 +93,20 @@ def caption_logits(m: mplug2.MPLUG2, video, ids, mask):
     return m.decode(ids, mask, img, jnp.ones(img.shape[:2], jnp.int32))
 
 
-class Task(qa.Task):
+class Task(scst.ScstMixin, qa.Task):
     """mPLUG-2 video captioning (see module docstring); shares the video QA task's model,
-    `encode_video` and checkpoint loading.
+    `encode_video` and checkpoint loading, and the image caption task's SCST.
 
     Args:
       config: full run config (`model` = MPLUG2 fields, `task` {prompt, prompt_join,
-        prompt_loss, generation}, `input`, `init`).
+        prompt_loss, generation, scst}, `input`, `init`, `seed`).
       steps_per_epoch: unused.
     """
 
     name = "mplug2.video_caption"
     title = "mPLUG-2 video caption"
     init_text = ("caption", "caption")
+    scst_input = "video"
 
     def __init__(self, config, steps_per_epoch: int = 1):
         m2base.Task.__init__(self, config, steps_per_epoch)
@@ -127,6 +137,8 @@ class Task(qa.Task):
                              f"after the prompt {self.prompt!r} ({release_len + 1} ids)")
         # first target position: 'release' 3 for "a video of"; 'all' 1 (only [CLS] is no target)
         self.prompt_len = release_len if self.prompt_loss == "release" else 1
+        self.init_scst(t)
+        self.train_decoder = mplug2.decoder_module(self.train_model)
 
     # ---- input ------------------------------------------------------------------------------
 
@@ -141,14 +153,29 @@ class Task(qa.Task):
         t, r = self.model.num_frames, self.model.image_size
         ids = np.zeros((batch_size, self.lc), np.int32)
         ids[:, 0] = CLS_ID
+        scst_fields = caption_input.scst_placeholders(self.config)
         return {"video": np.zeros((batch_size, t, r, r, 3), np.float32),
                 "caption_ids": ids, "caption_mask": np.ones_like(ids),
-                "idx": np.zeros((batch_size,), np.int32)}
+                "idx": np.zeros((batch_size,), np.int32),
+                **caption_input.placeholder_zeros(scst_fields, (batch_size,))}
+
+    def init_from_pretrained(self, state):
+        """The video QA task's initialisation; SCST refuses to start without `init.checkpoint`
+        (the cross-entropy stage) unless `init.allow_scratch`."""
+        if self.scst:
+            self.require_init("mPLUG-2 video caption SCST stage starts from the cross-entropy "
+                              "stage: set --config.init.checkpoint=<its workdir> (init.select "
+                              "picks its checkpoint)")
+        return super().init_from_pretrained(state)
 
     # ---- step -------------------------------------------------------------------------------
 
     def loss(self, params, extra: dict, batch: dict, rng: jax.Array, step: jax.Array):
-        """Release caption loss (`caption_loss`) -> (loss, (metrics, extra))."""
+        """Release caption loss (`caption_loss`), or the SCST loss -> (loss, (metrics, extra))."""
+        if self.scst:
+            key = self.dropout_keys(rng)
+            states, smask = self.scst_states(params, batch["video"], key())
+            return self.scst_loss(params, extra, batch, states, smask, key())
         use_rng = self.model.dropout_rate > 0
         ids, mask = batch["caption_ids"], batch["caption_mask"]
         logits = self._apply(params, caption_logits, batch["video"], ids, mask,
@@ -159,6 +186,30 @@ class Task(qa.Task):
         return loss, ({"loss": loss, "loss_caption": loss,
                        "target_tokens": valid.sum().astype(jnp.float32),
                        "tf_token_acc": hit.sum() / n}, extra)
+
+    # ---- SCST hooks (`mplug_jax.scst.ScstMixin`) ---------------------------------------------
+
+    def scst_states(self, params, video, rng):
+        img = self._apply(params, qa.video_embeds, video, rng=rng)
+        return img, jnp.ones(img.shape[:2], jnp.int32)
+
+    def scst_decoder(self, params, train: bool):
+        return (self.train_decoder if train else self.decoder), params["decoder"]
+
+    def scst_train_references(self):
+        """Every training caption of each video (records grouped by video_id, in order of
+        first appearance) and the group of each training record."""
+        src = mplug2_input.caption_source(self.config.input, "train", self.config.seed)
+        refs: list[list[str]] = []
+        video_of: dict[str, int] = {}
+        groups = np.empty(len(src), np.int64)
+        for i in range(len(src)):
+            rec = src[i]
+            g = groups[i] = video_of.setdefault(rec["video_id"], len(video_of))
+            if g == len(refs):
+                refs.append([])
+            refs[g].append(rec["caption"])
+        return refs, groups
 
     # ---- predict fns (used by evaluators) ---------------------------------------------------
 
