@@ -47,7 +47,7 @@ Evals: RefCOCO -> unc testA, testB (+ val); RefCOCO+ -> unc+ testA, testB (+ val
 the test splits run once, after training, on that checkpoint (`test_on_best`; results under
 <workdir>/results/<split>_step<best step>/); a checkpoint is kept every 10 epochs.
 
-Stage 2, release vs paper vs issue 20: `--finetune` (grounding_mplug.py) sets lr1 = lr2 = 2e-6
+Stage 2, release vs paper: `--finetune` (grounding_mplug.py) sets lr1 = lr2 = 2e-6
 and changes nothing else; the paper fine-tunes each dataset "with a learning rate of 2e-6"
 (epochs not stated; the presets keep the yaml's 120). The release script's stage-2 commands
 (commented out there) start from `vg_large_uni/checkpoint_best.pth` but do not pass
@@ -164,7 +164,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = 32 if tiny else o["batch_size"]
     c.input.max_query_len = 20
     # Official: scale + crop + translate on, blur off, colour jitter 0.4 drawn with p 0.8
-    # (color_jitter_p; 1.0 = every image, this repository's behaviour before issue 20), flip
+    # (color_jitter_p; 1.0 = every image, the behaviour of this repository's earlier versions), flip
     # with the word swap. tiny: off (a 600-step run learns faster from the plain images).
     c.input.augment = dict(enabled=not tiny, scale=True, crop=True,
                            crop_short_sides=(400, 500, 600), crop_range=(384, 600),

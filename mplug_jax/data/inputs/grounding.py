@@ -143,7 +143,7 @@ def flip(img: Image.Image, box_xyxy: np.ndarray, phrase: str):
 
 def jitter_drawn(p: float, rng: np.random.Generator) -> bool:
     """Whether the colour jitter applies to this image: official ColorJitter, p = 0.8. p >= 1
-    draws nothing (every image; the random stream of the runs before issue 20)."""
+    draws nothing (every image; the random stream of this repository's earlier versions)."""
     return p >= 1 or bool(rng.random() < p)
 
 
