@@ -24,10 +24,8 @@ import logging
 import os
 from typing import Any, Sequence
 
-import tensorflow_datasets as tfds
-
 from mplug_jax.data import formats
-from mplug_jax.data.formats import base, builder as tfds_builder
+from mplug_jax.data.formats import base
 from mplug_jax.data.ops import image as transforms
 
 logger = logging.getLogger(__name__)
@@ -59,6 +57,9 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
     Returns:
       Report dict: format, path, and per split records written and skipped by reason.
     """
+    # TFDS is imported here, not at module level: every CLI command builds the `prepare`
+    # parser, and importing TFDS costs ~0.3 s of each command's start-up.
+    from mplug_jax.data.formats import builder as tfds_builder
     if format not in formats.preparable():
         raise ValueError(f"unknown format {format!r}; valid: {formats.preparable()}")
     module = formats.get(format)
@@ -96,6 +97,9 @@ def prepare(format: str, annotations: str | Sequence[str] | dict[str, Sequence[s
 
 def _check_num_frames(out_dir: str, format: str, num_frames: int) -> None:
     """Refuse to report an existing video dataset with another frame count as prepared."""
+    import tensorflow_datasets as tfds
+
+    from mplug_jax.data.formats import builder as tfds_builder
     path = tfds_builder.dataset_dir(out_dir, format)
     if not os.path.isfile(os.path.join(path, "features.json")):
         return

@@ -28,7 +28,6 @@ from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.image import BadRecord
 from mplug_jax.data.synthetic.shapes import SyntheticShapes
-from mplug_jax.data.formats.builder import load_prepared
 
 DATASETS = ("synthetic", "json", "tfds")
 
@@ -44,6 +43,7 @@ def source(input_cfg, split: str, size: int, image_size: int, seed: int):
         return pretrain_format.read(files, input_cfg.get("image_root", ""),
                                     max_skip_rate=input_cfg.max_skip_rate)
     if kind == "tfds":
+        from mplug_jax.data.formats.builder import load_prepared  # TFDS: only when read
         splits = load_prepared(input_cfg.tfds_dir, "pretrain")
         name = "train" if split == "train" else input_cfg.get("eval_split", "validation")
         if name not in splits:
