@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplug_jax import generate, tasks
+from mplug_jax import export_cache, generate, tasks
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.tokenizer import get_tokenizer
 from mplug_jax.predict.common import (TASKS, VIDEO_TASKS, Settings, answer_or_caption,
@@ -53,6 +53,8 @@ class Predictor:
         self.tokenizer = get_tokenizer()
         self._search = jax.jit(self._search_fn)
         self._ground = jax.jit(self._ground_fn)
+        # What the traced programs depend on besides their arguments (export_cache's key).
+        self._static = repr((self.model, self.settings))
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -161,7 +163,8 @@ class Predictor:
             if len(texts) != len(images):
                 raise ValueError(f"{len(images)} images but {len(texts)} {what}s")
             ids, mask = self.encode_texts(texts, what)
-        out = np.asarray(self._search(self.params, pixels, ids, mask))
+        out = np.asarray(export_cache.call(self._search, "predict.search", self._static,
+                                           (self.params, pixels, ids, mask)))
         return [decode_text(row, self.prompt) for row in out]
 
     def _ground_fn(self, params, image, ids, mask):
@@ -201,7 +204,8 @@ class Predictor:
             x, ratio, left, top = grounding_input.eval_transform(img, self.model.image_size)
             pixels.append(x)
             meta.append((ratio, left, top, img.size[0], img.size[1]))
-        tokens = np.asarray(self._ground(self.params, np.stack(pixels), ids, mask))
+        tokens = np.asarray(export_cache.call(self._ground, "predict.ground", self._static,
+                                              (self.params, np.stack(pixels), ids, mask)))
         m = np.asarray(meta, np.float64)
         boxes, _ = to_pixels(G.tokens_to_coords(tokens), self.model.image_size, *m.T)
         return [[float(v) for v in b] for b in boxes]
