@@ -46,6 +46,10 @@ def read(init, task_name: str):
     from mplug_jax import workdir as workdir_lib
     from mplug_jax.mplug2 import convert as mplug2_convert
     path = epath.Path(init.checkpoint)
+    select = str(init.get("select", "") or "latest")
+    if select != "latest" and not (path / "config.json").exists():
+        raise ValueError(f"init.select={select!r} picks a checkpoint of a training workdir; "
+                         f"{path} is not one (set init.select='latest')")
     if mplug2_convert.is_converted_dir(str(path)):
         return mplug2_convert.load_converted(str(path)).params, f"converted {path}"
     if (path / "config.json").exists():

@@ -208,6 +208,11 @@ def test_init_refuses_scratch_and_bad_checkpoint(tmp_path):
     c.init.checkpoint = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="neither"):
         tasks.build(c).init_from_pretrained(None)
+    # A best / epoch pick needs a training workdir (a file or converted directory has none).
+    (tmp_path / "model.pth").write_bytes(b"")
+    c.init.checkpoint, c.init.select = str(tmp_path / "model.pth"), "best"
+    with pytest.raises(ValueError, match="init.select='best' picks a checkpoint of a training"):
+        tasks.build(c).init_from_pretrained(None)
 
 
 def test_video_qa_evaluator_runs_the_mplug2_task(tmp_path):
