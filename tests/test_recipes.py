@@ -21,11 +21,11 @@ def _import(name: str):
 make = _import("make_recipes")
 refs = make.refs
 
-PAIRS = [(sec, spec, paper_spec) for sec in refs.SECTIONS for spec, role in sec.presets
+PAIRS = [(sec, spec, paper_spec) for sec in make.SECTIONS for spec, role in sec.presets
          if role == "release" for paper_spec, prole in sec.presets if prole == "paper"]
-PAIRS += [(next(s for s in refs.SECTIONS if s.title == title), spec, paper_spec)
-          for spec, paper_spec, title in refs.EXTRA_PAIRS]
-PRESETS = [(sec, spec, role) for sec in refs.SECTIONS for spec, role in sec.presets]
+PAIRS += [(next(s for s in make.SECTIONS if s.title == title), spec, paper_spec)
+          for spec, paper_spec, title in make.EXTRA_PAIRS]
+PRESETS = [(sec, spec, role) for sec in make.SECTIONS for spec, role in sec.presets]
 
 
 def test_recipes_md_is_current():
