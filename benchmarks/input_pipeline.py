@@ -11,20 +11,25 @@ Per pipeline, in one run:
   RandAugment, float normalisation on the host, tokenisation);
 - ``fast loop``: one process, the new per-record work as the pipeline does it;
 - ``grain workers=W``: the real grain pipeline (`input.image_dtype` uint8, the presets'
-  default) with W worker processes, one read thread each; ``... float32``: the first worker
-  count again with float32 batches normalised on the host.
+  default) with W worker processes, one read thread each (`input.read_threads` auto);
+  ``... read_threads=4``: the first worker count with 4 read threads per worker;
+  ``... float32``: the first worker count with float32 batches normalised on the host.
+  Timed in the steady state: after 4 batches, over `--grain-measure` images (a shorter window
+  counts the worker's prefetch ahead of the consumer against the images delivered).
 The per-core figure (``images_per_s_per_core``) is the 1-worker run's images per CPU second:
 its worker process does all the record work; the CPU seconds are user + system time of this
-process and its workers, so other jobs on the cores lower it less than the wall-clock rate
-(they still cost it some: shared caches and memory bandwidth).
-The wall-clock rates are recorded too, with the best rate over windows of 64 images.
+process and its workers (recorded apart, in ms per image), so other jobs on the cores lower
+it less than the wall-clock rate (they still cost it some: shared caches and memory
+bandwidth). The wall-clock rates are recorded too, with the best rate over windows of 64
+images.
 
 Also measured: CPU milliseconds per image of each step (decode, crop + resize, flip, reference
 and fast RandAugment on the same draws, float normalisation, tokenisation), and how far the
 optional reduced-scale JPEG decoding (`input.reduced_decode`) moves pixels, on `--large-size`
 photos, compared with the gap between two resampling filters.
 
-    python benchmarks/input_pipeline.py [--measure 512] [--workers 1,2] [--smoke]
+    python benchmarks/input_pipeline.py [--measure 512] [--grain-measure 2048] [--workers 1,2]
+        [--smoke]
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ SETTINGS = {  # official base presets (configs/pretrain.py, configs/vqa.py)
 }
 TARGET_SAMPLES_PER_S = 1000  # per GPU
 WINDOW = 64  # images per window of the best-window rate
+GRAIN_WARMUP_BATCHES = 4  # batches taken before a grain run's timed window
 
 
 def write_jpegs(folder: str, n: int, size: tuple[int, int], quality: int) -> list[str]:
@@ -106,14 +112,19 @@ def _best_window(marks: list[float], images: int) -> float | None:
 
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process and its live children (grain workers)."""
+    return sum(_cpu_split())
+
+
+def _cpu_split() -> tuple[float, float]:
+    """(this process, its live children) user + system CPU seconds."""
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+    kids = 0.0
     for child in me.children(recursive=True):
         try:
-            total += sum(child.cpu_times()[:2])
+            kids += sum(child.cpu_times()[:2])
         except psutil.Error:
             pass
-    return total
+    return sum(me.cpu_times()[:2]), kids
 
 
 def loop(kind: str, recs: list[dict], n: int, reference: bool) -> dict:
@@ -149,41 +160,49 @@ def loop(kind: str, recs: list[dict], n: int, reference: bool) -> dict:
 
 
 def grain_run(kind: str, recs: list[dict], n: int, batch_size: int, workers: int,
-              image_dtype: str = "uint8") -> dict:
-    """images/s of the grain train pipeline after its first batch (workers started)."""
+              image_dtype: str = "uint8", read_threads: int = 1) -> dict:
+    """images/s of the grain train pipeline in its steady state: timed from the batch after
+    `warmup` ones (workers started, their buffers full) over `n` images, so the CPU the
+    workers spend ahead of the consumer (their prefetch) is a small part of the window."""
     s = SETTINGS[kind]
     if kind == "pretrain":
         ds = pretrain_input.dataset(recs, image_size=s["image_size"], batch_size=batch_size,
                                        max_tokens=s["max_tokens"], augment=s["augment"],
-                                       workers=workers, read_threads=1,
+                                       workers=workers, read_threads=read_threads,
                                        image_dtype=image_dtype)
     else:
         cfg = ml_collections.ConfigDict({
             "augment": {"enabled": True, **s["augment"]}, "max_question_tokens": s["max_tokens"],
             "max_answer_tokens": 12, "add_ocr": True, "add_object": True, "workers": workers,
-            "max_skip_rate": 0.01, "image_dtype": image_dtype})
+            "read_threads": read_threads, "max_skip_rate": 0.01, "image_dtype": image_dtype})
         ds = vqa_input.dataset(recs, cfg, image_size=s["image_size"], max_answers=6,
                                batch_size=batch_size, train=True)
     start = time.perf_counter()
     it = iter(ds)
     next(it)
     first = time.perf_counter() - start
+    for _ in range(GRAIN_WARMUP_BATCHES):
+        next(it)
     steps = max(1, n // batch_size)
-    wall, cpu, marks = time.perf_counter(), _cpu_seconds(), [time.perf_counter()]
+    wall, (main0, kids0) = time.perf_counter(), _cpu_split()
+    marks = [time.perf_counter()]
     per_window = max(1, WINDOW // batch_size)
     for i, batch in enumerate(itertools.islice(it, steps)):
         assert batch["image"].shape == (batch_size, s["image_size"], s["image_size"], 3)
         assert batch["image"].dtype == np.dtype(image_dtype)
         if (i + 1) % per_window == 0:
             marks.append(time.perf_counter())
-    cpu = _cpu_seconds() - cpu
+    main1, kids1 = _cpu_split()
     wall = time.perf_counter() - wall
     if workers:
         it.close()
-    return {"images_per_s": steps * batch_size / wall,
-            "images_per_cpu_s": steps * batch_size / cpu, "images": steps * batch_size,
+    images = steps * batch_size
+    cpu = (main1 - main0) + (kids1 - kids0)
+    return {"images_per_s": images / wall, "images_per_cpu_s": images / cpu, "images": images,
             "images_per_s_best_window": _best_window(marks, per_window * batch_size),
-            "first_batch_s": first, "workers": workers, "read_threads": 1,
+            "cpu_ms_per_image_main_process": 1e3 * (main1 - main0) / images,
+            "cpu_ms_per_image_workers": 1e3 * (kids1 - kids0) / images,
+            "first_batch_s": first, "workers": workers, "read_threads": read_threads,
             "image_dtype": image_dtype}
 
 
@@ -309,7 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=64, help="JPEG files written")
     p.add_argument("--records", type=int, default=100_000,
                    help="records in the dataset (cycling over the JPEG files)")
-    p.add_argument("--measure", type=int, default=512, help="images timed per configuration")
+    p.add_argument("--measure", type=int, default=512,
+                   help="images timed per loop configuration and per-step profile")
+    p.add_argument("--grain-measure", type=int, default=2048,
+                   help="images timed per grain configuration (its steady state)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", default="1,2", help="grain worker counts, comma-separated")
     p.add_argument("--pipelines", default="pretrain,vqa")
@@ -322,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.smoke:
         args.images, args.measure, args.batch_size, args.records = 8, 8, 4, 64
+        args.grain_measure = 8
     t_start = time.perf_counter()
     photo = tuple(int(v) for v in args.photo_size.split("x"))
     workers = [int(w) for w in args.workers.split(",") if w]
@@ -334,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg_start": common.load_average(), "smoke": args.smoke,
         "photo_size": list(photo), "quality": args.quality, "photos": list(PHOTOS),
         "jpeg_files": args.images, "records": args.records, "measured_images": args.measure,
+        "measured_images_grain": args.grain_measure,
+        "grain_warmup_batches": GRAIN_WARMUP_BATCHES,
         "batch_size": args.batch_size, "target_samples_per_s_per_gpu": TARGET_SAMPLES_PER_S,
         "pipelines": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -342,19 +367,23 @@ def main(argv: list[str] | None = None) -> dict:
             recs = records(kind, paths, args.records)
             runs = {"reference loop": loop(kind, recs, args.measure, reference=True),
                     "fast loop": loop(kind, recs, args.measure, reference=False)}
-            for w in workers:
-                runs[f"grain workers={w}"] = grain_run(kind, recs, args.measure,
+            for w in workers:  # one read thread per worker (input.read_threads auto)
+                runs[f"grain workers={w}"] = grain_run(kind, recs, args.grain_measure,
                                                        args.batch_size, w)
-            if workers:  # the same with float32 batches normalised on the host (the old way)
+            if workers:
+                # 4 read threads per worker; float32 batches normalised on the host (the old way)
+                runs[f"grain workers={workers[0]} read_threads=4"] = grain_run(
+                    kind, recs, args.grain_measure, args.batch_size, workers[0],
+                    read_threads=4)
                 runs[f"grain workers={workers[0]} float32"] = grain_run(
-                    kind, recs, args.measure, args.batch_size, workers[0], "float32")
+                    kind, recs, args.grain_measure, args.batch_size, workers[0], "float32")
             for name, run in runs.items():
                 print(f"{kind} {name}: {run['images_per_s']:.1f} images/s "
                       f"({run['images_per_cpu_s']:.1f} per CPU second)", flush=True)
             one = runs.get("grain workers=1", runs["fast loop"])
             # One core's throughput: images per CPU second of all the run's processes (the
-            # wall-clock rate of one worker is held down by other load on a shared machine
-            # and can exceed one core, as grain overlaps batching with the record thread).
+            # wall-clock rate of one worker is held down by other load on a shared machine;
+            # with several read threads it can exceed one core).
             per_core = one["images_per_cpu_s"]
             results["pipelines"][kind] = {
                 "settings": SETTINGS[kind], "runs": runs,

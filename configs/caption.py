@@ -113,9 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Official fine-tune augmentation; off for tiny (flips would contradict "left of" captions).
     c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
                            hflip=True)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, c.input.augment)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 0.0 if zeroshot else (v["scst_lr"] if scst else v["lr"])

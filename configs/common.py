@@ -305,9 +305,11 @@ def image_transfer(i: ml_collections.ConfigDict) -> None:
 
 def finish_input(i: ml_collections.ConfigDict, augment: dict) -> None:
     """Set the `augment` block and the loader defaults of input block `i`: no worker
-    processes, shuffle seed 0, stop when over 1% of the records fail to load."""
+    processes (`read_threads` 0 = auto: 4 threads in this process, 1 per worker process),
+    shuffle seed 0, stop when over 1% of the records fail to load."""
     i.augment = augment
     i.workers = 0
+    i.read_threads = 0
     i.shuffle_seed = 0
     i.max_skip_rate = 0.01
 

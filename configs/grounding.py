@@ -173,9 +173,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (x2 = int(x) + int(w)); False keeps the file's float box. tiny: off (its measured runs).
     c.input.int_box = not tiny
     c.input.official_eval_normalisation = False  # True: ImageNet mean/std at eval (G2)
-    c.input.workers = 0
-    c.input.shuffle_seed = 0
-    c.input.max_skip_rate = 0.01
+    common.finish_input(c.input, c.input.augment)
 
     # lr1 for everything but the visual encoder (lr2); official: no clipping (torch DDP).
     lr = (TINY_LR * FINETUNE_LR / _OFFICIAL["lr"] if stage2 else TINY_LR) if tiny else o["lr"]

@@ -175,8 +175,11 @@ def test_input_pipeline_smoke(tmp_path):
     assert out["pipelines"]["pretrain"]["settings"]["augment"]["crop_scale"] == [0.2, 1.0]
     for p in out["pipelines"].values():
         assert set(p["runs"]) == {"reference loop", "fast loop", "grain workers=0",
-                                  "grain workers=0 float32"}
+                                  "grain workers=0 read_threads=4", "grain workers=0 float32"}
         assert p["runs"]["grain workers=0 float32"]["image_dtype"] == "float32"
+        assert p["runs"]["grain workers=0"]["read_threads"] == 1
+        assert p["runs"]["grain workers=0 read_threads=4"]["read_threads"] == 4
+        assert p["runs"]["grain workers=0"]["cpu_ms_per_image_main_process"] > 0
         for run in p["runs"].values():
             assert run["images_per_s"] > 0 and run["images_per_cpu_s"] > 0
         assert p["runs"]["grain workers=0"]["image_dtype"] == "uint8"

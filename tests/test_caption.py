@@ -308,6 +308,29 @@ def test_java_missing_names_the_metric(monkeypatch):
     assert out["ROUGE_L"] == pytest.approx(1.0)
 
 
+def test_meteor_jvm_is_reused_and_restarted_with_the_same_scores():
+    """One METEOR JVM serves every evaluation of a process: later requests (another corpus in
+    between) reply as a fresh JVM does; a JVM that died is started again."""
+    if shutil.which("java") is None:
+        pytest.skip("METEOR needs java on PATH")
+    from pycocoevalcap.meteor.meteor import Meteor
+    a = ({0: ["a red circle on grey"], 1: ["two blue squares"]},
+         {0: ["a red circle"], 1: ["blue squares"]})
+    b = ({0: ["a green triangle"]}, {0: ["a big green triangle"]})
+    fresh = Meteor()
+    want_a, want_b = (float(fresh.compute_score(*x)[0]) for x in (a, b))
+    del fresh
+    first = scoring.meteor_score(*a)
+    pid = scoring._METEOR["scorer"].meteor_p.pid
+    assert scoring.meteor_score(*b) == want_b
+    assert scoring.meteor_score(*a) == first == want_a
+    assert scoring._METEOR["scorer"].meteor_p.pid == pid
+    scoring._METEOR["scorer"].meteor_p.kill()
+    scoring._METEOR["scorer"].meteor_p.wait()
+    assert scoring.meteor_score(*a) == want_a
+    assert scoring._METEOR["scorer"].meteor_p.pid != pid
+
+
 @pytest.mark.parametrize("variant", ["base", "large"])
 def test_base_and_large_follow_the_official_recipe_and_refuse_shortcuts(variant):
     c = caption_config.get_config(variant)

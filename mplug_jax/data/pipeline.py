@@ -208,8 +208,22 @@ def train_batches(input_cfg, source: Sequence, to_example: Callable, process_ind
     ds = dataset(source, to_example, batch_size=process_batch_size(input_cfg, process_count),
                  seed=int(input_cfg.shuffle_seed), shard_index=process_index,
                  shard_count=process_count, workers=int(input_cfg.get("workers", 0)),
-                 max_skip_rate=float(input_cfg.get("max_skip_rate", 0.01)), what=what)
+                 max_skip_rate=float(input_cfg.get("max_skip_rate", 0.01)), what=what,
+                 read_threads=read_threads(input_cfg))
     return iter(ds), len(source)
+
+
+def read_threads(input_cfg) -> int:
+    """`input.read_threads`: threads running `to_example` in each worker process (in this
+    process when `input.workers` is 0). 0 (the presets' default) = auto: 4 without worker
+    processes, 1 per worker process, which costs the least CPU per image (no GIL contention;
+    7% less than 4 threads at the VQA settings, benchmarks/input_pipeline.py)."""
+    value = input_cfg.get("read_threads", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"input.read_threads must be an integer >= 0 (0 = auto), got {value!r}")
+    if value == 0:
+        return 1 if int(input_cfg.get("workers", 0)) > 0 else 4
+    return value
 
 
 @dataclasses.dataclass

@@ -19,12 +19,14 @@ and most COCO captions never contain), or the PTB tokenizer itself (`ptb_tokeniz
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import math
 import os
 import re
 import shutil
+import threading
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -198,8 +200,7 @@ def evaluate(predictions: Sequence[str], references: Sequence[Sequence[str]],
                     if f"Bleu_{i + 1}" in bleu})
     if "METEOR" in metrics:
         require_java("METEOR")
-        from pycocoevalcap.meteor.meteor import Meteor
-        out["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # __del__ ends the JVM
+        out["METEOR"] = meteor_score(gts, res)
     if "ROUGE_L" in metrics:
         from pycocoevalcap.rouge.rouge import Rouge
         out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
@@ -207,6 +208,38 @@ def evaluate(predictions: Sequence[str], references: Sequence[Sequence[str]],
         from pycocoevalcap.cider.cider import Cider
         out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return out
+
+
+_METEOR: dict = {"scorer": None}
+_METEOR_LOCK = threading.Lock()
+
+
+def meteor_score(gts: Mapping[int, list[str]], res: Mapping[int, list[str]]) -> float:
+    """pycocoevalcap's corpus METEOR of tokenized `res` against `gts`, through one METEOR JVM
+    kept for the process: starting it loads its paraphrase tables (~5 s on 2 cores), which
+    every evaluation of a training run would pay again. Each request carries all of its
+    statistics, so the reply does not depend on earlier requests; a JVM that died is
+    started again, and one that failed mid-request is ended (its pipe is out of step)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    with _METEOR_LOCK:
+        scorer = _METEOR["scorer"]
+        if scorer is None or scorer.meteor_p.poll() is not None:
+            scorer = _METEOR["scorer"] = Meteor()
+        try:
+            return float(scorer.compute_score(gts, res)[0])
+        except BaseException:
+            _METEOR["scorer"] = None
+            if scorer.lock.locked():  # compute_score does not release it on errors
+                scorer.lock.release()
+            scorer.meteor_p.kill()
+            raise
+
+
+@atexit.register
+def _end_meteor() -> None:
+    scorer, _METEOR["scorer"] = _METEOR["scorer"], None
+    if scorer is not None:
+        scorer.meteor_p.kill()
 
 
 # ---- result files --------------------------------------------------------------------------

@@ -109,6 +109,19 @@ def test_iterator_state_resume_is_bit_identical(source, workers):
         fresh.close()
 
 
+def test_read_threads_auto_explicit_and_refused():
+    import ml_collections
+    cfg = ml_collections.ConfigDict({"workers": 0, "read_threads": 0})
+    assert pipeline.read_threads(cfg) == 4
+    cfg.workers = 3
+    assert pipeline.read_threads(cfg) == 1  # one per worker process
+    cfg.read_threads = 2
+    assert pipeline.read_threads(cfg) == 2
+    for bad in (-1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="input.read_threads must be an integer >= 0"):
+            pipeline.read_threads({"read_threads": bad})
+
+
 def test_orbax_checkpoint_of_iterator_and_state(source, tmp_path):
     kw = dict(image_size=16, batch_size=4, augment=AUG, seed=5)
     it = iter(pretrain_input.dataset(source, **kw))

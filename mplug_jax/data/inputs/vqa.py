@@ -157,7 +157,8 @@ def dataset(src, input_cfg, *, image_size: int, max_answers: int, batch_size: in
         batch_size=batch_size, seed=seed, shuffle=train if shuffle is None else shuffle,
         shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
         drop_remainder=drop_remainder, workers=int(input_cfg.get("workers", 0)) if train else 0,
-        max_skip_rate=input_cfg.max_skip_rate, what="VQA")
+        max_skip_rate=input_cfg.max_skip_rate, what="VQA",
+        read_threads=pipeline.read_threads(input_cfg))
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
