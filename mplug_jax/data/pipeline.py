@@ -216,8 +216,8 @@ def train_batches(input_cfg, source: Sequence, to_example: Callable, process_ind
 def read_threads(input_cfg) -> int:
     """`input.read_threads`: threads running `to_example` in each worker process (in this
     process when `input.workers` is 0). 0 (the presets' default) = auto: 4 without worker
-    processes, 1 per worker process, which costs the least CPU per image (no GIL contention;
-    7% less than 4 threads at the VQA settings, benchmarks/input_pipeline.py)."""
+    processes, 1 per worker process, so W workers keep to W cores (1 or 4 threads per worker
+    cost the same CPU per image within 6%: benchmarks/results/input_pipeline_cpu2.json)."""
     value = input_cfg.get("read_threads", 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"input.read_threads must be an integer >= 0 (0 = auto), got {value!r}")
