@@ -51,6 +51,50 @@ def _subtree(tree: Any, key: str) -> Any:
     return tree
 
 
+def _read_local_arrays(directory: epath.Path, keys: Sequence[str]) -> dict | None:
+    """The arrays under `keys` of a local OCDBT checkpoint read straight from its tensorstore
+    (numpy), or None when anything is not the plain case (then orbax reads them). orbax's own
+    read first opens all of the state's arrays for their metadata (the optimizer state and
+    queues too: 656 for `tiny`, 0.7 s of a 3 s `predict`); here only the requested ones are."""
+    import json
+
+    import tensorstore as ts
+    try:
+        if "://" in str(directory):
+            return None
+        meta = json.loads((directory / "_METADATA").read_text())
+        if not meta.get("use_ocdbt", False):
+            return None
+        driver = "zarr3" if meta.get("use_zarr3", False) else "zarr"
+        wanted = [tuple(k.split("/")) for k in keys]
+        leaves = []
+        for entry in meta["tree_metadata"].values():
+            path = tuple(k["key"] for k in entry["key_metadata"])
+            if not any(path[:len(w)] == w for w in wanted):
+                continue
+            value = entry["value_metadata"]
+            if (any(k["key_type"] != 2 for k in entry["key_metadata"])  # 2: a dict key
+                    or value.get("value_type") not in ("jax.Array", "np.ndarray")
+                    or value.get("skip_deserialize", False)):
+                return None
+            leaves.append(path)
+        base = f"file://{directory}/"
+        opened = [ts.open({"driver": driver, "kvstore": {"driver": "ocdbt", "base": base,
+                                                         "path": ".".join(path)}}, open=True)
+                  for path in leaves]
+        reads = [f.result().read() for f in opened]
+        out: dict = {}
+        for path, read in zip(leaves, reads):
+            node = out
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = read.result()
+    except Exception:  # noqa: BLE001 - any surprise: orbax's general path decides
+        return None
+    found = {key: _subtree(out, key) for key in keys}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def resolve(path: str | epath.Path) -> epath.Path:
     """`path` as an epath; local paths made absolute, URLs (gs://, s3://, ...) kept as they are
     (`os.path.abspath` would turn a bucket URL into a local folder on every worker)."""
@@ -171,6 +215,9 @@ class Checkpointer:
         """
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         directory = self.directory / str(step) / "state"
+        direct = _read_local_arrays(directory, keys)
+        if direct is not None:
+            return jax.device_put(direct, device)
         handler = ocp.PyTreeCheckpointHandler()
         try:
             saved = handler.metadata(directory)

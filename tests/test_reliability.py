@@ -132,10 +132,11 @@ def test_restore_latest_skips_an_empty_iterator_state_and_fails_in_one_line(tmp_
     ck.close()
 
 
-def test_read_arrays_reads_only_the_named_parts_on_one_device(tmp_path):
+def test_read_arrays_reads_only_the_named_parts_on_one_device(tmp_path, monkeypatch):
     """`Checkpointer.read_arrays` (what `workdir.restore_params` uses): the named subtrees of a
     state saved sharded over every device, with the saved shapes, on the first device alone;
-    a part the step lacks is left out, and nothing else (the optimizer state) comes back."""
+    a part the step lacks is left out, and nothing else (the optimizer state) comes back. The
+    direct tensorstore read gives what orbax's general restore gives."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
     w = jax.device_put(jnp.arange(16.0).reshape(8, 2), split)
@@ -153,6 +154,14 @@ def test_read_arrays_reads_only_the_named_parts_on_one_device(tmp_path):
         assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with pytest.raises(checkpoint.CheckpointError, match="step 4 of .* cannot be read"):
         ck.read_arrays_step(4, ("params",))
+    direct = checkpoint._read_local_arrays(tmp_path / "ckpt" / "3" / "state", ("params",))
+    assert direct is not None and set(direct["params"]) == {"w", "b"}  # not orbax's path
+    monkeypatch.setattr(checkpoint, "_read_local_arrays", lambda directory, keys: None)
+    via_orbax = ck.read_arrays(3, ("params", "extra/params_m"))
+    assert jax.tree.structure(via_orbax) == jax.tree.structure(got)
+    for x, y in zip(jax.tree.leaves(via_orbax), jax.tree.leaves(got)):
+        assert x.dtype == y.dtype and x.sharding == y.sharding
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     ck.close()
 
 
