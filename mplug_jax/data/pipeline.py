@@ -34,13 +34,12 @@ import grain
 import jax
 import numpy as np
 
-from mplug_jax.data.ops import text
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.image import SKIP_REASONS, BadRecord, DataError
 
 __all__ = ["DataError", "SkipStats", "RecordRng", "SKIP_REASONS", "skip", "skipped_reason",
            "dataset", "train_batches", "batched", "skip_stats", "make_global_batch",
-           "iterator_checkpoint_args", "choose_caption", "augment_options"]
+           "iterator_checkpoint_args", "augment_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -249,28 +248,6 @@ class SkipStats:
         reasons = ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v)
         return (f"{self.total_skipped} of {self.seen} records skipped ({100 * self.rate:.2f}%)"
                 + (f": {reasons}" if reasons else ""))
-
-
-def choose_caption(caption: Any, rng: np.random.Generator, max_words: int) -> str:
-    """Official caption handling: a list -> one uniformly at random; then ``pre_caption``.
-
-    Non-string entries of a list are ignored and bytes are decoded as UTF-8; anything else,
-    or a caption that is empty after normalisation, raises ``BadRecord('bad_caption')``.
-    """
-    if isinstance(caption, (list, tuple)):
-        options = [c for c in caption if isinstance(c, (str, bytes)) and
-                   (c.decode("utf-8", "replace") if isinstance(c, bytes) else c).strip()]
-        if not options:
-            raise BadRecord("bad_caption", f"no usable caption in {caption!r:.80}")
-        caption = options[int(rng.integers(len(options)))]
-    if isinstance(caption, bytes):
-        caption = caption.decode("utf-8", "replace")
-    if not isinstance(caption, str):
-        raise BadRecord("bad_caption", f"caption of type {type(caption).__name__}")
-    caption = text.pre_caption(caption, max_words)
-    if not caption:
-        raise BadRecord("bad_caption", "caption is empty after normalisation")
-    return caption
 
 
 class _DropSkippedIterDataset(grain.IterDataset):

@@ -10,6 +10,7 @@ from skimage import data as skdata
 from mplug_jax.data import pipeline
 from mplug_jax.data.inputs import pretrain as pretrain_input
 from mplug_jax.data.ops import image as transforms
+from mplug_jax.data.ops import text
 from mplug_jax.data.ops.image import BadRecord
 
 
@@ -107,11 +108,11 @@ def test_huge_images_are_reduced_or_rejected(tmp_path):
 
 def test_captions_converted_or_rejected():
     rng = np.random.default_rng(0)
-    assert pipeline.choose_caption(b"A Dog!", rng, 30) == "a dog"
-    assert pipeline.choose_caption([None, 3, "", "A cat."], rng, 30) == "a cat"
+    assert text.choose_caption(b"A Dog!", rng, 30) == "a dog"
+    assert text.choose_caption([None, 3, "", "A cat."], rng, 30) == "a cat"
     for bad in ("", "  ?! ", None, 7, [], [None, ""], {"text": "x"}):
         with pytest.raises(BadRecord) as e:
-            pipeline.choose_caption(bad, rng, 30)
+            text.choose_caption(bad, rng, 30)
         assert e.value.reason == "bad_caption"
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import coco_caption as coco_caption_format
+from mplug_jax.data.ops import text
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.synthetic.shapes import SPLITS, SyntheticShapes, caption
 
@@ -208,7 +209,7 @@ def to_example(record: dict, rng: pipeline.RecordRng, *, image_size: int, max_to
     """One train record {image, caption, image_index} -> {image, dec_ids, dec_mask,
     image_index} and the zero `placeholders` (module docstring); the image augmented with
     stream 1 of `rng`. A caption empty after `pre_caption` is a BadRecord ('bad_caption')."""
-    pipeline.choose_caption(record["caption"], rng.stream(0), 10_000)
+    text.choose_caption(record["caption"], rng.stream(0), 10_000)
     image = pipeline.process_image(record["image"], image_size, rng.stream(1), augment=augment,
                                    image_dtype="float32")
     ids, mask = encode_targets([target_text(record["caption"], prompt)], max_tokens)

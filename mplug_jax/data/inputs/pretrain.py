@@ -24,6 +24,7 @@ import grain
 from mplug_jax.data import eval_loader, pipeline
 from mplug_jax.data.formats import pretrain as pretrain_format
 from mplug_jax.data.inputs import json_annotations
+from mplug_jax.data.ops import text
 from mplug_jax.data.ops import tokenizer
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops.image import BadRecord
@@ -60,7 +61,7 @@ def to_example(record: Any, rng: pipeline.RecordRng, *, image_size: int, max_wor
     docstring); raises BadRecord."""
     if not isinstance(record, dict) or "image" not in record or "caption" not in record:
         raise BadRecord("bad_record", f"record lacks 'image'/'caption': {record!r:.80}")
-    caption = pipeline.choose_caption(record["caption"], rng.stream(0), max_words)
+    caption = text.choose_caption(record["caption"], rng.stream(0), max_words)
     image = pipeline.process_image(record["image"], image_size, rng.stream(1), augment=augment,
                                    image_dtype=image_dtype, reduced_decode=reduced_decode,
                                    max_pixels=max_pixels)

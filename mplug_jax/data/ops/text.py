@@ -1,5 +1,13 @@
-"""Official mPLUG text normalisation (`dataset/utils.py` pre_caption / pre_question)."""
+"""Official mPLUG text normalisation (`dataset/utils.py` pre_caption / pre_question) and the
+caption choice of a record."""
+from __future__ import annotations
+
 import re
+from typing import Any
+
+import numpy as np
+
+from mplug_jax.data.ops.image import BadRecord
 
 _DELETE = re.compile(r"[,.'!?\"()*#:;~]")
 
@@ -32,3 +40,25 @@ def pre_question(question: str, max_words: int = 50) -> str:
     if len(words) > max_words:
         question = " ".join(words[:max_words])
     return question
+
+
+def choose_caption(caption: Any, rng: np.random.Generator, max_words: int) -> str:
+    """Official caption handling: a list -> one uniformly at random; then ``pre_caption``.
+
+    Non-string entries of a list are ignored and bytes are decoded as UTF-8; anything else,
+    or a caption that is empty after normalisation, raises ``BadRecord('bad_caption')``.
+    """
+    if isinstance(caption, (list, tuple)):
+        options = [c for c in caption if isinstance(c, (str, bytes)) and
+                   (c.decode("utf-8", "replace") if isinstance(c, bytes) else c).strip()]
+        if not options:
+            raise BadRecord("bad_caption", f"no usable caption in {caption!r:.80}")
+        caption = options[int(rng.integers(len(options)))]
+    if isinstance(caption, bytes):
+        caption = caption.decode("utf-8", "replace")
+    if not isinstance(caption, str):
+        raise BadRecord("bad_caption", f"caption of type {type(caption).__name__}")
+    caption = pre_caption(caption, max_words)
+    if not caption:
+        raise BadRecord("bad_caption", "caption is empty after normalisation")
+    return caption
