@@ -48,7 +48,8 @@ def parts(smoke: bool) -> list[tuple[str, list[str], float]]:
             ("ladder_remat_full", [*step, "--remat", "full"], 1),  # forced timeout: partial
             ("generate", [sys.executable, os.path.join(BENCH, "generate.py"), "--smoke"], 200),
             ("input_feed", [sys.executable, os.path.join(BENCH, "input_pipeline.py"),
-                            "--images", "4", "--measure", "8", "--batch-size", "4"], 120),
+                            "--images", "4", "--measure", "8", "--grain-measure", "8",
+                            "--batch-size", "4"], 120),
         ]
     step = [*PRETRAIN, "--variant", "base", "--steps", "8", "--warmup", "2"]
     return [
@@ -62,7 +63,7 @@ def parts(smoke: bool) -> list[tuple[str, list[str], float]]:
         ("generate", [sys.executable, os.path.join(BENCH, "generate.py"), "--batch", "32",
                       "--repeats", "2"], 70),
         ("input_feed", [sys.executable, os.path.join(BENCH, "input_pipeline.py"),
-                        "--images", "64", "--measure", "128"], 45),
+                        "--images", "64", "--measure", "128", "--grain-measure", "128"], 45),
     ]
 
 
