@@ -110,11 +110,6 @@ def _best_window(marks: list[float], images: int) -> float | None:
     return float(images / gaps.min()) if len(gaps) else None
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (grain workers)."""
-    return sum(_cpu_split())
-
-
 def _cpu_split() -> tuple[float, float]:
     """(this process, its live children) user + system CPU seconds."""
     me = psutil.Process()
@@ -161,9 +156,9 @@ def loop(kind: str, recs: list[dict], n: int, reference: bool) -> dict:
 
 def grain_run(kind: str, recs: list[dict], n: int, batch_size: int, workers: int,
               image_dtype: str = "uint8", read_threads: int = 1) -> dict:
-    """images/s of the grain train pipeline in its steady state: timed from the batch after
-    `warmup` ones (workers started, their buffers full) over `n` images, so the CPU the
-    workers spend ahead of the consumer (their prefetch) is a small part of the window."""
+    """images/s of the grain train pipeline in its steady state: timed after the first batch
+    and GRAIN_WARMUP_BATCHES more (workers started, their buffers full), over `n` images, so
+    the CPU the workers spend ahead of the consumer (their prefetch) is a small part of it."""
     s = SETTINGS[kind]
     if kind == "pretrain":
         ds = pretrain_input.dataset(recs, image_size=s["image_size"], batch_size=batch_size,

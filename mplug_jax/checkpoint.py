@@ -12,6 +12,7 @@ the shapes the step records, for code that has no train state to restore into.
 """
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Callable, Sequence
 
@@ -56,8 +57,6 @@ def _read_local_arrays(directory: epath.Path, keys: Sequence[str]) -> dict | Non
     (numpy), or None when anything is not the plain case (then orbax reads them). orbax's own
     read first opens all of the state's arrays for their metadata (the optimizer state and
     queues too: 656 for `tiny`, 0.7 s of a 3 s `predict`); here only the requested ones are."""
-    import json
-
     import tensorstore as ts
     try:
         if "://" in str(directory):

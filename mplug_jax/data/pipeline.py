@@ -204,24 +204,26 @@ def train_batches(input_cfg, source: Sequence, to_example: Callable, process_ind
     """(checkpointable iterator of this process's train batches, records per epoch): every
     task's training input. `input_cfg` gives batch_size (global), shuffle_seed, workers and
     max_skip_rate; the batches are those of :func:`dataset`, shuffled and sharded."""
+    workers = int(input_cfg.get("workers", 0))
     ds = dataset(source, to_example, batch_size=process_batch_size(input_cfg, process_count),
                  seed=int(input_cfg.shuffle_seed), shard_index=process_index,
-                 shard_count=process_count, workers=int(input_cfg.get("workers", 0)),
+                 shard_count=process_count, workers=workers,
                  max_skip_rate=float(input_cfg.get("max_skip_rate", 0.01)), what=what,
-                 read_threads=read_threads(input_cfg))
+                 read_threads=read_threads(input_cfg, workers))
     return iter(ds), len(source)
 
 
-def read_threads(input_cfg) -> int:
-    """`input.read_threads`: threads running `to_example` in each worker process (in this
-    process when `input.workers` is 0). 0 (the presets' default) = auto: 4 without worker
-    processes, 1 per worker process, so W workers keep to W cores (1 or 4 threads per worker
-    cost the same CPU per image within 6%: benchmarks/results/input_pipeline_cpu2.json)."""
+def read_threads(input_cfg, workers: int) -> int:
+    """`input.read_threads` for a pipeline with `workers` worker processes: threads running
+    `to_example` in each worker process (in this process when `workers` is 0). 0 (the presets'
+    default) = auto: 4 without worker processes, 1 per worker process, so W workers keep to W
+    cores (1 or 4 threads per worker cost the same CPU per image within 6%:
+    benchmarks/results/input_pipeline_cpu2.json)."""
     value = input_cfg.get("read_threads", 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"input.read_threads must be an integer >= 0 (0 = auto), got {value!r}")
     if value == 0:
-        return 1 if int(input_cfg.get("workers", 0)) > 0 else 4
+        return 1 if workers > 0 else 4
     return value
 
 

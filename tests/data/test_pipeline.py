@@ -111,15 +111,14 @@ def test_iterator_state_resume_is_bit_identical(source, workers):
 
 def test_read_threads_auto_explicit_and_refused():
     import ml_collections
-    cfg = ml_collections.ConfigDict({"workers": 0, "read_threads": 0})
-    assert pipeline.read_threads(cfg) == 4
-    cfg.workers = 3
-    assert pipeline.read_threads(cfg) == 1  # one per worker process
+    cfg = ml_collections.ConfigDict({"read_threads": 0})
+    assert pipeline.read_threads(cfg, 0) == 4
+    assert pipeline.read_threads(cfg, 3) == 1  # one per worker process
     cfg.read_threads = 2
-    assert pipeline.read_threads(cfg) == 2
+    assert pipeline.read_threads(cfg, 3) == 2
     for bad in (-1, 1.5, True, "4"):
         with pytest.raises(ValueError, match="input.read_threads must be an integer >= 0"):
-            pipeline.read_threads({"read_threads": bad})
+            pipeline.read_threads({"read_threads": bad}, 0)
 
 
 def test_orbax_checkpoint_of_iterator_and_state(source, tmp_path):

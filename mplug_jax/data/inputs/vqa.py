@@ -152,13 +152,13 @@ def dataset(src, input_cfg, *, image_size: int, max_answers: int, batch_size: in
     """Batches of `src` (see module docstring) by `pipeline.dataset`. `train`: answer targets,
     per-process shards, and augmentation when `input.augment.enabled`; `shuffle` (default =
     `train`): a new order every epoch."""
+    workers = int(input_cfg.get("workers", 0)) if train else 0
     return pipeline.dataset(
         src, example_fn(input_cfg, image_size=image_size, max_answers=max_answers, train=train),
         batch_size=batch_size, seed=seed, shuffle=train if shuffle is None else shuffle,
         shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
-        drop_remainder=drop_remainder, workers=int(input_cfg.get("workers", 0)) if train else 0,
-        max_skip_rate=input_cfg.max_skip_rate, what="VQA",
-        read_threads=pipeline.read_threads(input_cfg))
+        drop_remainder=drop_remainder, workers=workers, max_skip_rate=input_cfg.max_skip_rate,
+        what="VQA", read_threads=pipeline.read_threads(input_cfg, workers))
 
 
 def train_batches(config, process_index: int, process_count: int) -> tuple[Any, int]:
