@@ -124,12 +124,12 @@ def summarise(name: str, row: dict) -> dict:
                         for k, v in data["rows"].items()})
         pipes = data.get("pipelines")
         if isinstance(pipes, dict):  # input_pipeline.py: images per CPU second, 1 worker
-            out["images_per_s_per_core"] = {
-                k: round(v["images_per_s_per_core"], 1) for k, v in pipes.items()
-                if isinstance(v, dict) and "images_per_s_per_core" in v}
-            out["cores_per_gpu_needed"] = {
-                k: round(v["cores_per_gpu_needed"], 2) for k, v in pipes.items()
-                if isinstance(v, dict) and "cores_per_gpu_needed" in v}
+            for key in ("images_per_s_per_core", "images_per_s_per_core_cv2",
+                        "cores_per_gpu_needed", "cores_per_gpu_needed_cv2"):
+                found = {k: round(v[key], 2 if key.startswith("cores") else 1)
+                         for k, v in pipes.items() if isinstance(v, dict) and key in v}
+                if found:
+                    out[key] = found
     if name == "probe" and row["status"] == "ok":
         lines = [ln for ln in row["output_tail"].splitlines() if ln.startswith("{")]
         if lines:

@@ -13,10 +13,13 @@ Per pipeline, in one run:
 - ``grain workers=W``: the real grain pipeline (`input.image_dtype` uint8, the presets'
   default) with W worker processes, one read thread each (`input.read_threads` auto);
   ``... read_threads=4``: the first worker count with 4 read threads per worker;
-  ``... float32``: the first worker count with float32 batches normalised on the host.
+  ``... float32``: the first worker count with float32 batches normalised on the host;
+  ``... cv2``: the OpenCV backend of the image ops (``input.augment.backend='cv2'``; needs
+  the ``[cv2]`` extra, skipped with a note without it).
   Timed in the steady state: after 4 batches, over `--grain-measure` images (a shorter window
   counts the worker's prefetch ahead of the consumer against the images delivered).
-The per-core figure (``images_per_s_per_core``) is the 1-worker run's images per CPU second:
+The per-core figure (``images_per_s_per_core``; ``images_per_s_per_core_cv2`` for the OpenCV
+backend) is the 1-worker run's images per CPU second:
 its worker process does all the record work; the CPU seconds are user + system time of this
 process and its workers (recorded apart, in ms per image), so other jobs on the cores lower
 it less than the wall-clock rate (they still cost it some: shared caches and memory
@@ -26,7 +29,8 @@ images.
 Also measured: CPU milliseconds per image of each step (decode, crop + resize, flip, reference
 and fast RandAugment on the same draws, float normalisation, tokenisation), and how far the
 optional reduced-scale JPEG decoding (`input.reduced_decode`) moves pixels, on `--large-size`
-photos, compared with the gap between two resampling filters.
+photos, compared with the gap between two resampling filters, and how far the OpenCV backend
+moves them (``backend_quality``: same draws, at both pipelines' settings).
 
     python benchmarks/input_pipeline.py [--measure 512] [--grain-measure 2048] [--workers 1,2]
         [--smoke]
@@ -53,6 +57,7 @@ import common  # noqa: E402  (machine + load-average stamp of every results JSON
 from mplug_jax.data import pipeline
 from mplug_jax.data.formats import vqa as vqa_format
 from mplug_jax.data.inputs import pretrain as pretrain_input
+from mplug_jax.data.ops import augment_cv2
 from mplug_jax.data.ops import augment_fast
 from mplug_jax.data.ops import randaugment
 from mplug_jax.data.ops import text
@@ -122,7 +127,7 @@ def _cpu_split() -> tuple[float, float]:
     return sum(me.cpu_times()[:2]), kids
 
 
-def loop(kind: str, recs: list[dict], n: int, reference: bool) -> dict:
+def loop(kind: str, recs: list[dict], n: int, reference: bool, backend: str = "pil") -> dict:
     """images/s of one process doing a pipeline's per-record work (old or new)."""
     s = SETTINGS[kind]
     tok = tokenizer.get_tokenizer()
@@ -135,8 +140,8 @@ def loop(kind: str, recs: list[dict], n: int, reference: bool) -> dict:
             with Image.open(rec["image"]) as img:
                 x = transforms.train_transform_reference(img.convert("RGB"), size, rng, **aug)
         else:
-            x = pipeline.process_image(rec["image"], size, rng, augment=aug,
-                                       image_dtype="uint8")
+            x = pipeline.process_image(rec["image"], size, rng,
+                                       augment={**aug, "backend": backend}, image_dtype="uint8")
         words = (text.pre_caption(rec["caption"], 30) if kind == "pretrain"
                  else vqa_format.question_text(rec))
         tok.encode([words], max_length=s["max_tokens"], pad_to=s["max_tokens"])
@@ -155,19 +160,20 @@ def loop(kind: str, recs: list[dict], n: int, reference: bool) -> dict:
 
 
 def grain_run(kind: str, recs: list[dict], n: int, batch_size: int, workers: int,
-              image_dtype: str = "uint8", read_threads: int = 1) -> dict:
+              image_dtype: str = "uint8", read_threads: int = 1, backend: str = "pil") -> dict:
     """images/s of the grain train pipeline in its steady state: timed after the first batch
     and GRAIN_WARMUP_BATCHES more (workers started, their buffers full), over `n` images, so
     the CPU the workers spend ahead of the consumer (their prefetch) is a small part of it."""
     s = SETTINGS[kind]
+    aug = {**s["augment"], "backend": backend}
     if kind == "pretrain":
         ds = pretrain_input.dataset(recs, image_size=s["image_size"], batch_size=batch_size,
-                                       max_tokens=s["max_tokens"], augment=s["augment"],
+                                       max_tokens=s["max_tokens"], augment=aug,
                                        workers=workers, read_threads=read_threads,
                                        image_dtype=image_dtype)
     else:
         cfg = ml_collections.ConfigDict({
-            "augment": {"enabled": True, **s["augment"]}, "max_question_tokens": s["max_tokens"],
+            "augment": {"enabled": True, **aug}, "max_question_tokens": s["max_tokens"],
             "max_answer_tokens": 12, "add_ocr": True, "add_object": True, "workers": workers,
             "read_threads": read_threads, "max_skip_rate": 0.01, "image_dtype": image_dtype})
         ds = vqa_input.dataset(recs, cfg, image_size=s["image_size"], max_answers=6,
@@ -198,16 +204,19 @@ def grain_run(kind: str, recs: list[dict], n: int, batch_size: int, workers: int
             "cpu_ms_per_image_main_process": 1e3 * (main1 - main0) / images,
             "cpu_ms_per_image_workers": 1e3 * (kids1 - kids0) / images,
             "first_batch_s": first, "workers": workers, "read_threads": read_threads,
-            "image_dtype": image_dtype}
+            "image_dtype": image_dtype, "backend": backend}
 
 
-def stage_profile(kind: str, recs: list[dict], n: int) -> dict:
-    """Mean CPU milliseconds per image of each step of the per-record work, old and new."""
+def stage_profile(kind: str, recs: list[dict], n: int, cv2: bool) -> dict:
+    """Mean CPU milliseconds per image of each step of the per-record work, old and new (and
+    the OpenCV backend's resize and RandAugment on the same draws when `cv2`)."""
     s = SETTINGS[kind]
     size, aug = s["image_size"], s["augment"]
     tok = tokenizer.get_tokenizer()
     ms = dict.fromkeys(("decode", "crop_resize", "flip", "randaugment_reference",
                         "randaugment_fast", "normalize_float32", "tokenise"), 0.0)
+    if cv2:
+        ms.update(crop_resize_cv2=0.0, randaugment_cv2=0.0)
 
     def timed(key, fn, *args):
         t = time.process_time()
@@ -218,6 +227,11 @@ def stage_profile(kind: str, recs: list[dict], n: int) -> dict:
     for i in range(n):
         rec, rng = recs[i % len(recs)], np.random.default_rng([0, 0, i, 1])
         img = timed("decode", transforms.decode_image, rec["image"])
+        if cv2:
+            top, left, h, w = transforms.resized_crop_params(
+                *img.size, np.random.default_rng([0, 0, i, 1]), aug["crop_scale"])
+            timed("crop_resize_cv2", augment_cv2.resize_box, np.asarray(img),
+                  (left, top, left + w, top + h), size)
         img = timed("crop_resize", transforms.random_resized_crop, img, size, rng,
                     aug["crop_scale"])
         if rng.random() < 0.5:
@@ -227,6 +241,9 @@ def stage_profile(kind: str, recs: list[dict], n: int) -> dict:
         rng.bit_generator.state = state
         fast = timed("randaugment_fast", augment_fast.rand_augment, img, rng)
         assert np.array_equal(np.asarray(fast), ref)
+        if cv2:
+            rng.bit_generator.state = state
+            timed("randaugment_cv2", augment_cv2.rand_augment, np.asarray(img), rng)
         timed("normalize_float32", transforms.normalize, ref)
         words = (text.pre_caption(rec["caption"], 30) if kind == "pretrain"
                  else vqa_format.question_text(rec))
@@ -280,6 +297,49 @@ def reduced_decode_quality(paths: list[str], n: int) -> dict:
             "decode_crop_resize_cpu_ms_reduced": 1e3 * t_red / n}
 
 
+def backend_quality(paths: list[str], n: int) -> dict:
+    """The OpenCV backend vs the PIL one on the same draws, per pipeline setting: whole
+    training outputs (RandAugment included) and the crop resize alone, next to the gap between
+    PIL's bilinear and bicubic resizes of the same crops."""
+    out = {}
+    for kind, s in SETTINGS.items():
+        size, aug = s["image_size"], s["augment"]
+        plain = {**aug, "randaug_n": 0, "hflip": False}
+        whole, resize, noise, psnr = [], [], [], []
+        for i in range(n):
+            path = paths[i % len(paths)]
+            pil = transforms.decode_train_image(path, size, np.random.default_rng(i), **aug)
+            cv2 = transforms.decode_train_image(path, size, np.random.default_rng(i),
+                                                backend="cv2", **aug)
+            whole.append(np.abs(pil.astype(int) - cv2).mean())
+            psnr.append(_psnr(pil, cv2))
+            bicubic = transforms.decode_train_image(path, size, np.random.default_rng(i),
+                                                    **plain)
+            resize.append(np.abs(bicubic.astype(int) - transforms.decode_train_image(
+                path, size, np.random.default_rng(i), backend="cv2", **plain)).mean())
+            with Image.open(path) as img:
+                top, left, h, w = transforms.resized_crop_params(
+                    *img.size, np.random.default_rng(i), aug["crop_scale"])
+                bilinear = np.asarray(img.convert("RGB").crop(
+                    (left, top, left + w, top + h)).resize((size, size), Image.BILINEAR))
+            noise.append(np.abs(bicubic.astype(int) - bilinear).mean())
+        out[kind] = {"images": n, "image_size": size,
+                     "mean_abs_diff_cv2_vs_pil": float(np.mean(whole)),
+                     "max_image_mean_abs_diff_cv2_vs_pil": float(np.max(whole)),
+                     "psnr_db_cv2_vs_pil": float(np.mean(psnr)),
+                     "mean_abs_diff_resize_cv2_vs_pil_bicubic": float(np.mean(resize)),
+                     "mean_abs_diff_pil_bilinear_vs_bicubic": float(np.mean(noise))}
+    return out
+
+
+def _has_cv2() -> bool:
+    try:
+        augment_cv2.require()
+        return True
+    except ImportError:
+        return False
+
+
 def plot(path: str, results: dict) -> None:
     import matplotlib
 
@@ -316,6 +376,23 @@ def plot(path: str, results: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _per_core(runs: dict, suffix: str, grain_key: str, loop_key: str) -> dict:
+    """The per-core figures of one backend (key `suffix`): from its 1-worker grain run, else
+    its in-process loop."""
+    one = runs.get(grain_key, runs[loop_key])
+    # One core's throughput: images per CPU second of all the run's processes (the wall-clock
+    # rate of one worker is held down by other load on a shared machine; with several read
+    # threads it can exceed one core).
+    per_core = one["images_per_cpu_s"]
+    return {f"images_per_s_per_core{suffix}": per_core,
+            f"images_per_s_per_core{suffix}_wall_clock": one["images_per_s"],
+            f"images_per_s_per_core{suffix}_best_window": one["images_per_s_best_window"],
+            f"per_core{suffix}_from": grain_key if grain_key in runs else loop_key,
+            f"cores_per_gpu_needed{suffix}": TARGET_SAMPLES_PER_S / per_core,
+            f"speedup_per_core{suffix}_vs_reference_loop":
+                per_core / runs["reference loop"]["images_per_cpu_s"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -356,12 +433,18 @@ def main(argv: list[str] | None = None) -> dict:
         "grain_warmup_batches": GRAIN_WARMUP_BATCHES,
         "batch_size": args.batch_size, "target_samples_per_s_per_gpu": TARGET_SAMPLES_PER_S,
         "pipelines": {}}
+    cv2 = _has_cv2()
+    if not cv2:
+        results["cv2"] = f"not installed, OpenCV runs skipped: {augment_cv2.INSTALL_HINT}"
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(tmp, args.images, photo, args.quality)
         for kind in kinds:
             recs = records(kind, paths, args.records)
             runs = {"reference loop": loop(kind, recs, args.measure, reference=True),
                     "fast loop": loop(kind, recs, args.measure, reference=False)}
+            if cv2:
+                runs["fast loop cv2"] = loop(kind, recs, args.measure, reference=False,
+                                             backend="cv2")
             for w in workers:  # one read thread per worker (input.read_threads auto)
                 runs[f"grain workers={w}"] = grain_run(kind, recs, args.grain_measure,
                                                        args.batch_size, w)
@@ -372,29 +455,26 @@ def main(argv: list[str] | None = None) -> dict:
                     read_threads=4)
                 runs[f"grain workers={workers[0]} float32"] = grain_run(
                     kind, recs, args.grain_measure, args.batch_size, workers[0], "float32")
+            for w in workers if cv2 else ():
+                runs[f"grain workers={w} cv2"] = grain_run(
+                    kind, recs, args.grain_measure, args.batch_size, w, backend="cv2")
             for name, run in runs.items():
                 print(f"{kind} {name}: {run['images_per_s']:.1f} images/s "
                       f"({run['images_per_cpu_s']:.1f} per CPU second)", flush=True)
-            one = runs.get("grain workers=1", runs["fast loop"])
-            # One core's throughput: images per CPU second of all the run's processes (the
-            # wall-clock rate of one worker is held down by other load on a shared machine;
-            # with several read threads it can exceed one core).
-            per_core = one["images_per_cpu_s"]
             results["pipelines"][kind] = {
                 "settings": SETTINGS[kind], "runs": runs,
-                "stages": stage_profile(kind, recs, args.measure // 2),
-                "images_per_s_per_core": per_core,
-                "images_per_s_per_core_wall_clock": one["images_per_s"],
-                "images_per_s_per_core_best_window": one["images_per_s_best_window"],
-                "per_core_from": "grain workers=1" if "grain workers=1" in runs else "fast loop",
-                "cores_per_gpu_needed": TARGET_SAMPLES_PER_S / per_core,
-                "speedup_per_core_vs_reference_loop":
-                    per_core / runs["reference loop"]["images_per_cpu_s"]}
+                "stages": stage_profile(kind, recs, args.measure // 2, cv2),
+                **_per_core(runs, "", "grain workers=1", "fast loop")}
+            if cv2:
+                results["pipelines"][kind].update(
+                    _per_core(runs, "_cv2", "grain workers=1 cv2", "fast loop cv2"))
         if args.large_size:
             large = tuple(int(v) for v in args.large_size.split("x"))
             large_paths = write_jpegs(tmp, 4 if args.smoke else 16, large, args.quality)
             results["reduced_decode_quality"] = reduced_decode_quality(
                 large_paths, 4 if args.smoke else 48)
+        if cv2:
+            results["backend_quality"] = backend_quality(paths, 4 if args.smoke else 48)
     results["load_avg_end"] = common.load_average()
     results["runtime_s"] = time.perf_counter() - t_start
     name = "input_pipeline_smoke" if args.smoke else "input_pipeline"

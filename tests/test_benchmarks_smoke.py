@@ -175,7 +175,14 @@ def test_input_pipeline_smoke(tmp_path):
     assert out["pipelines"]["pretrain"]["settings"]["augment"]["crop_scale"] == [0.2, 1.0]
     for p in out["pipelines"].values():
         assert set(p["runs"]) == {"reference loop", "fast loop", "grain workers=0",
-                                  "grain workers=0 read_threads=4", "grain workers=0 float32"}
+                                  "grain workers=0 read_threads=4", "grain workers=0 float32",
+                                  "fast loop cv2", "grain workers=0 cv2"}
+        assert p["runs"]["grain workers=0 cv2"]["backend"] == "cv2"
+        assert p["runs"]["grain workers=0"]["backend"] == "pil"
+        assert p["per_core_cv2_from"] == "fast loop cv2"
+        assert p["images_per_s_per_core_cv2"] == p["runs"]["fast loop cv2"]["images_per_cpu_s"]
+        assert p["cores_per_gpu_needed_cv2"] == pytest.approx(
+            1000 / p["images_per_s_per_core_cv2"])
         assert p["runs"]["grain workers=0 float32"]["image_dtype"] == "float32"
         assert p["runs"]["grain workers=0"]["read_threads"] == 1
         assert p["runs"]["grain workers=0 read_threads=4"]["read_threads"] == 4
@@ -192,6 +199,11 @@ def test_input_pipeline_smoke(tmp_path):
         assert {"decode", "crop_resize", "randaugment_reference", "randaugment_fast",
                 "normalize_float32", "tokenise"} <= set(stages)
         assert stages["decode"] > 0 and stages["crop_resize"] > 0
+        assert stages["crop_resize_cv2"] > 0 and stages["randaugment_cv2"] >= 0
+    for kind, b in out["backend_quality"].items():
+        assert b["images"] == 4 and b["image_size"] in (256, 384), kind
+        assert 0 < b["mean_abs_diff_resize_cv2_vs_pil_bicubic"] < 3.0
+        assert b["mean_abs_diff_pil_bilinear_vs_bicubic"] > 0 and b["psnr_db_cv2_vs_pil"] > 25
     q = out["reduced_decode_quality"]
     assert q["reduced_images"] == q["images"] == 4 and q["photo_size"] == [1600, 1200]
     assert 0 < q["mean_abs_diff_reduced_vs_full"] < 2 * q["mean_abs_diff_bilinear_vs_bicubic"]

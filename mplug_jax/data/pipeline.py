@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 SKIP_KEY = "_skip_reason"  # the key of the skip marker (:func:`skip`)
 _COUNT_KEY = "_skipped_before"
-DEFAULT_AUGMENT = {"crop_scale": (0.2, 1.0), "randaug_n": 2, "randaug_m": 7, "hflip": True}
+DEFAULT_AUGMENT = {"crop_scale": (0.2, 1.0), "randaug_n": 2, "randaug_m": 7, "hflip": True,
+                   "backend": "pil"}
 IMAGE_DTYPES = ("float32", "uint8")
 # Errors of a malformed record (a missing key, a wrong type ...): skipped as 'bad_record'.
 BAD_RECORD_ERRORS = (KeyError, IndexError, TypeError, ValueError, OSError)
@@ -143,10 +144,13 @@ class Examples:
 def augment_options(aug, defaults: dict | None = None) -> dict | None:
     """The training augmentation of an `input.augment` block: None when it is missing or not
     enabled, else its keys but 'enabled' over `defaults` (when given; other keys are a
-    ValueError)."""
+    ValueError). Its 'backend', when set, is checked here, before any record is read
+    (ValueError / ImportError with the install hint)."""
     if aug is None or not aug.get("enabled"):
         return None
     out = {k: v for k, v in dict(aug).items() if k != "enabled"}
+    if "backend" in out:
+        transforms.check_backend(out["backend"])
     if defaults is None:
         return out
     unknown = set(out) - set(defaults)

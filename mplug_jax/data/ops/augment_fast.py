@@ -33,9 +33,9 @@ def _from_hist(hist: list[int], channel: int) -> np.ndarray:
     return np.asarray(hist[256 * channel:256 * (channel + 1)], np.int64)
 
 
-def auto_contrast(img: Image.Image) -> Image.Image:
-    """Per-channel [min, max] -> [0, 255] stretch (reference: `randaugment.auto_contrast`)."""
-    hist, table = img.histogram(), []
+def auto_contrast_table(hist: list[int]) -> list[int]:
+    """The 768-entry lookup table (3 channels) of AutoContrast for a PIL-layout histogram."""
+    table = []
     for c in range(3):
         nonzero = np.flatnonzero(_from_hist(hist, c))
         lo, hi = (int(nonzero[0]), int(nonzero[-1])) if nonzero.size else (0, 0)
@@ -45,12 +45,12 @@ def auto_contrast(img: Image.Image) -> Image.Image:
         scale = 255.0 / (hi - lo)
         row = np.arange(256, dtype=np.float64) * scale - lo * scale
         table += np.clip(row, 0, 255).astype(np.uint8).tolist()
-    return img.point(table)
+    return table
 
 
-def equalize(img: Image.Image) -> Image.Image:
-    """Per-channel histogram equalisation (reference: `randaugment.equalize`)."""
-    hist, table = img.histogram(), []
+def equalize_table(hist: list[int]) -> list[int]:
+    """The 768-entry lookup table of Equalize for a PIL-layout histogram."""
+    table = []
     for c in range(3):
         h = _from_hist(hist, c)
         step = int(h[h != 0][:-1].sum()) // 255
@@ -59,13 +59,28 @@ def equalize(img: Image.Image) -> Image.Image:
             continue
         row = np.concatenate([[0], ((np.cumsum(h) + step // 2) // step)[:-1]])
         table += np.clip(row, 0, 255).astype(np.uint8).tolist()
-    return img.point(table)
+    return table
+
+
+def brightness_table(factor: float) -> list[int]:
+    """The 768-entry lookup table of Brightness at `factor`."""
+    row = np.clip(np.arange(256, dtype=np.float32) * factor, 0, 255).astype(np.uint8)
+    return row.tolist() * 3
+
+
+def auto_contrast(img: Image.Image) -> Image.Image:
+    """Per-channel [min, max] -> [0, 255] stretch (reference: `randaugment.auto_contrast`)."""
+    return img.point(auto_contrast_table(img.histogram()))
+
+
+def equalize(img: Image.Image) -> Image.Image:
+    """Per-channel histogram equalisation (reference: `randaugment.equalize`)."""
+    return img.point(equalize_table(img.histogram()))
 
 
 def brightness(img: Image.Image, factor: float) -> Image.Image:
     """Intensities times `factor`, clipped (reference: `randaugment.brightness`)."""
-    row = np.clip(np.arange(256, dtype=np.float32) * factor, 0, 255).astype(np.uint8)
-    return img.point(row.tolist() * 3)
+    return img.point(brightness_table(factor))
 
 
 _BLEND_CACHE: dict[float, np.ndarray] = {}
@@ -83,20 +98,24 @@ def _blend_table(factor: float) -> np.ndarray:
     return table
 
 
-def sharpness(img: Image.Image, factor: float) -> Image.Image:
-    """Blend with the SMOOTH blur, borders kept (reference: `randaugment.sharpness`)."""
+def sharpen(x: np.ndarray, factor: float) -> np.ndarray:
+    """Sharpness on uint8[H, W, 3]: the blend with the SMOOTH blur, borders kept."""
     if factor == 1.0:
-        return img
-    x = np.asarray(img)
+        return x
     if factor == 0.0 or min(x.shape[:2]) < 3:
-        return Image.fromarray(ref.sharpness(x, factor))
+        return ref.sharpness(x, factor)
     x16 = x.astype(np.uint16)
     rows = x16[:-2] + x16[1:-1] + x16[2:]
     s = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4 * x16[1:-1, 1:-1]
     blur = (2 * s + 13) // 26  # round(s / 13); never half-way
     out = x.copy()
     out[1:-1, 1:-1] = np.take(_blend_table(factor), (x16[1:-1, 1:-1] << 8) | blur)
-    return Image.fromarray(out)
+    return out
+
+
+def sharpness(img: Image.Image, factor: float) -> Image.Image:
+    """Blend with the SMOOTH blur, borders kept (reference: `randaugment.sharpness`)."""
+    return img if factor == 1.0 else Image.fromarray(sharpen(np.asarray(img), factor))
 
 
 def _affine(img: Image.Image, inverse: tuple[float, ...]) -> Image.Image:

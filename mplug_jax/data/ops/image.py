@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mplug_jax import image_norm
+from mplug_jax.data.ops import augment_cv2
 from mplug_jax.data.ops import augment_fast
 from mplug_jax.data.ops import randaugment
 
@@ -30,6 +31,10 @@ CLIP_MEAN, CLIP_STD = image_norm.CLIP_MEAN, image_norm.CLIP_STD
 # Why a record was skipped; pipeline and source skip counters use these keys.
 SKIP_REASONS = ("missing_file", "empty_file", "truncated", "bad_image", "too_large",
                 "bad_caption", "bad_record", "outside_root")
+# Libraries of the training ops (`input.augment.backend`): PIL (default, the official resize)
+# or OpenCV (the official RandAugment's affine ops, a faster non-antialiased resize;
+# augment_cv2.py).
+BACKENDS = ("pil", "cv2")
 # Decoded images above this many pixels are reduced (JPEG DCT scaling) or skipped.
 MAX_PIXELS = 64_000_000
 
@@ -200,7 +205,8 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
 
 def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator, *,
                     crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
-                    randaug_n: int = 2, randaug_m: int = 7) -> np.ndarray:
+                    randaug_n: int = 2, randaug_m: int = 7, backend: str = "pil"
+                    ) -> np.ndarray:
     """Official training transform: RandomResizedCrop -> flip p=0.5 -> RandAugment -> normalise.
 
     Args:
@@ -210,37 +216,60 @@ def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator,
       crop_scale: (0.2, 1.0) for pretraining, (0.5, 1.0) for fine-tuning (official).
       hflip: apply the random horizontal flip.
       randaug_n, randaug_m: RandAugment ops per image and magnitude (0 ops disables it).
+      backend: one of :data:`BACKENDS` (see :func:`train_image`).
     Returns:
       float32[R, R, 3] in CLIP mean/std units: ``normalize(train_image(...))``.
     """
     return normalize(train_image(img, image_size, rng, crop_scale=crop_scale, hflip=hflip,
-                                 randaug_n=randaug_n, randaug_m=randaug_m))
+                                 randaug_n=randaug_n, randaug_m=randaug_m, backend=backend))
 
 
 def train_image(img: Image.Image, image_size: int, rng: np.random.Generator, *,
                 crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
                 randaug_n: int = 2, randaug_m: int = 7,
-                crop: tuple[float, float, float, float] | None = None) -> np.ndarray:
+                crop: tuple[float, float, float, float] | None = None,
+                backend: str = "pil") -> np.ndarray:
     """:func:`train_transform` before normalisation: uint8[R, R, 3], all steps in uint8 at the
-    output size with the PIL-native RandAugment of :mod:`augment_fast` (pixel-identical to
-    the reference ops of :mod:`randaugment`).
+    output size.
+
+    `backend` 'pil': PIL's bicubic resize and the PIL-native RandAugment of :mod:`augment_fast`
+    (pixel-identical to the reference ops of :mod:`randaugment`); 'cv2': the OpenCV ops of
+    :mod:`augment_cv2` (the official affine RandAugment ops, a resize that is not
+    pixel-identical). Both draw the same numbers from `rng`.
 
     `crop`: a crop box (left, top, right, bottom) in `img`'s pixels, already drawn (see
-    :func:`decode_train_image`); it is resized with PIL's box argument, which reads the pixels
+    :func:`decode_train_image`); PIL resizes it with its box argument, which reads the pixels
     around the box for the filter support. None: draw the crop here and crop, then resize.
     """
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
+    check_backend(backend)
     img = to_rgb(img)
     if crop is None:
         top, left, h, w = resized_crop_params(img.size[0], img.size[1], rng, tuple(crop_scale))
-        img = img.crop((left, top, left + w, top + h)).resize((image_size, image_size),
-                                                              Image.BICUBIC)
+        box = (left, top, left + w, top + h)
+    if backend == "cv2":
+        x = augment_cv2.resize_box(np.asarray(img), box if crop is None else crop, image_size)
+        if hflip and rng.random() < 0.5:
+            x = augment_cv2.flip(x)
+        return augment_cv2.rand_augment(x, rng, n=randaug_n, m=randaug_m)
+    if crop is None:
+        img = img.crop(box).resize((image_size, image_size), Image.BICUBIC)
     else:
         img = img.resize((image_size, image_size), Image.BICUBIC, box=crop)
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(augment_fast.rand_augment(img, rng, n=randaug_n, m=randaug_m))
+
+
+def check_backend(backend: str) -> str:
+    """`backend` if it is one of :data:`BACKENDS` and usable here: ValueError for an unknown
+    name, ImportError with the install hint when 'cv2' is asked for without OpenCV."""
+    if backend not in BACKENDS:
+        raise ValueError(f"input.augment.backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cv2":
+        augment_cv2.require()
+    return backend
 
 
 def decode_train_image(image: Any, image_size: int, rng: np.random.Generator, *,
@@ -255,7 +284,7 @@ def decode_train_image(image: Any, image_size: int, rng: np.random.Generator, *,
       part of the bicubic one); other formats and inputs, crops too small to reduce and
       images above `max_pixels` take the exact path. The same generator draws give the same
       crop, flip and RandAugment ops either way.
-    augment: crop_scale, hflip, randaug_n, randaug_m (see :func:`train_image`).
+    augment: crop_scale, hflip, randaug_n, randaug_m, backend (see :func:`train_image`).
     Raises:
       BadRecord: as :func:`decode_image`.
     """

@@ -220,7 +220,7 @@ def eval_clip(frames, image_size: int) -> np.ndarray:
 
 def train_clip(frames, image_size: int, rng: np.random.Generator, *,
                crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
-               randaug_n: int = 2, randaug_m: int = 5) -> np.ndarray:
+               randaug_n: int = 2, randaug_m: int = 5, backend: str = "pil") -> np.ndarray:
     """mPLUG-2's training clip transform: RandomResizedCrop (0.5-1) -> flip -> RandAugment
     (N=2, M=5) -> normalise, *temporally consistent*: every frame gets the same crop box, flip
     and RandAugment ops and magnitudes (docs/official-formats.md#video).
@@ -235,4 +235,5 @@ def train_clip(frames, image_size: int, rng: np.random.Generator, *,
     seed = int(rng.integers(0, 2**63 - 1))
     return np.stack([transforms.train_transform(
         Image.fromarray(f), image_size, np.random.default_rng(seed), crop_scale=crop_scale,
-        hflip=hflip, randaug_n=randaug_n, randaug_m=randaug_m) for f in clip])
+        hflip=hflip, randaug_n=randaug_n, randaug_m=randaug_m, backend=backend)
+        for f in clip])
