@@ -124,8 +124,9 @@ def summarise(name: str, row: dict) -> dict:
                         for k, v in data["rows"].items()})
         pipes = data.get("pipelines")
         if isinstance(pipes, dict):  # input_pipeline.py: images per CPU second, 1 worker
-            for key in ("images_per_s_per_core", "images_per_s_per_core_cv2",
-                        "cores_per_gpu_needed", "cores_per_gpu_needed_cv2"):
+            for key in (f"{what}{backend}" for what in ("images_per_s_per_core",
+                                                        "cores_per_gpu_needed")
+                        for backend in ("", "_official", "_cv2")):
                 found = {k: round(v[key], 2 if key.startswith("cores") else 1)
                          for k, v in pipes.items() if isinstance(v, dict) and key in v}
                 if found:

@@ -14,12 +14,13 @@ Per pipeline, in one run:
   default) with W worker processes, one read thread each (`input.read_threads` auto);
   ``... read_threads=4``: the first worker count with 4 read threads per worker;
   ``... float32``: the first worker count with float32 batches normalised on the host;
-  ``... cv2``: the OpenCV backend of the image ops (``input.augment.backend='cv2'``; needs
+  ``... official`` / ``... cv2``: the other backends of the image ops
+  (``input.augment.backend``: PIL resize + OpenCV RandAugment, or OpenCV for both; they need
   the ``[cv2]`` extra, skipped with a note without it).
   Timed in the steady state: after 4 batches, over `--grain-measure` images (a shorter window
   counts the worker's prefetch ahead of the consumer against the images delivered).
-The per-core figure (``images_per_s_per_core``; ``images_per_s_per_core_cv2`` for the OpenCV
-backend) is the 1-worker run's images per CPU second:
+The per-core figure (``images_per_s_per_core``; ``..._official`` and ``..._cv2`` for the other
+backends) is the 1-worker run's images per CPU second:
 its worker process does all the record work; the CPU seconds are user + system time of this
 process and its workers (recorded apart, in ms per image), so other jobs on the cores lower
 it less than the wall-clock rate (they still cost it some: shared caches and memory
@@ -442,9 +443,9 @@ def main(argv: list[str] | None = None) -> dict:
             recs = records(kind, paths, args.records)
             runs = {"reference loop": loop(kind, recs, args.measure, reference=True),
                     "fast loop": loop(kind, recs, args.measure, reference=False)}
-            if cv2:
-                runs["fast loop cv2"] = loop(kind, recs, args.measure, reference=False,
-                                             backend="cv2")
+            for backend in ("official", "cv2") if cv2 else ():
+                runs[f"fast loop {backend}"] = loop(kind, recs, args.measure, reference=False,
+                                                    backend=backend)
             for w in workers:  # one read thread per worker (input.read_threads auto)
                 runs[f"grain workers={w}"] = grain_run(kind, recs, args.grain_measure,
                                                        args.batch_size, w)
@@ -455,6 +456,10 @@ def main(argv: list[str] | None = None) -> dict:
                     read_threads=4)
                 runs[f"grain workers={workers[0]} float32"] = grain_run(
                     kind, recs, args.grain_measure, args.batch_size, workers[0], "float32")
+            if cv2 and workers:
+                runs[f"grain workers={workers[0]} official"] = grain_run(
+                    kind, recs, args.grain_measure, args.batch_size, workers[0],
+                    backend="official")
             for w in workers if cv2 else ():
                 runs[f"grain workers={w} cv2"] = grain_run(
                     kind, recs, args.grain_measure, args.batch_size, w, backend="cv2")
@@ -465,9 +470,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "settings": SETTINGS[kind], "runs": runs,
                 "stages": stage_profile(kind, recs, args.measure // 2, cv2),
                 **_per_core(runs, "", "grain workers=1", "fast loop")}
-            if cv2:
-                results["pipelines"][kind].update(
-                    _per_core(runs, "_cv2", "grain workers=1 cv2", "fast loop cv2"))
+            for backend in ("official", "cv2") if cv2 else ():
+                results["pipelines"][kind].update(_per_core(
+                    runs, f"_{backend}", f"grain workers=1 {backend}", f"fast loop {backend}"))
         if args.large_size:
             large = tuple(int(v) for v in args.large_size.split("x"))
             large_paths = write_jpegs(tmp, 4 if args.smoke else 16, large, args.quality)

@@ -176,10 +176,12 @@ def test_input_pipeline_smoke(tmp_path):
     for p in out["pipelines"].values():
         assert set(p["runs"]) == {"reference loop", "fast loop", "grain workers=0",
                                   "grain workers=0 read_threads=4", "grain workers=0 float32",
-                                  "fast loop cv2", "grain workers=0 cv2"}
+                                  "fast loop cv2", "grain workers=0 cv2", "fast loop official",
+                                  "grain workers=0 official"}
         assert p["runs"]["grain workers=0 cv2"]["backend"] == "cv2"
         assert p["runs"]["grain workers=0"]["backend"] == "pil"
         assert p["per_core_cv2_from"] == "fast loop cv2"
+        assert p["per_core_official_from"] == "fast loop official"
         assert p["images_per_s_per_core_cv2"] == p["runs"]["fast loop cv2"]["images_per_cpu_s"]
         assert p["cores_per_gpu_needed_cv2"] == pytest.approx(
             1000 / p["images_per_s_per_core_cv2"])

@@ -147,6 +147,22 @@ def test_cv2_pipeline_draws_like_pil_and_stays_close(size, crop_scale):
     assert 0 < np.abs(a.astype(int) - b).mean() < 1.5
 
 
+def test_official_backend_is_pil_resize_then_the_opencv_ops():
+    for seed in range(12):
+        jpeg = JPEGS[PHOTOS[seed % len(PHOTOS)]]
+        plain = dict(AUG, randaug_n=0)
+        np.testing.assert_array_equal(  # no RandAugment: PIL's resize and flip, exactly
+            transforms.decode_train_image(jpeg, 128, np.random.default_rng(seed),
+                                          backend="official", **plain),
+            transforms.decode_train_image(jpeg, 128, np.random.default_rng(seed), **plain))
+        rng = np.random.default_rng(seed)
+        resized = transforms.decode_train_image(jpeg, 128, rng, **plain)  # crop + flip drawn
+        np.testing.assert_array_equal(
+            transforms.decode_train_image(jpeg, 128, np.random.default_rng(seed),
+                                          backend="official", **AUG),
+            augment_cv2.rand_augment(resized, rng, n=AUG["randaug_n"], m=AUG["randaug_m"]))
+
+
 def test_reduced_decode_and_video_clips_take_the_backend():
     aug = dict(AUG, randaug_n=0, hflip=False)
     gaps, noise = [], []
@@ -201,8 +217,9 @@ def test_missing_opencv_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)
     augment_cv2._cv2.cache_clear()
     try:
-        with pytest.raises(ImportError, match=r"\.\[cv2\]"):
-            pipeline.augment_options({"enabled": True, "backend": "cv2"})
+        for backend in ("cv2", "official"):
+            with pytest.raises(ImportError, match=rf"backend='{backend}' needs OpenCV.*\.\[cv2\]"):
+                pipeline.augment_options({"enabled": True, "backend": backend})
         # The PIL backend needs nothing more.
         assert pipeline.augment_options({"enabled": True, "backend": "pil"}) == {
             "backend": "pil"}

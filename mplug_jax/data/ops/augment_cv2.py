@@ -1,11 +1,13 @@
-"""The training image ops on uint8 arrays with OpenCV: ``input.augment.backend = 'cv2'``.
+"""The training image ops on uint8 arrays with OpenCV: ``input.augment.backend = 'cv2'``
+(resize and RandAugment) or ``'official'`` (RandAugment only, after PIL's resize).
 
 Why it exists: at 384 px the PIL pipeline spends ~3 ms per image in the bicubic resize and
 ~3.3 ms in each affine RandAugment op (docs/benchmarks.md); OpenCV's SIMD kernels do either in
 ~0.2 ms, so one core feeds about twice the images.
 
-What it changes, against the default PIL backend (same generator draws: crop box, flip, ops,
-magnitudes and signs are identical, only pixels differ):
+What 'cv2' changes, against the default PIL backend (same generator draws: crop box, flip,
+ops, magnitudes and signs are identical, only pixels differ; 'official' changes the first
+point only):
 
 - **Affine RandAugment ops are the official ones.** The official `dataset/randaugment.py`
   runs ShearX/Y, TranslateX/Y and Rotate through ``cv2.warpAffine`` (bilinear, gray border)
@@ -51,12 +53,12 @@ def _cv2():
     return cv2
 
 
-def require() -> None:
+def require(backend: str = "cv2") -> None:
     """ImportError with the install hint when OpenCV cannot be imported."""
     try:
         _cv2()
     except ImportError as e:
-        raise ImportError(f"input.augment.backend='cv2' needs OpenCV, which is not "
+        raise ImportError(f"input.augment.backend={backend!r} needs OpenCV, which is not "
                           f"installed: {INSTALL_HINT}") from e
 
 

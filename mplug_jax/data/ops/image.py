@@ -31,10 +31,10 @@ CLIP_MEAN, CLIP_STD = image_norm.CLIP_MEAN, image_norm.CLIP_STD
 # Why a record was skipped; pipeline and source skip counters use these keys.
 SKIP_REASONS = ("missing_file", "empty_file", "truncated", "bad_image", "too_large",
                 "bad_caption", "bad_record", "outside_root")
-# Libraries of the training ops (`input.augment.backend`): PIL (default, the official resize)
-# or OpenCV (the official RandAugment's affine ops, a faster non-antialiased resize;
-# augment_cv2.py).
-BACKENDS = ("pil", "cv2")
+# Libraries of the training ops (`input.augment.backend`), see train_image: 'pil' (default),
+# 'official' (the official code's: PIL resize, OpenCV RandAugment), 'cv2' (OpenCV only, the
+# fastest; augment_cv2.py).
+BACKENDS = ("pil", "official", "cv2")
 # Decoded images above this many pixels are reduced (JPEG DCT scaling) or skipped.
 MAX_PIXELS = 64_000_000
 
@@ -232,10 +232,14 @@ def train_image(img: Image.Image, image_size: int, rng: np.random.Generator, *,
     """:func:`train_transform` before normalisation: uint8[R, R, 3], all steps in uint8 at the
     output size.
 
-    `backend` 'pil': PIL's bicubic resize and the PIL-native RandAugment of :mod:`augment_fast`
-    (pixel-identical to the reference ops of :mod:`randaugment`); 'cv2': the OpenCV ops of
-    :mod:`augment_cv2` (the official affine RandAugment ops, a resize that is not
-    pixel-identical). Both draw the same numbers from `rng`.
+    `backend` (all three draw the same numbers from `rng`):
+      'pil': PIL's bicubic crop resize (the official) and the PIL-native RandAugment of
+        :mod:`augment_fast` (pixel-identical to the reference ops of :mod:`randaugment`, whose
+        affine ops sample half a pixel apart from the official OpenCV warps);
+      'official': the official code's libraries: PIL's crop resize, then the RandAugment of
+        :mod:`augment_cv2` (the official ``cv2.warpAffine`` calls);
+      'cv2': OpenCV for the resize too (:func:`augment_cv2.resize_box`, not antialiased like
+        PIL's; within resampling noise of it), the fastest.
 
     `crop`: a crop box (left, top, right, bottom) in `img`'s pixels, already drawn (see
     :func:`decode_train_image`); PIL resizes it with its box argument, which reads the pixels
@@ -259,16 +263,19 @@ def train_image(img: Image.Image, image_size: int, rng: np.random.Generator, *,
         img = img.resize((image_size, image_size), Image.BICUBIC, box=crop)
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if backend == "official":
+        return augment_cv2.rand_augment(np.asarray(img), rng, n=randaug_n, m=randaug_m)
     return np.asarray(augment_fast.rand_augment(img, rng, n=randaug_n, m=randaug_m))
 
 
 def check_backend(backend: str) -> str:
     """`backend` if it is one of :data:`BACKENDS` and usable here: ValueError for an unknown
-    name, ImportError with the install hint when 'cv2' is asked for without OpenCV."""
+    name, ImportError with the install hint when 'official' or 'cv2' is asked for without
+    OpenCV."""
     if backend not in BACKENDS:
         raise ValueError(f"input.augment.backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cv2":
-        augment_cv2.require()
+    if backend != "pil":
+        augment_cv2.require(backend)
     return backend
 
 
