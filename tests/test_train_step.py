@@ -281,3 +281,24 @@ def test_key_stream_gives_distinct_keys_without_limit():
     assert len({k.tobytes() for k in keys}) == 20
     again = next(KeyStream(jax.random.PRNGKey(0)))
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(again)), keys[0])
+
+
+def test_skip_is_one_conditional_on_cpu_and_selects_elsewhere():
+    """`trainer.keep_if`: the same values from both forms (NaN and inf leaves included), one
+    conditional when lowered for CPU (a kernel per select there is a third of a step's
+    compile time), per-leaf selects when lowered for GPU."""
+    new = {"a": np.array([1.0, np.nan], np.float32), "b": {"c": np.array([np.inf], np.float32),
+                                                         "n": np.int32(3)}}
+    old = {"a": np.array([5.0, 6.0], np.float32), "b": {"c": np.array([7.0], np.float32),
+                                                       "n": np.int32(2)}}
+    for finite in (True, False):
+        want = new if finite else old
+        for fn in (trainer.keep_if, trainer.select_tree, trainer.cond_tree):
+            got = jax.jit(fn)(np.bool_(finite), new, old)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(g), w)
+    traced = jax.jit(trainer.keep_if).trace(np.bool_(True), new, old)
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.case" in cpu and "stablehlo.select" not in cpu
+    assert gpu.count("stablehlo.select") == 3  # one per leaf
