@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (machine + load-average stamp of every results JSON)
+from input_quality import backend_quality, reduced_decode_quality  # noqa: E402
 from mplug_jax.data import pipeline
 from mplug_jax.data.formats import vqa as vqa_format
 from mplug_jax.data.inputs import pretrain as pretrain_input
@@ -252,87 +253,6 @@ def stage_profile(kind: str, recs: list[dict], n: int, cv2: bool) -> dict:
     return {"images": n, "cpu_ms_per_image": ms}
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-
-
-def reduced_decode_quality(paths: list[str], n: int) -> dict:
-    """Reduced-scale decoding vs the full decode (same crops and ops), next to bicubic vs
-    bilinear resizing of the same crops, on uint8 pipeline outputs of the VQA settings."""
-    s = SETTINGS["vqa"]
-    size, aug = s["image_size"], {**s["augment"], "randaug_n": 0, "hflip": False}
-    mad_reduced, mad_filter, psnr_reduced, psnr_filter, reduced, t_full, t_red = \
-        [], [], [], [], 0, 0.0, 0.0
-    for i in range(n):
-        path = paths[i % len(paths)]
-        t = time.process_time()
-        full = transforms.decode_train_image(path, size, np.random.default_rng(i), **aug)
-        t_full += time.process_time() - t
-        t = time.process_time()
-        red = transforms.decode_train_image(path, size, np.random.default_rng(i),
-                                            reduced_decode=True, **aug)
-        t_red += time.process_time() - t
-        with Image.open(path) as img:
-            top, left, h, w = transforms.resized_crop_params(*img.size, np.random.default_rng(i),
-                                                             aug["crop_scale"])
-            box = (left, top, left + w, top + h)
-            bilinear = np.asarray(img.convert("RGB").crop(box).resize((size, size),
-                                                                      Image.BILINEAR))
-        if min(w, h) < 2 * size:  # the exact path: identical, nothing to compare
-            continue
-        reduced += 1
-        mad_reduced.append(np.abs(full.astype(int) - red).mean())
-        mad_filter.append(np.abs(full.astype(int) - bilinear).mean())
-        psnr_reduced.append(_psnr(full, red))
-        psnr_filter.append(_psnr(full, bilinear))
-    if not reduced:
-        return {"images": n, "reduced_images": 0}
-    return {"photo_size": list(Image.open(paths[0]).size), "images": n,
-            "reduced_images": reduced, "image_size": size,
-            "mean_abs_diff_reduced_vs_full": float(np.mean(mad_reduced)),
-            "mean_abs_diff_bilinear_vs_bicubic": float(np.mean(mad_filter)),
-            "psnr_db_reduced_vs_full": float(np.mean(psnr_reduced)),
-            "psnr_db_bilinear_vs_bicubic": float(np.mean(psnr_filter)),
-            "decode_crop_resize_cpu_ms_full": 1e3 * t_full / n,
-            "decode_crop_resize_cpu_ms_reduced": 1e3 * t_red / n}
-
-
-def backend_quality(paths: list[str], n: int) -> dict:
-    """The OpenCV backend vs the PIL one on the same draws, per pipeline setting: whole
-    training outputs (RandAugment included) and the crop resize alone, next to the gap between
-    PIL's bilinear and bicubic resizes of the same crops."""
-    out = {}
-    for kind, s in SETTINGS.items():
-        size, aug = s["image_size"], s["augment"]
-        plain = {**aug, "randaug_n": 0, "hflip": False}
-        whole, resize, noise, psnr = [], [], [], []
-        for i in range(n):
-            path = paths[i % len(paths)]
-            pil = transforms.decode_train_image(path, size, np.random.default_rng(i), **aug)
-            cv2 = transforms.decode_train_image(path, size, np.random.default_rng(i),
-                                                backend="cv2", **aug)
-            whole.append(np.abs(pil.astype(int) - cv2).mean())
-            psnr.append(_psnr(pil, cv2))
-            bicubic = transforms.decode_train_image(path, size, np.random.default_rng(i),
-                                                    **plain)
-            resize.append(np.abs(bicubic.astype(int) - transforms.decode_train_image(
-                path, size, np.random.default_rng(i), backend="cv2", **plain)).mean())
-            with Image.open(path) as img:
-                top, left, h, w = transforms.resized_crop_params(
-                    *img.size, np.random.default_rng(i), aug["crop_scale"])
-                bilinear = np.asarray(img.convert("RGB").crop(
-                    (left, top, left + w, top + h)).resize((size, size), Image.BILINEAR))
-            noise.append(np.abs(bicubic.astype(int) - bilinear).mean())
-        out[kind] = {"images": n, "image_size": size,
-                     "mean_abs_diff_cv2_vs_pil": float(np.mean(whole)),
-                     "max_image_mean_abs_diff_cv2_vs_pil": float(np.max(whole)),
-                     "psnr_db_cv2_vs_pil": float(np.mean(psnr)),
-                     "mean_abs_diff_resize_cv2_vs_pil_bicubic": float(np.mean(resize)),
-                     "mean_abs_diff_pil_bilinear_vs_bicubic": float(np.mean(noise))}
-    return out
-
-
 def _has_cv2() -> bool:
     try:
         augment_cv2.require()
@@ -477,9 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
             large = tuple(int(v) for v in args.large_size.split("x"))
             large_paths = write_jpegs(tmp, 4 if args.smoke else 16, large, args.quality)
             results["reduced_decode_quality"] = reduced_decode_quality(
-                large_paths, 4 if args.smoke else 48)
+                large_paths, 4 if args.smoke else 48, SETTINGS["vqa"])
         if cv2:
-            results["backend_quality"] = backend_quality(paths, 4 if args.smoke else 48)
+            results["backend_quality"] = backend_quality(paths, 4 if args.smoke else 48,
+                                                         SETTINGS)
     results["load_avg_end"] = common.load_average()
     results["runtime_s"] = time.perf_counter() - t_start
     name = "input_pipeline_smoke" if args.smoke else "input_pipeline"

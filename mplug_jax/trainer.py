@@ -99,8 +99,8 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
         finite = jnp.isfinite(loss) & jnp.isfinite(l2_grads)
 
         # Skip the whole update when anything is non-finite.
-        params, opt_state, extra = keep_if(finite, (new_params, new_opt, new_extra),
-                                           (state.params, state.opt_state, state.extra))
+        params, opt_state, extra = ts.keep_if(finite, (new_params, new_opt, new_extra),
+                                              (state.params, state.opt_state, state.extra))
         bad = (~finite).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, extra=extra,
@@ -116,28 +116,6 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
         return new_state, out
 
     return step_fn
-
-
-def keep_if(finite, new, old):
-    """`new` where scalar `finite` is true, else `old` (pytrees of one structure).
-
-    On CPU one conditional over the whole tree (:func:`cond_tree`): XLA:CPU compiles a kernel
-    per elementwise select, and the per-leaf selects over a train state of ~530 arrays took a
-    third of the step's compile time (tiny mPLUG-2 pretraining step: 34.5 -> 23.2 s).
-    Elsewhere per-leaf selects (:func:`select_tree`), which fuse into the update (a conditional
-    on GPU reads its predicate on the host in the middle of the step). Same values either way.
-    """
-    return jax.lax.platform_dependent(finite, new, old, cpu=cond_tree, default=select_tree)
-
-
-def select_tree(finite, new, old):
-    """Per-leaf ``where(finite, new, old)``."""
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
-def cond_tree(finite, new, old):
-    """``new if finite else old`` as one conditional."""
-    return jax.lax.cond(finite, lambda: new, lambda: old)
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
