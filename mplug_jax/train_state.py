@@ -142,25 +142,3 @@ def state_spec(task, optim_cfg, total_steps: int, mesh: Mesh, rule_set: tuple,
     abstract, shardings = abstract_state(task.init_params, task.init_extra, tx, rng, mesh,
                                          rule_set, boxed)
     return tx, schedules, abstract, shardings
-
-
-def keep_if(finite, new, old):
-    """`new` where scalar `finite` is true, else `old` (pytrees of one structure).
-
-    On CPU one conditional over the whole tree (:func:`cond_tree`): XLA:CPU compiles a kernel
-    per elementwise select, and the per-leaf selects over a train state of ~530 arrays took a
-    third of the step's compile time (tiny mPLUG-2 pretraining step: 34.5 -> 23.2 s).
-    Elsewhere per-leaf selects (:func:`select_tree`), which fuse into the update (a conditional
-    on GPU reads its predicate on the host in the middle of the step). Same values either way.
-    """
-    return jax.lax.platform_dependent(finite, new, old, cpu=cond_tree, default=select_tree)
-
-
-def select_tree(finite, new, old):
-    """Per-leaf ``where(finite, new, old)``."""
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
-def cond_tree(finite, new, old):
-    """``new if finite else old`` as one conditional."""
-    return jax.lax.cond(finite, lambda: new, lambda: old)

@@ -98,12 +98,13 @@ def make_train_step(task, tx: optax.GradientTransformation, schedules: dict,
         l2_grads = optax.tree.norm(grads_)
         finite = jnp.isfinite(loss) & jnp.isfinite(l2_grads)
 
-        # Skip the whole update when anything is non-finite.
-        params, opt_state, extra = ts.keep_if(finite, (new_params, new_opt, new_extra),
-                                              (state.params, state.opt_state, state.extra))
+        def keep(new, old):  # skip the whole update when anything is non-finite
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
         bad = (~finite).astype(jnp.int32)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, extra=extra,
+            step=state.step + 1, params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state), extra=keep(new_extra, state.extra),
             nonfinite_total=state.nonfinite_total + bad,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
         out = {f"train/{k}": v for k, v in aux.items()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import test_sharding_strategies as strategies
-from mplug_jax import tasks, train_state, trainer
+from mplug_jax import tasks, trainer
 from mplug_jax import sharding as shd
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.pipeline import make_global_batch
@@ -281,24 +281,3 @@ def test_key_stream_gives_distinct_keys_without_limit():
     assert len({k.tobytes() for k in keys}) == 20
     again = next(KeyStream(jax.random.PRNGKey(0)))
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(again)), keys[0])
-
-
-def test_skip_is_one_conditional_on_cpu_and_selects_elsewhere():
-    """`train_state.keep_if`: the same values from both forms (NaN and inf leaves included), one
-    conditional when lowered for CPU (a kernel per select there is a third of a step's
-    compile time), per-leaf selects when lowered for GPU."""
-    new = {"a": np.array([1.0, np.nan], np.float32), "b": {"c": np.array([np.inf], np.float32),
-                                                         "n": np.int32(3)}}
-    old = {"a": np.array([5.0, 6.0], np.float32), "b": {"c": np.array([7.0], np.float32),
-                                                       "n": np.int32(2)}}
-    for finite in (True, False):
-        want = new if finite else old
-        for fn in (train_state.keep_if, train_state.select_tree, train_state.cond_tree):
-            got = jax.jit(fn)(np.bool_(finite), new, old)
-            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-                np.testing.assert_array_equal(np.asarray(g), w)
-    traced = jax.jit(train_state.keep_if).trace(np.bool_(True), new, old)
-    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert "stablehlo.case" in cpu and "stablehlo.select" not in cpu
-    assert gpu.count("stablehlo.select") == 3  # one per leaf
