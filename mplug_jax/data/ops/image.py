@@ -2,7 +2,8 @@
 
 Official `dataset/__init__.py`: PIL bicubic resizes and CLIP mean/std everywhere; training adds
 RandomResizedCrop -> RandomHorizontalFlip -> RandomAugment (`randaugment.py` is the reference,
-`augment_fast.py` the pixel-identical implementation used here). All randomness
+`augment_fast.py` its pixel-identical PIL implementation, the default; `augment_cv2.py` the
+official OpenCV ops, see :data:`BACKENDS`). All randomness
 comes from a ``np.random.Generator`` passed in, so a record's augmentation is a pure function of
 its seed. Outputs are channels last, ``float32[R, R, 3]``.
 
