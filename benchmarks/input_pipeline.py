@@ -15,8 +15,8 @@ Per pipeline, in one run:
   ``... read_threads=4``: the first worker count with 4 read threads per worker;
   ``... float32``: the first worker count with float32 batches normalised on the host;
   ``... official`` / ``... cv2``: the other backends of the image ops
-  (``input.augment.backend``: PIL resize + OpenCV RandAugment, or OpenCV for both; they need
-  the ``[cv2]`` extra, skipped with a note without it).
+  (``input.augment.backend``: PIL resize + OpenCV RandAugment, the presets' default, or OpenCV
+  for both; skipped with a note where OpenCV cannot be imported).
   Timed in the steady state: after 4 batches, over `--grain-measure` images (a shorter window
   counts the worker's prefetch ahead of the consumer against the images delivered).
 The per-core figure (``images_per_s_per_core``; ``..._official`` and ``..._cv2`` for the other

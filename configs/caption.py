@@ -112,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_tokens = v["max_tokens"]
     # Official fine-tune augmentation; off for tiny (flips would contradict "left of" captions).
     c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
-                           hflip=True, backend="pil")
+                           hflip=True, backend="official")
     common.finish_input(c.input, c.input.augment)
 
     c.optim = ml_collections.ConfigDict()

@@ -286,12 +286,15 @@ def new_input(tiny: bool) -> ml_collections.ConfigDict:
     return i
 
 
-def train_augment(tiny: bool, *, crop_scale=(0.5, 1.0), randaug=(2, 7)) -> dict:
+def train_augment(tiny: bool, *, crop_scale=(0.5, 1.0), randaug=(2, 7),
+                  backend: str = "official") -> dict:
     """The official fine-tuning augmentation (random resized crop at `crop_scale`, horizontal
-    flip, RandAugment n/m = `randaug`), off for tiny; `backend` 'pil' (the official resize;
-    'cv2': OpenCV ops, about twice the images per core, see data/ops/augment_cv2.py)."""
+    flip, RandAugment n/m = `randaug`), off for tiny. `backend` (data/ops/image.BACKENDS):
+    'official' (PIL's resize, the official OpenCV RandAugment ops), 'pil' (PIL only, affine ops
+    half a pixel apart) or 'cv2' (OpenCV only: about twice the images per core, a resize within
+    resampling noise of PIL's)."""
     return dict(enabled=not tiny, crop_scale=crop_scale, randaug_n=randaug[0],
-                randaug_m=randaug[1], hflip=True, backend="pil")
+                randaug_m=randaug[1], hflip=True, backend=backend)
 
 
 def image_transfer(i: ml_collections.ConfigDict) -> None:

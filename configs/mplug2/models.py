@@ -71,3 +71,8 @@ def variant_model(v: dict, tiny: bool, **overrides) -> ml_collections.ConfigDict
     if "dropout" in v:
         kwargs["dropout"] = v["dropout"]
     return task_model(v["model"], **{**kwargs, **overrides})
+
+# The image library of mPLUG-2's video RandAugment was not checked against the release (the
+# mPLUG release's own image RandAugment is OpenCV, `official`), so the video presets keep the
+# PIL ops (mplug_jax/data/ops/image.py, BACKENDS).
+VIDEO_AUGMENT_BACKEND = "pil"

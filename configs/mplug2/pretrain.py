@@ -30,6 +30,7 @@ refuse the synthetic data and random weights unless asked.
 import ml_collections
 
 from configs import common
+from configs.mplug2 import models
 from configs.mplug2.models import variant_model
 
 _VARIANTS = {
@@ -74,7 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.image_batch_size = v["image_batch_size"]  # images per step (global)
     c.input.max_words = 30
     c.input.max_tokens = v["max_tokens"]
-    common.finish_input(c.input, common.train_augment(tiny, randaug=(0, 0)))
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(0, 0),
+                                                      backend=models.VIDEO_AUGMENT_BACKEND))
     # Image-caption stream (`data.pretrain_input` keys).
     c.input.images = dict(dataset="synthetic", annotations=[], eval_annotations=[],
                           image_root="", tfds_dir="", eval_split="validation",

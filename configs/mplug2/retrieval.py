@@ -48,6 +48,7 @@ schedule: ours (`optim.schedule='cosine'`) for every variant (the release has no
 import ml_collections
 
 from configs import common
+from configs.mplug2 import models
 from configs.mplug2.models import variant_model
 
 _MSRVTT = dict(batch_size=192, lr=2e-5, lr2=2e-6, warmup_steps=100, total_steps=0,
@@ -95,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_words = 40
     c.input.max_tokens = v["max_tokens"]
     # tiny: no augmentation (a flip would contradict the left/right captions).
-    common.finish_input(c.input, common.train_augment(tiny, randaug=(0, 0)))
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(0, 0),
+                                                      backend=models.VIDEO_AUGMENT_BACKEND))
 
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
                                     warmup_steps=v["warmup_steps"], frozen=UNUSED,

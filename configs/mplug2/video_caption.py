@@ -81,6 +81,7 @@ import shutil
 import ml_collections
 
 from configs import common
+from configs.mplug2 import models
 from configs.mplug2.models import RELEASE_VIDEO, TINY, variant_model
 
 # base and large: the release's MSRVTT caption settings.
@@ -146,7 +147,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = v["scst_batch_size"] if scst else v["batch_size"]  # global
     c.input.max_caption_tokens = v["max_caption_tokens"]  # official max_length 20
     # tiny: no augmentation (a flip would contradict "moving left / right").
-    common.finish_input(c.input, common.train_augment(tiny, randaug=(2, 5)))
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(2, 5),
+                                                      backend=models.VIDEO_AUGMENT_BACKEND))
 
     # SCST: one lr for every group (the paper states one; the mPLUG release's SCST too), held
     # constant (no warm-up, end_lr = lr): the release's schedule at lr = warmup_lr = min_lr.

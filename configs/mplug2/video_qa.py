@@ -57,6 +57,7 @@ decay or schedule details: those stay the release's.
 import ml_collections
 
 from configs import common
+from configs.mplug2 import models
 from configs.mplug2.models import RELEASE_VIDEO, TINY, variant_model
 
 # base and large: the release's MSRVTT-QA settings.
@@ -94,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_question_tokens = v["max_question_tokens"]
     c.input.max_answer_tokens = v["max_answer_tokens"]  # [CLS] answer [SEP]
     # tiny: no augmentation (a flip would contradict the left/right answers).
-    common.finish_input(c.input, common.train_augment(tiny, randaug=(2, 5)))
+    common.finish_input(c.input, common.train_augment(tiny, randaug=(2, 5),
+                                                      backend=models.VIDEO_AUGMENT_BACKEND))
 
     # lr1 for everything but the visual encoder (lr2); the release clips nothing (apex AMP).
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,

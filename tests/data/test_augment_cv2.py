@@ -218,7 +218,8 @@ def test_missing_opencv_names_the_install(monkeypatch):
     augment_cv2._cv2.cache_clear()
     try:
         for backend in ("cv2", "official"):
-            with pytest.raises(ImportError, match=rf"backend='{backend}' needs OpenCV.*\.\[cv2\]"):
+            with pytest.raises(ImportError,
+                               match=rf"backend='{backend}' needs OpenCV.*opencv-python-headless"):
                 pipeline.augment_options({"enabled": True, "backend": backend})
         # The PIL backend needs nothing more.
         assert pipeline.augment_options({"enabled": True, "backend": "pil"}) == {
@@ -227,8 +228,17 @@ def test_missing_opencv_names_the_install(monkeypatch):
         augment_cv2._cv2.cache_clear()
 
 
-def test_configs_expose_the_backend_with_pil_default():
-    from configs import caption, pretrain, vqa
-    for config in (pretrain.get_config("base"), vqa.get_config("base"),
-                   caption.get_config("base")):
-        assert config.input.augment.backend == "pil"
+def test_presets_use_the_official_ops():
+    """mPLUG presets: PIL's resize and the official OpenCV RandAugment; the mPLUG-2 video
+    presets keep the PIL ops (their release's library not checked)."""
+    from configs import caption, nlvr2, pretrain, retrieval, snli_ve, vqa
+    from configs.mplug2 import pretrain as pretrain2, retrieval as retrieval2
+    from configs.mplug2 import video_caption, video_qa
+    for mod, variant in ((caption, "base"), (nlvr2, "base"), (pretrain, "base"),
+                         (retrieval, "coco_base"), (snli_ve, "base"), (vqa, "base")):
+        config = mod.get_config(variant)
+        assert config.input.augment.backend == "official", mod.__name__
+        assert pipeline.augment_options(config.input.augment, pipeline.DEFAULT_AUGMENT)[
+            "backend"] == "official"
+    for mod in (pretrain2, retrieval2, video_caption, video_qa):
+        assert mod.get_config("base").input.augment.backend == "pil", mod.__name__

@@ -26,8 +26,8 @@ point only):
   :mod:`augment_fast` (pixel-identical to the reference :mod:`randaugment`; as there, the
   sharpness blend is clipped where the official wraps around).
 
-OpenCV is an optional dependency (``pip install -e ".[cv2]"``); :func:`require` gives the
-install hint. The first use sets OpenCV's own thread pool to one thread
+OpenCV (the headless wheel) is a dependency of the package; :func:`require` gives the install
+hint should it be missing. The first use sets OpenCV's own thread pool to one thread
 (``cv2.setNumThreads(1)``, process-wide): the loader's parallelism is its read threads and
 worker processes, and a per-call thread pool on top of them oversubscribes the cores.
 """
@@ -42,8 +42,8 @@ from PIL import Image
 from mplug_jax.data.ops import augment_fast
 from mplug_jax.data.ops import randaugment as ref
 
-INSTALL_HINT = ('pip install -c constraints.txt -e ".[cv2]"  (OpenCV, headless wheel: '
-                'opencv-python-headless)')
+INSTALL_HINT = ("pip install -c constraints.txt -e .  (mplug-jax depends on "
+                "opencv-python-headless)")
 
 
 @functools.cache
