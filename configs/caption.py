@@ -111,9 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.batch_size = v["scst_batch_size"] if scst else v["batch_size"]  # global
     c.input.max_tokens = v["max_tokens"]
     # Official fine-tune augmentation; off for tiny (flips would contradict "left of" captions).
-    c.input.augment = dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7,
-                           hflip=True, backend="official")
-    common.finish_input(c.input, c.input.augment)
+    common.finish_input(c.input, common.train_augment(tiny))
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 0.0 if zeroshot else (v["scst_lr"] if scst else v["lr"])

@@ -81,8 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.images = dict(dataset="synthetic", annotations=[], eval_annotations=[],
                           image_root="", tfds_dir="", eval_split="validation",
                           train_size=v["image_train_size"],
-                          augment=dict(enabled=not tiny, crop_scale=(0.5, 1.0), randaug_n=0,
-                                       randaug_m=0, hflip=True, backend="pil"))
+                          augment=common.train_augment(tiny, randaug=(0, 0), backend="pil"))
 
     c.optim = common.finetune_optim(v["lr"], vision_lr=v["lr2"], wd=0.02,
                                     warmup_steps=v["warmup_steps"], frozen="",

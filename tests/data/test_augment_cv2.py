@@ -1,14 +1,12 @@
 """The OpenCV backend of the training image ops (`input.augment.backend='cv2'`): the same
 draws as the PIL backend, the official affine RandAugment conventions, colour ops identical to
 the reference, a resize within resampling noise of PIL's bicubic, and clear errors."""
-import io
 import sys
 
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data as skdata
 
 from mplug_jax.data import pipeline
 from mplug_jax.data.inputs import pretrain as pretrain_input
@@ -18,18 +16,8 @@ from mplug_jax.data.ops import augment_fast
 from mplug_jax.data.ops import image as transforms
 from mplug_jax.data.ops import randaugment
 from mplug_jax.data.ops import video
+from test_fast_input import JPEGS, PHOTOS, _jpeg  # the same 640x480 JPEGs of real photos
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-def _jpeg(name: str, size=(640, 480)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(size, Image.BICUBIC).save(
-        buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-JPEGS = {name: _jpeg(name) for name in PHOTOS}
 AUG = {"crop_scale": (0.5, 1.0), "randaug_n": 2, "randaug_m": 7, "hflip": True}
 
 

@@ -250,16 +250,17 @@ def train_image(img: Image.Image, image_size: int, rng: np.random.Generator, *,
         raise ValueError(f"image_size must be positive, got {image_size}")
     check_backend(backend)
     img = to_rgb(img)
-    if crop is None:
+    drawn = crop is None
+    if drawn:
         top, left, h, w = resized_crop_params(img.size[0], img.size[1], rng, tuple(crop_scale))
-        box = (left, top, left + w, top + h)
+        crop = (left, top, left + w, top + h)
     if backend == "cv2":
-        x = augment_cv2.resize_box(np.asarray(img), box if crop is None else crop, image_size)
+        x = augment_cv2.resize_box(np.asarray(img), crop, image_size)
         if hflip and rng.random() < 0.5:
             x = augment_cv2.flip(x)
         return augment_cv2.rand_augment(x, rng, n=randaug_n, m=randaug_m)
-    if crop is None:
-        img = img.crop(box).resize((image_size, image_size), Image.BICUBIC)
+    if drawn:
+        img = img.crop(crop).resize((image_size, image_size), Image.BICUBIC)
     else:
         img = img.resize((image_size, image_size), Image.BICUBIC, box=crop)
     if hflip and rng.random() < 0.5:
